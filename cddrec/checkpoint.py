@@ -1,0 +1,106 @@
+"""Model files: data, not code.
+
+A model file is a plain dict saved with ``torch.save`` and read with
+``torch.load(..., weights_only=True)``::
+
+    {"format": "cddrec", "format_version": 1,
+     "config": asdict(CDDRecConfig), "model": state_dict,
+     "vocab": {"keys": [...], "key_type": "int"|"str"},
+     "popularity": LongTensor (V,)  # training interaction counts, the cold-start fallback
+     "best_valid": {...}, "best_epoch": int, "data": {"fingerprint", "source", "stats"},
+     "history": [...], "created": str}
+
+It holds everything export and inference need: the model is rebuilt from ``config`` alone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .config import CDDRecConfig
+from .data import Vocab
+from .io import atomic_path
+from .model import CDDRec
+
+FORMAT = "cddrec"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A model file that is missing, corrupt, of another format or of another version."""
+
+
+def save_checkpoint(path: str | Path, model: CDDRec, vocab: Vocab, popularity: torch.Tensor,
+                    **meta) -> None:
+    """Write a model file atomically (temporary file, then rename)."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": asdict(model.cfg),
+        "model": state,
+        "vocab": vocab.to_dict(),
+        "popularity": torch.as_tensor(popularity, dtype=torch.int64).cpu(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **meta,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict, checked for format and version; clear errors otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such model file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a model file (model.pt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable model file (corrupt, truncated, or not saved "
+                              f"by cddrec-train): {str(e).splitlines()[0][:200]}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cddrec model file (no 'format': 'cddrec' entry)")
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: model file format version {version}, this cddrec reads "
+                              f"version {FORMAT_VERSION}; retrain or use a matching cddrec")
+    for key in ("config", "model", "vocab"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: model file has no {key!r} entry")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> CDDRec:
+    cfg = CDDRecConfig.from_dict(ckpt["config"])
+    model = CDDRec(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model
+
+
+def load_checkpoint(path: str | Path) -> tuple[CDDRec, dict]:
+    """(model in eval mode on CPU, checkpoint dict) from a model file."""
+    ckpt = read_checkpoint(path)
+    try:
+        model = model_from_checkpoint(ckpt)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: weights do not match the stored config: {e}") from e
+    return model, ckpt
+
+
+def weights_checksum(model: CDDRec) -> str:
+    """sha256 over the parameter names and bytes (identifies exported weights)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

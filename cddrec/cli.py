@@ -1,0 +1,164 @@
+"""Command-line entry points. They parse options and call library functions, nothing more."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import click
+
+from .config import CDDRecConfig, preset_for, read_config_file
+
+SKIP_FIELDS = {"num_items", "extra"}
+
+
+def friendly_errors(fn):
+    """Turn expected errors (bad data, bad model files, bad settings) into one-line messages."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .checkpoint import CheckpointError
+        from .data import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def config_options(fn):
+    """One option per config field (``hidden_size`` -> ``--hidden-size``), default: unset."""
+    for f in reversed(fields(CDDRecConfig)):
+        if f.name in SKIP_FIELDS:
+            continue
+        flag = f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "") + f" [default: {f.default}]"
+        if isinstance(f.default, bool):
+            fn = click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=help_)(fn)
+        else:
+            fn = click.option(f"--{flag}", f.name, type=type(f.default), default=None, help=help_)(fn)
+    return fn
+
+
+def data_options(fn):
+    opts = [
+        click.option("--user-col", default="user", show_default=True, help="user column of CSV/TSV/Parquet logs"),
+        click.option("--item-col", default="item", show_default=True, help="item column"),
+        click.option("--time-col", default="timestamp", show_default=True,
+                     help="timestamp column ('' = file order is time order)"),
+        click.option("--sep", default=None, help="CSV field separator [default: ',' or tab for .tsv]"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _data_kwargs(user_col, item_col, time_col, sep) -> dict:
+    return {"user_col": user_col, "item_col": item_col, "time_col": time_col or None, "sep": sep}
+
+
+def build_config(data: str | None, config_file: str | None, preset: bool, overrides: dict) -> CDDRecConfig:
+    """Defaults <- dataset preset <- config file <- command-line flags."""
+    values: dict = {}
+    if preset and data:
+        values.update(preset_for(data))
+    if config_file:
+        values.update(read_config_file(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return CDDRecConfig(**values)
+
+
+# ----------------------------------------------------------------------------- train
+@click.command(context_settings={"max_content_width": 110})
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", default="model.pt", show_default=True, type=click.Path(dir_okay=False),
+              help="model file to write (the best model by validation)")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML or JSON file of config fields; flags override it")
+@click.option("--preset/--no-preset", default=True, show_default=True,
+              help="apply the paper's per-dataset settings when DATA is one of its four Amazon files")
+@click.option("--resume", is_flag=True, help="continue from OUT.resume.pt")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--summary-json", type=click.Path(dir_okay=False), help="write the training summary here")
+@data_options
+@config_options
+@friendly_errors
+def train_main(data, out, config_file, preset, resume, quiet, summary_json, user_col, item_col, time_col,
+               sep, **overrides):
+    """Train CDDRec on DATA (`user item item ...` lines, or a CSV/TSV/Parquet log)."""
+    from .data import load_data
+    from .io import atomic_write_json
+    from .training import train
+
+    cfg = build_config(data, config_file, preset, overrides)
+    ds = load_data(data, kcore=cfg.kcore, **_data_kwargs(user_col, item_col, time_col, sep))
+    summary = train(cfg, ds, out, resume=resume, progress=not quiet and sys.stderr.isatty(),
+                    log=lambda m: click.echo(m, err=True))
+    click.echo(f"wrote {out}: best epoch {summary['best_epoch']}, valid "
+               + " ".join(f"{k} {summary['best_valid'].get(k, float('nan')):.4f}" for k in ("R@10", "N@10", "MRR")))
+    if summary_json:
+        atomic_write_json(summary_json, {"model": str(out), "config": asdict(cfg), **summary})
+
+
+# ------------------------------------------------------------------------------ eval
+@click.command(context_settings={"max_content_width": 110})
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--save-topk", type=click.Path(dir_okay=False), help="write JSONL top-k lists here")
+@click.option("--topk", default=40, show_default=True, help="list length for --save-topk")
+@click.option("--stages", is_flag=True, help="also rank with every intermediate denoising state")
+@click.option("--batch-size", default=512, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@data_options
+@friendly_errors
+def eval_main(model, data, split, as_json, save_topk, topk, stages, batch_size, device, user_col, item_col,
+              time_col, sep):
+    """Evaluate MODEL on DATA: leave-one-out, full ranking, seen items excluded."""
+    from .checkpoint import load_checkpoint
+    from .data import Vocab, load_data
+    from .evaluation import evaluate_data, format_table, write_topk
+    from .training import resolve_device
+
+    net, ckpt = load_checkpoint(model)
+    net.to(resolve_device(device))
+    vocab = Vocab.from_dict(ckpt["vocab"])
+    ds = load_data(data, kcore=net.cfg.kcore, vocab=vocab, **_data_kwargs(user_col, item_col, time_col, sep))
+    if ckpt.get("data", {}).get("fingerprint") not in (None, ds.fingerprint()):
+        click.echo(f"warning: {data} differs from the data {model} was trained on", err=True)
+    res = evaluate_data(net, ds, split, batch_size=batch_size, stages=stages, keep_topk=topk if save_topk else 0,
+                        progress=sys.stderr.isatty())
+    out = {"dataset": Path(data).stem, "split": split, "model": str(model), **res.metrics}
+    if stages:
+        out["stages"] = res.stages
+    if save_topk:
+        n = write_topk(save_topk, ds, res, vocab)
+        click.echo(f"wrote {n} top-{topk} lists to {save_topk}", err=True)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    keys = ["R@1", "R@5", "R@10", "R@20", "N@5", "N@10", "N@20", "MRR", "MRR@40", "AvgChange@40"]
+    click.echo(f"{out['dataset']} {split}: {res.metrics['users']} users")
+    click.echo(format_table([res.metrics], keys))
+    if stages:
+        click.echo(format_table(res.stages, ["stage", "step", "R@10", "N@10", "MRR@40", "AvgChange@40"]))
+
+
+# ------------------------------------------------------------------------------ demo
+@click.command(context_settings={"max_content_width": 110})
+@click.option("--out", "out_dir", default="cddrec-demo", show_default=True, type=click.Path(file_okay=False),
+              help="folder for the demo's data and model")
+@click.option("--minutes", default=1.0, show_default=True, help="training time budget")
+@click.option("--seed", default=0, show_default=True)
+@friendly_errors
+def demo_main(out_dir, minutes, seed):
+    """Train and evaluate on a seeded synthetic dataset with planted sequential structure."""
+    from .demo import run_demo
+
+    run_demo(out_dir, minutes=minutes, seed=seed, echo=click.echo)

@@ -1,0 +1,189 @@
+"""Evaluation as in the paper: leave-one-out, full ranking over the whole catalogue.
+
+Every item is scored; the padding row, the mask token and every item the user has seen
+before the target (for test: everything before the last item, the validation item too) are
+set to -inf, never 0 (the released code sets 0, which leaves seen items in the ranking when
+scores are negative). Ties count against the target: its rank is the number of items scoring
+higher plus the number of other items scoring the same, so a collapsed model that scores
+everything alike ranks the target last, not first.
+
+Letters: B batch of users, V = N + 2 rows of the item table, K cut-offs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .data import EvalSplit, SequenceData, Vocab, eval_split, typed_key
+from .io import atomic_open
+from .model import CDDRec
+
+RECALL_KS = (1, 5, 10, 20)
+NDCG_KS = (5, 10, 20)
+TOPK = 40  # the paper's truncation for MRR@40 and Avg.Change
+METRIC_KEYS = tuple([f"R@{k}" for k in RECALL_KS] + [f"N@{k}" for k in NDCG_KS] + ["MRR", "MRR@40"])
+
+
+def mask_scores(scores: torch.Tensor, num_items: int, seen_rows: np.ndarray | None = None,
+                seen_items: np.ndarray | None = None) -> torch.Tensor:
+    """In place: -inf for padding (0), the mask token (N+1) and seen (row, item) pairs."""
+    scores[:, 0] = float("-inf")
+    scores[:, num_items + 1:] = float("-inf")
+    if seen_rows is not None and len(seen_rows):
+        r = torch.as_tensor(seen_rows, device=scores.device)
+        c = torch.as_tensor(seen_items, device=scores.device)
+        scores[r, c] = float("-inf")
+    return scores
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target, ties counted against it: (B, V), (B,) -> (B,)."""
+    s = scores.gather(1, targets.view(-1, 1))  # (B, 1)
+    higher = (scores > s).sum(1)
+    ties = (scores == s).sum(1) - 1
+    return higher + ties
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+    """R@K, N@K (one relevant item: 1/log2(rank+2) if rank < K), MRR and MRR@40."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out: dict[str, float] = {}
+    for k in RECALL_KS:
+        out[f"R@{k}"] = float(np.mean(ranks < k))
+    for k in NDCG_KS:
+        out[f"N@{k}"] = float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
+    rr = 1.0 / (ranks + 1.0)
+    out["MRR"] = float(np.mean(rr))
+    out["MRR@40"] = float(np.mean(np.where(ranks < TOPK, rr, 0.0)))
+    return out
+
+
+def avg_change(top_scores: torch.Tensor) -> torch.Tensor:
+    """Eq. 9 per user: mean over i of |s_{i+1} - s_i| / |s_i| * 100 for sorted top scores (B, K).
+
+    Masked (-inf) entries, present when fewer than K items are left to rank, are skipped."""
+    s = top_scores.double()
+    ok = torch.isfinite(s[:, 1:]) & torch.isfinite(s[:, :-1])
+    ratio = (s[:, 1:] - s[:, :-1]).abs() / s[:, :-1].abs().clamp_min(1e-12)
+    ratio = torch.where(ok, ratio, torch.zeros_like(ratio))
+    return ratio.sum(1) / ok.sum(1).clamp_min(1) * 100.0
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    stages: list[dict] = field(default_factory=list)  # per denoising stage (T - t), with ``stages``
+    top_items: np.ndarray | None = None  # (U, topk) item ids, best first
+    top_scores: np.ndarray | None = None
+    users: np.ndarray | None = None  # rows of SequenceData
+
+
+@torch.no_grad()
+def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: bool = False,
+             keep_topk: int = 0, progress: bool = False) -> EvalResult:
+    """Full-ranking metrics of ``model`` on ``split`` (deterministic reverse chain)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    N = model.cfg.num_items
+    ranks, changes, tops, top_s = [], [], [], []
+    stage_ranks: list[list[np.ndarray]] = []
+    stage_changes: list[list[np.ndarray]] = []
+    batches = range(0, len(split), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=f"eval {split.split}", unit="batch", leave=False)
+    k_top = min(max(TOPK, keep_topk), N)
+    for start in batches:
+        rows = np.arange(start, min(start + batch_size, len(split)))
+        hist = torch.as_tensor(split.histories[rows], device=device)
+        tgt = torch.as_tensor(split.targets[rows], device=device)
+        seen_r, seen_i = split.seen(rows)
+        e_s, bias = model.encode(hist)
+        final, states = model.reverse(e_s, bias, last_only=True, return_all=stages)
+        per_state = states if stages else [final]
+        for j, x in enumerate(per_state):
+            scores = mask_scores(model.scores(x[:, 0]), N, seen_r, seen_i)  # (B, V)
+            r = target_ranks(scores, tgt).cpu().numpy()
+            top = scores.topk(k_top, dim=1)
+            ch = avg_change(top.values[:, :TOPK]).cpu().numpy()
+            if stages:
+                if len(stage_ranks) <= j:
+                    stage_ranks.append([])
+                    stage_changes.append([])
+                stage_ranks[j].append(r)
+                stage_changes[j].append(ch)
+            if j == len(per_state) - 1:
+                ranks.append(r)
+                changes.append(ch)
+                if keep_topk:
+                    tops.append(top.indices[:, :keep_topk].cpu().numpy())
+                    top_s.append(top.values[:, :keep_topk].float().cpu().numpy())
+    model.train(was_training)
+    all_ranks = np.concatenate(ranks) if ranks else np.zeros(0)
+    metrics = metrics_from_ranks(all_ranks)
+    metrics["AvgChange@40"] = float(np.mean(np.concatenate(changes))) if changes else math.nan
+    metrics["users"] = int(len(all_ranks))
+    result = EvalResult(metrics, users=split.users)
+    if stages:
+        T = len(stage_ranks)
+        for j in range(T):
+            m = metrics_from_ranks(np.concatenate(stage_ranks[j]))
+            result.stages.append({"stage": j + 1, "step": T - 1 - j, "R@10": m["R@10"], "N@10": m["N@10"],
+                                  "MRR@40": m["MRR@40"],
+                                  "AvgChange@40": float(np.mean(np.concatenate(stage_changes[j])))})
+    if keep_topk:
+        result.top_items = np.concatenate(tops)
+        result.top_scores = np.concatenate(top_s)
+    return result
+
+
+def write_topk(path: str, data: SequenceData, result: EvalResult, vocab: Vocab) -> int:
+    """JSONL lines ``{"user": key, "items": [item keys], "scores": [...]}`` (atomic)."""
+    n = 0
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        for u, items, scores in zip(result.users, result.top_items, result.top_scores):
+            line = {"user": typed_key(data.users[u]), "items": vocab.decode(items.tolist()),
+                    "scores": [round(float(s), 6) for s in scores]}
+            f.write(json.dumps(line) + "\n")
+            n += 1
+    return n
+
+
+def evaluate_data(model: CDDRec, data: SequenceData, split: str = "test", **kwargs) -> EvalResult:
+    return evaluate(model, eval_split(data, split, model.cfg.max_len), **kwargs)
+
+
+def format_table(rows: Iterable[dict], keys: Iterable[str]) -> str:
+    """A markdown table of ``rows`` with columns ``keys`` (floats to 4 decimals)."""
+    keys = list(keys)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k, "")
+            cells.append(f"{v:.4f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_popularity(popularity: np.ndarray, split: EvalSplit, num_items: int,
+                        batch_size: int = 2048) -> dict[str, float]:
+    """Metrics of the most-popular baseline (training counts, seen items excluded)."""
+    pop = torch.as_tensor(popularity, dtype=torch.float64)
+    pop = pop - torch.arange(len(pop), dtype=torch.float64) / (len(pop) + 1)  # ties: lower id first
+    ranks = []
+    for start in range(0, len(split), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(split)))
+        scores = mask_scores(pop.expand(len(rows), -1).clone(), num_items, *split.seen(rows))
+        ranks.append(target_ranks(scores, torch.as_tensor(split.targets[rows])).numpy())
+    out = metrics_from_ranks(np.concatenate(ranks))
+    out["users"] = int(len(split))
+    return out

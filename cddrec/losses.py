@@ -1,0 +1,115 @@
+"""The training objective (paper Eq. 5-8) and its options.
+
+    L = sum_{t=0}^{T-1} 1/(t+1) * (L_rank^t + lambda (L_in^t + L_cross^t))
+
+L_rank^t is the cross-divergence of Eq. 5 (``loss="cd"``), or, with ``loss="ce"``, a
+full-catalogue softmax cross-entropy at the last step (``ce_steps="last"``, cross-divergence at
+the other steps) or at every step (``ce_steps="all"``). L_in (Eq. 6) and L_cross (Eq. 7) are
+exact InfoNCE terms over the batch.
+
+Letters: B batch, L positions, n valid (non-padding) target positions in the batch,
+d hidden size, N items, T steps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import CDDRecConfig
+from .model import CDDRec
+
+
+def info_nce(anchor: torch.Tensor, positive: torch.Tensor, tau: float, cosine: bool = True) -> torch.Tensor:
+    """Exact InfoNCE of Eq. 6/7, averaged over rows: anchor, positive (n, d) -> scalar.
+
+    -log exp(a_i.p_i/tau) / (sum_j exp(a_i.p_j/tau) + sum_{j != i} exp(a_i.a_j/tau))
+
+    One (n, 2n) matmul against [positives; anchors] and a fused cross-entropy whose label is
+    the positive's column; the anchor's own column is masked with -inf.
+    """
+    if cosine:
+        anchor, positive = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
+    n = anchor.shape[0]
+    keys = torch.cat([positive, anchor])  # (2n, d)
+    logits = torch.addmm(_self_mask(n, anchor), anchor / tau, keys.t())  # (n, 2n)
+    return F.cross_entropy(logits, torch.arange(n, device=anchor.device))
+
+
+_MASK_CACHE: dict = {}
+
+
+def _self_mask(n: int, like: torch.Tensor) -> torch.Tensor:
+    """(n, 2n) additive mask, -inf at column n + i of row i (an anchor is not its own negative).
+
+    Added inside the matmul (addmm), so it costs no extra pass; cached across the T steps."""
+    key = (n, like.device, like.dtype)
+    mask = _MASK_CACHE.get(key)
+    if mask is None:
+        mask = torch.zeros(n, 2 * n, device=like.device, dtype=like.dtype)
+        mask[:, n:].diagonal().fill_(float("-inf"))
+        _MASK_CACHE.clear()
+        _MASK_CACHE[key] = mask
+    return mask
+
+
+def cross_divergence(pos_div: torch.Tensor, neg_div: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 as a loss: -[log sigma(-D_pos) + log(1 - sigma(-D_neg))], averaged."""
+    return (F.softplus(pos_div) + F.softplus(-neg_div)).mean()
+
+
+def objective(model: CDDRec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The full training loss of one batch, and its parts (floats) for logging."""
+    cfg: CDDRecConfig = model.cfg
+    diff = model.diffusion
+    inputs, targets, negatives = batch["input_ids"], batch["targets"], batch["negatives"]
+    valid = targets > 0  # (B, L)
+
+    B, L = inputs.shape
+    rows = valid.flatten().nonzero().squeeze(1)  # (n,) flat (B, L) positions with a target
+    last = (rows % L == L - 1).nonzero().squeeze(1)  # entries of ``rows`` at the last position
+    e_s, bias = model.encode(inputs)  # (B, L, d)
+    _, states = model.reverse(e_s, bias, rows=rows, sample=cfg.denoising, return_all=True)
+    use_infonce = cfg.lam > 0 and model.decoder is not None
+    if use_infonce:
+        e_aug, bias_aug = model.encode(batch["aug_ids"])
+        _, aug_states = model.reverse(e_aug, bias_aug, last_only=True, sample=cfg.denoising,
+                                      return_all=True)
+        aug_owner = rows[last] // L  # the user of each last-position row
+
+    table = model.item_emb.weight  # (V, d)
+    x0 = table[targets[valid]]  # (n, d) clean target embeddings
+    x0_neg = table[negatives[valid]]  # (n, d)
+    catalogue = table[1:cfg.num_items + 1]  # (N, d): scoring excludes padding and mask rows
+    ce_labels = targets[valid] - 1
+
+    total = torch.zeros((), device=e_s.device)
+    parts = {"rank": 0.0, "in": 0.0, "cross": 0.0}
+    T = len(states)
+    for i, x_hat in enumerate(states):
+        t = T - 1 - i  # decoder step of this state
+        w = 1.0 / (t + 1)
+        pred = x_hat  # (n, d) generated preference (sampled, Eq. 4)
+        if cfg.loss == "ce" and (t == 0 or cfg.ce_steps == "all"):
+            rank = F.cross_entropy(pred @ catalogue.t(), ce_labels)  # (n, N) logits
+        elif cfg.cd_divergence == "kl" and model.decoder is not None:
+            # KL between the posterior q(x_t | x_{t+1}, x_0) and N(x_hat_t, beta_hat I), with
+            # x_hat_t sampled by Eq. 4 ("we sample both ... according to Eq. 2 and Eq. 4")
+            rank = cross_divergence(diff.step_kl(pred, x0, t, cfg.diffusion),
+                                    diff.step_kl(pred, x0_neg, t, cfg.diffusion))
+        else:  # "dot": the released code's logit, -D = <x_hat, x_t>
+            pos_t = diff.q_sample(x0, t) if cfg.diffusion else x0
+            neg_t = diff.q_sample(x0_neg, t) if cfg.diffusion else x0_neg
+            rank = cross_divergence(-(pred * pos_t).sum(-1), -(pred * neg_t).sum(-1))
+        loss_t = rank
+        parts["rank"] += w * float(rank.detach())
+        if use_infonce:
+            target_t = diff.q_sample(x0, t) if cfg.diffusion else x0  # x_t ~ q(x_t | x_0), Eq. 2
+            l_in = info_nce(pred, target_t, cfg.temperature, cfg.infonce_cosine)
+            l_cross = info_nce(pred[last], aug_states[i][aug_owner, 0], cfg.temperature, cfg.infonce_cosine)
+            loss_t = loss_t + cfg.lam * (l_in + l_cross)
+            parts["in"] += w * float(l_in.detach())
+            parts["cross"] += w * float(l_cross.detach())
+        total = total + w * loss_t
+    parts["loss"] = float(total.detach())
+    return total, parts

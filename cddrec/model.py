@@ -1,0 +1,213 @@
+"""CDDRec (paper section 3): SASRec encoder, cross-attentive conditional denoising decoder.
+
+Letters: B batch, L positions (max_len), Q query positions of the decoder (L, or 1 when only
+the last position is decoded), d hidden size, H heads, h = d / H, T denoising steps,
+N items, V = N + 2 rows of the item table (0 padding, 1..N items, N+1 mask token).
+
+Inputs are left-padded with 0, so the most recent item is always at position L - 1.
+Everything is per user and causal: a row never reads another row, and position i reads
+items 1..i only (encoder self-attention and decoder cross-attention are both causal).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CDDRecConfig
+from .diffusion import GaussianDiffusion
+
+NEG_INF = -1e4  # masked attention logit: finite, so fp16-safe and never NaN on all-padding rows
+
+
+def attention_bias(item_ids: torch.Tensor) -> torch.Tensor:
+    """Additive (B, 1, L, L) mask: key j visible to query i iff j <= i and item j is not padding."""
+    B, L = item_ids.shape
+    causal = torch.ones(L, L, dtype=torch.bool, device=item_ids.device).tril()  # (L, L)
+    keep = causal.unsqueeze(0) & (item_ids > 0).unsqueeze(1)  # (B, L, L)
+    zero = torch.zeros((), dtype=torch.float32, device=item_ids.device)
+    return torch.where(keep, zero, torch.full_like(zero, NEG_INF)).unsqueeze(1)  # (B, 1, L, L)
+
+
+class MultiHeadAttention(nn.Module):
+    """Attention with separate query and key/value inputs; K and V can be precomputed."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.h = heads, d // heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.drop = nn.Dropout(dropout)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x.shape
+        return x.view(B, S, self.heads, self.h).transpose(1, 2)  # (B, H, S, h)
+
+    def memory(self, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(self.k(kv_in)), self.split(self.v(kv_in))  # (B, H, L, h) x2
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Context before the output projection: q (B, Q, d) projected; k, v (B, H, L, h);
+        bias (B, 1, Q, L) -> (B, Q, d)."""
+        B, Q, _ = q.shape
+        att = self.split(q) @ k.transpose(-1, -2) / math.sqrt(self.h) + bias  # (B, H, Q, L)
+        att = self.drop(att.softmax(-1))
+        return (att @ v).transpose(1, 2).reshape(B, Q, -1)  # (B, Q, d)
+
+    def forward(self, x: torch.Tensor, kv_in: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        k, v = self.memory(kv_in)
+        return self.o(self.attend(self.q(x), k, v, bias))
+
+
+class EncoderBlock(nn.Module):
+    """SASRec block (post-LN as the released code): causal self-attention, then a GELU FFN."""
+
+    def __init__(self, d: int, heads: int, dropout: float, attn_dropout: float):
+        super().__init__()
+        self.attn = MultiHeadAttention(d, heads, attn_dropout)
+        self.ln1, self.ln2 = nn.LayerNorm(d, eps=1e-12), nn.LayerNorm(d, eps=1e-12)
+        self.ff1, self.ff2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = self.ln1(x + self.drop(self.attn(x, x, bias)))  # (B, L, d)
+        return self.ln2(x + self.drop(self.ff2(F.gelu(self.ff1(x)))))  # (B, L, d)
+
+
+class DenoisingDecoder(nn.Module):
+    """Cross-attentive conditional denoising decoder (Eq. 3), one step of the reverse chain.
+
+    mu_theta(x_hat_{t+1}, e_s, t) = LN(h + W_O CA(h, e_s)),  h = x_hat_{t+1} + e_t,
+    with CA(h, e_s) = Softmax((h W_Q)(e_s W_K)^T / sqrt(h_dim)) (e_s W_V) over the visible
+    (causal, non-padding) history. Eq. 3 queries with the step embedding e_t alone; adding the
+    state generated at the previous step makes the T steps a real chain.
+    """
+
+    def __init__(self, d: int, heads: int, steps: int, attn_dropout: float, dropout: float):
+        super().__init__()
+        self.step_emb = nn.Embedding(steps, d)
+        self.attn = MultiHeadAttention(d, heads, attn_dropout)
+        self.ln = nn.LayerNorm(d, eps=1e-12)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, t: int, k: torch.Tensor, v: torch.Tensor,
+                bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One step: state x from step t+1 -> mean mu_t, same shape.
+
+        x (B, Q, d) with bias (B, 1, Q, L); or, with ``rows`` (n,) flat positions of the
+        (B, L) grid, x (n, d) and bias (B, 1, L, L): projections and LayerNorm run on the n rows
+        only, the attention on the grid. k, v: (B, H, L, h) from ``attn.memory(e_s)``.
+        """
+        h = x + self.step_emb.weight[t]  # (B, Q, d) | (n, d)
+        q = self.attn.q(h)
+        if rows is None:
+            ctx = self.attn.attend(q, k, v, bias)  # (B, Q, d)
+        else:
+            B, _, L, _ = k.shape
+            grid = q.new_zeros(B * L, q.shape[-1]).index_copy(0, rows, q)  # (B*L, d)
+            ctx = self.attn.attend(grid.view(B, L, -1), k, v, bias).reshape(B * L, -1)[rows]  # (n, d)
+        return self.ln(h + self.drop(self.attn.o(ctx)))
+
+
+class CDDRec(nn.Module):
+    def __init__(self, cfg: CDDRecConfig):
+        super().__init__()
+        if cfg.num_items < 1:
+            raise ValueError("config.num_items must be set (>= 1) before building a model")
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.item_emb = nn.Embedding(cfg.num_rows, d, padding_idx=0)  # (V, d)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.emb_ln = nn.LayerNorm(d, eps=1e-12)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(d, cfg.num_heads, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.num_layers))
+        self.decoder = (DenoisingDecoder(d, cfg.num_heads, cfg.steps, cfg.attn_dropout, cfg.dropout)
+                        if cfg.decoder else None)
+        self.diffusion = GaussianDiffusion(cfg.steps, cfg.beta_1, cfg.beta_T)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
+
+    @property
+    def steps(self) -> int:
+        return self.cfg.steps if self.decoder is not None else 0
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SASRec: item_ids (B, L) -> e_s (B, L, d) and the attention bias (B, 1, L, L)."""
+        B, L = item_ids.shape
+        pos = torch.arange(L, device=item_ids.device)
+        x = self.emb_drop(self.emb_ln(self.item_emb(item_ids) + self.pos_emb(pos)))  # (B, L, d)
+        bias = attention_bias(item_ids)
+        for block in self.blocks:
+            x = block(x, bias)
+        return x, bias
+
+    # ------------------------------------------------------------- reverse chain
+    def reverse(self, e_s: torch.Tensor, bias: torch.Tensor, *, rows: torch.Tensor | None = None,
+                last_only: bool = False, sample: bool = False, noise: torch.Tensor | None = None,
+                return_all: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the T-step reverse chain from x_hat_T = e_s.
+
+        Step t = T-1..0 computes the mean mu_t = decoder(x_hat_{t+1}, t, e_s) and the next
+        state x_hat_t = mu_t (deterministic) or mu_t + sqrt(beta_hat_{t+1}) eps (``sample``,
+        Eq. 4); ``noise`` (T, B, Q, d), indexed by step t, makes sampling explicit and
+        reproducible.
+
+        Which positions are decoded: all (Q = L), the last one (``last_only``, Q = 1), or the
+        flat positions ``rows`` (n,) of the (B, L) grid (states (n, d)); training decodes only
+        the positions that have a target this way.
+
+        Returns the final state (B, Q, d) and, with ``return_all``, the states of every step
+        ordered t = T-1, ..., 0.
+        """
+        B, L, d = e_s.shape
+        if rows is not None:
+            x = e_s.reshape(B * L, d)[rows]  # (n, d)
+        elif last_only:
+            x, bias = e_s[:, -1:], bias[:, :, -1:]  # (B, 1, d), (B, 1, 1, L)
+        else:
+            x = e_s
+        if self.decoder is None:
+            return x, [x]
+        k, v = self.decoder.attn.memory(e_s)  # (B, H, L, h), hoisted: the history is fixed
+        states = []
+        for t in reversed(range(self.cfg.steps)):
+            mu = self.decoder(x, t, k, v, bias, rows)
+            if noise is not None:
+                x = mu + self.diffusion.step_std(t) * noise[t]
+            elif sample and t > 0:
+                x = mu + self.diffusion.step_std(t) * torch.randn_like(mu)
+            else:
+                x = mu
+            if return_all:
+                states.append(x)
+        return x, states
+
+    def user_embedding(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Deterministic (or explicit-noise) preference x_hat_0 at the last position: (B, d)."""
+        e_s, bias = self.encode(item_ids)
+        x, _ = self.reverse(e_s, bias, last_only=True, noise=noise)
+        return x[:, 0]
+
+    def scores(self, user_emb: torch.Tensor) -> torch.Tensor:
+        """Dot-product scores against every row of the item table: (B, d) -> (B, V)."""
+        return user_emb @ self.item_emb.weight.t()
+
+    def forward(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """item_ids (B, L) -> scores (B, V) of the last position (no masking)."""
+        return self.scores(self.user_embedding(item_ids, noise))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny config (d=16, L=8, T=4, ~50 items) and tiny synthetic data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cddrec.config import CDDRecConfig
+from cddrec.data import make_synthetic, write_sequence_file
+from cddrec.model import CDDRec
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("CDDREC_DATA_DIR", REPO.parent / "shared" / "data"))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_cfg() -> CDDRecConfig:
+    return CDDRecConfig(num_items=50, hidden_size=16, num_heads=2, max_len=8, steps=4, beta_T=0.04,
+                        batch_size=16, epochs=2, patience=2, eval_batch_size=64, seed=0, num_threads=1)
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg) -> CDDRec:
+    torch.manual_seed(0)
+    return CDDRec(tiny_cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    return make_synthetic(num_users=160, num_items=50, num_clusters=5, min_len=5, max_len=14, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_file(tmp_path_factory, tiny_data) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    write_sequence_file(tiny_data, path)
+    return path
+
+
+def random_histories(num_items: int, batch: int, length: int, seed: int = 0, min_len: int = 1) -> torch.Tensor:
+    """(batch, length) left-padded random histories of random lengths."""
+    g = np.random.default_rng(seed)
+    out = np.zeros((batch, length), dtype=np.int64)
+    for b in range(batch):
+        n = int(g.integers(min_len, length + 1))
+        out[b, length - n:] = g.integers(1, num_items + 1, size=n)
+    return torch.from_numpy(out)
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    if not (DATA_DIR / "Office_Products.txt").exists():
+        pytest.skip(f"Amazon datasets not found in {DATA_DIR}")
+    return DATA_DIR
+
+
+@pytest.fixture
+def make_histories():
+    return random_histories

@@ -1,0 +1,66 @@
+import json
+
+import yaml
+from click.testing import CliRunner
+
+from cddrec.cli import eval_main, train_main
+
+TINY = ["--hidden-size", "16", "--num-heads", "2", "--max-len", "8", "--steps", "4", "--batch-size", "16",
+        "--epochs", "2", "--num-threads", "1", "--quiet"]
+
+
+def test_train_then_eval(tmp_path, tiny_data_file):
+    runner = CliRunner()
+    model = tmp_path / "model.pt"
+    r = runner.invoke(train_main, [str(tiny_data_file), "--out", str(model), *TINY,
+                                   "--summary-json", str(tmp_path / "summary.json")])
+    assert r.exit_code == 0, r.output
+    assert model.exists() and "best epoch" in r.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["config"]["steps"] == 4 and summary["epochs_run"] == 2
+
+    topk = tmp_path / "topk.jsonl"
+    r = runner.invoke(eval_main, [str(model), str(tiny_data_file), "--json", "--save-topk", str(topk),
+                                  "--topk", "5", "--stages"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["split"] == "test" and out["dataset"] == "tiny"
+    for k in ("R@1", "R@5", "R@10", "R@20", "N@5", "N@10", "N@20", "MRR", "MRR@40", "AvgChange@40"):
+        assert 0 <= out[k] <= (1 if k != "AvgChange@40" else 1e9)
+    assert len(out["stages"]) == 4
+    lines = [json.loads(x) for x in topk.read_text().splitlines()]
+    assert len(lines) == out["users"] and len(lines[0]["items"]) == 5
+    assert isinstance(lines[0]["items"][0], int)  # original integer keys come back as ints
+
+    r = runner.invoke(eval_main, [str(model), str(tiny_data_file), "--split", "valid"])
+    assert r.exit_code == 0 and "| R@1 |" in r.output
+
+
+def test_config_file_and_flag_precedence(tmp_path, tiny_data_file):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"hidden-size": 8, "num_heads": 2, "steps": 3, "epochs": 1}))
+    out = tmp_path / "m.pt"
+    r = CliRunner().invoke(train_main, [str(tiny_data_file), "-o", str(out), "--config", str(cfg), "--steps", "2",
+                                        "--max-len", "8", "--batch-size", "16", "--quiet"])
+    assert r.exit_code == 0, r.output
+    import torch
+
+    saved = torch.load(out, weights_only=True)["config"]
+    assert saved["hidden_size"] == 8 and saved["steps"] == 2 and saved["epochs"] == 1
+
+
+def test_clear_errors(tmp_path, tiny_data_file):
+    runner = CliRunner()
+    bad = tmp_path / "bad.txt"
+    bad.write_text("u1 1 2 3\nlonely\n")
+    r = runner.invoke(train_main, [str(bad), "-o", str(tmp_path / "m.pt"), *TINY])
+    assert r.exit_code == 1 and "bad.txt:2: expected 'user item" in r.output
+    assert not (tmp_path / "m.pt").exists()
+    r = runner.invoke(eval_main, [str(tmp_path / "missing.pt"), str(tiny_data_file)])
+    assert r.exit_code == 1 and "no such model file" in r.output
+    r = runner.invoke(train_main, [str(tiny_data_file), "--hidden-size", "10", "--num-heads", "4"])
+    assert r.exit_code == 1 and "multiple of num_heads" in r.output
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"hidden_size": 8, "bogus": 1}')
+    r = runner.invoke(train_main, [str(tiny_data_file), "--config", str(cfg)])
+    assert r.exit_code == 1 and "unknown config keys: bogus" in r.output

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from cddrec.model import CDDRec, attention_bias
+
+
+def all_positions(model, ids):
+    e_s, bias = model.encode(ids)
+    x, _ = model.reverse(e_s, bias)
+    return x  # (B, L, d)
+
+
+@pytest.mark.parametrize("decoder", [True, False])
+def test_causal_later_items_do_not_change_earlier_outputs(tiny_cfg, make_histories, decoder):
+    model = CDDRec(tiny_cfg.replace(decoder=decoder)).eval()
+    ids = make_histories(50, 6, 8, seed=1, min_len=8)
+    out = all_positions(model, ids)
+    for i in range(7):
+        changed = ids.clone()
+        changed[:, i + 1:] = (changed[:, i + 1:] % 50) + 1  # every later item differs
+        out2 = all_positions(model, changed)
+        assert torch.allclose(out[:, : i + 1], out2[:, : i + 1], atol=1e-6)
+        assert not torch.allclose(out[:, i + 1:], out2[:, i + 1:], atol=1e-4)
+
+
+def test_per_user_independent_of_batch(tiny_model, make_histories):
+    ids = make_histories(50, 8, 8, seed=2)
+    out = tiny_model(ids)
+    other = make_histories(50, 8, 8, seed=3)
+    other[3] = ids[3]
+    assert torch.allclose(tiny_model(other)[3], out[3], atol=1e-6)
+    assert torch.allclose(tiny_model(ids[3:4])[0], out[3], atol=1e-6)  # alone in its batch
+
+
+def test_packed_and_last_only_decoding_equal_full_grid(tiny_model, make_histories):
+    ids = make_histories(50, 5, 8, seed=4)
+    e_s, bias = tiny_model.encode(ids)
+    full, full_states = tiny_model.reverse(e_s, bias, return_all=True)
+    last, last_states = tiny_model.reverse(e_s, bias, last_only=True, return_all=True)
+    assert torch.allclose(last[:, 0], full[:, -1], atol=1e-6)
+    rows = (ids > 0).flatten().nonzero().squeeze(1)
+    packed, packed_states = tiny_model.reverse(e_s, bias, rows=rows, return_all=True)
+    assert torch.allclose(packed, full.reshape(-1, full.shape[-1])[rows], atol=1e-6)
+    for a, b, c in zip(full_states, last_states, packed_states):
+        assert torch.allclose(a[:, -1], b[:, 0], atol=1e-6)
+        assert torch.allclose(a.reshape(-1, a.shape[-1])[rows], c, atol=1e-6)
+
+
+def test_reverse_is_a_chain_of_T_steps(tiny_model, make_histories):
+    ids = make_histories(50, 4, 8, seed=5)
+    e_s, bias = tiny_model.encode(ids)
+    _, states = tiny_model.reverse(e_s, bias, last_only=True, return_all=True)
+    assert len(states) == tiny_model.cfg.steps
+    # each state feeds the next step: recomputing step t from state t+1 reproduces it
+    k, v = tiny_model.decoder.attn.memory(e_s)
+    b = bias[:, :, -1:]
+    x = e_s[:, -1:]
+    for i, t in enumerate(reversed(range(tiny_model.cfg.steps))):
+        x = tiny_model.decoder(x, t, k, v, b)
+        assert torch.allclose(x, states[i], atol=1e-6)
+    assert not torch.allclose(states[0], states[-1], atol=1e-3)
+
+
+def test_deterministic_and_explicit_noise(tiny_model, make_histories):
+    ids = make_histories(50, 3, 8, seed=6)
+    a, b = tiny_model.user_embedding(ids), tiny_model.user_embedding(ids)
+    assert torch.equal(a, b)
+    T, d = tiny_model.cfg.steps, tiny_model.cfg.hidden_size
+    zero = torch.zeros(T, 3, 1, d)
+    assert torch.allclose(tiny_model.user_embedding(ids, noise=zero), a, atol=1e-6)
+    noise = torch.randn(T, 3, 1, d)
+    n1, n2 = tiny_model.user_embedding(ids, noise=noise), tiny_model.user_embedding(ids, noise=noise)
+    assert torch.equal(n1, n2) and not torch.allclose(n1, a, atol=1e-4)
+
+
+def test_padding_only_history_is_finite(tiny_model):
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    ids[1, -1] = 3
+    assert torch.isfinite(tiny_model(ids)).all()
+
+
+def test_padding_amount_does_not_matter(tiny_cfg):
+    """The same history gives the same output whatever the padding of the other rows."""
+    model = CDDRec(tiny_cfg).eval()
+    ids = torch.tensor([[0, 0, 0, 0, 0, 4, 9, 2]])
+    assert torch.allclose(model(ids), model(torch.cat([ids, torch.arange(1, 9).view(1, 8)]))[:1], atol=1e-6)
+
+
+def test_attention_bias_masks_future_and_padding():
+    ids = torch.tensor([[0, 0, 3, 4]])
+    b = attention_bias(ids)[0, 0]
+    visible = b == 0
+    assert visible.tolist() == [[False] * 4, [False] * 4, [False, False, True, False], [False, False, True, True]]
