@@ -27,6 +27,10 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
             raise click.ClickException(str(e)) from e
+        except RuntimeError as e:
+            if type(e).__name__ in ("TensorRTUnavailable", "BackendUnavailable"):
+                raise click.ClickException(str(e)) from e
+            raise
 
     return wrapper
 
@@ -162,3 +166,83 @@ def demo_main(out_dir, minutes, seed):
     from .demo import run_demo
 
     run_demo(out_dir, minutes=minutes, seed=seed, echo=click.echo)
+
+
+# ---------------------------------------------------------------------------- export
+@click.command(context_settings={"max_content_width": 110})
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), help="graph file [default: MODEL with .onnx]")
+@click.option("--k", default=10, show_default=True, help="top-k items the graph returns")
+@click.option("--opset", default=17, show_default=True)
+@click.option("--fp16", is_flag=True, help="fp16 matmuls; LayerNorm, softmax, scoring and TopK stay fp32")
+@click.option("--stochastic", is_flag=True, help="add a noise input (T, batch, d): the sampled reverse chain")
+@click.option("--optimize", is_flag=True, help="write ONNX Runtime's offline-optimized graph")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
+@click.option("--vocab-sidecar/--vocab-inline", default=None,
+              help="item vocabulary in MODEL.vocab.json beside the graph, or in its metadata "
+                   "[default: inline up to 200k items]")
+@click.option("--trt", "trt_engine", type=click.Path(dir_okay=False), help="also build a TensorRT engine here")
+@click.option("--trt-fp16", is_flag=True, help="fp16 TensorRT engine")
+@click.option("--trt-max-batch", default=1024, show_default=True)
+@click.option("--trt-opt-batch", default=256, show_default=True)
+@click.option("--no-validate", is_flag=True, help="skip validation (not recommended)")
+@click.option("--json", "as_json", is_flag=True, help="print the export report as JSON")
+@friendly_errors
+def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, vocab_sidecar, trt_engine, trt_fp16,
+                trt_max_batch, trt_opt_batch, no_validate, as_json):
+    """Export MODEL (model.pt) to one ONNX graph: encoder, T unrolled denoising steps, scoring,
+    seen-item masking and top-k; validated against PyTorch before it is kept."""
+    from .export.onnx_export import export_model
+
+    out = out or str(Path(model).with_suffix(".onnx"))
+    rep = export_model(model, out, k=k, opset=opset, fp16=fp16, stochastic=stochastic, optimize=optimize,
+                       exporter=exporter, vocab_sidecar=vocab_sidecar, trt_engine=trt_engine, trt_fp16=trt_fp16,
+                       trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate)
+    if as_json:
+        click.echo(json.dumps(asdict(rep), indent=2))
+        return
+    click.echo(f"wrote {rep.path} ({rep.graph_bytes / 1e6:.2f} MB, {sum(rep.ops.values())} ops"
+               + (f" -> {sum(rep.ops_optimized.values())} after optimization" if rep.ops_optimized else "") + ")")
+    if rep.max_abs_diff:
+        diffs = ", ".join(f"batch {b}: {v:.2e}" for b, v in rep.max_abs_diff.items())
+        click.echo(f"validated against PyTorch: max |score diff| {diffs}; top-k mismatches beyond ties: "
+                   f"{rep.topk_mismatches}; ORT session {rep.session_seconds * 1000:.0f} ms")
+    if rep.vocab_sidecar:
+        click.echo(f"wrote {rep.vocab_sidecar}")
+    if rep.trt_engine:
+        click.echo(f"wrote TensorRT engine {rep.trt_engine}")
+
+
+# ----------------------------------------------------------------------------- infer
+@click.command(context_settings={"max_content_width": 110})
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="exported graph (.onnx), TensorRT engine (with --backend trt) or model.pt (--backend torch)")
+@click.option("--batch", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="requests: JSONL {\"user\": key, \"history\": [item keys]} or a CSV/TSV/Parquet log")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="recommendations file")
+@click.option("--k", type=int, default=None, help="items per user [default: the graph's K]")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda", "trt", "torch"]), default="ort-cpu",
+              show_default=True)
+@click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all cores)")
+@click.option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
+@click.option("--output-format", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--input-format", type=click.Choice(["jsonl", "log"]), default=None,
+              help="[default: log for .csv/.tsv/.parquet, else jsonl]")
+@click.option("--allow-duplicates", is_flag=True, help="do not check for repeated users (saves memory)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@data_options
+@friendly_errors
+def infer_main(model_path, input_path, output, k, batch_size, backend, threads, strict, output_format, input_format,
+               allow_duplicates, quiet, user_col, item_col, time_col, sep):
+    """Batched top-k recommendations for a file of user histories, original item keys in and out."""
+    from .runtime.batch import run_batch
+    from .runtime.recommender import Recommender
+
+    rec = Recommender.load(model_path, backend=backend, threads=threads, k=k)
+    stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
+                      output_format=output_format, in_format=input_format, check_duplicates=not allow_duplicates,
+                      progress=not quiet and sys.stderr.isatty(),
+                      log_options=_data_kwargs(user_col, item_col, time_col, sep))
+    click.echo(stats.summary(), err=True)
+    click.echo(f"wrote {output}" + (f"; bad lines in {stats.errors_path}" if stats.errors_path else ""), err=True)

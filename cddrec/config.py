@@ -19,7 +19,7 @@ def _f(default, help: str = ""):
 
 LOSSES = ("ce", "cd")
 DIVERGENCES = ("kl", "dot")
-CE_STEPS = ("last", "all")
+RANK_STEPS = ("all", "last")
 VALID_METRICS = ("R@10", "N@10", "MRR", "MRR@40", "R@20", "N@20")
 
 
@@ -42,7 +42,7 @@ class CDDRecConfig:
     # ---- objective -------------------------------------------------------------------
     loss: str = _f("ce", "\"ce\": full-catalogue softmax; \"cd\": the paper's cross-divergence (Eq. 5)")
     cd_divergence: str = _f("kl", "\"kl\": Gaussian KL of Eq. 5; \"dot\": released code's dot-product logit")
-    ce_steps: str = _f("last", "with loss=ce: softmax at the last step only (cd elsewhere) or every step")
+    rank_steps: str = _f("all", "steps with the ranking term (ce or cd): all T, or only the last (InfoNCE at all)")
     lam: float = _f(0.3, "lambda of Eq. 8 (released code: 0.3)")
     temperature: float = _f(0.5, "tau of the InfoNCE terms (Eq. 6, 7)")
     infonce_cosine: bool = _f(True, "cosine similarity in InfoNCE (released code); False: raw dot (Eq. 6)")
@@ -77,7 +77,7 @@ class CDDRecConfig:
         need(0.0 < self.beta_1 <= self.beta_T < 1.0, f"need 0 < beta_1 <= beta_T < 1, got {self.beta_1}, {self.beta_T}")
         need(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
         need(self.cd_divergence in DIVERGENCES, f"cd_divergence must be one of {DIVERGENCES}")
-        need(self.ce_steps in CE_STEPS, f"ce_steps must be one of {CE_STEPS}")
+        need(self.rank_steps in RANK_STEPS, f"rank_steps must be one of {RANK_STEPS}")
         need(self.valid_metric in VALID_METRICS, f"valid_metric must be one of {VALID_METRICS}")
         need(self.temperature > 0, "temperature must be > 0")
         need(self.batch_size >= 2, "batch_size must be >= 2 (InfoNCE needs in-batch negatives)")

@@ -2,10 +2,10 @@
 
     L = sum_{t=0}^{T-1} 1/(t+1) * (L_rank^t + lambda (L_in^t + L_cross^t))
 
-L_rank^t is the cross-divergence of Eq. 5 (``loss="cd"``), or, with ``loss="ce"``, a
-full-catalogue softmax cross-entropy at the last step (``ce_steps="last"``, cross-divergence at
-the other steps) or at every step (``ce_steps="all"``). L_in (Eq. 6) and L_cross (Eq. 7) are
-exact InfoNCE terms over the batch.
+L_rank^t is the cross-divergence of Eq. 5 (``loss="cd"``) or a full-catalogue softmax
+cross-entropy (``loss="ce"``), at every step (``rank_steps="all"``) or at the last step only
+(``rank_steps="last"``). L_in (Eq. 6) and L_cross (Eq. 7) are exact InfoNCE terms over the
+batch at every step.
 
 Letters: B batch, L positions, n valid (non-padding) target positions in the batch,
 d hidden size, N items, T steps.
@@ -90,7 +90,9 @@ def objective(model: CDDRec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         t = T - 1 - i  # decoder step of this state
         w = 1.0 / (t + 1)
         pred = x_hat  # (n, d) generated preference (sampled, Eq. 4)
-        if cfg.loss == "ce" and (t == 0 or cfg.ce_steps == "all"):
+        if t > 0 and cfg.rank_steps == "last":
+            rank = torch.zeros((), device=pred.device)
+        elif cfg.loss == "ce":
             rank = F.cross_entropy(pred @ catalogue.t(), ce_labels)  # (n, N) logits
         elif cfg.cd_divergence == "kl" and model.decoder is not None:
             # KL between the posterior q(x_t | x_{t+1}, x_0) and N(x_hat_t, beta_hat I), with

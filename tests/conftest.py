@@ -77,3 +77,24 @@ def data_dir() -> Path:
 @pytest.fixture
 def make_histories():
     return random_histories
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, tiny_data):
+    """A tiny model trained for 3 epochs on tiny_data: (model.pt path, data)."""
+    from cddrec.training import train
+
+    cfg = CDDRecConfig(hidden_size=16, num_heads=2, max_len=8, steps=4, beta_T=0.04, batch_size=16, epochs=3,
+                       patience=3, seed=0, num_threads=1)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    train(cfg, tiny_data, path, progress=False, log=lambda m: None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_onnx(trained_tiny):
+    from cddrec.export.onnx_export import export_model
+
+    out = trained_tiny.with_name("model.onnx")
+    export_model(trained_tiny, out, k=10)
+    return out

@@ -64,3 +64,27 @@ def test_clear_errors(tmp_path, tiny_data_file):
     cfg.write_text('{"hidden_size": 8, "bogus": 1}')
     r = runner.invoke(train_main, [str(tiny_data_file), "--config", str(cfg)])
     assert r.exit_code == 1 and "unknown config keys: bogus" in r.output
+
+
+def test_end_to_end_train_export_infer(tmp_path, tiny_data, tiny_data_file):
+    from cddrec.cli import export_main, infer_main
+
+    runner = CliRunner()
+    model, graph = tmp_path / "model.pt", tmp_path / "model.onnx"
+    r = runner.invoke(train_main, [str(tiny_data_file), "-o", str(model), *TINY])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(export_main, [str(model), "-o", str(graph), "--k", "5"])
+    assert r.exit_code == 0, r.output
+    assert "validated against PyTorch" in r.output and graph.exists()
+    req = tmp_path / "req.jsonl"
+    users = list(zip(tiny_data.users, tiny_data.sequences))[:20]
+    req.write_text("".join(json.dumps({"user": u, "history": tiny_data.items.decode(s[:-1].tolist())}) + "\n"
+                           for u, s in users))
+    out = tmp_path / "recs.jsonl"
+    r = runner.invoke(infer_main, ["--model", str(graph), "--batch", str(req), "-o", str(out), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "served 20 users" in r.output
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["user"] for x in recs] == [u for u, _ in users]
+    for x, (_, s) in zip(recs, users):
+        assert len(x["items"]) == 5 and not set(x["items"]) & set(tiny_data.items.decode(s[:-1].tolist()))

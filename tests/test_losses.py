@@ -37,7 +37,7 @@ def test_cross_divergence_formula():
 
 VARIANTS = [
     {},
-    {"ce_steps": "all"},
+    {"rank_steps": "last"},
     {"loss": "cd"},
     {"loss": "cd", "cd_divergence": "dot"},
     {"diffusion": False},

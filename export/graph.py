@@ -1,0 +1,89 @@
+"""The exportable recommender: the T-step reverse chain unrolled, scoring, masking, top-k.
+
+Work that does not change across the T steps is done once: the SASRec encoder, the
+decoder's key/value projections of the history, and the step-embedding query projections
+W_Q e_t, which become constants. Only the last position is decoded. The Python loop over the
+steps is unrolled when traced, so the graph has no Loop op and no random op: the stochastic
+graph takes its noise as an input.
+
+Letters: B batch, S history given, L model length, d hidden, T steps, V = N + 2 rows, K top-k.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cddrec.inference import MASK_SCORE, fit_history
+from cddrec.model import CDDRec
+
+
+class HalfLinear(nn.Module):
+    """A Linear whose matmul runs in fp16 while its input and output stay fp32."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(lin.weight.detach().half(), requires_grad=False)
+        self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().half(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.half(), self.weight, self.bias).float()
+
+
+def half_linears(model: CDDRec) -> CDDRec:
+    """A copy whose Linear layers compute in fp16; LayerNorm, softmax and scoring stay fp32."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, HalfLinear(child))
+    return model
+
+
+class UnrolledRecommender(nn.Module):
+    """item_ids (B, S) [, noise (T, B, d)] -> top_items (B, K), top_scores (B, K), user_embedding (B, d)."""
+
+    def __init__(self, model: CDDRec, k: int, stochastic: bool = False, fp16: bool = False):
+        super().__init__()
+        cfg = model.cfg
+        if k < 1 or k > cfg.num_items:
+            raise ValueError(f"k must be between 1 and the number of items ({cfg.num_items}), got {k}")
+        model = model.eval()
+        self.model = half_linears(model) if fp16 else model
+        self.k, self.stochastic = k, stochastic
+        self.L, self.N, self.T = cfg.max_len, cfg.num_items, model.steps
+        dec = model.decoder
+        with torch.no_grad():
+            if dec is not None:
+                e = dec.step_emb.weight.detach().float()  # (T, d)
+                self.register_buffer("step_e", e.clone())
+                self.register_buffer("step_q", e @ dec.attn.q.weight.detach().float().t())  # W_Q e_t: (T, d)
+                self.register_buffer("step_std", model.diffusion.posterior_std[1:].clone())  # (T,)
+            static = torch.zeros(cfg.num_rows, dtype=torch.bool)
+            static[0] = static[cfg.num_items + 1] = True  # padding row and mask token
+            self.register_buffer("static_mask", static)
+
+    def forward(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None):
+        m = self.model
+        hist = fit_history(item_ids, self.L)
+        e_s, bias = m.encode(hist)  # (B, L, d), (B, 1, L, L)
+        x = e_s[:, -1:]  # (B, 1, d): x_hat_T, the last position only
+        if m.decoder is not None:
+            attn = m.decoder.attn
+            k, v = attn.memory(e_s)  # (B, H, L, h): once for all T steps
+            b = bias[:, :, -1:]  # (B, 1, 1, L)
+            for t in reversed(range(self.T)):  # unrolled when traced
+                h = x + self.step_e[t]
+                q = attn.q(x) + self.step_q[t]  # = W_Q (x + e_t) + b_Q, with W_Q e_t a constant
+                x = m.decoder.ln(h + attn.o(attn.attend(q, k, v, b)))  # mu_t: (B, 1, d)
+                if self.stochastic and t > 0:
+                    x = x + self.step_std[t] * noise[t].unsqueeze(1)
+        user = x[:, 0]  # (B, d)
+        scores = user @ m.item_emb.weight.float().t()  # (B, V), fp32 scoring
+        seen = torch.zeros_like(scores).scatter(1, item_ids, 1.0) > 0  # every history item
+        scores = torch.where(seen | self.static_mask, torch.full_like(scores, MASK_SCORE), scores)
+        top_scores, top_items = torch.topk(scores, self.k, dim=1)
+        return top_items, top_scores, user

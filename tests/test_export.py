@@ -1,0 +1,199 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cddrec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_checksum
+from cddrec.config import CDDRecConfig
+from cddrec.data import Vocab
+from cddrec.export.graph import UnrolledRecommender
+from cddrec.export.onnx_export import ExportError, export_model, ort_session, read_metadata, validate_graph
+from cddrec.export.spec import graph_spec
+from cddrec.inference import MASK_SCORE, reference_topk
+from cddrec.model import CDDRec
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path, tiny_cfg):
+    torch.manual_seed(7)
+    model = CDDRec(tiny_cfg).eval()
+    # random weights with some spread, so scores are not all near zero
+    with torch.no_grad():
+        model.item_emb.weight.normal_(0, 0.5)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, Vocab.build(str(100 + i) for i in range(tiny_cfg.num_items)),
+                    torch.arange(tiny_cfg.num_rows))
+    return path
+
+
+def run(sess, ids, noise=None):
+    feed = {"item_ids": ids.numpy()}
+    if noise is not None:
+        feed["noise"] = noise.numpy()
+    return sess.run(["top_items", "top_scores", "user_embedding"], feed)
+
+
+@pytest.mark.parametrize("batch,S", [(1, 8), (5, 3), (33, 8), (64, 20)])
+def test_parity_on_fresh_random_histories(tmp_path, tiny_ckpt, make_histories, batch, S):
+    out = tmp_path / "m.onnx"
+    export_model(tiny_ckpt, out, k=10)
+    model, _ = load_checkpoint(tiny_ckpt)
+    sess = ort_session(out)
+    ids = make_histories(50, batch, S, seed=100 + batch)  # fresh inputs, not those used at export
+    items, scores, user = run(sess, ids)
+    ref_items, ref_scores, ref_user = reference_topk(model, ids, 10)
+    assert np.abs(scores - ref_scores.numpy()).max() <= 1e-4
+    assert np.abs(user - ref_user.numpy()).max() <= 1e-4
+    assert (items == ref_items.numpy()).all()
+    for b in range(batch):  # history items, padding and mask token never recommended
+        assert not set(items[b].tolist()) & (set(ids[b].tolist()) | {0, 51})
+
+
+def test_trained_model_parity_and_metadata(trained_tiny, trained_tiny_onnx, tiny_data):
+    model, ckpt = load_checkpoint(trained_tiny)
+    meta = read_metadata(trained_tiny_onnx)
+    assert meta["T"] == "4" and meta["K"] == "10" and meta["L"] == "8" and meta["d"] == "16"
+    assert int(meta["num_items"]) == tiny_data.num_items
+    assert json.loads(meta["vocab"])["keys"] == tiny_data.items.keys
+    assert meta["weights_sha256"] == weights_checksum(model)
+    assert json.loads(meta["export_settings"])["opset"] == 17
+    popular = json.loads(meta["popular_topk"])
+    counts = tiny_data.popularity("train")
+    assert popular[0][1] == counts.max() and len(popular) >= 10
+    spec = graph_spec(k=10, d=16, steps=4)
+    rep = validate_graph(trained_tiny_onnx, model, spec, seed=99)
+    assert max(rep.max_abs_diff.values()) <= 1e-4 and rep.topk_mismatches == 0
+
+
+def test_deterministic_graph_has_no_loop_or_random_op(trained_tiny_onnx):
+    ops = {n.op_type for n in onnx.load(str(trained_tiny_onnx)).graph.node}
+    assert not ops & {"Loop", "Scan", "If", "RandomNormal", "RandomNormalLike", "RandomUniform",
+                      "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+    assert "TopK" in ops and "ScatterElements" in ops
+
+
+def test_two_sessions_are_deterministic(trained_tiny_onnx, make_histories):
+    ids = make_histories(50, 9, 8, seed=5)
+    a, b = run(ort_session(trained_tiny_onnx), ids), run(ort_session(trained_tiny_onnx), ids)
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y)
+
+
+def test_stochastic_graph_matches_pytorch_given_the_noise(tmp_path, tiny_ckpt, make_histories):
+    out = tmp_path / "s.onnx"
+    export_model(tiny_ckpt, out, k=10, stochastic=True)
+    model, _ = load_checkpoint(tiny_ckpt)
+    sess = ort_session(out)
+    assert [i.name for i in sess.get_inputs()] == ["item_ids", "noise"]
+    ids = make_histories(50, 6, 8, seed=11)
+    noise = torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(3))
+    items, scores, user = run(sess, ids, noise)
+    ref_items, ref_scores, ref_user = reference_topk(model, ids, 10, noise)
+    assert np.abs(user - ref_user.numpy()).max() <= 1e-4
+    assert (items == ref_items.numpy()).all()
+    det_user = reference_topk(model, ids, 10)[2]
+    assert not torch.allclose(torch.from_numpy(user), det_user, atol=1e-3)  # the noise is used
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert not ops & {"RandomNormal", "RandomNormalLike", "Loop"}
+
+
+def test_k_edge_cases(tmp_path, tiny_ckpt, make_histories):
+    out = tmp_path / "all.onnx"
+    export_model(tiny_ckpt, out, k=50)  # K = every item
+    sess = ort_session(out)
+    ids = make_histories(50, 4, 8, seed=2)
+    ids[0] = 0  # a history of padding only
+    items, scores, _ = run(sess, ids)
+    assert np.isfinite(scores).all()
+    for b in range(4):
+        hist = set(ids[b].tolist()) - {0}
+        masked = scores[b] <= MASK_SCORE
+        assert masked.sum() == len(hist)  # the tail holds exactly the history items
+        assert set(items[b][~masked].tolist()) == set(range(1, 51)) - hist
+    export_model(tiny_ckpt, tmp_path / "one.onnx", k=1)
+    items1, _, _ = run(ort_session(tmp_path / "one.onnx"), ids)
+    assert (items1[:, 0] == items[:, 0]).all()
+    with pytest.raises(ExportError, match="between 1 and the number of items"):
+        export_model(tiny_ckpt, tmp_path / "x.onnx", k=51)
+    big = CDDRec(CDDRecConfig(num_items=4000, hidden_size=8, num_heads=2, max_len=4, steps=2)).eval()
+    save_checkpoint(tmp_path / "big.pt", big, Vocab.build(str(i) for i in range(4000)), torch.ones(4002))
+    with pytest.raises(ExportError, match="TopK limit of 3840"):
+        export_model(tmp_path / "big.pt", tmp_path / "x.onnx", k=3841, trt_engine=tmp_path / "x.plan")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_optimize_fp16_sidecar(tmp_path, tiny_ckpt, make_histories):
+    rep = export_model(tiny_ckpt, tmp_path / "o.onnx", k=10, optimize=True)
+    assert sum(rep.ops_optimized.values()) < sum(rep.ops.values())
+    assert read_metadata(tmp_path / "o.onnx")["K"] == "10"  # metadata survives optimization
+    rep16 = export_model(tiny_ckpt, tmp_path / "h.onnx", k=10, fp16=True)
+    assert rep16.spec["fp16"] and max(rep16.max_abs_diff.values()) < 0.1
+    proto = onnx.load(str(tmp_path / "h.onnx"))
+    dtypes = {init.data_type for init in proto.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in dtypes and onnx.TensorProto.FLOAT in dtypes
+    assert {n.op_type for n in proto.graph.node} >= {"LayerNormalization", "Softmax", "TopK"}  # fp32 islands
+    rep_side = export_model(tiny_ckpt, tmp_path / "v.onnx", k=10, vocab_sidecar=True)
+    side = json.loads((tmp_path / "v.vocab.json").read_text())
+    assert rep_side.vocab_sidecar and side["keys"][0] == "100"
+    assert "vocab" not in read_metadata(tmp_path / "v.onnx")
+
+
+def test_validation_rejects_a_wrong_graph(tmp_path, tiny_ckpt, tiny_cfg):
+    export_model(tiny_ckpt, tmp_path / "m.onnx", k=10)
+    other = CDDRec(tiny_cfg).eval()  # different weights: parity must fail
+    with pytest.raises(ExportError, match="score difference"):
+        validate_graph(tmp_path / "m.onnx", other, graph_spec(k=10, d=16, steps=4))
+
+
+def test_bad_checkpoints(tmp_path, tiny_ckpt):
+    with pytest.raises(CheckpointError, match="no such model file"):
+        export_model(tmp_path / "missing.pt", tmp_path / "m.onnx")
+    ck = torch.load(tiny_ckpt, weights_only=True)
+    ck["format_version"] = 99
+    torch.save(ck, tmp_path / "v99.pt")
+    with pytest.raises(CheckpointError, match="format version 99"):
+        export_model(tmp_path / "v99.pt", tmp_path / "m.onnx")
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="not a readable model file"):
+        export_model(tmp_path / "junk.pt", tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_unrolled_module_equals_reference_in_torch(tiny_model, make_histories):
+    """The hoisted, last-position-only unrolled chain equals the eager model before any export."""
+    module = UnrolledRecommender(tiny_model, k=7).eval()
+    ids = make_histories(50, 12, 11, seed=8)
+    with torch.no_grad():
+        items, scores, user = module(ids)
+    ref = reference_topk(tiny_model, ids, 7)
+    assert torch.allclose(user, ref[2], atol=1e-5) and torch.equal(items, ref[0])
+
+
+def test_sasrec_baseline_exports(tmp_path, tiny_cfg, make_histories):
+    model = CDDRec(tiny_cfg.replace(decoder=False)).eval()
+    save_checkpoint(tmp_path / "s.pt", model, Vocab.build(str(i) for i in range(50)), torch.ones(52))
+    rep = export_model(tmp_path / "s.pt", tmp_path / "s.onnx", k=5)
+    assert max(rep.max_abs_diff.values()) <= 1e-4
+
+
+def test_dynamo_exporter(tmp_path, tiny_ckpt):
+    pytest.importorskip("onnxscript")
+    rep = export_model(tiny_ckpt, tmp_path / "d.onnx", k=10, exporter="dynamo")
+    assert max(rep.max_abs_diff.values()) <= 1e-4
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_parity(tmp_path, tiny_ckpt, make_histories):
+    pytest.importorskip("tensorrt")
+    from cddrec.runtime.backends import TrtBackend
+
+    export_model(tiny_ckpt, tmp_path / "m.onnx", k=10, trt_engine=tmp_path / "m.plan")
+    model, _ = load_checkpoint(tiny_ckpt)
+    trt = TrtBackend(tmp_path / "m.plan")
+    for batch in (1, 7, 64):
+        ids = make_histories(50, batch, 8, seed=batch)
+        out = trt.infer({"item_ids": ids.numpy()})
+        ref = reference_topk(model, ids, 10)
+        assert np.abs(out["top_scores"] - ref[1].numpy()).max() <= 1e-3

@@ -1,0 +1,174 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from cddrec.cli import eval_main, infer_main
+from cddrec.data import eval_split
+from cddrec.runtime.backends import BackendUnavailable, load_backend
+from cddrec.runtime.batch import run_batch
+from cddrec.runtime.recommender import ModelFileError, Recommender
+
+
+def requests_for_split(data, split="test"):
+    """JSONL requests whose histories are the split's (everything before the target)."""
+    cut = 1 if split == "test" else 2
+    return [{"user": u, "history": data.items.decode(s[:-cut].tolist())}
+            for u, s in zip(data.users, data.sequences)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_recommend_with_original_keys(trained_tiny_onnx, tiny_data):
+    rec = Recommender.load(trained_tiny_onnx)
+    s = tiny_data.sequences[0]
+    keys = tiny_data.items.decode(s.tolist())
+    out = rec.recommend([keys, keys + ["no-such-item"], ["nope"], []], k=5)
+    assert out[0].items == out[1].items and out[1].unknown == 1
+    assert all(isinstance(i, int) for i in out[0].items)  # integer keys come back as ints
+    assert not set(out[0].items) & set(keys)
+    assert out[2].fallback == "popular" and out[3].fallback == "popular" and out[2].unknown == 1
+    assert out[2].items == [p[0] for p in rec.info.popular[:5]]
+    with pytest.raises(ValueError, match="at most K=10"):
+        rec.recommend([keys], k=11)
+
+
+def test_long_history_uses_most_recent_items(trained_tiny_onnx, tiny_data):
+    rec = Recommender.load(trained_tiny_onnx)
+    keys = tiny_data.items.keys
+    hist = [keys[i % len(keys)] for i in range(30)]
+    long, = rec.recommend([hist], k=10)
+    # the model sees only the last L items; older items are still excluded from the ranking
+    assert not set(long.items) & {int(k) for k in hist}
+
+
+def test_backends_agree(trained_tiny, trained_tiny_onnx, make_histories):
+    ort = load_backend(trained_tiny_onnx, "ort-cpu", threads=1)
+    ref = load_backend(trained_tiny, "torch", k=10)
+    ids = make_histories(40, 17, 12, seed=9).numpy()
+    a, b = ort.infer({"item_ids": ids}), ref.infer({"item_ids": ids})
+    assert np.abs(a["top_scores"] - b["top_scores"]).max() <= 1e-4
+    assert (a["top_items"] == b["top_items"]).all()
+
+
+def test_not_a_cddrec_graph(tmp_path):
+    g = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g",
+                               [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    onnx.save(onnx.helper.make_model(g), tmp_path / "plain.onnx")
+    with pytest.raises(ModelFileError, match="not a cddrec export"):
+        Recommender.load(tmp_path / "plain.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(ModelFileError, match="not a readable ONNX graph"):
+        Recommender.load(tmp_path / "junk.onnx")
+    with pytest.raises(ModelFileError, match="no such file"):
+        Recommender.load(tmp_path / "missing.onnx")
+
+
+def test_bad_input_lines(tmp_path, trained_tiny_onnx, tiny_data):
+    keys = tiny_data.items.keys[:5]
+    lines = [
+        json.dumps({"user": "a", "history": [int(k) for k in keys]}),
+        "",
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"history": [1]}),
+        json.dumps({"user": "b"}),
+        json.dumps({"user": "c", "history": "1 2 3"}),
+        json.dumps({"user": "d", "history": [1, None]}),
+        json.dumps({"user": True, "history": [1]}),
+        json.dumps({"user": "a", "history": [1]}),
+        json.dumps({"user": "e", "history": ["unknown-item"]}),
+    ]
+    req = tmp_path / "req.jsonl"
+    req.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "recs.jsonl"
+    stats = run_batch(Recommender.load(trained_tiny_onnx), req, out, k=5)
+    assert (stats.served, stats.bad, stats.fallbacks, stats.unknown_items) == (2, 9, 1, 1)
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["user"] for r in recs] == ["a", "e"] and recs[1]["fallback"] == "popular"
+    errors = [json.loads(x) for x in (tmp_path / "recs.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errors] == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    reasons = " | ".join(e["reason"] for e in errors)
+    for want in ["blank line", "invalid JSON", "expected a JSON object", "missing field 'user'",
+                 "missing field 'history'", "must be a list", "entry 1 must be a string or integer",
+                 "field 'user' must be a string or integer, got bool", "duplicate user 'a' (first on line 1)"]:
+        assert want in reasons
+
+    # strict: non-zero exit, nothing written, an existing output untouched
+    out.write_text("previous run\n")
+    r = CliRunner().invoke(infer_main, ["--model", str(trained_tiny_onnx), "--batch", str(req), "-o", str(out),
+                                        "--strict"])
+    assert r.exit_code == 1 and "req.jsonl:2: blank line" in r.output
+    assert out.read_text() == "previous run\n"
+
+
+def test_batch_sizes_agree_and_match_eval_save_topk(tmp_path, trained_tiny, trained_tiny_onnx, tiny_data,
+                                                    tiny_data_file):
+    req = write_jsonl(tmp_path / "req.jsonl", requests_for_split(tiny_data))
+    rec = Recommender.load(trained_tiny_onnx, threads=1)
+    outs = []
+    for bs in (1, 7, 64):
+        out = tmp_path / f"r{bs}.jsonl"
+        run_batch(rec, req, out, k=10, batch_size=bs)
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] == outs[2]
+    topk = tmp_path / "eval.jsonl"
+    r = CliRunner().invoke(eval_main, [str(trained_tiny), str(tiny_data_file), "--save-topk", str(topk),
+                                       "--topk", "10"])
+    assert r.exit_code == 0, r.output
+    ev = {x["user"]: x for x in map(json.loads, topk.read_text().splitlines())}
+    served = [json.loads(x) for x in outs[0].splitlines()]
+    assert len(served) == len(ev) == len(eval_split(tiny_data, "test", 8))
+    for line in served:
+        e = ev[line["user"]]
+        assert line["items"] == e["items"]
+        assert np.allclose(line["scores"], e["scores"], atol=1e-4)
+
+
+def test_log_input_and_csv_output(tmp_path, trained_tiny_onnx, tiny_data):
+    rows = ["user,item,timestamp"]
+    for u, s in list(zip(tiny_data.users, tiny_data.sequences))[:5]:
+        for t, item in reversed(list(enumerate(tiny_data.items.decode(s.tolist())))):  # out of time order
+            rows.append(f"{u},{item},{t}")
+    log = tmp_path / "log.csv"
+    log.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "recs.csv"
+    r = CliRunner().invoke(infer_main, ["--model", str(trained_tiny_onnx), "--batch", str(log), "-o", str(out),
+                                        "--output-format", "csv", "--k", "3"])
+    assert r.exit_code == 0, r.output
+    lines = out.read_text().splitlines()
+    assert lines[0] == "user,rank,item,score,fallback" and len(lines) == 1 + 5 * 3
+    rec = Recommender.load(trained_tiny_onnx)
+    want = rec.recommend([tiny_data.items.decode(tiny_data.sequences[0].tolist())], k=3)[0]
+    assert [int(x.split(",")[2]) for x in lines[1:4]] == want.items
+
+
+def test_missing_backend_library_message(trained_tiny_onnx):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailable, match="pip install"):
+            load_backend(trained_tiny_onnx, "trt")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
+            load_backend(trained_tiny_onnx, "ort-cuda")
+
+
+@pytest.mark.gpu
+def test_ort_cuda_matches_cpu(trained_tiny_onnx, make_histories):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu not installed")
+    ids = make_histories(40, 64, 8, seed=1).numpy()
+    a = load_backend(trained_tiny_onnx, "ort-cuda").infer({"item_ids": ids})
+    b = load_backend(trained_tiny_onnx, "ort-cpu").infer({"item_ids": ids})
+    assert np.abs(a["top_scores"] - b["top_scores"]).max() <= 1e-3
