@@ -246,3 +246,56 @@ def infer_main(model_path, input_path, output, k, batch_size, backend, threads, 
                       log_options=_data_kwargs(user_col, item_col, time_col, sep))
     click.echo(stats.summary(), err=True)
     click.echo(f"wrote {output}" + (f"; bad lines in {stats.errors_path}" if stats.errors_path else ""), err=True)
+
+
+# ----------------------------------------------------------------------------- bench
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {s!r}") from None
+
+
+@click.command(context_settings={"max_content_width": 110})
+@click.option("--model", default="random", show_default=True,
+              help="model.pt, model.onnx, or 'random' (random weights of the given size)")
+@click.option("--backends", default="torch,torch-fast,torch-compile,ort-cpu,ort-cuda,trt", show_default=True)
+@click.option("--batch-sizes", default="1,8,64,256,1024", show_default=True)
+@click.option("--items", default=12101, show_default=True, help="catalogue size of the random model")
+@click.option("--k", default=10, show_default=True)
+@click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all cores)")
+@click.option("--min-seconds", default=1.0, show_default=True, help="timed seconds per backend and batch size")
+@click.option("--catalogue-sizes", default="", help="also measure item tables of these sizes, e.g. 10000,100000,1000000")
+@click.option("--catalogue-backends", default="ort-cpu", show_default=True)
+@click.option("--catalogue-batch", default=256, show_default=True)
+@click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--name", default="bench", show_default=True, help="file name stem of the results")
+@friendly_errors
+def bench_main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
+               catalogue_batch, out_dir, name):
+    """Latency percentiles and throughput per backend and batch size, against the floor."""
+    from .benchmarks.latency import ALL_BACKENDS, bench_table, catalogue_scaling, plot, run_bench
+    from .benchmarks.record import record
+
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    unknown = sorted(set(names) - set(ALL_BACKENDS))
+    if unknown:
+        raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(ALL_BACKENDS)}")
+    res = run_bench(model, names, _int_list(batch_sizes), items=items, k=k, threads=threads,
+                    min_seconds=min_seconds, echo=lambda m: click.echo(m, err=True))
+    table = bench_table(res)
+    if catalogue_sizes:
+        rows = catalogue_scaling(_int_list(catalogue_sizes), [b.strip() for b in catalogue_backends.split(",")],
+                                 batch=catalogue_batch, k=k, threads=threads, echo=lambda m: click.echo(m, err=True))
+        res["catalogue_scaling"] = rows
+        table += "\n\nCatalogue scaling (random weights, exact top-k):\n\n| items | backend | batch | users/s | " \
+                 "p50 ms | peak RSS MB | floor users/s |\n|---|---|---|---|---|---|---|\n" + "\n".join(
+                     f"| {r['items']:,} | {r['backend']} | {r['batch']} | {r.get('users_per_s', 0):,.0f} | "
+                     f"{r.get('p50_ms', float('nan')):.2f} | {r.get('peak_rss_mb', float('nan')):.0f} | "
+                     f"{r.get('floor_users_per_s', float('nan')):,.0f} |" for r in rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res["plots"] = plot(res, out, name)
+    jpath, mpath = record(name, res, table, out, title="cddrec-bench")
+    click.echo(table)
+    click.echo(f"\nwrote {jpath}, {mpath}" + (f", {', '.join(res['plots'])}" if res["plots"] else ""))

@@ -1,7 +1,8 @@
 """The plain PyTorch reference for serving: top-k with seen-item masking.
 
-Every fast path (the exported ONNX graph, TensorRT engines) is checked against
-``reference_topk``: the eager model with its Python loop over the T steps.
+Every fast path (the exported ONNX graph, TensorRT engines, the model's hoisted
+last-position path) is checked against ``reference_topk``: the plain eager model, its Python
+loop over the T steps decoding every position and projecting the history at every step.
 
 ``item_ids`` (B, S), S >= 1, left-padded with 0: the most recent L items feed the model and
 all S are excluded from the ranking, together with the padding row and the mask token.
@@ -39,22 +40,23 @@ def exclusion_mask(item_ids: torch.Tensor, num_items: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_scores(model: CDDRec, item_ids: torch.Tensor, noise: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masked scores (B, V) float32, user_embedding (B, d)).
+def reference_scores(model: CDDRec, item_ids: torch.Tensor, noise: torch.Tensor | None = None,
+                     plain: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked scores (B, V) float32, user_embedding (B, d)) of the plain reference.
 
-    ``noise`` (T, B, d) selects the stochastic chain with explicit noise (Eq. 4)."""
+    ``noise`` (T, B, d) selects the stochastic chain with explicit noise (Eq. 4); ``plain=False``
+    uses the model's hoisted last-position path instead."""
     model.eval()
     hist = fit_history(item_ids, model.cfg.max_len)
-    user = model.user_embedding(hist, None if noise is None else noise.unsqueeze(2))  # (B, d)
+    user = model.user_embedding(hist, noise, plain=plain)  # (B, d)
     scores = model.scores(user).float()  # (B, V)
     return scores.masked_fill(exclusion_mask(item_ids, model.cfg.num_items), MASK_SCORE), user
 
 
-def reference_topk(model: CDDRec, item_ids: torch.Tensor, k: int, noise: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference_topk(model: CDDRec, item_ids: torch.Tensor, k: int, noise: torch.Tensor | None = None,
+                   plain: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(top_items (B, K) int64, top_scores (B, K) float32, user_embedding (B, d))."""
-    scores, user = reference_scores(model, item_ids, noise)
+    scores, user = reference_scores(model, item_ids, noise, plain)
     top = scores.topk(k, dim=1)
     return top.indices, top.values, user
 

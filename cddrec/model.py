@@ -38,7 +38,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d: int, heads: int, dropout: float):
         super().__init__()
         self.heads, self.h = heads, d // heads
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.q, self.kv, self.o = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)  # kv: one matmul
         self.drop = nn.Dropout(dropout)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,13 +46,15 @@ class MultiHeadAttention(nn.Module):
         return x.view(B, S, self.heads, self.h).transpose(1, 2)  # (B, H, S, h)
 
     def memory(self, kv_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.split(self.k(kv_in)), self.split(self.v(kv_in))  # (B, H, L, h) x2
+        """Keys, already transposed, and values of ``kv_in`` (B, L, d): (B, H, h, L), (B, H, L, h)."""
+        k, v = self.kv(kv_in).chunk(2, dim=-1)  # (B, L, d) x2
+        return self.split(k).transpose(-1, -2), self.split(v)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Context before the output projection: q (B, Q, d) projected; k, v (B, H, L, h);
-        bias (B, 1, Q, L) -> (B, Q, d)."""
+    def attend(self, q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Context before the output projection: q (B, Q, d) projected; kt (B, H, h, L) and
+        v (B, H, L, h) from ``memory``; bias (B, 1, Q, L) -> (B, Q, d)."""
         B, Q, _ = q.shape
-        att = self.split(q) @ k.transpose(-1, -2) / math.sqrt(self.h) + bias  # (B, H, Q, L)
+        att = self.split(q) @ kt / math.sqrt(self.h) + bias  # (B, H, Q, L)
         att = self.drop(att.softmax(-1))
         return (att @ v).transpose(1, 2).reshape(B, Q, -1)  # (B, Q, d)
 
@@ -98,14 +100,14 @@ class DenoisingDecoder(nn.Module):
 
         x (B, Q, d) with bias (B, 1, Q, L); or, with ``rows`` (n,) flat positions of the
         (B, L) grid, x (n, d) and bias (B, 1, L, L): projections and LayerNorm run on the n rows
-        only, the attention on the grid. k, v: (B, H, L, h) from ``attn.memory(e_s)``.
+        only, the attention on the grid. k, v: (B, H, h, L), (B, H, L, h) from ``attn.memory(e_s)``.
         """
         h = x + self.step_emb.weight[t]  # (B, Q, d) | (n, d)
         q = self.attn.q(h)
         if rows is None:
             ctx = self.attn.attend(q, k, v, bias)  # (B, Q, d)
         else:
-            B, _, L, _ = k.shape
+            B, _, _, L = k.shape
             grid = q.new_zeros(B * L, q.shape[-1]).index_copy(0, rows, q)  # (B*L, d)
             ctx = self.attn.attend(grid.view(B, L, -1), k, v, bias).reshape(B * L, -1)[rows]  # (n, d)
         return self.ln(h + self.drop(self.attn.o(ctx)))
@@ -156,8 +158,8 @@ class CDDRec(nn.Module):
 
     # ------------------------------------------------------------- reverse chain
     def reverse(self, e_s: torch.Tensor, bias: torch.Tensor, *, rows: torch.Tensor | None = None,
-                last_only: bool = False, sample: bool = False, noise: torch.Tensor | None = None,
-                return_all: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                last_only: bool = False, hoist: bool = True, sample: bool = False,
+                noise: torch.Tensor | None = None, return_all: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the T-step reverse chain from x_hat_T = e_s.
 
         Step t = T-1..0 computes the mean mu_t = decoder(x_hat_{t+1}, t, e_s) and the next
@@ -165,9 +167,11 @@ class CDDRec(nn.Module):
         Eq. 4); ``noise`` (T, B, Q, d), indexed by step t, makes sampling explicit and
         reproducible.
 
-        Which positions are decoded: all (Q = L), the last one (``last_only``, Q = 1), or the
-        flat positions ``rows`` (n,) of the (B, L) grid (states (n, d)); training decodes only
-        the positions that have a target this way.
+        The plain reference decodes every position and projects the history to keys and values
+        at every step (``hoist=False``). The fast paths, tested against it, project once
+        (``hoist``, the default), decode only the last position (``last_only``, Q = 1), or only
+        the flat positions ``rows`` (n,) of the (B, L) grid (states (n, d)); training decodes
+        just the positions that have a target this way.
 
         Returns the final state (B, Q, d) and, with ``return_all``, the states of every step
         ordered t = T-1, ..., 0.
@@ -181,9 +185,10 @@ class CDDRec(nn.Module):
             x = e_s
         if self.decoder is None:
             return x, [x]
-        k, v = self.decoder.attn.memory(e_s)  # (B, H, L, h), hoisted: the history is fixed
+        kv = self.decoder.attn.memory(e_s) if hoist else None  # (B, H, h, L), (B, H, L, h)
         states = []
         for t in reversed(range(self.cfg.steps)):
+            k, v = kv if kv is not None else self.decoder.attn.memory(e_s)
             mu = self.decoder(x, t, k, v, bias, rows)
             if noise is not None:
                 x = mu + self.diffusion.step_std(t) * noise[t]
@@ -195,11 +200,21 @@ class CDDRec(nn.Module):
                 states.append(x)
         return x, states
 
-    def user_embedding(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Deterministic (or explicit-noise) preference x_hat_0 at the last position: (B, d)."""
+    def user_embedding(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None,
+                       plain: bool = False) -> torch.Tensor:
+        """Preference x_hat_0 at the last position (B, d): deterministic, or with explicit ``noise``
+        (T, B, d). ``plain`` runs the plain reference (every position, keys and values projected at
+        every step) instead of the hoisted last-position path; both give the same result."""
         e_s, bias = self.encode(item_ids)
-        x, _ = self.reverse(e_s, bias, last_only=True, noise=noise)
-        return x[:, 0]
+        if not plain:
+            x, _ = self.reverse(e_s, bias, last_only=True, noise=None if noise is None else noise.unsqueeze(2))
+            return x[:, 0]
+        if noise is not None:  # positions do not interact in the decoder: noise the last one only
+            full = noise.new_zeros(noise.shape[0], noise.shape[1], item_ids.shape[1], noise.shape[2])
+            full[:, :, -1] = noise
+            noise = full
+        x, _ = self.reverse(e_s, bias, hoist=False, noise=noise)
+        return x[:, -1]
 
     def scores(self, user_emb: torch.Tensor) -> torch.Tensor:
         """Dot-product scores against every row of the item table: (B, d) -> (B, V)."""

@@ -62,9 +62,7 @@ class UnrolledRecommender(nn.Module):
                 self.register_buffer("step_e", e.clone())
                 self.register_buffer("step_q", e @ dec.attn.q.weight.detach().float().t())  # W_Q e_t: (T, d)
                 self.register_buffer("step_std", model.diffusion.posterior_std[1:].clone())  # (T,)
-            static = torch.zeros(cfg.num_rows, dtype=torch.bool)
-            static[0] = static[cfg.num_items + 1] = True  # padding row and mask token
-            self.register_buffer("static_mask", static)
+            self.register_buffer("static_ids", torch.tensor([[0, cfg.num_items + 1]]))  # padding, mask token
 
     def forward(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None):
         m = self.model
@@ -73,7 +71,7 @@ class UnrolledRecommender(nn.Module):
         x = e_s[:, -1:]  # (B, 1, d): x_hat_T, the last position only
         if m.decoder is not None:
             attn = m.decoder.attn
-            k, v = attn.memory(e_s)  # (B, H, L, h): once for all T steps
+            k, v = attn.memory(e_s)  # (B, H, h, L), (B, H, L, h): once for all T steps
             b = bias[:, :, -1:]  # (B, 1, 1, L)
             for t in reversed(range(self.T)):  # unrolled when traced
                 h = x + self.step_e[t]
@@ -83,7 +81,7 @@ class UnrolledRecommender(nn.Module):
                     x = x + self.step_std[t] * noise[t].unsqueeze(1)
         user = x[:, 0]  # (B, d)
         scores = user @ m.item_emb.weight.float().t()  # (B, V), fp32 scoring
-        seen = torch.zeros_like(scores).scatter(1, item_ids, 1.0) > 0  # every history item
-        scores = torch.where(seen | self.static_mask, torch.full_like(scores, MASK_SCORE), scores)
+        excluded = torch.cat([item_ids, self.static_ids.expand(item_ids.shape[0], 2)], dim=1)  # (B, S + 2)
+        scores = scores.scatter(1, excluded, MASK_SCORE)  # one ScatterElements: history, padding, mask token
         top_scores, top_items = torch.topk(scores, self.k, dim=1)
         return top_items, top_scores, user

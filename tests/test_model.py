@@ -32,10 +32,13 @@ def test_per_user_independent_of_batch(tiny_model, make_histories):
     assert torch.allclose(tiny_model(ids[3:4])[0], out[3], atol=1e-6)  # alone in its batch
 
 
-def test_packed_and_last_only_decoding_equal_full_grid(tiny_model, make_histories):
+def test_fast_paths_equal_the_plain_reference(tiny_model, make_histories):
+    """Hoisted keys/values, last-position-only and packed-row decoding vs the plain chain."""
     ids = make_histories(50, 5, 8, seed=4)
     e_s, bias = tiny_model.encode(ids)
-    full, full_states = tiny_model.reverse(e_s, bias, return_all=True)
+    full, full_states = tiny_model.reverse(e_s, bias, hoist=False, return_all=True)
+    hoisted, _ = tiny_model.reverse(e_s, bias)
+    assert torch.allclose(hoisted, full, atol=1e-6)
     last, last_states = tiny_model.reverse(e_s, bias, last_only=True, return_all=True)
     assert torch.allclose(last[:, 0], full[:, -1], atol=1e-6)
     rows = (ids > 0).flatten().nonzero().squeeze(1)
@@ -65,12 +68,14 @@ def test_deterministic_and_explicit_noise(tiny_model, make_histories):
     ids = make_histories(50, 3, 8, seed=6)
     a, b = tiny_model.user_embedding(ids), tiny_model.user_embedding(ids)
     assert torch.equal(a, b)
+    assert torch.allclose(tiny_model.user_embedding(ids, plain=True), a, atol=1e-6)
     T, d = tiny_model.cfg.steps, tiny_model.cfg.hidden_size
-    zero = torch.zeros(T, 3, 1, d)
+    zero = torch.zeros(T, 3, d)
     assert torch.allclose(tiny_model.user_embedding(ids, noise=zero), a, atol=1e-6)
-    noise = torch.randn(T, 3, 1, d)
+    noise = torch.randn(T, 3, d)
     n1, n2 = tiny_model.user_embedding(ids, noise=noise), tiny_model.user_embedding(ids, noise=noise)
     assert torch.equal(n1, n2) and not torch.allclose(n1, a, atol=1e-4)
+    assert torch.allclose(tiny_model.user_embedding(ids, noise=noise, plain=True), n1, atol=1e-6)
 
 
 def test_padding_only_history_is_finite(tiny_model):

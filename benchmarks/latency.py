@@ -1,0 +1,381 @@
+"""``cddrec-bench``: latency and throughput per backend and batch size, against the physical floor.
+
+Each backend runs in its own spawned process, so its load time and peak memory are its own.
+Per batch size: warm-up runs, then timed runs until both ``min_runs`` and ``min_seconds`` are
+reached; p50/p90/p99 latency and throughput (users/s). Inputs are full-length random histories
+(the worst case), drawn from a pool made before timing. CUDA backends return host arrays, so
+every timed call includes device synchronization.
+
+Backends: ``torch`` (the plain eager reference: Python loop over T steps, every position
+decoded, keys/values projected each step: the baseline), ``torch-fast`` (eager, hoisted,
+last position only), ``torch-compile`` (``torch.compile`` of the unrolled graph module),
+``ort-cpu``, ``ort-cuda``, ``trt``.
+
+The floor: FLOPs per user of what the graph computes (encoder, key/value projections, T
+single-position decoder steps, scoring) against the machine's measured fp32 matmul peak.
+
+Letters: d hidden, L length, T steps, V item rows, H heads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "trt")
+
+
+# ---------------------------------------------------------------------------- the floor
+def flops_per_user(d: int, L: int, T: int, V: int, layers: int = 1, plain: bool = False) -> dict[str, float]:
+    """Multiply-adds x 2 per user. ``plain``: the reference decodes all L positions and projects
+    keys/values at every step; otherwise one position and one projection (the exported graph)."""
+    enc = layers * L * (8 * d * d + 16 * d * d + 4 * L * d)  # QKVO, FFN (4d), attention scores + mix
+    kv = 4 * L * d * d  # decoder key/value projections of the history
+    step = 4 * d * d + 4 * L * d  # query + output projections, attention over L keys
+    if plain:
+        dec = T * (kv + L * step)
+        kv_once = 0
+    else:
+        dec = T * step
+        kv_once = kv if T else 0
+    out = {"encoder": enc, "decoder_kv": kv_once, "decoder_steps": dec, "scoring": 2 * d * V}
+    out["total"] = float(sum(out.values()))
+    return out
+
+
+def matmul_peak(threads: int = 0, n: int = 2048, seconds: float = 1.0) -> float:
+    """Measured fp32 matmul GFLOP/s on the CPU (n x n by n x n)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or runs < 3:
+        a @ b
+        runs += 1
+    return 2 * n**3 * runs / (time.perf_counter() - t0) / 1e9
+
+
+# ------------------------------------------------------------------------- backends
+class _CompiledTorch:
+    """torch.compile of the unrolled graph module (hoisted, last position, masking, top-k)."""
+
+    def __init__(self, model_path: str, k: int, device: str):
+        import torch
+
+        from cddrec.checkpoint import load_checkpoint
+        from cddrec.export.graph import UnrolledRecommender
+
+        model, _ = load_checkpoint(model_path)
+        self.device = torch.device(device)
+        self.module = torch.compile(UnrolledRecommender(model.to(self.device), k).eval(), dynamic=False)
+        self.name, self.load_seconds = "torch-compile", 0.0
+
+    def infer(self, feed):
+        import torch
+
+        with torch.no_grad():
+            items, scores, user = self.module(torch.from_numpy(feed["item_ids"]).to(self.device))
+        return {"top_items": items.cpu().numpy(), "top_scores": scores.cpu().numpy(), "user_embedding": user.cpu().numpy()}
+
+
+class _FastTorch:
+    """Eager PyTorch on the model's hoisted last-position path (no export)."""
+
+    def __init__(self, model_path: str, k: int, device: str):
+        import torch
+
+        from cddrec.checkpoint import load_checkpoint
+
+        self.model, _ = load_checkpoint(model_path)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.k, self.name, self.load_seconds = k, "torch-fast", 0.0
+
+    def infer(self, feed):
+        import torch
+
+        from cddrec.inference import reference_topk
+
+        ids = torch.from_numpy(feed["item_ids"]).to(self.device)
+        items, scores, user = reference_topk(self.model, ids, self.k, plain=False)
+        return {"top_items": items.cpu().numpy(), "top_scores": scores.cpu().numpy(), "user_embedding": user.cpu().numpy()}
+
+
+def make_backend(name: str, model_pt: str | None, graph: str | None, engine: str | None, k: int, threads: int):
+    import torch
+
+    from cddrec.runtime.backends import BackendUnavailable, load_backend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    if name in ("torch", "torch-fast", "torch-compile") and not model_pt:
+        raise BackendUnavailable(f"{name} needs the model file (model.pt), not only a graph")
+    if name == "torch":
+        be = load_backend(model_pt, "torch", k=k, threads=threads)
+    elif name == "torch-fast":
+        be = _FastTorch(model_pt, k, device)
+    elif name == "torch-compile":
+        be = _CompiledTorch(model_pt, k, device)
+    elif name in ("ort-cpu", "ort-cuda"):
+        be = load_backend(graph, name, k=k, threads=threads)
+    elif name == "trt":
+        if not engine:
+            raise BackendUnavailable("trt needs an engine: install TensorRT (pip install tensorrt)")
+        be = load_backend(engine, "trt")
+    else:
+        raise ValueError(f"unknown backend {name!r}; choose from {ALL_BACKENDS}")
+    be.load_seconds = time.perf_counter() - t0
+    return be
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+@dataclass
+class Timing:
+    batch: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    users_per_s: float
+
+
+def time_backend(be, inputs: list[np.ndarray], warmup: int, min_runs: int, min_seconds: float) -> Timing:
+    batch = inputs[0].shape[0]
+    for i in range(warmup):
+        be.infer({"item_ids": inputs[i % len(inputs)]})
+    lat: list[float] = []
+    t_start = time.perf_counter()
+    while len(lat) < min_runs or time.perf_counter() - t_start < min_seconds:
+        x = inputs[len(lat) % len(inputs)]
+        t0 = time.perf_counter()
+        be.infer({"item_ids": x})
+        lat.append(time.perf_counter() - t0)
+        if len(lat) >= 10_000:
+            break
+    a = np.asarray(lat) * 1000
+    return Timing(batch, len(a), float(np.percentile(a, 50)), float(np.percentile(a, 90)), float(np.percentile(a, 99)),
+                  float(a.mean()), float(batch / (a.mean() / 1000)))
+
+
+def _worker(q, name, model_pt, graph, engine, k, threads, batch_sizes, L, V, warmup, min_runs, min_seconds, seed):
+    try:
+        import torch  # noqa: F401
+
+        base = _rss_mb()
+        be = make_backend(name, model_pt, graph, engine, k, threads)
+        rng = np.random.default_rng(seed)
+        rows = []
+        for b in batch_sizes:
+            pool = [rng.integers(1, V - 1, size=(b, L)).astype(np.int64) for _ in range(4)]
+            rows.append(time_backend(be, pool, warmup, min_runs, min_seconds).__dict__)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        q.put({"backend": name, "load_seconds": be.load_seconds, "rss_before_mb": base, "peak_rss_mb": peak,
+               "timings": rows})
+    except Exception as e:  # noqa: BLE001 - reported, the other backends go on
+        q.put({"backend": name, "error": f"{type(e).__name__}: {e}"})
+
+
+def run_isolated(name: str, **kwargs) -> dict:
+    """Benchmark one backend in a fresh spawned process."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_worker, args=(q, name), kwargs=kwargs)
+    p.start()
+    try:
+        res = q.get(timeout=kwargs.get("min_seconds", 1) * 200 + 900)
+    except Exception:  # noqa: BLE001
+        res = {"backend": name, "error": "no result (crashed or timed out)"}
+    p.join(timeout=30)
+    if p.is_alive():
+        p.kill()
+    return res
+
+
+# ---------------------------------------------------------------------------- the run
+def random_model(path: str | Path, items: int, hidden_size: int = 128, steps: int = 20, max_len: int = 20,
+                 heads: int = 4, seed: int = 0) -> Path:
+    """A model file with random weights (speed does not depend on the weights)."""
+    import torch
+
+    from cddrec.checkpoint import save_checkpoint
+    from cddrec.config import CDDRecConfig
+    from cddrec.data import Vocab
+    from cddrec.model import CDDRec
+
+    torch.manual_seed(seed)
+    cfg = CDDRecConfig(num_items=items, hidden_size=hidden_size, steps=steps, max_len=max_len, num_heads=heads)
+    model = CDDRec(cfg).eval()
+    save_checkpoint(path, model, Vocab.build(str(i) for i in range(items)), torch.ones(cfg.num_rows, dtype=torch.long))
+    return Path(path)
+
+
+def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items: int = 12101, k: int = 10,
+              threads: int = 0, warmup: int = 3, min_runs: int = 10, min_seconds: float = 1.0,
+              workdir: str | Path | None = None, trt_fp16: bool = False, echo=print) -> dict:
+    """Benchmark ``backends`` on ``model`` ("random", a model.pt or a model.onnx)."""
+    import torch
+
+    from cddrec.checkpoint import read_checkpoint
+    from cddrec.export.onnx_export import export_model
+    from cddrec.runtime.recommender import info_from_graph
+
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="cddrec-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    model_pt = graph = engine = None
+    if model == "random":
+        model_pt = str(random_model(tmp / "random.pt", items))
+    elif model.endswith(".onnx"):
+        graph = model
+    else:
+        model_pt = model
+    if model_pt:
+        cfg = read_checkpoint(model_pt)["config"]
+        d, L, V = cfg["hidden_size"], cfg["max_len"], cfg["num_items"] + 2
+        T, layers = (cfg["steps"] if cfg["decoder"] else 0), cfg["num_layers"]
+    else:
+        info = info_from_graph(graph)
+        d, L, V, T, layers = info.d, info.L, info.num_items + 2, info.T, 1
+    needs_graph = any(b in ("ort-cpu", "ort-cuda", "trt") for b in backends)
+    export_seconds = None
+    if needs_graph and graph is None:
+        t0 = time.perf_counter()
+        trt_path = str(tmp / "model.plan") if "trt" in backends and _has_tensorrt() else None
+        export_model(model_pt, tmp / "model.onnx", k=k, trt_engine=trt_path, trt_fp16=trt_fp16,
+                     trt_max_batch=max(batch_sizes), trt_opt_batch=min(256, max(batch_sizes)))
+        export_seconds = time.perf_counter() - t0
+        graph, engine = str(tmp / "model.onnx"), trt_path
+    threads = threads or (os.cpu_count() or 1)
+    echo(f"measuring the fp32 matmul peak on {threads} threads ...")
+    peak = matmul_peak(threads)
+    fl = flops_per_user(d, L, T, V, layers)
+    fl_plain = flops_per_user(d, L, T, V, layers, plain=True)
+    floor = peak * 1e9 / fl["total"]
+    results = []
+    for name in backends:
+        echo(f"benchmarking {name} ...")
+        r = run_isolated(name, model_pt=model_pt, graph=graph, engine=engine, k=k, threads=threads,
+                         batch_sizes=batch_sizes, L=L, V=V, warmup=warmup, min_runs=min_runs,
+                         min_seconds=min_seconds, seed=0)
+        if "error" in r:
+            echo(f"  {name}: skipped ({r['error']})")
+        else:
+            for t in r["timings"]:
+                t["share_of_floor"] = t["users_per_s"] / floor
+        results.append(r)
+    base = {t["batch"]: t["users_per_s"] for r in results if r["backend"] == "torch" and "timings" in r
+            for t in r["timings"]}
+    for r in results:
+        for t in r.get("timings", []):
+            if t["batch"] in base:
+                t["speedup_vs_torch"] = t["users_per_s"] / base[t["batch"]]
+    return {"config": {"d": d, "L": L, "T": T, "items": V - 2, "k": k, "layers": layers, "threads": threads,
+                       "cuda": torch.cuda.is_available()},
+            "matmul_peak_gflops": peak, "flops_per_user": fl, "flops_per_user_plain_reference": fl_plain,
+            "floor_users_per_s": floor, "export_seconds": export_seconds, "results": results}
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_table(res: dict) -> str:
+    rows = ["| backend | batch | p50 ms | p90 ms | p99 ms | users/s | x torch | share of floor | load s | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        if "error" in r:
+            rows.append(f"| {r['backend']} | - | - | - | - | - | - | - | - | skipped: {r['error'][:80]} |")
+            continue
+        for t in r["timings"]:
+            rows.append(f"| {r['backend']} | {t['batch']} | {t['p50_ms']:.3f} | {t['p90_ms']:.3f} | {t['p99_ms']:.3f} | "
+                        f"{t['users_per_s']:,.0f} | {t.get('speedup_vs_torch', float('nan')):.2f} | "
+                        f"{t['share_of_floor']:.2f} | {r['load_seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
+    c = res["config"]
+    fl = res["flops_per_user"]
+    rows += ["", f"Model: d={c['d']}, L={c['L']}, T={c['T']}, {c['items']:,} items, k={c['k']}, {c['threads']} threads. "
+             f"FLOPs/user (graph): {fl['total'] / 1e6:.2f} M (encoder {fl['encoder'] / 1e6:.2f}, decoder K/V "
+             f"{fl['decoder_kv'] / 1e6:.2f}, {c['T']} steps {fl['decoder_steps'] / 1e6:.2f}, scoring "
+             f"{fl['scoring'] / 1e6:.2f}); plain reference {res['flops_per_user_plain_reference']['total'] / 1e6:.2f} M. "
+             f"Matmul peak {res['matmul_peak_gflops']:.0f} GFLOP/s -> floor {res['floor_users_per_s']:,.0f} users/s."]
+    return "\n".join(rows)
+
+
+def plot(res: dict, out_dir: Path, name: str) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    for metric, label, fname in (("p50_ms", "p50 latency (ms)", "latency"), ("users_per_s", "throughput (users/s)",
+                                                                           "throughput")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in res["results"]:
+            if "timings" not in r:
+                continue
+            xs = [t["batch"] for t in r["timings"]]
+            ax.plot(xs, [t[metric] for t in r["timings"]], marker="o", label=r["backend"])
+        if metric == "users_per_s":
+            ax.axhline(res["floor_users_per_s"], color="k", ls="--", lw=1, label="floor (matmul peak)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        c = res["config"]
+        ax.set_title(f"cddrec d={c['d']} L={c['L']} T={c['T']} items={c['items']:,}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / f"{name}_{fname}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(str(p))
+    return paths
+
+
+def catalogue_scaling(sizes: list[int], backends: list[str], batch: int = 256, k: int = 10, threads: int = 0,
+                      min_seconds: float = 2.0, workdir: str | Path | None = None, echo=print) -> list[dict]:
+    """users/s and peak memory for item tables of each size (random weights, exact top-k)."""
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="cddrec-scale-"))
+    out = []
+    for n in sizes:
+        echo(f"catalogue of {n:,} items ...")
+        res = run_bench("random", backends, [batch], items=n, k=k, threads=threads, min_seconds=min_seconds,
+                        workdir=tmp / f"items{n}", echo=lambda m: None)
+        for r in res["results"]:
+            row = {"items": n, "backend": r["backend"], "batch": batch}
+            if "error" in r:
+                row["error"] = r["error"]
+            else:
+                t = r["timings"][0]
+                row.update(users_per_s=t["users_per_s"], p50_ms=t["p50_ms"], peak_rss_mb=r["peak_rss_mb"],
+                           rss_before_mb=r["rss_before_mb"], floor_users_per_s=res["floor_users_per_s"])
+            out.append(row)
+            echo(f"  {row}")
+    return out

@@ -1,0 +1,83 @@
+"""Recording benchmark runs: JSON + a markdown table, with the command, machine and commit."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from cddrec.io import atomic_write_json, atomic_write_text
+
+RESULTS_DIR = Path("benchmarks") / "results"
+
+
+def git_commit() -> str:
+    """HEAD of the checkout this code runs from, with ``+dirty`` for uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def command_line() -> str:
+    prog = Path(sys.argv[0]).name
+    return " ".join([prog] + sys.argv[1:])
+
+
+def record(name: str, payload: dict, table: str, out_dir: str | Path = RESULTS_DIR, command: str | None = None,
+           title: str | None = None) -> tuple[Path, Path]:
+    """Write ``NAME.json`` and ``NAME.md`` under ``out_dir``; both carry command, machine, commit, date."""
+    out_dir = Path(out_dir)
+    meta = {"command": command or command_line(), "commit": git_commit(), "machine": machine(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    doc = {**meta, **payload}
+    jpath, mpath = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    atomic_write_json(jpath, doc)
+    m = meta["machine"]
+    md = [f"# {title or name}", "",
+          f"- command: `{meta['command']}`",
+          f"- commit: `{meta['commit']}`, date {meta['date']}",
+          f"- machine: {m.get('cpu')}, {m.get('cores')} cores" + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+          + f"; torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}", "", table, ""]
+    atomic_write_text(mpath, "\n".join(md))
+    return jpath, mpath
