@@ -7,6 +7,7 @@ split is evaluated with full ranking beside a most-popular baseline.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -43,5 +44,43 @@ def run_demo(out_dir: str | Path, minutes: float = 1.0, seed: int = 0,
     echo(f"\ntest split, full ranking over {data.num_items} items, {res.metrics['users']} users "
          f"({summary['epochs_run']} epochs, {summary['train_seconds']:.0f}s of training):")
     echo(format_table(rows, keys))
+
+    # export -> serve the test histories -> a short speed table
+    from .export.onnx_export import export_model
+    from .runtime.batch import run_batch
+    from .runtime.recommender import Recommender
+
+    graph = out_dir / "model.onnx"
+    rep = export_model(model_path, graph, k=10)
+    echo(f"\nexported {graph}: {sum(rep.ops.values())} ops, validated against PyTorch "
+         f"(max |score diff| {max(rep.max_abs_diff.values()):.1e})")
+    requests = out_dir / "requests.jsonl"
+    with open(requests, "w") as f:
+        for u, seq in zip(data.users, data.sequences):
+            f.write(json.dumps({"user": u, "history": data.items.decode(seq[:-1].tolist())}) + "\n")
+    rec = Recommender.load(graph)
+    stats = run_batch(rec, requests, out_dir / "recommendations.jsonl", k=10)
+    echo(f"cddrec-infer: {stats.summary()} -> {out_dir / 'recommendations.jsonl'}")
+    speed = quick_speed(model_path, graph, rec.info.L, data.num_items)
+    echo("\n" + format_table(speed, ["backend", "batch", "p50 ms", "users/s"]))
     return {"model": str(model_path), "data": str(data_path), "test": res.metrics, "popularity": pop,
-            "summary": summary}
+            "summary": summary, "speed": speed}
+
+
+def quick_speed(model_path: Path, graph: Path, L: int, num_items: int, seconds: float = 0.5) -> list[dict]:
+    """p50 latency and throughput of the eager PyTorch reference and ONNX Runtime (a quick look;
+    ``cddrec-bench`` measures properly)."""
+    import numpy as np
+
+    from .benchmarks.latency import time_backend
+    from .runtime.backends import load_backend
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, path in (("torch (eager reference)", model_path), ("ort-cpu", graph)):
+        be = load_backend(path, "torch" if name.startswith("torch") else "ort-cpu", k=10)
+        for b in (1, 256):
+            pool = [rng.integers(1, num_items + 1, size=(b, L)) for _ in range(2)]
+            t = time_backend(be, pool, warmup=2, min_runs=5, min_seconds=seconds)
+            rows.append({"backend": name, "batch": b, "p50 ms": round(t.p50_ms, 2), "users/s": round(t.users_per_s)})
+    return rows

@@ -84,7 +84,8 @@ def objective(model: CDDRec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     ce_labels = targets[valid] - 1
 
     total = torch.zeros((), device=e_s.device)
-    parts = {"rank": 0.0, "in": 0.0, "cross": 0.0}
+    zero = torch.zeros((), device=e_s.device)
+    parts = {"rank": zero, "in": zero, "cross": zero}  # detached tensors: one host sync at the end
     T = len(states)
     for i, x_hat in enumerate(states):
         t = T - 1 - i  # decoder step of this state
@@ -104,14 +105,15 @@ def objective(model: CDDRec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
             neg_t = diff.q_sample(x0_neg, t) if cfg.diffusion else x0_neg
             rank = cross_divergence(-(pred * pos_t).sum(-1), -(pred * neg_t).sum(-1))
         loss_t = rank
-        parts["rank"] += w * float(rank.detach())
+        parts["rank"] = parts["rank"] + w * rank.detach()
         if use_infonce:
             target_t = diff.q_sample(x0, t) if cfg.diffusion else x0  # x_t ~ q(x_t | x_0), Eq. 2
             l_in = info_nce(pred, target_t, cfg.temperature, cfg.infonce_cosine)
             l_cross = info_nce(pred[last], aug_states[i][aug_owner, 0], cfg.temperature, cfg.infonce_cosine)
             loss_t = loss_t + cfg.lam * (l_in + l_cross)
-            parts["in"] += w * float(l_in.detach())
-            parts["cross"] += w * float(l_cross.detach())
+            parts["in"] = parts["in"] + w * l_in.detach()
+            parts["cross"] = parts["cross"] + w * l_cross.detach()
         total = total + w * loss_t
-    parts["loss"] = float(total.detach())
-    return total, parts
+    parts["loss"] = total.detach()
+    values = torch.stack(list(parts.values())).tolist()
+    return total, dict(zip(parts, values))

@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+
+from cddrec.benchmarks.latency import bench_table, flops_per_user, time_backend
+from cddrec.benchmarks.quality import PAPER, summarize
+from cddrec.benchmarks.record import record
+
+
+def test_flops_per_user_counts():
+    d, L, T, V = 128, 20, 20, 12103
+    f = flops_per_user(d, L, T, V)
+    assert f["scoring"] == 2 * d * V
+    assert f["encoder"] == L * (24 * d * d + 4 * L * d)
+    assert f["decoder_kv"] == 4 * L * d * d and f["decoder_steps"] == T * (4 * d * d + 4 * L * d)
+    plain = flops_per_user(d, L, T, V, plain=True)
+    assert plain["total"] > 4 * f["total"]  # every position at every step, keys/values each step
+    assert flops_per_user(d, L, 0, V)["decoder_kv"] == 0  # SASRec baseline: no decoder
+
+
+class Sleepy:
+    def infer(self, feed):
+        return {"top_items": np.zeros((len(feed["item_ids"]), 1))}
+
+
+def test_time_backend_reports_percentiles():
+    t = time_backend(Sleepy(), [np.zeros((8, 4), dtype=np.int64)], warmup=1, min_runs=20, min_seconds=0.0)
+    assert t.runs == 20 and t.batch == 8
+    assert 0 <= t.p50_ms <= t.p90_ms <= t.p99_ms and t.users_per_s > 0
+
+
+def test_record_writes_json_and_table(tmp_path):
+    res = {"config": {"d": 8, "L": 4, "T": 2, "items": 10, "k": 3, "layers": 1, "threads": 1},
+           "flops_per_user": flops_per_user(8, 4, 2, 12), "flops_per_user_plain_reference": flops_per_user(8, 4, 2, 12),
+           "matmul_peak_gflops": 100.0, "floor_users_per_s": 1e6,
+           "results": [{"backend": "ort-cpu", "load_seconds": 0.1, "peak_rss_mb": 10.0,
+                        "timings": [{"batch": 1, "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "users_per_s": 1000.0,
+                                     "share_of_floor": 0.001}]},
+                       {"backend": "trt", "error": "BackendUnavailable: no TensorRT"}]}
+    table = bench_table(res)
+    assert "| ort-cpu | 1 | 1.000 |" in table and "skipped: BackendUnavailable" in table
+    j, m = record("x", res, table, tmp_path, command="cddrec-bench --test")
+    doc = json.loads(j.read_text())
+    assert doc["command"] == "cddrec-bench --test" and doc["commit"] and doc["machine"]["cores"] >= 1
+    assert "cddrec-bench --test" in m.read_text()
+
+
+def test_quality_summary_compares_with_paper():
+    metrics = {k: v + 0.01 for k, v in PAPER["Office_Products"].items()}
+    metrics["MRR@40"] = metrics.pop("MRR")
+    run = {"recipe": "cddrec", "test": {**metrics, "MRR": metrics["MRR@40"] + 0.002, "AvgChange@40": 2.0},
+           "train_seconds": 600}
+    text = summarize("Office_Products", [run, {**run, "recipe": "sasrec-ce"}])
+    assert "| paper CDDRec | - | 0.0271 |" in text and "at or above on every metric" in text
+    low = {**run, "test": {**run["test"], "R@1": 0.001}}
+    assert "below the paper on R@1" in summarize("Office_Products", [low])
