@@ -66,8 +66,8 @@ def main(lines, graph, items, batch_size, backend, out_dir):
         write_requests(req, keys, lines)
         gen_s = time.perf_counter() - t0
         out = tmp / "recs.jsonl"
-        cmd = [sys.executable, "-c", "from cddrec.cli import infer_main; infer_main()", "--model", graph, "--batch", str(req), "-o", str(out),
-               "--batch-size", str(batch_size), "--backend", backend, "--quiet"]
+        cmd = [sys.executable, "-c", "from cddrec.cli import infer_main; infer_main()", "--model", graph,
+               "--batch", str(req), "-o", str(out), "--batch-size", str(batch_size), "--backend", backend, "--quiet"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0

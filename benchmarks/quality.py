@@ -83,7 +83,7 @@ def summarize(dataset: str, runs: list[dict]) -> str:
     for r in runs:
         by.setdefault(r["recipe"], []).append(r)
     for recipe, rs in by.items():
-        def cell(key: str) -> str:
+        def cell(key: str, rs: list = rs) -> str:
             src = "MRR@40" if key == "MRR" else key
             v = np.array([r["test"][src] for r in rs])
             return f"{v.mean():.4f}" + (f" ± {v.std(ddof=1):.4f}" if len(v) > 1 else "")
