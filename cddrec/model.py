@@ -81,18 +81,34 @@ class EncoderBlock(nn.Module):
 class DenoisingDecoder(nn.Module):
     """Cross-attentive conditional denoising decoder (Eq. 3), one step of the reverse chain.
 
-    mu_theta(x_hat_{t+1}, e_s, t) = LN(h + W_O CA(h, e_s)),  h = x_hat_{t+1} + e_t,
-    with CA(h, e_s) = Softmax((h W_Q)(e_s W_K)^T / sqrt(h_dim)) (e_s W_V) over the visible
-    (causal, non-padding) history. Eq. 3 queries with the step embedding e_t alone; adding the
-    state generated at the previous step makes the T steps a real chain.
+    Eq. 3 queries the encoded history e_s with the step embedding e_t; here the query also
+    carries the state generated at the previous step, which makes the T steps a real chain:
+
+        CA(q, e_s) = Softmax(q W_Q (e_s W_K)^T / sqrt(h_dim)) (e_s W_V)   over visible positions
+        pre  (default): q = LN(x_hat_{t+1}) + e_t,  mu_t = x_hat_{t+1} + W_O CA(q, e_s)
+        post:           q = x_hat_{t+1} + e_t,      mu_t = LN(q + W_O CA(q, e_s))
+
+    "pre" keeps an un-normalized residual path from e_s through all T steps (the chain starts
+    near the identity, so the decoder refines the encoder rather than replacing it); "post"
+    normalizes after every step. In both the step's query projection W_Q e_t is a constant.
     """
 
-    def __init__(self, d: int, heads: int, steps: int, attn_dropout: float, dropout: float):
+    def __init__(self, d: int, heads: int, steps: int, attn_dropout: float, dropout: float, norm: str = "pre"):
         super().__init__()
         self.step_emb = nn.Embedding(steps, d)
         self.attn = MultiHeadAttention(d, heads, attn_dropout)
         self.ln = nn.LayerNorm(d, eps=1e-12)
         self.drop = nn.Dropout(dropout)
+        self.norm = norm
+
+    def query(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The query input: LN(x) + e_t (pre) or x + e_t (post)."""
+        return (self.ln(x) if self.norm == "pre" else x) + self.step_emb.weight[t]
+
+    def update(self, x: torch.Tensor, q_in: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """The mean mu_t from the state, the query input and the attention context."""
+        out = self.drop(self.attn.o(ctx))
+        return x + out if self.norm == "pre" else self.ln(q_in + out)
 
     def forward(self, x: torch.Tensor, t: int, k: torch.Tensor, v: torch.Tensor,
                 bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,15 +118,15 @@ class DenoisingDecoder(nn.Module):
         (B, L) grid, x (n, d) and bias (B, 1, L, L): projections and LayerNorm run on the n rows
         only, the attention on the grid. k, v: (B, H, h, L), (B, H, L, h) from ``attn.memory(e_s)``.
         """
-        h = x + self.step_emb.weight[t]  # (B, Q, d) | (n, d)
-        q = self.attn.q(h)
+        q_in = self.query(x, t)  # (B, Q, d) | (n, d)
+        q = self.attn.q(q_in)
         if rows is None:
             ctx = self.attn.attend(q, k, v, bias)  # (B, Q, d)
         else:
             B, _, _, L = k.shape
             grid = q.new_zeros(B * L, q.shape[-1]).index_copy(0, rows, q)  # (B*L, d)
             ctx = self.attn.attend(grid.view(B, L, -1), k, v, bias).reshape(B * L, -1)[rows]  # (n, d)
-        return self.ln(h + self.drop(self.attn.o(ctx)))
+        return self.update(x, q_in, ctx)
 
 
 class CDDRec(nn.Module):
@@ -126,7 +142,7 @@ class CDDRec(nn.Module):
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             EncoderBlock(d, cfg.num_heads, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.num_layers))
-        self.decoder = (DenoisingDecoder(d, cfg.num_heads, cfg.steps, cfg.attn_dropout, cfg.dropout)
+        self.decoder = (DenoisingDecoder(d, cfg.num_heads, cfg.steps, cfg.attn_dropout, cfg.dropout, cfg.decoder_norm)
                         if cfg.decoder else None)
         self.diffusion = GaussianDiffusion(cfg.steps, cfg.beta_1, cfg.beta_T)
         self.apply(self._init)

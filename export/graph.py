@@ -73,10 +73,11 @@ class UnrolledRecommender(nn.Module):
             attn = m.decoder.attn
             k, v = attn.memory(e_s)  # (B, H, h, L), (B, H, L, h): once for all T steps
             b = bias[:, :, -1:]  # (B, 1, 1, L)
+            dec = m.decoder
             for t in reversed(range(self.T)):  # unrolled when traced
-                h = x + self.step_e[t]
-                q = attn.q(x) + self.step_q[t]  # = W_Q (x + e_t) + b_Q, with W_Q e_t a constant
-                x = m.decoder.ln(h + attn.o(attn.attend(q, k, v, b)))  # mu_t: (B, 1, d)
+                base = dec.ln(x) if dec.norm == "pre" else x
+                q = attn.q(base) + self.step_q[t]  # = W_Q (base + e_t) + b_Q, with W_Q e_t a constant
+                x = dec.update(x, base + self.step_e[t], attn.attend(q, k, v, b))  # mu_t: (B, 1, d)
                 if self.stochastic and t > 0:
                     x = x + self.step_std[t] * noise[t].unsqueeze(1)
         user = x[:, 0]  # (B, d)

@@ -10,9 +10,9 @@ def all_positions(model, ids):
     return x  # (B, L, d)
 
 
-@pytest.mark.parametrize("decoder", [True, False])
-def test_causal_later_items_do_not_change_earlier_outputs(tiny_cfg, make_histories, decoder):
-    model = CDDRec(tiny_cfg.replace(decoder=decoder)).eval()
+@pytest.mark.parametrize("variant", [{}, {"decoder": False}, {"decoder_norm": "post"}])
+def test_causal_later_items_do_not_change_earlier_outputs(tiny_cfg, make_histories, variant):
+    model = CDDRec(tiny_cfg.replace(**variant)).eval()
     ids = make_histories(50, 6, 8, seed=1, min_len=8)
     out = all_positions(model, ids)
     for i in range(7):
