@@ -37,7 +37,7 @@ class CDDRecConfig:
     attn_dropout: float = _f(0.2, "attention dropout (released code: 0.2)")
     decoder: bool = _f(True, "False: plain SASRec baseline (encoder output is the user embedding)")
     steps: int = _f(20, "T, denoising steps of the reverse chain")
-    decoder_norm: str = _f("pre", "pre: residual update of the state, LayerNorm on the query; post: LayerNorm after the update")
+    decoder_norm: str = _f("pre", "pre: residual state update, LayerNorm on the query; post: LayerNorm after the update")
     beta_1: float = _f(1e-4, "first beta of the linear noise schedule")
     beta_T: float = _f(0.002, "last beta of the schedule (released code default; presets set it per dataset)")
     # ---- objective -------------------------------------------------------------------

@@ -274,7 +274,17 @@ def load_data(path: str | Path, *, kcore: int = 5, vocab: Vocab | None = None,
     else:
         users, seqs = read_sequence_file(path)
     users, seqs = kcore_filter(users, seqs, kcore)
-    dropped = 0
+    data = from_keys(users, seqs, vocab=vocab, min_len=min_len, source=str(path))
+    if not data.sequences:
+        raise DataError(f"{path}: no user has {min_len} or more interactions after filtering "
+                        f"(k-core {kcore})")
+    return data
+
+
+def from_keys(users: list[str], seqs: list[list[str]], *, vocab: Vocab | None = None, min_len: int = 1,
+              source: str = "") -> SequenceData:
+    """Remap key sequences to ids. Without ``vocab``, ids follow the order of first appearance;
+    with one, unknown keys are dropped and counted. Users left with < ``min_len`` items are dropped."""
     if vocab is None:
         order: dict[str, None] = {}
         for s in seqs:
@@ -282,7 +292,7 @@ def load_data(path: str | Path, *, kcore: int = 5, vocab: Vocab | None = None,
                 order.setdefault(it, None)
         vocab = Vocab.build(order)
     index = vocab.index
-    out_users, out_seqs = [], []
+    out_users, out_seqs, dropped = [], [], 0
     for u, s in zip(users, seqs):
         ids = [index.get(it, 0) for it in s]
         kept = [i for i in ids if i]
@@ -290,10 +300,7 @@ def load_data(path: str | Path, *, kcore: int = 5, vocab: Vocab | None = None,
         if len(kept) >= min_len:
             out_users.append(u)
             out_seqs.append(np.asarray(kept, dtype=np.int64))
-    if not out_seqs:
-        raise DataError(f"{path}: no user has {min_len} or more interactions after filtering "
-                        f"(k-core {kcore})")
-    return SequenceData(out_users, out_seqs, vocab, source=str(path), dropped_unknown=dropped)
+    return SequenceData(out_users, out_seqs, vocab, source=source, dropped_unknown=dropped)
 
 
 # --------------------------------------------------------------------------------- split
@@ -515,14 +522,7 @@ def make_synthetic(num_users: int = 2000, num_items: int = 300, num_clusters: in
             s.append(cur)
         users.append(f"u{u}")
         seqs.append([str(it + item_key_offset) for it in s])
-    order: dict[str, None] = {}
-    for s in seqs:
-        for it in s:
-            order.setdefault(it, None)
-    vocab = Vocab.build(order)
-    index = vocab.index
-    return SequenceData(users, [np.asarray([index[i] for i in s], dtype=np.int64) for s in seqs],
-                        vocab, source=f"synthetic(seed={seed})")
+    return from_keys(users, seqs, source=f"synthetic(seed={seed})")
 
 
 def write_sequence_file(data: SequenceData, path: str | Path) -> None:
