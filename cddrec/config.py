@@ -20,6 +20,7 @@ def _f(default, help: str = ""):
 LOSSES = ("ce", "cd")
 DIVERGENCES = ("kl", "dot")
 RANK_STEPS = ("all", "last")
+DECODER_NORMS = ("pre", "rezero", "post")
 VALID_METRICS = ("R@10", "N@10", "MRR", "MRR@40", "R@20", "N@20")
 
 
@@ -37,7 +38,7 @@ class CDDRecConfig:
     attn_dropout: float = _f(0.2, "attention dropout (released code: 0.2)")
     decoder: bool = _f(True, "False: plain SASRec baseline (encoder output is the user embedding)")
     steps: int = _f(20, "T, denoising steps of the reverse chain")
-    decoder_norm: str = _f("pre", "pre: residual state update, LayerNorm on the query; post: LayerNorm after the update")
+    decoder_norm: str = _f("pre", "pre: residual state update, LN on the query; rezero: gated (0 at init); post: LN after")
     beta_1: float = _f(1e-4, "first beta of the linear noise schedule")
     beta_T: float = _f(0.002, "last beta of the schedule (released code default; presets set it per dataset)")
     # ---- objective -------------------------------------------------------------------
@@ -77,7 +78,7 @@ class CDDRecConfig:
         need(self.steps >= 1, "steps (T) must be >= 1")
         need(0.0 < self.beta_1 <= self.beta_T < 1.0, f"need 0 < beta_1 <= beta_T < 1, got {self.beta_1}, {self.beta_T}")
         need(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
-        need(self.decoder_norm in ("pre", "post"), f"decoder_norm must be 'pre' or 'post', got {self.decoder_norm!r}")
+        need(self.decoder_norm in DECODER_NORMS, f"decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}")
         need(self.cd_divergence in DIVERGENCES, f"cd_divergence must be one of {DIVERGENCES}")
         need(self.rank_steps in RANK_STEPS, f"rank_steps must be one of {RANK_STEPS}")
         need(self.valid_metric in VALID_METRICS, f"valid_metric must be one of {VALID_METRICS}")

@@ -85,12 +85,14 @@ class DenoisingDecoder(nn.Module):
     carries the state generated at the previous step, which makes the T steps a real chain:
 
         CA(q, e_s) = Softmax(q W_Q (e_s W_K)^T / sqrt(h_dim)) (e_s W_V)   over visible positions
-        pre  (default): q = LN(x_hat_{t+1}) + e_t,  mu_t = x_hat_{t+1} + W_O CA(q, e_s)
-        post:           q = x_hat_{t+1} + e_t,      mu_t = LN(q + W_O CA(q, e_s))
+        pre:    q = LN(x_hat_{t+1}) + e_t,  mu_t = x_hat_{t+1} + W_O CA(q, e_s)
+        rezero: q = LN(x_hat_{t+1}) + e_t,  mu_t = x_hat_{t+1} + g_t W_O CA(q, e_s), g_t learned, 0 at init
+        post:   q = x_hat_{t+1} + e_t,      mu_t = LN(q + W_O CA(q, e_s))
 
-    "pre" keeps an un-normalized residual path from e_s through all T steps (the chain starts
-    near the identity, so the decoder refines the encoder rather than replacing it); "post"
-    normalizes after every step. In both the step's query projection W_Q e_t is a constant.
+    "pre" and "rezero" keep an un-normalized residual path from e_s through all T steps (with
+    "rezero" the chain starts as the identity, so training starts from the plain SASRec
+    prediction and the decoder refines it); "post" normalizes after every step. In all three the
+    step's query projection W_Q e_t is a constant.
     """
 
     def __init__(self, d: int, heads: int, steps: int, attn_dropout: float, dropout: float, norm: str = "pre"):
@@ -100,15 +102,19 @@ class DenoisingDecoder(nn.Module):
         self.ln = nn.LayerNorm(d, eps=1e-12)
         self.drop = nn.Dropout(dropout)
         self.norm = norm
+        # rezero: a learned gate per step, 0 at the start, so the chain starts as the identity
+        self.gate = nn.Parameter(torch.zeros(steps)) if norm == "rezero" else None
 
     def query(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """The query input: LN(x) + e_t (pre) or x + e_t (post)."""
-        return (self.ln(x) if self.norm == "pre" else x) + self.step_emb.weight[t]
+        """The query input: LN(x) + e_t (pre, rezero) or x + e_t (post)."""
+        return (x if self.norm == "post" else self.ln(x)) + self.step_emb.weight[t]
 
-    def update(self, x: torch.Tensor, q_in: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        """The mean mu_t from the state, the query input and the attention context."""
+    def update(self, x: torch.Tensor, q_in: torch.Tensor, ctx: torch.Tensor, t: int) -> torch.Tensor:
+        """The mean mu_t of step t from the state, the query input and the attention context."""
         out = self.drop(self.attn.o(ctx))
-        return x + out if self.norm == "pre" else self.ln(q_in + out)
+        if self.norm == "post":
+            return self.ln(q_in + out)
+        return x + (out if self.gate is None else self.gate[t] * out)
 
     def forward(self, x: torch.Tensor, t: int, k: torch.Tensor, v: torch.Tensor,
                 bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,7 +132,7 @@ class DenoisingDecoder(nn.Module):
             B, _, _, L = k.shape
             grid = q.new_zeros(B * L, q.shape[-1]).index_copy(0, rows, q)  # (B*L, d)
             ctx = self.attn.attend(grid.view(B, L, -1), k, v, bias).reshape(B * L, -1)[rows]  # (n, d)
-        return self.update(x, q_in, ctx)
+        return self.update(x, q_in, ctx, t)
 
 
 class CDDRec(nn.Module):

@@ -75,9 +75,9 @@ class UnrolledRecommender(nn.Module):
             b = bias[:, :, -1:]  # (B, 1, 1, L)
             dec = m.decoder
             for t in reversed(range(self.T)):  # unrolled when traced
-                base = dec.ln(x) if dec.norm == "pre" else x
+                base = x if dec.norm == "post" else dec.ln(x)
                 q = attn.q(base) + self.step_q[t]  # = W_Q (base + e_t) + b_Q, with W_Q e_t a constant
-                x = dec.update(x, base + self.step_e[t], attn.attend(q, k, v, b))  # mu_t: (B, 1, d)
+                x = dec.update(x, base + self.step_e[t], attn.attend(q, k, v, b), t)  # mu_t: (B, 1, d)
                 if self.stochastic and t > 0:
                     x = x + self.step_std[t] * noise[t].unsqueeze(1)
         user = x[:, 0]  # (B, d)

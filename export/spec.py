@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 GRAPH_FORMAT_VERSION = 1
 DEFAULT_OPSET = 17
 TRT_MAX_K = 3840  # TensorRT's TopK limit
+MAX_HISTORY = 512  # longest history a request passes (most recent items); TensorRT profiles cover it
 
 
 @dataclass(frozen=True)

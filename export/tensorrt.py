@@ -1,7 +1,7 @@
 """TensorRT engines from an exported graph (TensorRT 10 name-based API).
 
 The engine gets one optimization profile: batch min 1 / opt / max, history min 1 / opt L /
-max ``max_history``; fp16 optional. Without the ``tensorrt`` package the functions raise
+max ``max_history`` (512); fp16 optional. Without the ``tensorrt`` package the functions raise
 ``TensorRTUnavailable`` with what to install.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cddrec.io import atomic_path, atomic_write_json
 
-from .spec import TRT_MAX_K, GraphSpec
+from .spec import MAX_HISTORY, TRT_MAX_K, GraphSpec
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -47,7 +47,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, spec: GraphSpec
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
-    max_history = max_history or 4 * max_len
+    max_history = max(max_history or MAX_HISTORY, max_len)
     opt_batch = min(opt_batch, max_batch)
     profile = builder.create_optimization_profile()
     profile.set_shape("item_ids", (1, 1), (opt_batch, max_len), (max_batch, max_history))

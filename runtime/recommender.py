@@ -20,11 +20,10 @@ import numpy as np
 
 from cddrec.config import CDDRecConfig
 from cddrec.data import Vocab
+from cddrec.export.spec import MAX_HISTORY
 from cddrec.inference import MASK_SCORE, popular_topk
 
 from .backends import BACKENDS, load_backend
-
-MAX_HISTORY = 512
 
 
 class ModelFileError(ValueError):

@@ -171,10 +171,13 @@ def test_unrolled_module_equals_reference_in_torch(tiny_model, make_histories):
     assert torch.allclose(user, ref[2], atol=1e-5) and torch.equal(items, ref[0])
 
 
-@pytest.mark.parametrize("variant", [{"decoder": False}, {"decoder_norm": "post"}, {"num_layers": 2, "steps": 1}])
+@pytest.mark.parametrize("variant", [{"decoder": False}, {"decoder_norm": "post"}, {"decoder_norm": "rezero"},
+                                     {"num_layers": 2, "steps": 1}])
 def test_other_architectures_export(tmp_path, tiny_cfg, variant):
     torch.manual_seed(1)
     model = CDDRec(tiny_cfg.replace(**variant)).eval()
+    if model.decoder is not None and model.decoder.gate is not None:
+        torch.nn.init.normal_(model.decoder.gate)  # trained gates are not 0
     save_checkpoint(tmp_path / "s.pt", model, Vocab.build(str(i) for i in range(50)), torch.ones(52))
     rep = export_model(tmp_path / "s.pt", tmp_path / "s.onnx", k=5)
     assert max(rep.max_abs_diff.values()) <= 1e-4 and rep.topk_mismatches == 0
