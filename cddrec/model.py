@@ -54,9 +54,12 @@ class MultiHeadAttention(nn.Module):
         """Context before the output projection: q (B, Q, d) projected; kt (B, H, h, L) and
         v (B, H, L, h) from ``memory``; bias (B, 1, Q, L) -> (B, Q, d)."""
         B, Q, _ = q.shape
-        att = self.split(q) @ kt / math.sqrt(self.h) + bias  # (B, H, Q, L)
+        # one query: (B, 1, H, h) and (B, H, 1, h) share a memory layout, so reshape, no transpose
+        qh = q.reshape(B, self.heads, 1, self.h) if Q == 1 else self.split(q)  # (B, H, Q, h)
+        att = qh @ kt / math.sqrt(self.h) + bias  # (B, H, Q, L)
         att = self.drop(att.softmax(-1))
-        return (att @ v).transpose(1, 2).reshape(B, Q, -1)  # (B, Q, d)
+        ctx = att @ v  # (B, H, Q, h)
+        return ctx.reshape(B, 1, -1) if Q == 1 else ctx.transpose(1, 2).reshape(B, Q, -1)  # (B, Q, d)
 
     def forward(self, x: torch.Tensor, kv_in: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         k, v = self.memory(kv_in)

@@ -43,6 +43,13 @@ def half_linears(model: CDDRec) -> CDDRec:
     return model
 
 
+def _matmul(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x W^T without the bias, for a Linear or a HalfLinear."""
+    if isinstance(lin, HalfLinear):
+        return F.linear(x.half(), lin.weight).float()
+    return F.linear(x, lin.weight)
+
+
 class UnrolledRecommender(nn.Module):
     """item_ids (B, S) [, noise (T, B, d)] -> top_items (B, K), top_scores (B, K), user_embedding (B, d)."""
 
@@ -60,7 +67,9 @@ class UnrolledRecommender(nn.Module):
             if dec is not None:
                 e = dec.step_emb.weight.detach().float()  # (T, d)
                 self.register_buffer("step_e", e.clone())
-                self.register_buffer("step_q", e @ dec.attn.q.weight.detach().float().t())  # W_Q e_t: (T, d)
+                q = dec.attn.q
+                bias_q = q.bias.detach().float() if q.bias is not None else torch.zeros(e.shape[1])
+                self.register_buffer("step_q", e @ q.weight.detach().float().t() + bias_q)  # W_Q e_t + b_Q: (T, d)
                 self.register_buffer("step_std", model.diffusion.posterior_std[1:].clone())  # (T,)
             self.register_buffer("static_ids", torch.tensor([[0, cfg.num_items + 1]]))  # padding, mask token
 
@@ -76,7 +85,7 @@ class UnrolledRecommender(nn.Module):
             dec = m.decoder
             for t in reversed(range(self.T)):  # unrolled when traced
                 base = x if dec.norm == "post" else dec.ln(x)
-                q = attn.q(base) + self.step_q[t]  # = W_Q (base + e_t) + b_Q, with W_Q e_t a constant
+                q = _matmul(attn.q, base) + self.step_q[t]  # = W_Q (base + e_t) + b_Q: W_Q e_t + b_Q is constant
                 x = dec.update(x, base + self.step_e[t], attn.attend(q, k, v, b), t)  # mu_t: (B, 1, d)
                 if self.stochastic and t > 0:
                     x = x + self.step_std[t] * noise[t].unsqueeze(1)

@@ -98,3 +98,11 @@ def test_attention_bias_masks_future_and_padding():
     b = attention_bias(ids)[0, 0]
     visible = b == 0
     assert visible.tolist() == [[False] * 4, [False] * 4, [False, False, True, False], [False, False, True, True]]
+
+
+def test_rezero_chain_starts_as_the_identity(tiny_cfg, make_histories):
+    """With gates at their initial 0 the T-step chain returns the encoder's last state."""
+    model = CDDRec(tiny_cfg.replace(decoder_norm="rezero")).eval()
+    ids = make_histories(50, 4, 8, seed=3)
+    e_s, _ = model.encode(ids)
+    assert torch.allclose(model.user_embedding(ids), e_s[:, -1], atol=1e-6)
