@@ -49,10 +49,12 @@ KEYS = ("R@1", "R@5", "R@10", "N@5", "N@10", "MRR")
 
 # Recipes: overrides of the config defaults (after the dataset preset).
 RECIPES: dict[str, dict] = {
-    "cddrec": {},
-    "cddrec-paper-objective": {"loss": "cd", "cd_divergence": "kl"},
-    "cddrec-no-diffusion": {"diffusion": False},
-    "cddrec-no-denoising": {"denoising": False},
+    "cddrec": {},  # the default recipe (CDDRecConfig defaults)
+    "cddrec-paper-objective": {"loss": "cd", "cd_divergence": "kl", "lam": 0.3, "denoising": True},
+    # Table 3 ablations, on the objective that uses diffusion and sampling (InfoNCE on noisy targets)
+    "cddrec-infonce-sampling": {"lam": 0.3, "denoising": True},
+    "cddrec-no-diffusion": {"lam": 0.3, "denoising": True, "diffusion": False},
+    "cddrec-no-denoising": {"lam": 0.3, "denoising": False},
     "sasrec-ce": {"decoder": False, "lam": 0.0, "loss": "ce"},
     "sasrec-bce": {"decoder": False, "lam": 0.0, "loss": "cd", "cd_divergence": "dot"},
 }

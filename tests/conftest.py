@@ -41,8 +41,12 @@ def tiny_cfg() -> CDDRecConfig:
 
 @pytest.fixture
 def tiny_model(tiny_cfg) -> CDDRec:
+    """A random tiny model; its rezero gates are drawn too (at their initial 0 the chain is the identity)."""
     torch.manual_seed(0)
-    return CDDRec(tiny_cfg).eval()
+    model = CDDRec(tiny_cfg).eval()
+    if model.decoder is not None and model.decoder.gate is not None:
+        torch.nn.init.normal_(model.decoder.gate)
+    return model
 
 
 @pytest.fixture(scope="session")

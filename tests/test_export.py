@@ -22,6 +22,7 @@ def tiny_ckpt(tmp_path, tiny_cfg):
     # random weights with some spread, so scores are not all near zero
     with torch.no_grad():
         model.item_emb.weight.normal_(0, 0.5)
+        model.decoder.gate.normal_()  # as after training: the decoder contributes
     path = tmp_path / "m.pt"
     save_checkpoint(path, model, Vocab.build(str(100 + i) for i in range(tiny_cfg.num_items)),
                     torch.arange(tiny_cfg.num_rows))

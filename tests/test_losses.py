@@ -37,6 +37,8 @@ def test_cross_divergence_formula():
 
 VARIANTS = [
     {},
+    {"lam": 0.3, "denoising": True},
+    {"decoder_norm": "post", "lam": 0.3},
     {"rank_steps": "last"},
     {"loss": "cd"},
     {"loss": "cd", "cd_divergence": "dot"},
@@ -54,6 +56,8 @@ def test_objective_finite_and_gradients_reach_every_parameter(tiny_cfg, tiny_dat
     cfg = tiny_cfg.replace(num_items=tiny_data.num_items, **variant)
     torch.manual_seed(0)
     model = CDDRec(cfg).train()
+    if model.decoder is not None and model.decoder.gate is not None:
+        torch.nn.init.normal_(model.decoder.gate)  # as after training; at 0 the gated update has no gradient
     batch = next(iter(TrainBatches(tiny_data, cfg.max_len, 16, seed=0)))
     loss, parts = objective(model, batch)
     assert torch.isfinite(loss) and loss.item() > 0
