@@ -5,13 +5,12 @@
 Without ``--model`` a random-weight model of the paper's size (d=128, L=20, T=20, 12,101 items
 as Beauty) is exported first. The request file holds JSONL lines with random histories of 1 to
 50 known items (1% also carry an unknown key). ``cddrec-infer`` runs as a child process, so
-its peak resident memory is its own (``getrusage(RUSAGE_CHILDREN)``).
+its peak resident memory (VmHWM) is its own.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,16 @@ import numpy as np
 
 from .latency import random_model
 from .record import RESULTS_DIR, record
+
+# cddrec-infer with its own peak resident memory printed at exit (VmHWM starts afresh at exec;
+# ru_maxrss would include what the parent held when it forked)
+CHILD = ("import atexit, sys\n"
+         "def hwm():\n"
+         "    kb = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]\n"
+         "    print(f'VmHWM_MB={int(kb) / 1024:.1f}', file=sys.stderr)\n"
+         "atexit.register(hwm)\n"
+         "from cddrec.cli import infer_main\n"
+         "infer_main()\n")
 
 
 def write_requests(path: Path, keys: list[str], lines: int, seed: int = 0) -> None:
@@ -66,19 +75,19 @@ def main(lines, graph, items, batch_size, backend, out_dir):
         write_requests(req, keys, lines)
         gen_s = time.perf_counter() - t0
         out = tmp / "recs.jsonl"
-        cmd = [sys.executable, "-c", "from cddrec.cli import infer_main; infer_main()", "--model", graph,
+        cmd = [sys.executable, "-c", CHILD, "--model", graph,
                "--batch", str(req), "-o", str(out), "--batch-size", str(batch_size), "--backend", backend, "--quiet"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise click.ClickException(f"cddrec-infer failed: {proc.stderr[-2000:]}")
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        peak_mb = float(proc.stderr.rsplit("VmHWM_MB=", 1)[1].split()[0])
         served = sum(1 for _ in open(out))
         row = {"lines": lines, "served": served, "wall_seconds": wall, "users_per_s": served / wall,
                "peak_rss_mb": peak_mb, "request_file_mb": req.stat().st_size / 1e6,
                "output_file_mb": out.stat().st_size / 1e6, "batch_size": batch_size, "backend": backend,
-               "generate_seconds": gen_s, "summary": proc.stderr.strip().splitlines()[-2]}
+               "generate_seconds": gen_s, "summary": [ln for ln in proc.stderr.splitlines() if ln.startswith("served")][-1]}
     table = ("| lines | backend | batch | wall s | users/s | peak RSS MB | request MB |\n|---|---|---|---|---|---|---|\n"
              f"| {lines:,} | {backend} | {batch_size} | {wall:.1f} | {row['users_per_s']:,.0f} | {peak_mb:.0f} | "
              f"{row['request_file_mb']:.0f} |\n\n`{row['summary']}`")

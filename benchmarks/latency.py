@@ -141,12 +141,17 @@ def make_backend(name: str, model_pt: str | None, graph: str | None, engine: str
     return be
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process in MB. VmHWM starts afresh at exec, unlike
+    ru_maxrss, which a spawned child inherits from the parent it was forked from."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
     except OSError:
-        return float("nan")
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if field == "VmHWM" else float("nan")
 
 
 @dataclass
@@ -182,14 +187,14 @@ def _worker(q, name, model_pt, graph, engine, k, threads, batch_sizes, L, V, war
     try:
         import torch  # noqa: F401
 
-        base = _rss_mb()
+        base = _status_mb("VmRSS")
         be = make_backend(name, model_pt, graph, engine, k, threads)
         rng = np.random.default_rng(seed)
         rows = []
         for b in batch_sizes:
             pool = [rng.integers(1, V - 1, size=(b, L)).astype(np.int64) for _ in range(4)]
             rows.append(time_backend(be, pool, warmup, min_runs, min_seconds).__dict__)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _status_mb("VmHWM")
         q.put({"backend": name, "load_seconds": be.load_seconds, "rss_before_mb": base, "peak_rss_mb": peak,
                "timings": rows})
     except Exception as e:  # noqa: BLE001 - reported, the other backends go on

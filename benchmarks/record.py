@@ -60,8 +60,12 @@ def machine() -> dict:
 
 
 def command_line() -> str:
-    prog = Path(sys.argv[0]).name
-    return " ".join([prog] + sys.argv[1:])
+    prog = Path(sys.argv[0])
+    if prog.suffix == ".py" and prog.parent.name == "benchmarks":  # python -m cddrec.benchmarks.NAME
+        head = f"python -m cddrec.benchmarks.{prog.stem}"
+    else:
+        head = prog.name
+    return " ".join([head] + sys.argv[1:])
 
 
 def record(name: str, payload: dict, table: str, out_dir: str | Path = RESULTS_DIR, command: str | None = None,
