@@ -50,6 +50,9 @@ KEYS = ("R@1", "R@5", "R@10", "N@5", "N@10", "MRR")
 # Recipes: overrides of the config defaults (after the dataset preset).
 RECIPES: dict[str, dict] = {
     "cddrec": {},  # the default recipe (CDDRecConfig defaults)
+    # The default with the ranking loss at the last step only: on 12k-item catalogues the
+    # full-catalogue CE at all T steps costs ~12x the epoch time (Beauty, one core: 1113 vs 92 s).
+    "cddrec-last": {"rank_steps": "last"},
     "cddrec-paper-objective": {"loss": "cd", "cd_divergence": "kl", "lam": 0.3, "denoising": True},
     # Table 3 ablations, on the objective that uses diffusion and sampling (InfoNCE on noisy targets)
     "cddrec-infonce-sampling": {"lam": 0.3, "denoising": True},
@@ -95,12 +98,13 @@ def summarize(dataset: str, runs: list[dict]) -> str:
         lines.append(f"| {recipe} | {len(rs)} | " + " | ".join(cell(k) for k in KEYS)
                      + f" | {full:.4f} | {ch:.2f} | {mins:.1f} |")
     paper = PAPER.get(dataset)
-    if paper and "cddrec" in by:
-        got = {k: np.mean([r["test"]["MRR@40" if k == "MRR" else k] for r in by["cddrec"]]) for k in KEYS}
-        miss = [k for k in KEYS if got[k] < paper[k]]
-        lines.append("")
-        lines.append("cddrec vs the paper: " + ("at or above on every metric." if not miss else
-                                                 f"below the paper on {', '.join(miss)}."))
+    for recipe in ("cddrec", "cddrec-last"):
+        if paper and recipe in by:
+            got = {k: np.mean([r["test"]["MRR@40" if k == "MRR" else k] for r in by[recipe]]) for k in KEYS}
+            miss = [k for k in KEYS if got[k] < paper[k]]
+            lines.append("")
+            lines.append(f"{recipe} vs the paper's CDDRec: " + ("at or above on every metric." if not miss else
+                                                                 f"below the paper on {', '.join(miss)}."))
     lines.append("")
     lines.append("Test split, full ranking over all items, the user's earlier items excluded. MRR column: MRR@40 "
                  "(the paper truncates at 40); mean ± sample std over seeds.")
