@@ -27,7 +27,7 @@ from cddrec.data import eval_split, load_data
 from cddrec.evaluation import evaluate
 from cddrec.training import train
 
-from .record import RESULTS_DIR, record
+from .record import RESULTS_DIR, command_line, git_commit, record
 
 # Table 2 of the paper, CDDRec column (test split, full ranking).
 PAPER = {
@@ -71,7 +71,8 @@ def run_one(data, path: Path, recipe: str, seed: int, time_budget: float, extra:
         summary = train(cfg, data, model_path, progress=False, log=lambda m: click.echo(f"  {m}", err=True))
         model, _ = load_checkpoint(model_path)
     res = evaluate(model, eval_split(data, "test", cfg.max_len), stages=model.decoder is not None)
-    return {"recipe": recipe, "seed": seed, "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
+    return {"recipe": recipe, "seed": seed, "command": command_line(), "commit": git_commit(),
+            "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
             "test": res.metrics, "valid": summary["best_valid"], "stages": res.stages,
             "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
             "train_seconds": summary["train_seconds"], "seconds": time.perf_counter() - t0,
@@ -105,6 +106,21 @@ def summarize(dataset: str, runs: list[dict]) -> str:
             lines.append("")
             lines.append(f"{recipe} vs the paper's CDDRec: " + ("at or above on every metric." if not miss else
                                                                  f"below the paper on {', '.join(miss)}."))
+    staged = {recipe: rs for recipe, rs in by.items() if rs[0].get("stages")}
+    if staged:
+        lines += ["", "Denoising stages (paper Sect. 4.1, Fig. 2): the ranking from the state after each reverse step "
+                  "(stage T - t), test split, mean over seeds.", "",
+                  "| model | stage | R@10 | N@10 | MRR | Avg.Change@40 |", "|---|---|---|---|---|---|"]
+        for recipe, rs in staged.items():
+            n = len(rs[0]["stages"])
+            for j in sorted({0, 1, n // 4, n // 2, n - 1}):
+                row = [np.mean([r["stages"][j][k] for r in rs]) for k in ("R@10", "N@10", "MRR@40", "AvgChange@40")]
+                lines.append(f"| {recipe} | {rs[0]['stages'][j]['stage']} | " + " | ".join(f"{v:.4f}" for v in row[:3])
+                             + f" | {row[3]:.2f} |")
+    commands = sorted({r["command"] for r in runs if r.get("command")})
+    if commands:
+        lines += ["", "Commands of the runs (each run also records its commit in the JSON):", ""]
+        lines += [f"- `{c}`" for c in commands]
     lines.append("")
     lines.append("Test split, full ranking over all items, the user's earlier items excluded. MRR column: MRR@40 "
                  "(the paper truncates at 40); mean ± sample std over seeds.")
@@ -120,7 +136,19 @@ def summarize(dataset: str, runs: list[dict]) -> str:
 @click.option("--set", "sets", multiple=True, help="extra config override KEY=VALUE (JSON value), all recipes")
 @click.option("--out", "out_dir", default=str(RESULTS_DIR), show_default=True)
 @click.option("--tag", default="", help="suffix of the result files")
-def main(dataset, data_dir, recipes, seeds, time_budget, sets, out_dir, tag):
+@click.option("--report-only", is_flag=True, help="rewrite the markdown table from the recorded runs, train nothing")
+def main(dataset, data_dir, recipes, seeds, time_budget, sets, out_dir, tag, report_only):
+    name = f"quality_{dataset}" + (f"_{tag}" if tag else "")
+    jpath = Path(out_dir) / f"{name}.json"
+    title = f"Quality on {dataset} (test split)"
+    if report_only:
+        if not jpath.exists():
+            raise click.ClickException(f"{jpath}: no recorded runs to report")
+        doc = json.loads(jpath.read_text())
+        meta = {k: doc.pop(k) for k in ("command", "commit", "machine", "date")}
+        record(name, doc, summarize(dataset, doc["runs"]), out_dir, title=title, meta=meta)
+        click.echo(summarize(dataset, doc["runs"]))
+        return
     path = Path(data_dir) / f"{dataset}.txt"
     data = load_data(path)
     extra = {}
@@ -130,8 +158,6 @@ def main(dataset, data_dir, recipes, seeds, time_budget, sets, out_dir, tag):
             extra[k.replace("-", "_")] = json.loads(v)
         except json.JSONDecodeError:
             extra[k.replace("-", "_")] = v
-    name = f"quality_{dataset}" + (f"_{tag}" if tag else "")
-    jpath = Path(out_dir) / f"{name}.json"
     runs = json.loads(jpath.read_text())["runs"] if jpath.exists() else []
     done = {(r["recipe"], r["seed"]) for r in runs}
     for recipe in [r.strip() for r in recipes.split(",")]:
@@ -145,7 +171,7 @@ def main(dataset, data_dir, recipes, seeds, time_budget, sets, out_dir, tag):
             table = summarize(dataset, runs)
             record(name, {"dataset": dataset, "split": "test", "time_budget_min": time_budget, "overrides": extra,
                           "seconds": sum(r["seconds"] for r in runs), "paper": PAPER[dataset], "runs": runs},
-                   table, out_dir, title=f"Quality on {dataset} (test split)")
+                   table, out_dir, title=title)
     click.echo(summarize(dataset, runs))
 
 

@@ -69,11 +69,13 @@ def command_line() -> str:
 
 
 def record(name: str, payload: dict, table: str, out_dir: str | Path = RESULTS_DIR, command: str | None = None,
-           title: str | None = None) -> tuple[Path, Path]:
-    """Write ``NAME.json`` and ``NAME.md`` under ``out_dir``; both carry command, machine, commit, date."""
+           title: str | None = None, meta: dict | None = None) -> tuple[Path, Path]:
+    """Write ``NAME.json`` and ``NAME.md`` under ``out_dir``; both carry command, machine, commit, date.
+
+    ``meta`` (those four keys) keeps the provenance of an earlier record when only the table changes."""
     out_dir = Path(out_dir)
-    meta = {"command": command or command_line(), "commit": git_commit(), "machine": machine(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    meta = meta or {"command": command or command_line(), "commit": git_commit(), "machine": machine(),
+                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     doc = {**meta, **payload}
     jpath, mpath = out_dir / f"{name}.json", out_dir / f"{name}.md"
     atomic_write_json(jpath, doc)

@@ -54,3 +54,23 @@ def test_quality_summary_compares_with_paper():
     assert "| paper CDDRec | - | 0.0271 |" in text and "at or above on every metric" in text
     low = {**run, "test": {**run["test"], "R@1": 0.001}}
     assert "below the paper on R@1" in summarize("Office_Products", [low])
+
+
+def test_quality_report_only_rewrites_the_table_and_keeps_provenance(tmp_path):
+    from click.testing import CliRunner
+
+    from cddrec.benchmarks.quality import main
+
+    stage = {"stage": 1, "step": 3, "R@10": 0.2, "N@10": 0.1, "MRR@40": 0.05, "AvgChange@40": 1.5}
+    test = {**{k: 0.5 for k in PAPER["Office_Products"]}, "MRR@40": 0.5, "AvgChange@40": 2.0}
+    run = {"recipe": "cddrec", "seed": 0, "test": test, "train_seconds": 60, "stages": [stage] * 4,
+           "command": "python -m cddrec.benchmarks.quality --dataset Office_Products"}
+    record("quality_Office_Products", {"dataset": "Office_Products", "runs": [run]}, "old table", tmp_path,
+           command="the original command")
+    r = CliRunner().invoke(main, ["--dataset", "Office_Products", "--report-only", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "quality_Office_Products.md").read_text()
+    assert "old table" not in md and "the original command" in md
+    assert "| cddrec | 1 | 0.2000 | 0.1000 | 0.0500 | 1.50 |" in md and "--dataset Office_Products`" in md
+    r = CliRunner().invoke(main, ["--dataset", "Beauty", "--report-only", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "no recorded runs" in r.output
