@@ -116,10 +116,14 @@ def read_metadata(path_or_model) -> dict[str, str]:
     return {p.key: p.value for p in m.metadata_props}
 
 
-def ort_session(path: str | Path, providers: list[str] | None = None, threads: int = 0, opt_path: str | None = None):
+def ort_session(path: str | Path, providers: list[str] | None = None, threads: int = 0, opt_path: str | None = None,
+                profile_prefix: str | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if profile_prefix:  # per-node timings, written by session.end_profiling()
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads

@@ -74,3 +74,13 @@ def test_quality_report_only_rewrites_the_table_and_keeps_provenance(tmp_path):
     assert "| cddrec | 1 | 0.2000 | 0.1000 | 0.0500 | 1.50 |" in md and "--dataset Office_Products`" in md
     r = CliRunner().invoke(main, ["--dataset", "Beauty", "--report-only", "--out", str(tmp_path)])
     assert r.exit_code != 0 and "no recorded runs" in r.output
+
+
+def test_ort_profile_shares_per_op_type(tmp_path, trained_tiny_onnx, tiny_cfg):
+    from cddrec.benchmarks.ort_profile import profile_graph
+
+    res = profile_graph(trained_tiny_onnx, batch=4, runs=2, items=tiny_cfg.num_items, L=tiny_cfg.max_len, threads=1,
+                        workdir=tmp_path)
+    ops = {o["op"]: o for o in res["ops"]}
+    assert abs(sum(o["share"] for o in res["ops"]) - 1) < 1e-6 and res["kernel_ms_per_run"] > 0
+    assert "TopK" in ops and ("MatMul" in ops or "FusedMatMul" in ops or "Gemm" in ops)
