@@ -26,10 +26,8 @@ from .record import RESULTS_DIR, record
 # cddrec-infer with its own peak resident memory printed at exit (VmHWM starts afresh at exec;
 # ru_maxrss would include what the parent held when it forked)
 CHILD = ("import atexit, sys\n"
-         "def hwm():\n"
-         "    kb = [ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]\n"
-         "    print(f'VmHWM_MB={int(kb) / 1024:.1f}', file=sys.stderr)\n"
-         "atexit.register(hwm)\n"
+         "from cddrec.benchmarks.latency import status_mb\n"
+         "atexit.register(lambda: print(f'VmHWM_MB={status_mb(\"VmHWM\"):.1f}', file=sys.stderr))\n"
          "from cddrec.cli import infer_main\n"
          "infer_main()\n")
 

@@ -141,7 +141,7 @@ def make_backend(name: str, model_pt: str | None, graph: str | None, engine: str
     return be
 
 
-def _status_mb(field: str) -> float:
+def status_mb(field: str) -> float:
     """VmRSS (now) or VmHWM (peak) of this process in MB. VmHWM starts afresh at exec, unlike
     ru_maxrss, which a spawned child inherits from the parent it was forked from."""
     try:
@@ -187,14 +187,14 @@ def _worker(q, name, model_pt, graph, engine, k, threads, batch_sizes, L, V, war
     try:
         import torch  # noqa: F401
 
-        base = _status_mb("VmRSS")
+        base = status_mb("VmRSS")
         be = make_backend(name, model_pt, graph, engine, k, threads)
         rng = np.random.default_rng(seed)
         rows = []
         for b in batch_sizes:
             pool = [rng.integers(1, V - 1, size=(b, L)).astype(np.int64) for _ in range(4)]
             rows.append(time_backend(be, pool, warmup, min_runs, min_seconds).__dict__)
-        peak = _status_mb("VmHWM")
+        peak = status_mb("VmHWM")
         q.put({"backend": name, "load_seconds": be.load_seconds, "rss_before_mb": base, "peak_rss_mb": peak,
                "timings": rows})
     except Exception as e:  # noqa: BLE001 - reported, the other backends go on

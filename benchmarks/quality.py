@@ -146,8 +146,9 @@ def main(dataset, data_dir, recipes, seeds, time_budget, sets, out_dir, tag, rep
             raise click.ClickException(f"{jpath}: no recorded runs to report")
         doc = json.loads(jpath.read_text())
         meta = {k: doc.pop(k) for k in ("command", "commit", "machine", "date")}
-        record(name, doc, summarize(dataset, doc["runs"]), out_dir, title=title, meta=meta)
-        click.echo(summarize(dataset, doc["runs"]))
+        table = summarize(dataset, doc["runs"])
+        record(name, doc, table, out_dir, title=title, meta=meta)
+        click.echo(table)
         return
     path = Path(data_dir) / f"{dataset}.txt"
     data = load_data(path)

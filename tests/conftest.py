@@ -39,14 +39,25 @@ def tiny_cfg() -> CDDRecConfig:
                         batch_size=16, epochs=2, patience=2, eval_batch_size=64, seed=0, num_threads=1)
 
 
+def _open_gates(model: CDDRec) -> CDDRec:
+    """Draw the decoder's rezero gates, as after training: at their initial 0 the chain is the
+    identity (parity tests would not see the decoder) and the gated update gets no gradient."""
+    gate = model.decoder.gate if model.decoder is not None else None
+    if gate is not None:
+        torch.nn.init.normal_(gate)
+    return model
+
+
+@pytest.fixture
+def open_gates():
+    return _open_gates
+
+
 @pytest.fixture
 def tiny_model(tiny_cfg) -> CDDRec:
-    """A random tiny model; its rezero gates are drawn too (at their initial 0 the chain is the identity)."""
+    """A random tiny model, rezero gates drawn."""
     torch.manual_seed(0)
-    model = CDDRec(tiny_cfg).eval()
-    if model.decoder is not None and model.decoder.gate is not None:
-        torch.nn.init.normal_(model.decoder.gate)
-    return model
+    return _open_gates(CDDRec(tiny_cfg).eval())
 
 
 @pytest.fixture(scope="session")

@@ -174,11 +174,10 @@ def test_unrolled_module_equals_reference_in_torch(tiny_model, make_histories):
 
 @pytest.mark.parametrize("variant", [{"decoder": False}, {"decoder_norm": "post"}, {"decoder_norm": "rezero"},
                                      {"num_layers": 2, "steps": 1}])
-def test_other_architectures_export(tmp_path, tiny_cfg, variant):
+def test_other_architectures_export(tmp_path, tiny_cfg, variant, open_gates):
     torch.manual_seed(1)
     model = CDDRec(tiny_cfg.replace(**variant)).eval()
-    if model.decoder is not None and model.decoder.gate is not None:
-        torch.nn.init.normal_(model.decoder.gate)  # trained gates are not 0
+    open_gates(model)  # trained gates are not 0
     save_checkpoint(tmp_path / "s.pt", model, Vocab.build(str(i) for i in range(50)), torch.ones(52))
     rep = export_model(tmp_path / "s.pt", tmp_path / "s.onnx", k=5)
     assert max(rep.max_abs_diff.values()) <= 1e-4 and rep.topk_mismatches == 0
