@@ -13,6 +13,11 @@ from setuptools import setup
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "cddrec" / "__init__.py").read_text()).group(1)
 
+SERVE = ["numpy>=1.24", "click>=8.1", "tqdm>=4.60", "pyyaml>=6.0", "onnxruntime>=1.17", "pyarrow>=12",
+         "polars>=1.0"]
+TRAIN = ["torch>=2.1", "onnx>=1.15", "onnxscript>=0.1"]
+RAY = ["ray[data]>=2.9"]
+
 setup(
     name="cddrec",
     version=VERSION,
@@ -21,36 +26,32 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["cddrec", "cddrec.export", "cddrec.runtime", "cddrec.benchmarks"],
+    packages=["cddrec", "cddrec.app", "cddrec.export", "cddrec.runtime", "cddrec.benchmarks"],
     package_dir={
         "cddrec": "cddrec",
         "cddrec.export": "export",
         "cddrec.runtime": "runtime",
         "cddrec.benchmarks": "benchmarks",
     },
-    install_requires=[
-        "torch>=2.1",
-        "numpy>=1.24",
-        "click>=8.1",
-        "tqdm>=4.60",
-        "onnx>=1.15",
-        "onnxruntime>=1.17",
-        "pyyaml>=6.0",
-    ],
+    # the core install serves exported graphs (cddrec-infer, Recommender on ort-cpu/ort-cuda) without
+    # PyTorch; training, evaluation and export need the [train] extra
+    install_requires=SERVE,
     extras_require={
-        "dev": ["pytest>=7", "ruff>=0.4", "onnxscript>=0.1", "pyarrow>=12", "matplotlib>=3.7", "psutil>=5.9"],
-        "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=8.6"],
-        "parquet": ["pyarrow>=12"],
+        "train": TRAIN,
+        "ray": RAY,
+        "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=10.0", "cuda-python>=12.6"],
         "plots": ["matplotlib>=3.7"],
+        "dev": TRAIN + RAY + ["pytest>=7", "ruff>=0.4", "matplotlib>=3.7", "psutil>=5.9", "hypothesis>=6.100",
+                              "import-linter>=2.0", "tritonclient[grpc]>=2.40"],
     },
     entry_points={
         "console_scripts": [
-            "cddrec-train=cddrec.cli:train_main",
-            "cddrec-eval=cddrec.cli:eval_main",
-            "cddrec-demo=cddrec.cli:demo_main",
-            "cddrec-export=cddrec.cli:export_main",
-            "cddrec-infer=cddrec.cli:infer_main",
-            "cddrec-bench=cddrec.cli:bench_main",
-        ]
+            "cddrec-train=cddrec.app.cli:train_main",
+            "cddrec-eval=cddrec.app.cli:eval_main",
+            "cddrec-demo=cddrec.app.cli:demo_main",
+            "cddrec-export=cddrec.app.cli:export_main",
+            "cddrec-infer=cddrec.app.cli:infer_main",
+            "cddrec-bench=cddrec.app.cli:bench_main",
+        ],
     },
 )

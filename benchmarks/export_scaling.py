@@ -1,6 +1,6 @@
 """Graph size, export time and ONNX Runtime session-creation time as T grows.
 
-    python -m cddrec.benchmarks.export_scaling [--steps 5,20,50] [--items 12101]
+    python -m cddrec.benchmarks.export_scaling [--steps 5,20,50] [--items PAPER_ITEMS]
 
 Random weights of the paper's size (d=128, L=20, 4 heads) with T denoising steps; each graph is
 exported with validation, then opened five times to time session creation.
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import click
 
-from cddrec.export.onnx_export import export_model, ort_session
+from cddrec.export.onnx_export import export_model
+from cddrec.runtime.session import ort_session
 
-from .latency import random_model
 from .record import RESULTS_DIR, record
+from .sizes import PAPER_ITEMS, random_model
 
 
 def measure(steps: list[int], items: int, optimize: bool, workdir: Path) -> list[dict]:
@@ -41,7 +42,7 @@ def measure(steps: list[int], items: int, optimize: bool, workdir: Path) -> list
 
 @click.command()
 @click.option("--steps", default="5,20,50", show_default=True)
-@click.option("--items", default=12101, show_default=True)
+@click.option("--items", default=PAPER_ITEMS, show_default=True)
 @click.option("--optimize", is_flag=True, help="also write ORT's offline-optimized graph")
 @click.option("--out", "out_dir", default=str(RESULTS_DIR), show_default=True)
 def main(steps, items, optimize, out_dir):

@@ -10,49 +10,35 @@ On a machine without CUDA, ``--device cpu`` runs the same code on small sizes (a
 from __future__ import annotations
 
 import json
-import time
 import traceback
 from pathlib import Path
 
 import click
 import numpy as np
 
+from cddrec.parity import compare_topk
+
+from .sizes import PAPER_ITEMS
+from .timer import time_calls
+
 
 def _timer(device: str):
+    """``run(fn, seconds, batch) -> Timing`` through the one benchmark timer, synchronizing CUDA."""
     import torch
 
-    if device.startswith("cuda"):
-        def run(fn, seconds: float, min_runs: int = 20):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            times = []
-            t_end = time.perf_counter() + seconds
-            while len(times) < min_runs or time.perf_counter() < t_end:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            return np.asarray(times)
-    else:
-        def run(fn, seconds: float, min_runs: int = 5):
-            for _ in range(2):
-                fn()
-            times = []
-            t_end = time.perf_counter() + seconds
-            while len(times) < min_runs or time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1000)
-            return np.asarray(times)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+
+    def run(fn, seconds: float, batch: int):
+        return time_calls(lambda i: fn(), batch, warmup=3, min_runs=20, min_seconds=seconds, sync=sync).as_dict()
+
     return run
 
 
-def _summary(ms: np.ndarray, batch: int) -> dict:
-    return {"batch": batch, "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "users_per_s": float(batch / (ms.mean() / 1000)), "runs": len(ms)}
+def _parity(got, ref) -> dict:
+    """The one comparator on (items, scores, ...) tensors of a variant and of the reference."""
+    p = compare_topk(got[0].cpu().numpy(), got[1].float().cpu().numpy(), ref[0].cpu().numpy(),
+                     ref[1].float().cpu().numpy())
+    return {"max_abs_score_diff": p.max_abs_diff, "top10_overlap": p.overlap, "mismatches_beyond_ties": p.topk_mismatches}
 
 
 class CudaGraphRunner:
@@ -81,7 +67,7 @@ class CudaGraphRunner:
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--device", default="cuda", show_default=True)
-@click.option("--items", default=12101, show_default=True)
+@click.option("--items", default=PAPER_ITEMS, show_default=True)
 @click.option("--batch-sizes", default="1,64,256,1024,4096", show_default=True)
 @click.option("--seconds", default=0.5, show_default=True, help="timed seconds per variant and batch size")
 @click.option("--compile/--no-compile", "do_compile", default=True)
@@ -138,14 +124,10 @@ def main(out_dir, device, items, batch_sizes, seconds, do_compile):
             x = torch.as_tensor(rng.integers(1, items + 1, size=(b, cfg.max_len)), device=device)
             try:
                 with torch.no_grad():
-                    ms = timer(lambda fn=fn, x=x: fn(x), seconds)
+                    rows.append(timer(lambda fn=fn, x=x: fn(x), seconds, b))
                     ref = reference_topk(model, x, 10, plain=True)
                     got = fn(x)
-                rows.append(_summary(ms, b))
-                report["parity"].setdefault(name, {})[str(b)] = {
-                    "max_abs_score_diff": float((got[1].float() - ref[1]).abs().max()),
-                    "top10_overlap": float(np.mean([len(set(a) & set(r)) / 10 for a, r in
-                                                    zip(got[0].tolist(), ref[0].tolist())]))}
+                report["parity"].setdefault(name, {})[str(b)] = _parity(got, ref)
             except Exception as e:  # noqa: BLE001 - record and go on
                 report["errors"][f"{name}@{b}"] = "".join(traceback.format_exception_only(type(e), e))[-500:]
         report["variants"][name] = rows
@@ -156,12 +138,10 @@ def main(out_dir, device, items, batch_sizes, seconds, do_compile):
             x = torch.as_tensor(rng.integers(1, items + 1, size=(b, cfg.max_len)), device=device)
             try:
                 runner = CudaGraphRunner(unrolled, x)
-                ms = timer(lambda runner=runner, x=x: runner(x), seconds)
-                rows.append(_summary(ms, b))
+                rows.append(timer(lambda runner=runner, x=x: runner(x), seconds, b))
                 ref = reference_topk(model, x, 10, plain=True)
                 got = runner(x)
-                report["parity"].setdefault("unrolled-cudagraph", {})[str(b)] = {
-                    "max_abs_score_diff": float((got[1] - ref[1]).abs().max())}
+                report["parity"].setdefault("unrolled-cudagraph", {})[str(b)] = _parity(got, ref)
             except Exception as e:  # noqa: BLE001
                 report["errors"][f"cudagraph@{b}"] = repr(e)[-500:]
         report["variants"]["unrolled-cudagraph"] = rows
@@ -171,9 +151,9 @@ def main(out_dir, device, items, batch_sizes, seconds, do_compile):
         import tempfile
 
         from cddrec.checkpoint import save_checkpoint
-        from cddrec.data import Vocab
         from cddrec.export.onnx_export import export_model
         from cddrec.runtime.backends import load_backend
+        from cddrec.vocab import Vocab
 
         tmp = Path(tempfile.mkdtemp())
         save_checkpoint(tmp / "m.pt", model.cpu(), Vocab.build(str(i) for i in range(items)), torch.ones(items + 2))
@@ -194,8 +174,7 @@ def main(out_dir, device, items, batch_sizes, seconds, do_compile):
             rows = []
             for b in sizes:
                 ids = rng.integers(1, items + 1, size=(b, cfg.max_len)).astype(np.int64)
-                ms = _timer("cpu")(lambda be=be, ids=ids: be.infer({"item_ids": ids}), seconds)  # host round trip
-                rows.append(_summary(ms, b))
+                rows.append(_timer("cpu")(lambda be=be, ids=ids: be.infer({"item_ids": ids}), seconds, b))  # host trip
             report["variants"][name] = rows
             save()
     except Exception as e:  # noqa: BLE001

@@ -20,8 +20,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .latency import random_model
 from .record import RESULTS_DIR, record
+from .sizes import PAPER_ITEMS, random_model
 
 # cddrec-infer with its own peak resident memory printed at exit (VmHWM starts afresh at exec;
 # ru_maxrss would include what the parent held when it forked)
@@ -54,20 +54,20 @@ def write_requests(path: Path, keys: list[str], lines: int, seed: int = 0) -> No
 @click.command()
 @click.option("--lines", default=1_000_000, show_default=True)
 @click.option("--model", "graph", default=None, help="exported graph; default: a random paper-size model")
-@click.option("--items", default=12101, show_default=True)
+@click.option("--items", default=PAPER_ITEMS, show_default=True)
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--backend", default="ort-cpu", show_default=True)
 @click.option("--out", "out_dir", default=str(RESULTS_DIR), show_default=True)
 def main(lines, graph, items, batch_size, backend, out_dir):
     from cddrec.export.onnx_export import export_model
-    from cddrec.runtime.recommender import info_from_graph
+    from cddrec.runtime.recommender import read_serving_info
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if graph is None:
             export_model(random_model(tmp / "m.pt", items), tmp / "m.onnx", k=10)
             graph = str(tmp / "m.onnx")
-        keys = info_from_graph(graph).vocab.keys
+        keys = read_serving_info(graph).vocab.keys
         req = tmp / "requests.jsonl"
         t0 = time.perf_counter()
         write_requests(req, keys, lines)

@@ -19,37 +19,27 @@ Letters: d hidden, L length, T steps, V item rows, H heads.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
+import queue
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cddrec.contract import DEFAULT_K
+from cddrec.errors import BackendUnavailable
+
+from .sizes import PAPER_ITEMS, random_model
+from .timer import Timing, time_calls
 
 ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "trt")
 
 
 # ---------------------------------------------------------------------------- the floor
-def flops_per_user(d: int, L: int, T: int, V: int, layers: int = 1, plain: bool = False) -> dict[str, float]:
-    """Multiply-adds x 2 per user. ``plain``: the reference decodes all L positions and projects
-    keys/values at every step; otherwise one position and one projection (the exported graph)."""
-    enc = layers * L * (8 * d * d + 16 * d * d + 4 * L * d)  # QKVO, FFN (4d), attention scores + mix
-    kv = 4 * L * d * d  # decoder key/value projections of the history
-    step = 4 * d * d + 4 * L * d  # query + output projections, attention over L keys
-    if plain:
-        dec = T * (kv + L * step)
-        kv_once = 0
-    else:
-        dec = T * step
-        kv_once = kv if T else 0
-    out = {"encoder": enc, "decoder_kv": kv_once, "decoder_steps": dec, "scoring": 2 * d * V}
-    out["total"] = float(sum(out.values()))
-    return out
-
-
 def matmul_peak(threads: int = 0, n: int = 2048, seconds: float = 1.0) -> float:
     """Measured fp32 matmul GFLOP/s on the CPU (n x n by n x n)."""
     import torch
@@ -67,76 +57,23 @@ def matmul_peak(threads: int = 0, n: int = 2048, seconds: float = 1.0) -> float:
 
 
 # ------------------------------------------------------------------------- backends
-class _CompiledTorch:
-    """torch.compile of the unrolled graph module (hoisted, last position, masking, top-k)."""
-
-    def __init__(self, model_path: str, k: int, device: str):
-        import torch
-
-        from cddrec.checkpoint import load_checkpoint
-        from cddrec.export.graph import UnrolledRecommender
-
-        model, _ = load_checkpoint(model_path)
-        self.device = torch.device(device)
-        self.module = torch.compile(UnrolledRecommender(model.to(self.device), k).eval(), dynamic=False)
-        self.name, self.load_seconds = "torch-compile", 0.0
-
-    def infer(self, feed):
-        import torch
-
-        with torch.no_grad():
-            items, scores, user = self.module(torch.from_numpy(feed["item_ids"]).to(self.device))
-        return {"top_items": items.cpu().numpy(), "top_scores": scores.cpu().numpy(), "user_embedding": user.cpu().numpy()}
-
-
-class _FastTorch:
-    """Eager PyTorch on the model's hoisted last-position path (no export)."""
-
-    def __init__(self, model_path: str, k: int, device: str):
-        import torch
-
-        from cddrec.checkpoint import load_checkpoint
-
-        self.model, _ = load_checkpoint(model_path)
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        self.k, self.name, self.load_seconds = k, "torch-fast", 0.0
-
-    def infer(self, feed):
-        import torch
-
-        from cddrec.inference import reference_topk
-
-        ids = torch.from_numpy(feed["item_ids"]).to(self.device)
-        items, scores, user = reference_topk(self.model, ids, self.k, plain=False)
-        return {"top_items": items.cpu().numpy(), "top_scores": scores.cpu().numpy(), "user_embedding": user.cpu().numpy()}
-
-
 def make_backend(name: str, model_pt: str | None, graph: str | None, engine: str | None, k: int, threads: int):
-    import torch
+    """A backend by name (``cddrec.runtime.backends``), on the file it reads."""
+    from cddrec.runtime.backends import GRAPH_BACKENDS, MODEL_BACKENDS, load_backend
 
-    from cddrec.runtime.backends import BackendUnavailable, load_backend
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    if name in ("torch", "torch-fast", "torch-compile") and not model_pt:
+    if name in MODEL_BACKENDS and not model_pt:
         raise BackendUnavailable(f"{name} needs the model file (model.pt), not only a graph")
-    if name == "torch":
-        be = load_backend(model_pt, "torch", k=k, threads=threads)
-    elif name == "torch-fast":
-        be = _FastTorch(model_pt, k, device)
-    elif name == "torch-compile":
-        be = _CompiledTorch(model_pt, k, device)
-    elif name in ("ort-cpu", "ort-cuda"):
-        be = load_backend(graph, name, k=k, threads=threads)
-    elif name == "trt":
-        if not engine:
-            raise BackendUnavailable("trt needs an engine: install TensorRT (pip install tensorrt)")
-        be = load_backend(engine, "trt")
-    else:
-        raise ValueError(f"unknown backend {name!r}; choose from {ALL_BACKENDS}")
+    if name == "trt" and not engine:
+        raise BackendUnavailable("trt needs an engine: install TensorRT (pip install tensorrt)")
+    path = model_pt if name in MODEL_BACKENDS else engine if name == "trt" else graph
+    if name not in MODEL_BACKENDS + GRAPH_BACKENDS + ("trt",):
+        path = model_pt or graph
+    be = load_backend(path, name, k=k, threads=threads)
     be.load_seconds = time.perf_counter() - t0
     return be
 
@@ -154,33 +91,10 @@ def status_mb(field: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if field == "VmHWM" else float("nan")
 
 
-@dataclass
-class Timing:
-    batch: int
-    runs: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-    users_per_s: float
-
-
 def time_backend(be, inputs: list[np.ndarray], warmup: int, min_runs: int, min_seconds: float) -> Timing:
-    batch = inputs[0].shape[0]
-    for i in range(warmup):
-        be.infer({"item_ids": inputs[i % len(inputs)]})
-    lat: list[float] = []
-    t_start = time.perf_counter()
-    while len(lat) < min_runs or time.perf_counter() - t_start < min_seconds:
-        x = inputs[len(lat) % len(inputs)]
-        t0 = time.perf_counter()
-        be.infer({"item_ids": x})
-        lat.append(time.perf_counter() - t0)
-        if len(lat) >= 10_000:
-            break
-    a = np.asarray(lat) * 1000
-    return Timing(batch, len(a), float(np.percentile(a, 50)), float(np.percentile(a, 90)), float(np.percentile(a, 99)),
-                  float(a.mean()), float(batch / (a.mean() / 1000)))
+    """Time ``be.infer`` cycling through a pool of (B, L) inputs made before timing."""
+    return time_calls(lambda i: be.infer({"item_ids": inputs[i % len(inputs)]}), inputs[0].shape[0], warmup=warmup,
+                      min_runs=min_runs, min_seconds=min_seconds)
 
 
 def _worker(q, name, model_pt, graph, engine, k, threads, batch_sizes, L, V, warmup, min_runs, min_seconds, seed):
@@ -193,7 +107,7 @@ def _worker(q, name, model_pt, graph, engine, k, threads, batch_sizes, L, V, war
         rows = []
         for b in batch_sizes:
             pool = [rng.integers(1, V - 1, size=(b, L)).astype(np.int64) for _ in range(4)]
-            rows.append(time_backend(be, pool, warmup, min_runs, min_seconds).__dict__)
+            rows.append(time_backend(be, pool, warmup, min_runs, min_seconds).as_dict())
         peak = status_mb("VmHWM")
         q.put({"backend": name, "load_seconds": be.load_seconds, "rss_before_mb": base, "peak_rss_mb": peak,
                "timings": rows})
@@ -209,7 +123,7 @@ def run_isolated(name: str, **kwargs) -> dict:
     p.start()
     try:
         res = q.get(timeout=kwargs.get("min_seconds", 1) * 200 + 900)
-    except Exception:  # noqa: BLE001
+    except queue.Empty:
         res = {"backend": name, "error": "no result (crashed or timed out)"}
     p.join(timeout=30)
     if p.is_alive():
@@ -218,32 +132,17 @@ def run_isolated(name: str, **kwargs) -> dict:
 
 
 # ---------------------------------------------------------------------------- the run
-def random_model(path: str | Path, items: int, hidden_size: int = 128, steps: int = 20, max_len: int = 20,
-                 heads: int = 4, seed: int = 0) -> Path:
-    """A model file with random weights (speed does not depend on the weights)."""
-    import torch
-
-    from cddrec.checkpoint import save_checkpoint
-    from cddrec.config import CDDRecConfig
-    from cddrec.data import Vocab
-    from cddrec.model import CDDRec
-
-    torch.manual_seed(seed)
-    cfg = CDDRecConfig(num_items=items, hidden_size=hidden_size, steps=steps, max_len=max_len, num_heads=heads)
-    model = CDDRec(cfg).eval()
-    save_checkpoint(path, model, Vocab.build(str(i) for i in range(items)), torch.ones(cfg.num_rows, dtype=torch.long))
-    return Path(path)
-
-
-def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items: int = 12101, k: int = 10,
+def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items: int = PAPER_ITEMS, k: int = DEFAULT_K,
               threads: int = 0, warmup: int = 3, min_runs: int = 10, min_seconds: float = 1.0,
               workdir: str | Path | None = None, trt_fp16: bool = False, echo=print) -> dict:
     """Benchmark ``backends`` on ``model`` ("random", a model.pt or a model.onnx)."""
     import torch
 
     from cddrec.checkpoint import read_checkpoint
+    from cddrec.config import CDDRecConfig
     from cddrec.export.onnx_export import export_model
-    from cddrec.runtime.recommender import info_from_graph
+    from cddrec.model import flops_per_user
+    from cddrec.runtime.session import graph_metadata
 
     tmp = Path(workdir or tempfile.mkdtemp(prefix="cddrec-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -254,13 +153,10 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
         graph = model
     else:
         model_pt = model
-    if model_pt:
-        cfg = read_checkpoint(model_pt)["config"]
-        d, L, V = cfg["hidden_size"], cfg["max_len"], cfg["num_items"] + 2
-        T, layers = (cfg["steps"] if cfg["decoder"] else 0), cfg["num_layers"]
-    else:
-        info = info_from_graph(graph)
-        d, L, V, T, layers = info.d, info.L, info.num_items + 2, info.T, 1
+    # the model's own config: from the model file, or the one every export stores in its metadata
+    cfg = CDDRecConfig.from_dict(read_checkpoint(model_pt)["config"] if model_pt else
+                                 json.loads(graph_metadata(graph)["config"]))
+    d, L, V, T, layers = cfg.hidden_size, cfg.max_len, cfg.num_rows, cfg.decoder_steps, cfg.num_layers
     needs_graph = any(b in ("ort-cpu", "ort-cuda", "trt") for b in backends)
     export_seconds = None
     if needs_graph and graph is None:
@@ -273,8 +169,8 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     threads = threads or (os.cpu_count() or 1)
     echo(f"measuring the fp32 matmul peak on {threads} threads ...")
     peak = matmul_peak(threads)
-    fl = flops_per_user(d, L, T, V, layers)
-    fl_plain = flops_per_user(d, L, T, V, layers, plain=True)
+    fl = flops_per_user(cfg)
+    fl_plain = flops_per_user(cfg, plain=True)
     floor = peak * 1e9 / fl["total"]
     results = []
     for name in backends:

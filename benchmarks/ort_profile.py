@@ -1,6 +1,6 @@
 """Where ONNX Runtime CPU spends its time: share of kernel time per op type in the exported graph.
 
-    python -m cddrec.benchmarks.ort_profile [--items 12101] [--batch 256] [--runs 20]
+    python -m cddrec.benchmarks.ort_profile [--items PAPER_ITEMS] [--batch 256] [--runs 20]
 
 Random weights of the paper's size (d=128, L=20, T=20, 4 heads); the graph is exported with
 validation and run with ORT's profiler on full-length random histories. The FLOPs in MatMul
@@ -17,10 +17,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from cddrec.export.onnx_export import export_model, ort_session
+from cddrec.checkpoint import load_checkpoint
+from cddrec.contract import DEFAULT_K
+from cddrec.export.onnx_export import export_model
+from cddrec.runtime.session import ort_session
 
-from .latency import flops_per_user, matmul_peak, random_model
+from .latency import matmul_peak
 from .record import RESULTS_DIR, record
+from .sizes import PAPER_ITEMS, random_model
 
 
 def profile_graph(graph: Path, batch: int, runs: int, items: int, L: int, threads: int, workdir: Path) -> dict:
@@ -39,18 +43,20 @@ def profile_graph(graph: Path, batch: int, runs: int, items: int, L: int, thread
 
 
 @click.command()
-@click.option("--items", default=12101, show_default=True)
+@click.option("--items", default=PAPER_ITEMS, show_default=True)
 @click.option("--batch", default=256, show_default=True)
 @click.option("--runs", default=20, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="0 = all cores")
 @click.option("--out", "out_dir", default=str(RESULTS_DIR), show_default=True)
 def main(items, batch, runs, threads, out_dir):
-    d, L, T = 128, 20, 20
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        export_model(random_model(tmp / "r.pt", items), tmp / "m.onnx", k=10)
+        model, _ = load_checkpoint(random_model(tmp / "r.pt", items))
+        cfg = model.cfg
+        d, L, T = cfg.hidden_size, cfg.max_len, cfg.decoder_steps
+        export_model(tmp / "r.pt", tmp / "m.onnx", k=DEFAULT_K)
         res = profile_graph(tmp / "m.onnx", batch, runs, items, L, threads, tmp)
-    flops = flops_per_user(d, L, T, items + 2)["total"] * batch
+    flops = model.flops_per_user()["total"] * batch
     res.update({"items": items, "flops_per_run": flops, "matmul_peak_gflops": matmul_peak(threads),
                 "achieved_gflops": flops / (res["kernel_ms_per_run"] / 1e3) / 1e9})
     rows = ["| op type | share of kernel time | ms per run |", "|---|---|---|"]

@@ -25,16 +25,13 @@ from pathlib import Path
 import torch
 
 from .config import CDDRecConfig
-from .data import Vocab
+from .errors import CheckpointError
 from .io import atomic_path
 from .model import CDDRec
+from .vocab import Vocab
 
 FORMAT = "cddrec"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A model file that is missing, corrupt, of another format or of another version."""
 
 
 def save_checkpoint(path: str | Path, model: CDDRec, vocab: Vocab, popularity: torch.Tensor,

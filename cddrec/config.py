@@ -95,6 +95,11 @@ class CDDRecConfig:
     def mask_id(self) -> int:
         return self.num_items + 1
 
+    @property
+    def decoder_steps(self) -> int:
+        """Denoising steps the model runs: T, or 0 for the plain SASRec baseline (no decoder)."""
+        return self.steps if self.decoder else 0
+
     def replace(self, **changes: Any) -> "CDDRecConfig":
         d = asdict(self)
         d.update(changes)

@@ -20,26 +20,19 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .data import EvalSplit, SequenceData, Vocab, eval_split, typed_key
+from .data import EvalSplit, SequenceData, eval_split
+from .inference import exclude_items
 from .io import atomic_open
+from .metrics import TOPK, metrics_from_ranks
 from .model import CDDRec
-
-RECALL_KS = (1, 5, 10, 20)
-NDCG_KS = (5, 10, 20)
-TOPK = 40  # the paper's truncation for MRR@40 and Avg.Change
-METRIC_KEYS = tuple([f"R@{k}" for k in RECALL_KS] + [f"N@{k}" for k in NDCG_KS] + ["MRR", "MRR@40"])
+from .vocab import Vocab, typed_key
 
 
-def mask_scores(scores: torch.Tensor, num_items: int, seen_rows: np.ndarray | None = None,
-                seen_items: np.ndarray | None = None) -> torch.Tensor:
-    """In place: -inf for padding (0), the mask token (N+1) and seen (row, item) pairs."""
-    scores[:, 0] = float("-inf")
-    scores[:, num_items + 1:] = float("-inf")
-    if seen_rows is not None and len(seen_rows):
-        r = torch.as_tensor(seen_rows, device=scores.device)
-        c = torch.as_tensor(seen_items, device=scores.device)
-        scores[r, c] = float("-inf")
-    return scores
+def mask_scores(scores: torch.Tensor, num_items: int, seen: np.ndarray | None = None) -> torch.Tensor:
+    """-inf for padding (0), the mask token (N+1) and the seen items (B, S) of each row."""
+    excluded = torch.as_tensor(seen if seen is not None else np.zeros((len(scores), 1), np.int64),
+                               device=scores.device)
+    return exclude_items(scores, excluded, num_items, float("-inf"))
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -48,20 +41,6 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     higher = (scores > s).sum(1)
     ties = (scores == s).sum(1) - 1
     return higher + ties
-
-
-def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
-    """R@K, N@K (one relevant item: 1/log2(rank+2) if rank < K), MRR and MRR@40."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    out: dict[str, float] = {}
-    for k in RECALL_KS:
-        out[f"R@{k}"] = float(np.mean(ranks < k))
-    for k in NDCG_KS:
-        out[f"N@{k}"] = float(np.mean(np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)))
-    rr = 1.0 / (ranks + 1.0)
-    out["MRR"] = float(np.mean(rr))
-    out["MRR@40"] = float(np.mean(np.where(ranks < TOPK, rr, 0.0)))
-    return out
 
 
 def avg_change(top_scores: torch.Tensor) -> torch.Tensor:
@@ -105,12 +84,12 @@ def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: 
         rows = np.arange(start, min(start + batch_size, len(split)))
         hist = torch.as_tensor(split.histories[rows], device=device)
         tgt = torch.as_tensor(split.targets[rows], device=device)
-        seen_r, seen_i = split.seen(rows)
+        seen = split.seen(rows)  # (B, S)
         e_s, bias = model.encode(hist)
         final, states = model.reverse(e_s, bias, last_only=True, return_all=stages)
         per_state = states if stages else [final]
         for j, x in enumerate(per_state):
-            scores = mask_scores(model.scores(x[:, 0]), N, seen_r, seen_i)  # (B, V)
+            scores = mask_scores(model.scores(x[:, 0]), N, seen)  # (B, V)
             r = target_ranks(scores, tgt).cpu().numpy()
             top = scores.topk(k_top, dim=1)
             ch = avg_change(top.values[:, :TOPK]).cpu().numpy()
@@ -182,7 +161,7 @@ def evaluate_popularity(popularity: np.ndarray, split: EvalSplit, num_items: int
     ranks = []
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))
-        scores = mask_scores(pop.expand(len(rows), -1).clone(), num_items, *split.seen(rows))
+        scores = mask_scores(pop.expand(len(rows), -1), num_items, split.seen(rows))
         ranks.append(target_ranks(scores, torch.as_tensor(split.targets[rows])).numpy())
     out = metrics_from_ranks(np.concatenate(ranks))
     out["users"] = int(len(split))

@@ -1,25 +1,24 @@
-"""The plain PyTorch reference for serving: top-k with seen-item masking.
+"""The plain PyTorch reference for serving, and the one masking rule.
 
-Every fast path (the exported ONNX graph, TensorRT engines, the model's hoisted
+Every fast path (the exported ONNX graph, TensorRT engines, CUDA graphs, the model's hoisted
 last-position path) is checked against ``reference_topk``: the plain eager model, its Python
 loop over the T steps decoding every position and projecting the history at every step.
 
 ``item_ids`` (B, S), S >= 1, left-padded with 0: the most recent L items feed the model and
-all S are excluded from the ranking, together with the padding row and the mask token.
-Excluded items get ``MASK_SCORE``, a large finite negative that fp16 can represent, so a
-history of padding only never produces NaN and TopK never sees -inf.
+all S are excluded from the ranking, together with the padding row and the mask token
+(``exclude_items``, used by evaluation, the reference and the graph alike).
 
 Letters: B batch, S history length given, L model length, V = N + 2 item rows, K top-k.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .contract import MASK_SCORE
 from .model import CDDRec
-
-MASK_SCORE = -30000.0
 
 
 def fit_history(item_ids: torch.Tensor, L: int) -> torch.Tensor:
@@ -29,14 +28,14 @@ def fit_history(item_ids: torch.Tensor, L: int) -> torch.Tensor:
     return F.pad(item_ids, (L, 0))[:, -L:]
 
 
-def exclusion_mask(item_ids: torch.Tensor, num_items: int) -> torch.Tensor:
-    """(B, V) bool: the history items, padding (0) and the mask token (N + 1)."""
-    B = item_ids.shape[0]
-    seen = torch.zeros(B, num_items + 2, dtype=torch.bool, device=item_ids.device)
-    seen.scatter_(1, item_ids, True)
-    seen[:, 0] = True
-    seen[:, num_items + 1] = True
-    return seen
+def exclude_items(scores: torch.Tensor, excluded: torch.Tensor, num_items: int, value: float) -> torch.Tensor:
+    """The masking rule: ``value`` at every id of ``excluded`` (B, S) (0 entries are padding), at
+    the padding row 0 and at the mask token N + 1 of ``scores`` (B, V); one scatter, out of place.
+
+    Evaluation passes -inf (a seen item can never tie the target); serving passes ``MASK_SCORE``,
+    finite and fp16-safe, so TopK never sees -inf and an all-padding history gives no NaN."""
+    static = torch.tensor([0, num_items + 1], device=excluded.device).expand(excluded.shape[0], 2)  # (B, 2)
+    return scores.scatter(1, torch.cat([excluded, static], dim=1), value)  # (B, V)
 
 
 @torch.no_grad()
@@ -50,7 +49,7 @@ def reference_scores(model: CDDRec, item_ids: torch.Tensor, noise: torch.Tensor 
     hist = fit_history(item_ids, model.cfg.max_len)
     user = model.user_embedding(hist, noise, plain=plain)  # (B, d)
     scores = model.scores(user).float()  # (B, V)
-    return scores.masked_fill(exclusion_mask(item_ids, model.cfg.num_items), MASK_SCORE), user
+    return exclude_items(scores, item_ids, model.cfg.num_items, MASK_SCORE), user
 
 
 def reference_topk(model: CDDRec, item_ids: torch.Tensor, k: int, noise: torch.Tensor | None = None,
@@ -61,12 +60,11 @@ def reference_topk(model: CDDRec, item_ids: torch.Tensor, k: int, noise: torch.T
     return top.indices, top.values, user
 
 
-def popular_topk(popularity: torch.Tensor | None, vocab, k: int) -> list:
+def popular_topk(popularity, vocab, k: int) -> list:
     """[[item key, training count], ...] of the k most interacted items (the cold-start fallback)."""
     if popularity is None:
         return []
-    counts = torch.as_tensor(popularity, dtype=torch.float64).clone()
+    counts = np.asarray(popularity, dtype=np.float64)[: len(vocab) + 1].copy()
     counts[0] = -1  # padding
-    counts[len(vocab) + 1:] = -1  # mask token
-    ids = torch.argsort(-counts, stable=True)[:k]
-    return [[vocab.key(int(i)), int(popularity[i])] for i in ids if counts[i] >= 0]
+    ids = np.argsort(-counts, kind="stable")[:k]
+    return [[vocab.key(int(i)), int(counts[i])] for i in ids if counts[i] >= 0]

@@ -108,34 +108,35 @@ class DenoisingDecoder(nn.Module):
         # rezero: a learned gate per step, 0 at the start, so the chain starts as the identity
         self.gate = nn.Parameter(torch.zeros(steps)) if norm == "rezero" else None
 
-    def query(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        """The query input: LN(x) + e_t (pre, rezero) or x + e_t (post)."""
-        return (x if self.norm == "post" else self.ln(x)) + self.step_emb.weight[t]
+    def step_queries(self) -> torch.Tensor:
+        """W_Q e_t for every step (T, d): the step's share of the query projection, the same for
+        every user, so the fast paths compute it once (the exported graph stores it as a constant)."""
+        return self.step_emb.weight.float() @ self.attn.q.weight.float().t()  # (T, d)
 
-    def update(self, x: torch.Tensor, q_in: torch.Tensor, ctx: torch.Tensor, t: int) -> torch.Tensor:
-        """The mean mu_t of step t from the state, the query input and the attention context."""
-        out = self.drop(self.attn.o(ctx))
-        if self.norm == "post":
-            return self.ln(q_in + out)
-        return x + (out if self.gate is None else self.gate[t] * out)
+    def forward(self, x: torch.Tensor, t: int, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                rows: torch.Tensor | None = None, step_q: torch.Tensor | None = None) -> torch.Tensor:
+        """One step of the reverse chain: state x from step t+1 -> mean mu_t, same shape.
 
-    def forward(self, x: torch.Tensor, t: int, k: torch.Tensor, v: torch.Tensor,
-                bias: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """One step: state x from step t+1 -> mean mu_t, same shape.
-
-        x (B, Q, d) with bias (B, 1, Q, L); or, with ``rows`` (n,) flat positions of the
-        (B, L) grid, x (n, d) and bias (B, 1, L, L): projections and LayerNorm run on the n rows
-        only, the attention on the grid. k, v: (B, H, h, L), (B, H, L, h) from ``attn.memory(e_s)``.
+        The only implementation of the step: the training path, the plain reference, the hoisted
+        path and the exported graph all run it. x (B, Q, d) with bias (B, 1, Q, L); or, with
+        ``rows`` (n,) flat positions of the (B, L) grid, x (n, d) and bias (B, 1, L, L): projections
+        and LayerNorm run on the n rows only, the attention on the grid. k, v: (B, H, h, L),
+        (B, H, L, h) from ``attn.memory(e_s)``. ``step_q`` (T, d) from ``step_queries()`` replaces
+        the projection of e_t by a lookup: W_Q (base + e_t) + b_Q = (W_Q base + b_Q) + W_Q e_t.
         """
-        q_in = self.query(x, t)  # (B, Q, d) | (n, d)
-        q = self.attn.q(q_in)
+        base = x if self.norm == "post" else self.ln(x)  # (B, Q, d) | (n, d)
+        e_t = self.step_emb.weight[t]  # (d,)
+        q = self.attn.q(base + e_t) if step_q is None else self.attn.q(base) + step_q[t]
         if rows is None:
             ctx = self.attn.attend(q, k, v, bias)  # (B, Q, d)
         else:
             B, _, _, L = k.shape
             grid = q.new_zeros(B * L, q.shape[-1]).index_copy(0, rows, q)  # (B*L, d)
             ctx = self.attn.attend(grid.view(B, L, -1), k, v, bias).reshape(B * L, -1)[rows]  # (n, d)
-        return self.update(x, q_in, ctx, t)
+        out = self.drop(self.attn.o(ctx))
+        if self.norm == "post":
+            return self.ln(base + e_t + out)
+        return x + (out if self.gate is None else self.gate[t] * out)
 
 
 class CDDRec(nn.Module):
@@ -168,7 +169,7 @@ class CDDRec(nn.Module):
 
     @property
     def steps(self) -> int:
-        return self.cfg.steps if self.decoder is not None else 0
+        return self.cfg.decoder_steps
 
     # ------------------------------------------------------------------ encoder
     def encode(self, item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,10 +194,10 @@ class CDDRec(nn.Module):
         reproducible.
 
         The plain reference decodes every position and projects the history to keys and values
-        at every step (``hoist=False``). The fast paths, tested against it, project once
-        (``hoist``, the default), decode only the last position (``last_only``, Q = 1), or only
-        the flat positions ``rows`` (n,) of the (B, L) grid (states (n, d)); training decodes
-        just the positions that have a target this way.
+        and the step embedding to its query at every step (``hoist=False``). The fast paths,
+        tested against it, project once (``hoist``, the default), decode only the last position
+        (``last_only``, Q = 1), or only the flat positions ``rows`` (n,) of the (B, L) grid
+        (states (n, d)); training decodes just the positions that have a target this way.
 
         Returns the final state (B, Q, d) and, with ``return_all``, the states of every step
         ordered t = T-1, ..., 0.
@@ -211,11 +212,12 @@ class CDDRec(nn.Module):
         if self.decoder is None:
             return x, [x]
         kv = self.decoder.attn.memory(e_s) if hoist else None  # (B, H, h, L), (B, H, L, h)
+        step_q = self.decoder.step_queries() if hoist else None  # (T, d)
         states = []
-        for t in reversed(range(self.cfg.steps)):
+        for t in reversed(range(self.cfg.steps)):  # unrolled when traced
             k, v = kv if kv is not None else self.decoder.attn.memory(e_s)
-            mu = self.decoder(x, t, k, v, bias, rows)
-            if noise is not None:
+            mu = self.decoder(x, t, k, v, bias, rows, step_q)
+            if noise is not None and t > 0:  # the last step adds no noise (its std is 0)
                 x = mu + self.diffusion.step_std(t) * noise[t]
             elif sample and t > 0:
                 x = mu + self.diffusion.step_std(t) * torch.randn_like(mu)
@@ -242,8 +244,11 @@ class CDDRec(nn.Module):
         return x[:, -1]
 
     def scores(self, user_emb: torch.Tensor) -> torch.Tensor:
-        """Dot-product scores against every row of the item table: (B, d) -> (B, V)."""
-        return user_emb @ self.item_emb.weight.t()
+        """Dot-product scores against every row of the item table: (B, d) -> (B, V).
+
+        ``F.linear`` exports as one Gemm (transB) on the table itself, so a graph stores the table
+        once (a ``@ weight.t()`` would constant-fold into a second, transposed copy)."""
+        return F.linear(user_emb, self.item_emb.weight.to(user_emb.dtype))  # (B, V)
 
     def forward(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """item_ids (B, L) -> scores (B, V) of the last position (no masking)."""
@@ -251,3 +256,25 @@ class CDDRec(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_user(self, plain: bool = False) -> dict[str, float]:
+        """FLOPs of one user's recommendation (see ``flops_per_user``)."""
+        return flops_per_user(self.cfg, plain)
+
+
+def flops_per_user(cfg: CDDRecConfig, plain: bool = False) -> dict[str, float]:
+    """Multiply-adds x 2 per user, by part. ``plain``: the reference decodes all L positions and
+    projects keys/values at every step; otherwise one position and one projection (the exported
+    graph and the hoisted path). Scoring covers the whole item table (V = N + 2 rows)."""
+    d, L, V = cfg.hidden_size, cfg.max_len, cfg.num_rows
+    T = cfg.decoder_steps
+    enc = cfg.num_layers * L * (8 * d * d + 16 * d * d + 4 * L * d)  # QKVO, FFN (4d), attention scores + mix
+    kv = 4 * L * d * d  # decoder key/value projections of the history
+    step = 4 * d * d + 4 * L * d  # query + output projections, attention over L keys
+    if plain:
+        dec, kv_once = T * (kv + L * step), 0
+    else:
+        dec, kv_once = T * step, (kv if T else 0)
+    out = {"encoder": float(enc), "decoder_kv": float(kv_once), "decoder_steps": float(dec), "scoring": 2.0 * d * V}
+    out["total"] = float(sum(out.values()))
+    return out

@@ -17,9 +17,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, save_checkpoint
+from .batches import TrainBatches
+from .checkpoint import save_checkpoint
 from .config import CDDRecConfig
-from .data import SequenceData, TrainBatches, eval_split
+from .data import SequenceData, eval_split
+from .errors import CheckpointError
 from .evaluation import evaluate
 from .io import atomic_path
 from .losses import objective

@@ -1,53 +1,69 @@
 """Build an ONNX recommender graph from a model file, then validate it before keeping it.
 
-``build_graph`` traces ``UnrolledRecommender`` to ONNX under a ``GraphSpec``;
-``validate_graph`` checks a graph file against the spec and the PyTorch reference;
+``contract_for`` declares the graph (``cddrec.contract.GraphContract``); ``build_graph`` traces
+``UnrolledRecommender`` to ONNX under it; ``validate_graph`` checks a graph file against the
+contract and the PyTorch reference through the serving session factory and the one comparator;
 ``export_model`` does both, writing to a temporary file renamed only when validation passes.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
 from cddrec import __version__
 from cddrec.checkpoint import load_checkpoint, weights_checksum
-from cddrec.data import Vocab
-from cddrec.inference import MASK_SCORE, popular_topk, reference_scores
+from cddrec.contract import (
+    DEFAULT_K,
+    DEFAULT_OPSET,
+    FORBIDDEN_OPS,
+    MASK_SCORE,
+    POPULAR_TOPK,
+    TRT_MAX_K,
+    VOCAB_INLINE_MAX,
+    GraphContract,
+)
+from cddrec.errors import ExportError
+from cddrec.inference import popular_topk, reference_scores
 from cddrec.io import atomic_path, atomic_write_json
 from cddrec.model import CDDRec
+from cddrec.parity import compare_topk
+from cddrec.runtime.session import ort_session
+from cddrec.vocab import Vocab
 
 from .graph import UnrolledRecommender
-from .spec import DEFAULT_OPSET, GRAPH_FORMAT_VERSION, TRT_MAX_K, GraphSpec, graph_spec
-
-VOCAB_INLINE_MAX = 200_000  # larger vocabularies go to a sidecar model.vocab.json
-
-
-class ExportError(ValueError):
-    """Export or validation failed; nothing was written."""
 
 
 @dataclass
 class ExportReport:
     path: str
-    spec: dict
+    contract: dict
     graph_bytes: int = 0
     ops: dict = field(default_factory=dict)
     ops_optimized: dict = field(default_factory=dict)
     session_seconds: float = 0.0
-    max_abs_diff: dict = field(default_factory=dict)  # per validation batch size
+    parity: dict = field(default_factory=dict)  # per validation batch size: cddrec.parity.Parity as a dict
     topk_mismatches: int = 0
     export_seconds: float = 0.0
     vocab_sidecar: str | None = None
     trt_engine: str | None = None
-    notes: list = field(default_factory=list)
+
+    @property
+    def max_abs_diff(self) -> dict:
+        return {b: p["max_abs_diff"] for b, p in self.parity.items()}
+
+
+def contract_for(model: CDDRec, k: int = DEFAULT_K, *, stochastic: bool = False, fp16: bool = False,
+                 opset: int = DEFAULT_OPSET) -> GraphContract:
+    """The contract of the graph of ``model`` with top-``k`` outputs."""
+    cfg = model.cfg
+    return GraphContract(k=k, steps=model.steps, hidden=cfg.hidden_size, max_len=cfg.max_len,
+                         num_items=cfg.num_items, stochastic=stochastic, fp16=fp16, opset=opset)
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -57,8 +73,8 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def example_inputs(model: CDDRec, spec: GraphSpec, batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs of the spec's shapes (batch >= 2, history L + 3 so no axis is specialized)."""
+def example_inputs(model: CDDRec, contract: GraphContract, batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random inputs of the contract's shapes (batch >= 2, history L + 3 so no axis is specialized)."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.cfg
     S = cfg.max_len + 3
@@ -66,46 +82,46 @@ def example_inputs(model: CDDRec, spec: GraphSpec, batch: int = 3, seed: int = 0
     lens = torch.randint(1, S + 1, (batch,), generator=g)
     ids[torch.arange(S).view(1, -1) < (S - lens).view(-1, 1)] = 0  # left padding
     feed = {"item_ids": ids}
-    if spec.kind == "stochastic":
+    if contract.stochastic:
         feed["noise"] = torch.randn(model.steps, batch, cfg.hidden_size, generator=g)
     return feed
 
 
-def build_graph(model: CDDRec, path: str | Path, spec: GraphSpec, exporter: str = "torchscript") -> None:
-    """Trace the unrolled recommender to ONNX at ``path`` following ``spec``."""
-    k = spec.outputs[0].shape[1]
-    module = UnrolledRecommender(model, k, stochastic=spec.kind == "stochastic", fp16=spec.fp16).eval()
-    args = tuple(example_inputs(model, spec).values())
+def build_graph(model: CDDRec, path: str | Path, contract: GraphContract, exporter: str = "torchscript") -> None:
+    """Trace the unrolled recommender to ONNX at ``path`` following ``contract``."""
+    module = UnrolledRecommender(model, contract.k, stochastic=contract.stochastic, fp16=contract.fp16).eval()
+    args = tuple(example_inputs(model, contract).values())
     with torch.no_grad(), warnings.catch_warnings():
         # tracing notes (constant folding of Slice, TracerWarnings) are expected and harmless
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         if exporter == "torchscript":
-            torch.onnx.export(module, args, str(path), input_names=spec.input_names,
-                              output_names=spec.output_names, dynamic_axes=spec.dynamic_axes,
-                              opset_version=spec.opset, do_constant_folding=True, dynamo=False)
+            torch.onnx.export(module, args, str(path), input_names=contract.input_names,
+                              output_names=contract.output_names, dynamic_axes=contract.dynamic_axes,
+                              opset_version=contract.opset, do_constant_folding=True, dynamo=False)
         elif exporter == "dynamo":
             try:
                 import onnxscript  # noqa: F401
             except ImportError as e:
                 raise ExportError("the dynamo exporter needs onnxscript (pip install onnxscript)") from e
-            dims = {name: {i: torch.export.Dim.AUTO for i in axes} for name, axes in spec.dynamic_axes.items()
-                    if name in spec.input_names}
-            prog = torch.onnx.export(module, args, input_names=spec.input_names, output_names=spec.output_names,
-                                     dynamic_shapes=dims, opset_version=spec.opset, dynamo=True)
+            dims = {name: {i: torch.export.Dim.AUTO for i in axes} for name, axes in contract.dynamic_axes.items()
+                    if name in contract.input_names}
+            prog = torch.onnx.export(module, args, input_names=contract.input_names,
+                                     output_names=contract.output_names, dynamic_shapes=dims,
+                                     opset_version=contract.opset, dynamo=True)
             prog.save(str(path))
         else:
             raise ExportError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
 
 
-def add_metadata(path: str | Path, meta: dict[str, object]) -> None:
+def write_metadata(path: str | Path, meta: dict[str, str]) -> None:
     m = onnx.load(str(path))
     del m.metadata_props[:]
     for key, value in meta.items():
         entry = m.metadata_props.add()
         entry.key = key
-        entry.value = value if isinstance(value, str) else json.dumps(value)
+        entry.value = value
     m.producer_name, m.producer_version = "cddrec", __version__
     onnx.save(m, str(path))
 
@@ -116,79 +132,52 @@ def read_metadata(path_or_model) -> dict[str, str]:
     return {p.key: p.value for p in m.metadata_props}
 
 
-def ort_session(path: str | Path, providers: list[str] | None = None, threads: int = 0, opt_path: str | None = None,
-                profile_prefix: str | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if profile_prefix:  # per-node timings, written by session.end_profiling()
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    if opt_path:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        so.optimized_model_filepath = str(opt_path)
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
-
-
-def validate_graph(path: str | Path, model: CDDRec, spec: GraphSpec, report: ExportReport | None = None,
+def validate_graph(path: str | Path, model: CDDRec, contract: GraphContract, report: ExportReport | None = None,
                    seed: int = 1234) -> ExportReport:
-    """Check a graph file against its spec and the PyTorch reference; raise ExportError if not.
+    """Check a graph file against its contract and the PyTorch reference; raise ExportError if not.
 
-    ONNX checker; no Loop/Scan/If and no random op; an ONNX Runtime CPU session; fresh random
-    histories at each validation batch size: top_scores within ``spec.atol`` of the reference
-    and top_items identical except where the reference scores tie.
+    ONNX checker; no Loop/Scan/If and no random op; the serving ONNX Runtime session (CPU); fresh
+    random histories at each validation batch size: top_scores within the contract's tolerance of
+    the reference and top_items identical except where the reference scores tie
+    (``cddrec.parity.compare_topk``).
     """
-    report = report or ExportReport(path=str(path), spec=asdict(spec))
+    report = report or ExportReport(path=str(path), contract=asdict(contract))
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise ExportError(f"ONNX checker rejected the graph: {e}") from e
     proto = onnx.load(str(path))
     report.ops = op_counts(proto)
-    bad = sorted(set(report.ops) & set(spec.forbidden_ops))
+    bad = sorted(set(report.ops) & set(FORBIDDEN_OPS))
     if bad:
         raise ExportError(f"graph contains forbidden ops {bad} (the steps must be unrolled, no random ops)")
     names_in = [i.name for i in proto.graph.input]
     names_out = [o.name for o in proto.graph.output]
-    if names_in != spec.input_names or names_out != spec.output_names:
-        raise ExportError(f"graph inputs/outputs {names_in}/{names_out} differ from the spec "
-                          f"{spec.input_names}/{spec.output_names}")
+    if names_in != contract.input_names or names_out != contract.output_names:
+        raise ExportError(f"graph inputs/outputs {names_in}/{names_out} differ from the contract "
+                          f"{contract.input_names}/{contract.output_names}")
     t0 = time.perf_counter()
     sess = ort_session(path)
     report.session_seconds = round(time.perf_counter() - t0, 4)
-    k = spec.outputs[0].shape[1]
+    rtol, atol = contract.tolerance
     mismatches = 0
-    for i, batch in enumerate(spec.validate_batches):
-        feed = example_inputs(model, spec, batch=batch, seed=seed + i)
+    for i, batch in enumerate(contract.validate_batches):
+        feed = example_inputs(model, contract, batch=batch, seed=seed + i)
         full, _ = reference_scores(model, feed["item_ids"], feed.get("noise"))  # (B, V)
-        ref_scores, ref_items = full.topk(k, dim=1)
-        items, scores, user = sess.run(spec.output_names, {n: v.numpy() for n, v in feed.items()})
-        diff = float(np.abs(scores - ref_scores.numpy()).max())
-        report.max_abs_diff[str(batch)] = diff
-        tol = spec.atol * (max(1.0, float(ref_scores[ref_scores > MASK_SCORE].abs().max())) if spec.fp16 else 1.0)
-        if not diff <= tol:
-            raise ExportError(f"batch {batch}: max |score difference| {diff:.3g} exceeds {tol:.3g}")
-        mismatches += _topk_mismatches(items, ref_items.numpy(), ref_scores.numpy(), full.numpy(), tol)
+        ref_scores, ref_items = full.topk(contract.k, dim=1)
+        items, scores, _ = sess.run(contract.output_names, {n: v.numpy() for n, v in feed.items()})
+        p = compare_topk(items, scores, ref_items.numpy(), ref_scores.numpy(), full.numpy(), rtol=rtol, atol=atol)
+        report.parity[str(batch)] = p.as_dict()
+        if not p.max_abs_diff <= p.tolerance:
+            raise ExportError(f"batch {batch}: max |score difference| {p.max_abs_diff:.3g} exceeds {p.tolerance:.3g}")
+        mismatches += p.topk_mismatches
     report.topk_mismatches = mismatches
-    if mismatches and not spec.fp16:
+    if mismatches and not contract.fp16:
         raise ExportError(f"{mismatches} top-k ids differ from the reference beyond exact ties")
     return report
 
 
-def _topk_mismatches(items: np.ndarray, ref_items: np.ndarray, ref_scores: np.ndarray, full: np.ndarray,
-                     tol: float) -> int:
-    """Top-k positions whose id differs from the reference and is not an exact tie: the graph's
-    item must have, in the reference, the score the reference ranks at that position."""
-    rows, cols = np.nonzero(items != ref_items)
-    their = full[rows, items[rows, cols]]
-    return int((np.abs(their - ref_scores[rows, cols]) > tol).sum())
-
-
-def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset: int = DEFAULT_OPSET,
+def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K, opset: int = DEFAULT_OPSET,
                  fp16: bool = False, stochastic: bool = False, optimize: bool = False, exporter: str = "torchscript",
                  vocab_sidecar: bool | None = None, trt_engine: str | Path | None = None,
                  trt_fp16: bool = False, trt_max_batch: int = 1024, trt_opt_batch: int = 256,
@@ -204,47 +193,44 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
         from .tensorrt import import_tensorrt
 
         import_tensorrt()  # fail before writing anything when TensorRT is missing
-    spec = graph_spec(k=k, d=cfg.hidden_size, steps=model.steps, stochastic=stochastic, fp16=fp16, opset=opset)
     out = Path(out)
-    report = ExportReport(path=str(out), spec=asdict(spec))
     vocab = Vocab.from_dict(ckpt["vocab"])
     if vocab_sidecar is None:
         vocab_sidecar = len(vocab) > VOCAB_INLINE_MAX
-    meta = {
-        "cddrec_format_version": str(GRAPH_FORMAT_VERSION),
-        "graph_kind": spec.kind,
-        "T": str(model.steps), "K": str(k), "d": str(cfg.hidden_size), "L": str(cfg.max_len),
-        "num_items": str(cfg.num_items),
-        "inputs": json.dumps({t.name: [t.dtype, list(t.shape)] for t in spec.inputs}),
+    extra = {
         "weights_sha256": weights_checksum(model),
-        "popular_topk": popular_topk(ckpt.get("popularity"), vocab, max(k, 100)),
+        "popular_topk": popular_topk(ckpt.get("popularity"), vocab, max(k, POPULAR_TOPK)),
         "export_settings": {"opset": opset, "fp16": fp16, "stochastic": stochastic, "optimize": optimize,
                             "exporter": exporter, "torch": torch.__version__, "cddrec": __version__,
                             "mask_score": MASK_SCORE, "source": str(checkpoint)},
         "config": ckpt["config"],
     }
     if vocab_sidecar:
-        meta["vocab_file"] = out.with_suffix(".vocab.json").name
+        extra["vocab_file"] = out.with_suffix(".vocab.json").name
     else:
-        meta["vocab"] = vocab.to_dict()
+        extra["vocab"] = vocab.to_dict()
+    contract = GraphContract(**{**asdict(contract_for(model, k, stochastic=stochastic, fp16=fp16, opset=opset)),
+                                "extra": extra})
+    report = ExportReport(path=str(out), contract={k_: v for k_, v in asdict(contract).items() if k_ != "extra"})
+    meta = contract.to_metadata()
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:
-        build_graph(model, tmp, spec, exporter)
-        add_metadata(tmp, meta)
+        build_graph(model, tmp, contract, exporter)
+        write_metadata(tmp, meta)
         if optimize:
             report.ops = op_counts(onnx.load(str(tmp)))
             opt = tmp.with_name(tmp.name + ".opt")
             try:
-                ort_session(tmp, opt_path=str(opt))
+                ort_session(tmp, level="extended", optimized_path=opt)
                 opt.replace(tmp)
             finally:
                 opt.unlink(missing_ok=True)
-            add_metadata(tmp, meta)  # the optimizer drops metadata: put it back
+            write_metadata(tmp, meta)  # the optimizer drops metadata: put it back
             report.ops_optimized = op_counts(onnx.load(str(tmp)))
         report.export_seconds = round(time.perf_counter() - t0, 3)
         if validate:
             ops_before = report.ops
-            validate_graph(tmp, model, spec, report)
+            validate_graph(tmp, model, contract, report)
             if optimize:
                 report.ops_optimized, report.ops = report.ops, ops_before
         report.graph_bytes = tmp.stat().st_size
@@ -255,7 +241,6 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
     if trt_engine:
         from .tensorrt import build_engine
 
-        build_engine(out, trt_engine, spec, cfg.max_len, fp16=trt_fp16, max_batch=trt_max_batch,
-                     opt_batch=trt_opt_batch)
+        build_engine(out, trt_engine, contract, fp16=trt_fp16, max_batch=trt_max_batch, opt_batch=trt_opt_batch)
         report.trt_engine = str(trt_engine)
     return report

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cddrec.contract import MAX_HISTORY, TRT_MAX_K, GraphContract
+from cddrec.errors import BackendUnavailable
 from cddrec.io import atomic_path, atomic_write_json
 
-from .spec import MAX_HISTORY, TRT_MAX_K, GraphSpec
 
-
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(BackendUnavailable):
     pass
 
 
@@ -28,13 +28,12 @@ def import_tensorrt():
     return trt
 
 
-def build_engine(onnx_path: str | Path, engine_path: str | Path, spec: GraphSpec, max_len: int, *,
+def build_engine(onnx_path: str | Path, engine_path: str | Path, contract: GraphContract, *,
                  fp16: bool = False, max_batch: int = 1024, opt_batch: int = 256, max_history: int | None = None,
                  workspace_gb: float = 2.0) -> Path:
     """Parse the ONNX graph and write a serialized engine (atomically)."""
-    k = spec.outputs[0].shape[1]
-    if k > TRT_MAX_K:
-        raise ValueError(f"K={k} exceeds TensorRT's TopK limit of {TRT_MAX_K}")
+    if contract.k > TRT_MAX_K:
+        raise ValueError(f"K={contract.k} exceeds TensorRT's TopK limit of {TRT_MAX_K}")
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -47,11 +46,12 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, spec: GraphSpec
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    max_len = contract.max_len
     max_history = max(max_history or MAX_HISTORY, max_len)
     opt_batch = min(opt_batch, max_batch)
     profile = builder.create_optimization_profile()
     profile.set_shape("item_ids", (1, 1), (opt_batch, max_len), (max_batch, max_history))
-    for t in spec.inputs[1:]:  # noise (T, batch, d)
+    for t in contract.inputs[1:]:  # noise (T, batch, d)
         T, _, d = t.shape
         profile.set_shape(t.name, (T, 1, d), (T, opt_batch, d), (T, max_batch, d))
     config.add_optimization_profile(profile)

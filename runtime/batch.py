@@ -23,8 +23,10 @@ from typing import Iterator
 
 import numpy as np
 
-from cddrec.data import DataError, read_interaction_table, typed_key
+from cddrec.errors import DataError
 from cddrec.io import atomic_open
+from cddrec.readers import read_interaction_table
+from cddrec.vocab import typed_key
 
 from .recommender import Recommender
 

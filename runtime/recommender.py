@@ -6,7 +6,8 @@
 Histories are oldest first. Keys are mapped with the model's vocabulary; unknown items are
 dropped and counted; the most recent ``max_history`` known items are kept (the last L feed
 the model, all of them are excluded from the ranking). A history with no known item gets the
-training popularity top-k, flagged ``fallback: "popular"``.
+training popularity top-k, flagged ``fallback: "popular"``. Torch-free: graphs are read through
+``cddrec.contract`` and served by ``cddrec.runtime.backends``.
 """
 
 from __future__ import annotations
@@ -18,62 +19,31 @@ from typing import Sequence
 
 import numpy as np
 
-from cddrec.config import CDDRecConfig
-from cddrec.data import Vocab
-from cddrec.export.spec import MAX_HISTORY
-from cddrec.inference import MASK_SCORE, popular_topk
+from cddrec.contract import MASK_SCORE, MAX_HISTORY, ServingInfo, serving_info
+from cddrec.errors import ModelFileError
 
-from .backends import BACKENDS, load_backend
+from .backends import Backend, load_backend
 
 
-class ModelFileError(ValueError):
-    """The file is not a cddrec export (no metadata or vocabulary) or is unreadable."""
-
-
-@dataclass
-class ModelInfo:
-    K: int
-    L: int
-    T: int
-    d: int
-    num_items: int
-    kind: str
-    vocab: Vocab
-    popular: list  # [[item key, training count], ...], most popular first
-
-
-def info_from_graph(path: str | Path) -> ModelInfo:
-    """Metadata of an exported graph (``.onnx``), or of a TensorRT engine's ``.meta.json``."""
+def read_serving_info(path: str | Path, backend: Backend | None = None) -> ServingInfo:
+    """Contract, vocabulary and popularity of a graph (``.onnx``, from the backend's session when it
+    has one), of a TensorRT engine (its ``ENGINE.meta.json``), or of a model-file backend."""
     path = Path(path)
+    if backend is not None and hasattr(backend, "serving_info"):
+        return backend.serving_info()
     meta_json = path.with_name(path.name + ".meta.json")
     if path.suffix != ".onnx" and meta_json.exists():
-        meta = json.loads(meta_json.read_text())
-    else:
-        import onnx
-
         try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # noqa: BLE001 - protobuf raises several types
-            raise ModelFileError(f"{path}: not a readable ONNX graph ({type(e).__name__}: {e})") from e
-        meta = {p.key: p.value for p in proto.metadata_props}
-    if "cddrec_format_version" not in meta:
-        raise ModelFileError(f"{path}: not a cddrec export (no cddrec metadata); export a model with cddrec-export")
-    if "vocab" in meta:
-        vocab = Vocab.from_dict(json.loads(meta["vocab"]) if isinstance(meta["vocab"], str) else meta["vocab"])
-    elif "vocab_file" in meta:
-        side = path.parent / meta["vocab_file"]
-        if not side.exists():
-            raise ModelFileError(f"{path}: its item vocabulary {side} is missing (keep it beside the graph)")
-        vocab = Vocab.from_dict(json.loads(side.read_text()))
+            meta = json.loads(meta_json.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelFileError(f"{meta_json}: not readable engine metadata ({e})") from None
+    elif backend is not None and hasattr(backend, "metadata"):
+        meta = backend.metadata()
     else:
-        raise ModelFileError(f"{path}: cddrec metadata has no item vocabulary")
+        from .backends import OrtBackend
 
-    def num(key: str) -> int:
-        return int(meta[key])
-
-    pop = meta.get("popular_topk", "[]")
-    return ModelInfo(num("K"), num("L"), num("T"), num("d"), num("num_items"), meta.get("graph_kind", "deterministic"),
-                     vocab, json.loads(pop) if isinstance(pop, str) else pop)
+        meta = OrtBackend(path, "cpu", 1, level="disable").metadata()
+    return serving_info(meta, path)
 
 
 @dataclass
@@ -85,27 +55,26 @@ class Recommendation:
 
 
 class Recommender:
-    def __init__(self, backend, info: ModelInfo, max_history: int = MAX_HISTORY):
+    def __init__(self, backend: Backend, info: ServingInfo, max_history: int = MAX_HISTORY, seed: int = 0):
         self.backend, self.info, self.max_history = backend, info, max_history
         self.index = info.vocab.index
+        self.rng = np.random.default_rng(seed)  # the noise of a stochastic graph (sampled reverse chain)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "ort-cpu", *, threads: int = 0, k: int | None = None,
-             max_history: int = MAX_HISTORY) -> "Recommender":
-        """Open a graph (ort-cpu, ort-cuda), an engine (trt) or a model file (torch)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+             max_history: int = MAX_HISTORY, seed: int = 0, **options) -> "Recommender":
+        """Open a graph (ort-cpu, ort-cuda), an engine (trt) or a model file (torch backends)."""
         path = Path(path)
         if not path.exists():
             raise ModelFileError(f"{path}: no such file")
-        if backend == "torch":
-            from cddrec.checkpoint import read_checkpoint
+        if path.is_dir():
+            raise ModelFileError(f"{path}: is a directory, expected a model file")
+        be = load_backend(path, backend, k=k, threads=threads, **options)
+        return cls(be, read_serving_info(path, be), max_history, seed=seed)
 
-            ckpt = read_checkpoint(path)
-            info = checkpoint_info(ckpt, k or 10)
-        else:
-            info = info_from_graph(path)
-        return cls(load_backend(path, backend, k=info.K, threads=threads), info, max_history)
+    @property
+    def contract(self):
+        return self.info.contract
 
     # ------------------------------------------------------------------ encoding
     def encode(self, history: Sequence) -> tuple[np.ndarray, int]:
@@ -132,7 +101,13 @@ class Recommender:
         model_rows = [i for i, e in enumerate(encoded) if len(e)]
         if model_rows:
             feed = {"item_ids": self.batch_input([encoded[i] for i in model_rows])}
+            c = self.info.contract
+            if c.stochastic:
+                feed["noise"] = self.rng.standard_normal((c.steps, len(model_rows), c.hidden), dtype=np.float32)
             res = self.backend.infer(feed)
+            if res["top_items"].shape[1] != c.k:
+                raise ModelFileError(f"the graph returns {res['top_items'].shape[1]} items per user but its metadata "
+                                     f"says K={c.k}: the metadata does not belong to this graph; re-export it")
             items, scores = res["top_items"][:, :k], res["top_scores"][:, :k]
             decode = self.info.vocab.key
             for r, i in enumerate(model_rows):
@@ -152,20 +127,4 @@ class Recommender:
         return self.recommend_encoded([e for e, _ in enc], k, [u for _, u in enc])
 
     def check_k(self, k: int | None) -> int:
-        if k is None:
-            return self.info.K
-        if not 1 <= k <= self.info.K:
-            raise ValueError(f"k={k}: this graph returns at most K={self.info.K} items; "
-                             f"re-export with cddrec-export --k {k}")
-        return k
-
-
-def checkpoint_info(ckpt: dict, k: int) -> ModelInfo:
-    """ModelInfo of a model file, for the torch backend (K = ``k``)."""
-    cfg = CDDRecConfig.from_dict(ckpt["config"])
-    vocab = Vocab.from_dict(ckpt["vocab"])
-    if not 1 <= k <= cfg.num_items:
-        raise ValueError(f"k={k} must be between 1 and the number of items ({cfg.num_items})")
-    steps = cfg.steps if cfg.decoder else 0
-    return ModelInfo(k, cfg.max_len, steps, cfg.hidden_size, cfg.num_items, "deterministic", vocab,
-                     popular_topk(ckpt.get("popularity"), vocab, max(k, 100)))
+        return self.info.contract.check_k(k)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cddrec.config import CDDRecConfig
-from cddrec.data import make_synthetic, write_sequence_file
 from cddrec.model import CDDRec
+from cddrec.synthetic import make_synthetic, write_sequence_file
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("CDDREC_DATA_DIR", REPO.parent / "shared" / "data"))

@@ -2,20 +2,13 @@ import json
 
 import numpy as np
 
-from cddrec.benchmarks.latency import bench_table, flops_per_user, time_backend
+from cddrec.benchmarks.latency import bench_table, time_backend
 from cddrec.benchmarks.quality import PAPER, summarize
 from cddrec.benchmarks.record import record
+from cddrec.config import CDDRecConfig
+from cddrec.model import flops_per_user
 
-
-def test_flops_per_user_counts():
-    d, L, T, V = 128, 20, 20, 12103
-    f = flops_per_user(d, L, T, V)
-    assert f["scoring"] == 2 * d * V
-    assert f["encoder"] == L * (24 * d * d + 4 * L * d)
-    assert f["decoder_kv"] == 4 * L * d * d and f["decoder_steps"] == T * (4 * d * d + 4 * L * d)
-    plain = flops_per_user(d, L, T, V, plain=True)
-    assert plain["total"] > 4 * f["total"]  # every position at every step, keys/values each step
-    assert flops_per_user(d, L, 0, V)["decoder_kv"] == 0  # SASRec baseline: no decoder
+SMALL = CDDRecConfig(num_items=10, hidden_size=8, max_len=4, steps=2, num_heads=2)
 
 
 class Sleepy:
@@ -31,7 +24,7 @@ def test_time_backend_reports_percentiles():
 
 def test_record_writes_json_and_table(tmp_path):
     res = {"config": {"d": 8, "L": 4, "T": 2, "items": 10, "k": 3, "layers": 1, "threads": 1},
-           "flops_per_user": flops_per_user(8, 4, 2, 12), "flops_per_user_plain_reference": flops_per_user(8, 4, 2, 12),
+           "flops_per_user": flops_per_user(SMALL), "flops_per_user_plain_reference": flops_per_user(SMALL, plain=True),
            "matmul_peak_gflops": 100.0, "floor_users_per_s": 1e6,
            "results": [{"backend": "ort-cpu", "load_seconds": 0.1, "peak_rss_mb": 10.0,
                         "timings": [{"batch": 1, "p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "users_per_s": 1000.0,

@@ -9,8 +9,8 @@ from cddrec.checkpoint import (
     save_checkpoint,
     weights_checksum,
 )
-from cddrec.data import Vocab
 from cddrec.model import CDDRec
+from cddrec.vocab import Vocab
 
 
 def save_tiny(path, cfg):

@@ -3,7 +3,7 @@ import json
 import yaml
 from click.testing import CliRunner
 
-from cddrec.cli import eval_main, train_main
+from cddrec.app.cli import eval_main, train_main
 
 TINY = ["--hidden-size", "16", "--num-heads", "2", "--max-len", "8", "--steps", "4", "--batch-size", "16",
         "--epochs", "2", "--num-threads", "1", "--quiet"]
@@ -67,7 +67,7 @@ def test_clear_errors(tmp_path, tiny_data_file):
 
 
 def test_end_to_end_train_export_infer(tmp_path, tiny_data, tiny_data_file):
-    from cddrec.cli import export_main, infer_main
+    from cddrec.app.cli import export_main, infer_main
 
     runner = CliRunner()
     model, graph = tmp_path / "model.pt", tmp_path / "model.onnx"

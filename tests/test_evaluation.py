@@ -42,7 +42,7 @@ def test_ties_count_against_the_target():
 
 def test_seen_items_masked_with_minus_inf_even_when_scores_are_negative():
     scores = -torch.rand(2, 7) - 1.0  # all negative: setting seen items to 0 would rank them first
-    out = mask_scores(scores.clone(), 5, np.array([0, 0, 1]), np.array([2, 4, 1]))
+    out = mask_scores(scores, 5, np.array([[2, 4], [0, 1]]))  # row 1: one seen item, left-padded
     assert torch.isinf(out[:, 0]).all() and torch.isinf(out[:, 6]).all()
     assert torch.isinf(out[0, [2, 4]]).all() and torch.isinf(out[1, 1])
     assert torch.isfinite(out[0, [1, 3, 5]]).all()
@@ -63,7 +63,7 @@ def test_evaluate_never_recommends_padding_mask_or_seen(tiny_cfg, tiny_data):
     assert res.top_items.shape == (len(split), 20)
     N = tiny_data.num_items
     for i, items in enumerate(res.top_items):
-        _, seen = split.seen(np.array([i]))
+        seen = split.seen(np.array([i]))[0]
         assert not set(items.tolist()) & (set(seen.tolist()) | {0, N + 1})
     assert (np.diff(res.top_scores, axis=1) <= 0).all()
     assert res.metrics["users"] == len(split)
@@ -84,9 +84,9 @@ def test_evaluate_matches_manual_scoring(tiny_cfg, tiny_data):
     with torch.no_grad():
         for i in range(len(split)):
             s = model(torch.as_tensor(split.histories[i:i + 1]))[0]
-            _, seen = split.seen(np.array([i]))
+            seen = split.seen(np.array([i]))[0]
             s[0] = s[-1] = -math.inf
-            s[seen] = -math.inf
+            s[seen[seen > 0]] = -math.inf
             t = split.targets[i]
             ranks.append(int((s > s[t]).sum() + (s == s[t]).sum() - 1))
     assert res.metrics["MRR"] == pytest.approx(metrics_from_ranks(np.array(ranks))["MRR"], rel=1e-9)

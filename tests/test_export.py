@@ -5,14 +5,16 @@ import onnx
 import pytest
 import torch
 
-from cddrec.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_checksum
+from cddrec.checkpoint import load_checkpoint, save_checkpoint, weights_checksum
 from cddrec.config import CDDRecConfig
-from cddrec.data import Vocab
+from cddrec.contract import FORBIDDEN_OPS, MASK_SCORE
+from cddrec.errors import CheckpointError, ExportError
 from cddrec.export.graph import UnrolledRecommender
-from cddrec.export.onnx_export import ExportError, export_model, ort_session, read_metadata, validate_graph
-from cddrec.export.spec import graph_spec
-from cddrec.inference import MASK_SCORE, reference_topk
+from cddrec.export.onnx_export import contract_for, export_model, read_metadata, validate_graph
+from cddrec.inference import reference_topk
 from cddrec.model import CDDRec
+from cddrec.runtime.session import ort_session
+from cddrec.vocab import Vocab
 
 
 @pytest.fixture
@@ -63,15 +65,13 @@ def test_trained_model_parity_and_metadata(trained_tiny, trained_tiny_onnx, tiny
     popular = json.loads(meta["popular_topk"])
     counts = tiny_data.popularity("train")
     assert popular[0][1] == counts.max() and len(popular) >= 10
-    spec = graph_spec(k=10, d=16, steps=4)
-    rep = validate_graph(trained_tiny_onnx, model, spec, seed=99)
+    rep = validate_graph(trained_tiny_onnx, model, contract_for(model, 10), seed=99)
     assert max(rep.max_abs_diff.values()) <= 1e-4 and rep.topk_mismatches == 0
 
 
 def test_deterministic_graph_has_no_loop_or_random_op(trained_tiny_onnx):
     ops = {n.op_type for n in onnx.load(str(trained_tiny_onnx)).graph.node}
-    assert not ops & {"Loop", "Scan", "If", "RandomNormal", "RandomNormalLike", "RandomUniform",
-                      "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
+    assert not ops & set(FORBIDDEN_OPS)
     assert "TopK" in ops and "ScatterElements" in ops
 
 
@@ -130,7 +130,7 @@ def test_optimize_fp16_sidecar(tmp_path, tiny_ckpt, make_histories):
     assert sum(rep.ops_optimized.values()) < sum(rep.ops.values())
     assert read_metadata(tmp_path / "o.onnx")["K"] == "10"  # metadata survives optimization
     rep16 = export_model(tiny_ckpt, tmp_path / "h.onnx", k=10, fp16=True)
-    assert rep16.spec["fp16"] and max(rep16.max_abs_diff.values()) < 0.1
+    assert rep16.contract["fp16"] and max(rep16.max_abs_diff.values()) < 0.1
     proto = onnx.load(str(tmp_path / "h.onnx"))
     dtypes = {init.data_type for init in proto.graph.initializer}
     assert onnx.TensorProto.FLOAT16 in dtypes and onnx.TensorProto.FLOAT in dtypes
@@ -145,7 +145,7 @@ def test_validation_rejects_a_wrong_graph(tmp_path, tiny_ckpt, tiny_cfg):
     export_model(tiny_ckpt, tmp_path / "m.onnx", k=10)
     other = CDDRec(tiny_cfg).eval()  # different weights: parity must fail
     with pytest.raises(ExportError, match="score difference"):
-        validate_graph(tmp_path / "m.onnx", other, graph_spec(k=10, d=16, steps=4))
+        validate_graph(tmp_path / "m.onnx", other, contract_for(other, 10))
 
 
 def test_bad_checkpoints(tmp_path, tiny_ckpt):
@@ -192,11 +192,11 @@ def test_dynamo_exporter(tmp_path, tiny_ckpt):
 @pytest.mark.gpu
 def test_tensorrt_engine_parity(tmp_path, tiny_ckpt, make_histories):
     pytest.importorskip("tensorrt")
-    from cddrec.runtime.backends import TrtBackend
+    from cddrec.runtime.backends import load_backend
 
     export_model(tiny_ckpt, tmp_path / "m.onnx", k=10, trt_engine=tmp_path / "m.plan")
     model, _ = load_checkpoint(tiny_ckpt)
-    trt = TrtBackend(tmp_path / "m.plan")
+    trt = load_backend(tmp_path / "m.plan", "trt")
     for batch in (1, 7, 64):
         ids = make_histories(50, batch, 8, seed=batch)
         out = trt.infer({"item_ids": ids.numpy()})

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cddrec.data import TrainBatches
+from cddrec.batches import TrainBatches
 from cddrec.losses import cross_divergence, info_nce, objective
 from cddrec.model import CDDRec
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from cddrec.model import CDDRec, attention_bias
+from cddrec.config import CDDRecConfig
+from cddrec.model import CDDRec, attention_bias, flops_per_user
 
 
 def all_positions(model, ids):
@@ -105,3 +106,16 @@ def test_rezero_chain_starts_as_the_identity(tiny_cfg, make_histories):
     ids = make_histories(50, 4, 8, seed=3)
     e_s, _ = model.encode(ids)
     assert torch.allclose(model.user_embedding(ids), e_s[:, -1], atol=1e-6)
+
+
+def test_flops_per_user_counts():
+    cfg = CDDRecConfig(num_items=12101)  # the paper's size: d=128, L=20, T=20
+    d, L, T, V = 128, 20, 20, 12103
+    f = flops_per_user(cfg)
+    assert f["scoring"] == 2 * d * V
+    assert f["encoder"] == L * (24 * d * d + 4 * L * d)
+    assert f["decoder_kv"] == 4 * L * d * d and f["decoder_steps"] == T * (4 * d * d + 4 * L * d)
+    plain = flops_per_user(cfg, plain=True)
+    assert plain["total"] > 4 * f["total"]  # every position at every step, keys/values each step
+    assert flops_per_user(cfg.replace(decoder=False))["decoder_kv"] == 0  # SASRec baseline: no decoder
+    assert CDDRec(cfg.replace(num_items=50)).flops_per_user() == flops_per_user(cfg.replace(num_items=50))

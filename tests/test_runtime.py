@@ -5,11 +5,12 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from cddrec.cli import eval_main, infer_main
+from cddrec.app.cli import eval_main, infer_main
 from cddrec.data import eval_split
-from cddrec.runtime.backends import BackendUnavailable, load_backend
+from cddrec.errors import BackendUnavailable, ModelFileError
+from cddrec.runtime.backends import load_backend
 from cddrec.runtime.batch import run_batch
-from cddrec.runtime.recommender import ModelFileError, Recommender
+from cddrec.runtime.recommender import Recommender
 
 
 def requests_for_split(data, split="test"):
@@ -64,7 +65,7 @@ def test_not_a_cddrec_graph(tmp_path):
     with pytest.raises(ModelFileError, match="not a cddrec export"):
         Recommender.load(tmp_path / "plain.onnx")
     (tmp_path / "junk.onnx").write_bytes(b"junk")
-    with pytest.raises(ModelFileError, match="not a readable ONNX graph"):
+    with pytest.raises(ModelFileError, match="cannot load it as a graph"):
         Recommender.load(tmp_path / "junk.onnx")
     with pytest.raises(ModelFileError, match="no such file"):
         Recommender.load(tmp_path / "missing.onnx")

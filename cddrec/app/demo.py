@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .config import CDDRecConfig
-from .data import eval_split, make_synthetic, write_sequence_file
-from .evaluation import evaluate, evaluate_popularity, format_table
-from .training import train
+from cddrec.config import CDDRecConfig
+from cddrec.data import eval_split
+from cddrec.evaluation import evaluate, evaluate_popularity, format_table
+from cddrec.synthetic import make_synthetic, write_sequence_file
+from cddrec.training import train
 
 DEMO_CONFIG = dict(hidden_size=64, num_heads=2, max_len=20, steps=10, beta_T=0.04, batch_size=128,
                    epochs=40, patience=5)
@@ -33,7 +34,7 @@ def run_demo(out_dir: str | Path, minutes: float = 1.0, seed: int = 0,
     model_path = out_dir / "model.pt"
     summary = train(cfg, data, model_path, progress=False, log=echo)
 
-    from .checkpoint import load_checkpoint
+    from cddrec.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(model_path)
     test = eval_split(data, "test", model.cfg.max_len)
@@ -46,9 +47,9 @@ def run_demo(out_dir: str | Path, minutes: float = 1.0, seed: int = 0,
     echo(format_table(rows, keys))
 
     # export -> serve the test histories -> a short speed table
-    from .export.onnx_export import export_model
-    from .runtime.batch import run_batch
-    from .runtime.recommender import Recommender
+    from cddrec.export.onnx_export import export_model
+    from cddrec.runtime.batch import run_batch
+    from cddrec.runtime.recommender import Recommender
 
     graph = out_dir / "model.onnx"
     rep = export_model(model_path, graph, k=10)
@@ -72,8 +73,8 @@ def quick_speed(model_path: Path, graph: Path, L: int, num_items: int, seconds: 
     ``cddrec-bench`` measures properly)."""
     import numpy as np
 
-    from .benchmarks.latency import time_backend
-    from .runtime.backends import load_backend
+    from cddrec.benchmarks.latency import time_backend
+    from cddrec.runtime.backends import load_backend
 
     rng = np.random.default_rng(0)
     rows = []

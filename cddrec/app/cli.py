@@ -10,7 +10,12 @@ from pathlib import Path
 
 import click
 
-from .config import CDDRecConfig, preset_for, read_config_file
+from cddrec.benchmarks.sizes import PAPER_ITEMS
+from cddrec.config import CDDRecConfig, preset_for, read_config_file
+from cddrec.contract import DEFAULT_K, DEFAULT_OPSET
+from cddrec.errors import CDDRecError
+from cddrec.metrics import TOPK
+from cddrec.runtime.backends import BUILTIN as BACKEND_NAMES
 
 SKIP_FIELDS = {"num_items", "extra"}
 
@@ -20,17 +25,10 @@ def friendly_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .checkpoint import CheckpointError
-        from .data import DataError
-
         try:
             return fn(*args, **kwargs)
-        except (DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        except (CDDRecError, ValueError, FileNotFoundError) as e:
             raise click.ClickException(str(e)) from e
-        except RuntimeError as e:
-            if type(e).__name__ in ("TensorRTUnavailable", "BackendUnavailable"):
-                raise click.ClickException(str(e)) from e
-            raise
 
     return wrapper
 
@@ -95,9 +93,9 @@ def build_config(data: str | None, config_file: str | None, preset: bool, overri
 def train_main(data, out, config_file, preset, resume, quiet, summary_json, user_col, item_col, time_col,
                sep, **overrides):
     """Train CDDRec on DATA (`user item item ...` lines, or a CSV/TSV/Parquet log)."""
-    from .data import load_data
-    from .io import atomic_write_json
-    from .training import train
+    from cddrec.data import load_data
+    from cddrec.io import atomic_write_json
+    from cddrec.training import train
 
     cfg = build_config(data, config_file, preset, overrides)
     ds = load_data(data, kcore=cfg.kcore, **_data_kwargs(user_col, item_col, time_col, sep))
@@ -116,7 +114,7 @@ def train_main(data, out, config_file, preset, resume, quiet, summary_json, user
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("--save-topk", type=click.Path(dir_okay=False), help="write JSONL top-k lists here")
-@click.option("--topk", default=40, show_default=True, help="list length for --save-topk")
+@click.option("--topk", default=TOPK, show_default=True, help="list length for --save-topk")
 @click.option("--stages", is_flag=True, help="also rank with every intermediate denoising state")
 @click.option("--batch-size", default=512, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -125,10 +123,11 @@ def train_main(data, out, config_file, preset, resume, quiet, summary_json, user
 def eval_main(model, data, split, as_json, save_topk, topk, stages, batch_size, device, user_col, item_col,
               time_col, sep):
     """Evaluate MODEL on DATA: leave-one-out, full ranking, seen items excluded."""
-    from .checkpoint import load_checkpoint
-    from .data import Vocab, load_data
-    from .evaluation import evaluate_data, format_table, write_topk
-    from .training import resolve_device
+    from cddrec.checkpoint import load_checkpoint
+    from cddrec.data import load_data
+    from cddrec.evaluation import evaluate_data, format_table, write_topk
+    from cddrec.training import resolve_device
+    from cddrec.vocab import Vocab
 
     net, ckpt = load_checkpoint(model)
     net.to(resolve_device(device))
@@ -172,8 +171,8 @@ def demo_main(out_dir, minutes, seed):
 @click.command(context_settings={"max_content_width": 110})
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="graph file [default: MODEL with .onnx]")
-@click.option("--k", default=10, show_default=True, help="top-k items the graph returns")
-@click.option("--opset", default=17, show_default=True)
+@click.option("--k", default=DEFAULT_K, show_default=True, help="top-k items the graph returns")
+@click.option("--opset", default=DEFAULT_OPSET, show_default=True)
 @click.option("--fp16", is_flag=True, help="fp16 matmuls; LayerNorm, softmax, scoring and TopK stay fp32")
 @click.option("--stochastic", is_flag=True, help="add a noise input (T, batch, d): the sampled reverse chain")
 @click.option("--optimize", is_flag=True, help="write ONNX Runtime's offline-optimized graph")
@@ -192,7 +191,7 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
                 trt_max_batch, trt_opt_batch, no_validate, as_json):
     """Export MODEL (model.pt) to one ONNX graph: encoder, T unrolled denoising steps, scoring,
     seen-item masking and top-k; validated against PyTorch before it is kept."""
-    from .export.onnx_export import export_model
+    from cddrec.export.onnx_export import export_model
 
     out = out or str(Path(model).with_suffix(".onnx"))
     rep = export_model(model, out, k=k, opset=opset, fp16=fp16, stochastic=stochastic, optimize=optimize,
@@ -222,8 +221,7 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="recommendations file")
 @click.option("--k", type=int, default=None, help="items per user [default: the graph's K]")
 @click.option("--batch-size", default=256, show_default=True)
-@click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda", "trt", "torch"]), default="ort-cpu",
-              show_default=True)
+@click.option("--backend", type=click.Choice(list(BACKEND_NAMES)), default="ort-cpu", show_default=True)
 @click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all cores)")
 @click.option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
 @click.option("--output-format", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
@@ -236,8 +234,8 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
 def infer_main(model_path, input_path, output, k, batch_size, backend, threads, strict, output_format, input_format,
                allow_duplicates, quiet, user_col, item_col, time_col, sep):
     """Batched top-k recommendations for a file of user histories, original item keys in and out."""
-    from .runtime.batch import run_batch
-    from .runtime.recommender import Recommender
+    from cddrec.runtime.batch import run_batch
+    from cddrec.runtime.recommender import Recommender
 
     rec = Recommender.load(model_path, backend=backend, threads=threads, k=k)
     stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
@@ -259,10 +257,10 @@ def _int_list(s: str) -> list[int]:
 @click.command(context_settings={"max_content_width": 110})
 @click.option("--model", default="random", show_default=True,
               help="model.pt, model.onnx, or 'random' (random weights of the given size)")
-@click.option("--backends", default="torch,torch-fast,torch-compile,ort-cpu,ort-cuda,trt", show_default=True)
+@click.option("--backends", default=",".join(BACKEND_NAMES), show_default=True)
 @click.option("--batch-sizes", default="1,8,64,256,1024", show_default=True)
-@click.option("--items", default=12101, show_default=True, help="catalogue size of the random model")
-@click.option("--k", default=10, show_default=True)
+@click.option("--items", default=PAPER_ITEMS, show_default=True, help="catalogue size of the random model")
+@click.option("--k", default=DEFAULT_K, show_default=True)
 @click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all cores)")
 @click.option("--min-seconds", default=1.0, show_default=True, help="timed seconds per backend and batch size")
 @click.option("--catalogue-sizes", default="", help="also measure item tables of these sizes, e.g. 10000,100000,1000000")
@@ -274,13 +272,14 @@ def _int_list(s: str) -> list[int]:
 def bench_main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
                catalogue_batch, out_dir, name):
     """Latency percentiles and throughput per backend and batch size, against the floor."""
-    from .benchmarks.latency import ALL_BACKENDS, bench_table, catalogue_scaling, plot, run_bench
-    from .benchmarks.record import record
+    from cddrec.benchmarks.latency import bench_table, catalogue_scaling, plot, run_bench
+    from cddrec.benchmarks.record import record
+    from cddrec.runtime.backends import available_backends
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    unknown = sorted(set(names) - set(ALL_BACKENDS))
+    unknown = sorted(set(names) - set(available_backends()))
     if unknown:
-        raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(ALL_BACKENDS)}")
+        raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(available_backends())}")
     res = run_bench(model, names, _int_list(batch_sizes), items=items, k=k, threads=threads,
                     min_seconds=min_seconds, echo=lambda m: click.echo(m, err=True))
     table = bench_table(res)

@@ -1,0 +1,51 @@
+"""Shuffled training batches as torch tensors: windows, targets, negatives, augmented views."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .data import SequenceData, training_windows
+from .sampler import NegativeSampler
+from .transforms import augment
+
+
+class TrainBatches:
+    """Shuffled training batches: inputs, targets, negatives and an augmented view (B, L)."""
+
+    def __init__(self, data: SequenceData, max_len: int, batch_size: int, seed: int = 0):
+        self.windows, self.owners = training_windows(data, max_len)
+        self.sampler = NegativeSampler(data.sequences, data.num_items)
+        self.mask_id = data.num_items + 1
+        self.batch_size = batch_size
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.windows) / self.batch_size)
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.windows[:, 1:] > 0).sum())
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = self.rng.permutation(len(self.windows))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            if len(idx) < 2:  # InfoNCE needs in-batch negatives
+                continue
+            w = self.windows[idx]
+            inputs = w[:, :-1]
+            targets = np.where(inputs > 0, w[:, 1:], 0)  # a window's first item has no history
+            negatives = self.sampler.sample(self.owners[idx], targets.shape, self.rng)
+            negatives[targets == 0] = 0
+            yield {
+                "input_ids": torch.from_numpy(np.ascontiguousarray(inputs)),
+                "targets": torch.from_numpy(np.ascontiguousarray(targets)),
+                "negatives": torch.from_numpy(negatives),
+                "aug_ids": torch.from_numpy(augment(inputs, self.mask_id, self.rng)),
+            }
+
+

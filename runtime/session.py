@@ -1,0 +1,85 @@
+"""The one ONNX Runtime session factory: export validation, serving and benchmarks all open
+graphs here, so what validation checks is the configuration that serves.
+
+Threads default to every core (``intra_op_num_threads``), one inter-op thread, full graph
+optimization. ``device="cuda"`` selects the CUDA provider (TF32 off unless asked for: fp32
+means fp32) with the CPU provider as fallback for the ops CUDA lacks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cddrec.errors import BackendUnavailable
+
+LEVELS = ("disable", "basic", "extended", "all")
+
+
+def import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailable("ONNX Runtime is not installed: pip install onnxruntime "
+                                 "(or onnxruntime-gpu for ort-cuda)") from e
+    return ort
+
+
+def cuda_provider_available() -> bool:
+    try:
+        return "CUDAExecutionProvider" in import_ort().get_available_providers()
+    except BackendUnavailable:
+        return False
+
+
+def session_options(threads: int = 0, level: str = "all", optimized_path: str | Path | None = None,
+                    profile_prefix: str | None = None):
+    ort = import_ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    so.intra_op_num_threads = threads if threads > 0 else (os.cpu_count() or 1)
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if optimized_path:
+        so.optimized_model_filepath = str(optimized_path)
+    if profile_prefix:  # per-node timings, written by session.end_profiling()
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
+def providers_for(device: str, *, tf32: bool = False, cuda_options: dict | None = None) -> list:
+    """The provider list of a device: CPU, or CUDA (TF32 off by default) then CPU."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if not cuda_provider_available():
+        raise BackendUnavailable("ort-cuda needs onnxruntime-gpu with CUDA (pip install onnxruntime-gpu; available "
+                                 f"providers here: {import_ort().get_available_providers()})")
+    opts = {"use_tf32": "1" if tf32 else "0", **{k: str(v) for k, v in (cuda_options or {}).items()}}
+    return [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+
+
+def ort_session(path: str | Path, device: str = "cpu", *, threads: int = 0, level: str = "all", tf32: bool = False,
+                cuda_options: dict | None = None, optimized_path: str | Path | None = None,
+                profile_prefix: str | None = None):
+    """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` ("cpu" | "cuda")."""
+    ort = import_ort()
+    so = session_options(threads, level, optimized_path, profile_prefix)
+    return ort.InferenceSession(str(path), so, providers=providers_for(device, tf32=tf32, cuda_options=cuda_options))
+
+
+def graph_metadata(path: str | Path) -> dict[str, str]:
+    """The custom metadata of a graph, read by ONNX Runtime itself (no onnx, no torch)."""
+    ort = import_ort()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return dict(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+                .get_modelmeta().custom_metadata_map)
