@@ -30,6 +30,8 @@ from .io import atomic_path
 from .model import CDDRec
 from .vocab import Vocab
 
+# what torch.load raises on a file that is not a (safe) model file
+UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError)
 FORMAT = "cddrec"
 FORMAT_VERSION = 1
 
@@ -61,7 +63,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: is a directory, expected a model file (model.pt)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except UNREADABLE as e:
         raise CheckpointError(f"{path}: not a readable model file (corrupt, truncated, or not saved "
                               f"by cddrec-train): {str(e).splitlines()[0][:200]}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

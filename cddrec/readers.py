@@ -95,6 +95,7 @@ def _table_rows(path: Path, cols: list[str], sep: str | None) -> Iterator[tuple[
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as e:
             raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
@@ -102,7 +103,7 @@ def _table_rows(path: Path, cols: list[str], sep: str | None) -> Iterator[tuple[
             raise DataError(f"{path}: no such file")
         try:
             table = pq.read_table(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises many types
+        except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: not a readable Parquet file: {e}") from e
         missing = [c for c in cols if c not in table.column_names]
         if missing:

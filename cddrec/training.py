@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .batches import TrainBatches
-from .checkpoint import save_checkpoint
+from .checkpoint import UNREADABLE, save_checkpoint
 from .config import CDDRecConfig
 from .data import SequenceData, eval_split
 from .errors import CheckpointError
@@ -154,8 +154,8 @@ def _load_resume(path: Path, cfg: CDDRecConfig, fingerprint: str) -> dict:
         raise CheckpointError(f"{path}: no resume state (train without --resume first)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: unreadable resume state: {e}") from e
+    except UNREADABLE as e:
+        raise CheckpointError(f"{path}: unreadable resume state: {str(e).splitlines()[0][:200]}") from e
     saved = dict(state["config"])
     now = asdict(cfg)
     for k in ("epochs", "patience", "time_budget", "device", "num_threads", "extra", "eval_batch_size"):

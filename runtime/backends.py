@@ -94,11 +94,11 @@ class OrtBackend:
         ort = import_ort()
         self.name = f"ort-{device}"
         t0 = time.perf_counter()
+        errors = ort.capi.onnxruntime_pybind11_state
         try:
             self.session = ort_session(path, device, threads=threads, **session_kwargs)
-        except BackendUnavailable:
-            raise
-        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own exception types
+        except (errors.Fail, errors.InvalidArgument, errors.InvalidProtobuf, errors.InvalidGraph,
+                errors.NoSuchFile, errors.NotImplemented) as e:
             raise ModelFileError(f"{path}: ONNX Runtime cannot load it as a graph "
                                  f"({str(e).splitlines()[0][:200]})") from None
         self.load_seconds = time.perf_counter() - t0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -46,7 +46,6 @@ class BatchStats:
     fallbacks: int = 0
     seconds: float = 0.0
     errors_path: str | None = None
-    notes: list = field(default_factory=list)
 
     def summary(self) -> str:
         rate = self.served / self.seconds if self.seconds else 0.0

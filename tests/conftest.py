@@ -19,11 +19,6 @@ DATA_DIR = Path(os.environ.get("CDDREC_DATA_DIR", REPO.parent / "shared" / "data
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: takes more than a few seconds")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -96,7 +91,7 @@ def make_histories():
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory, tiny_data):
-    """A tiny model trained for 3 epochs on tiny_data: (model.pt path, data)."""
+    """The path of a tiny model.pt trained for 3 epochs on tiny_data."""
     from cddrec.training import train
 
     cfg = CDDRecConfig(hidden_size=16, num_heads=2, max_len=8, steps=4, beta_T=0.04, batch_size=16, epochs=3,
