@@ -3,88 +3,111 @@
 A checkpoint stores ``asdict(config)``; a model is rebuilt from that dict alone.
 Every field is also a command-line option of ``cddrec-train`` (``hidden_size`` ->
 ``--hidden-size``) and a key of a ``--config`` YAML or JSON file.
+
+Each field declares its type (the annotation) and its range or choices (``_f(..., min=, max=,
+choices=)``) once: ``CDDRecConfig`` converts every value to the declared type and checks the
+range (``coerce``), and ``cddrec-train``'s options are derived from the same declaration
+(``click.IntRange`` / ``FloatRange`` / ``Choice``). A wrong value is a one-line ``ConfigError``
+naming the field and what was expected. Torch-free.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
+import re
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 
-def _f(default, help: str = ""):
-    return field(default=default, metadata={"help": help})
+
+def _f(default, help: str = "", *, min: float | None = None, max: float | None = None, min_open: bool = False,
+       max_open: bool = False, choices: tuple | None = None):
+    """A config field: default, help, and its range ([min, max], open ends with min_open/max_open) or choices."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "min_open": min_open,
+                                            "max_open": max_open, "choices": choices})
 
 
 LOSSES = ("ce", "cd")
 DIVERGENCES = ("kl", "dot")
-RANK_STEPS = ("all", "last")
+RANK_STEPS = ("auto", "all", "last")
 DECODER_NORMS = ("pre", "rezero", "post")
 VALID_METRICS = ("R@10", "N@10", "MRR", "MRR@40", "R@20", "N@20")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+SEED_MAX = 2**32 - 1  # numpy's seed range
+# ``rank_steps: auto`` ranks at every step while N * T is at most this, else at the last step only.
+# Measured (benchmarks/results/train_cost.md, one core): the all-steps softmax costs about
+# 1 + N*T / 45,000 times the last-step epoch; at 100k that is ~3x, where Office (N*T = 48k,
+# all steps 0.1144 vs last 0.1091 test R@10) still gains, while Beauty (N*T = 363k, ~9x) measured
+# no gain (0.0911 all vs 0.0923 last).
+AUTO_RANK_MAX = 100_000
 
 
 @dataclass
 class CDDRecConfig:
     # ---- data ------------------------------------------------------------------------
-    num_items: int = _f(0, "N, set from the data: item ids are 1..N, 0 pads, N+1 is the mask token")
-    max_len: int = _f(20, "L, the most recent L items of a history are used")
-    kcore: int = _f(5, "k-core filter applied to interaction logs (users and items with >= k)")
+    num_items: int = _f(0, "N, set from the data: item ids are 1..N, 0 pads, N+1 is the mask token", min=0)
+    max_len: int = _f(20, "L, the most recent L items of a history are used", min=1)
+    kcore: int = _f(5, "k-core filter applied to interaction logs (users and items with >= k)", min=1)
     # ---- model -----------------------------------------------------------------------
-    hidden_size: int = _f(128, "d, embedding and hidden size")
-    num_layers: int = _f(1, "SASRec encoder blocks")
-    num_heads: int = _f(4, "attention heads (encoder and decoder)")
-    dropout: float = _f(0.3, "hidden dropout (released code: 0.0; 0.3 measured better on Office)")
-    attn_dropout: float = _f(0.2, "attention dropout (released code: 0.2)")
+    hidden_size: int = _f(128, "d, embedding and hidden size", min=1)
+    num_layers: int = _f(1, "SASRec encoder blocks", min=1)
+    num_heads: int = _f(4, "attention heads (encoder and decoder)", min=1)
+    dropout: float = _f(0.3, "hidden dropout (released code: 0.0; 0.3 measured better on Office)",
+                        min=0.0, max=1.0, max_open=True)
+    attn_dropout: float = _f(0.2, "attention dropout (released code: 0.2)", min=0.0, max=1.0, max_open=True)
     decoder: bool = _f(True, "False: plain SASRec baseline (encoder output is the user embedding)")
-    steps: int = _f(20, "T, denoising steps of the reverse chain")
-    decoder_norm: str = _f("rezero", "pre: residual state update, LN on the query; rezero: gated, 0 at init; post: LN after")
-    beta_1: float = _f(1e-4, "first beta of the linear noise schedule")
-    beta_T: float = _f(0.002, "last beta of the schedule (released code default; presets set it per dataset)")
+    steps: int = _f(20, "T, denoising steps of the reverse chain", min=1)
+    decoder_norm: str = _f("rezero", "pre: residual state update, LN on the query; rezero: gated, 0 at init; "
+                           "post: LN after", choices=DECODER_NORMS)
+    beta_1: float = _f(1e-4, "first beta of the linear noise schedule", min=0.0, max=1.0, min_open=True,
+                       max_open=True)
+    beta_T: float = _f(0.002, "last beta of the schedule (released code default; presets set it per dataset)",
+                       min=0.0, max=1.0, min_open=True, max_open=True)
     # ---- objective -------------------------------------------------------------------
-    loss: str = _f("ce", "\"ce\": full-catalogue softmax; \"cd\": the paper's cross-divergence (Eq. 5)")
-    cd_divergence: str = _f("kl", "\"kl\": Gaussian KL of Eq. 5; \"dot\": released code's dot-product logit")
-    rank_steps: str = _f("all", "steps with the ranking term (ce or cd): all T, or only the last (InfoNCE at all)")
-    lam: float = _f(0.0, "lambda of Eq. 8 on the InfoNCE terms (released code: 0.3; 0 measured as good, 3x faster)")
-    temperature: float = _f(0.5, "tau of the InfoNCE terms (Eq. 6, 7)")
+    loss: str = _f("ce", "\"ce\": full-catalogue softmax; \"cd\": the paper's cross-divergence (Eq. 5)",
+                   choices=LOSSES)
+    cd_divergence: str = _f("kl", "\"kl\": Gaussian KL of Eq. 5; \"dot\": released code's dot-product logit",
+                            choices=DIVERGENCES)
+    rank_steps: str = _f("auto", "steps with the ranking term (ce or cd): all T, only the last (InfoNCE at all), "
+                         f"or auto: all while N*T <= {AUTO_RANK_MAX:,}, else last (measured cost rule)",
+                         choices=RANK_STEPS)
+    lam: float = _f(0.0, "lambda of Eq. 8 on the InfoNCE terms (released code: 0.3; 0 measured as good, 3x faster)",
+                    min=0.0)
+    temperature: float = _f(0.5, "tau of the InfoNCE terms (Eq. 6, 7)", min=0.0, min_open=True)
     infonce_cosine: bool = _f(True, "cosine similarity in InfoNCE (released code); False: raw dot (Eq. 6)")
     diffusion: bool = _f(True, "ablation \"-Diffusion\": False uses clean target embeddings")
     denoising: bool = _f(False, "sample x_hat_t by Eq. 4 in training (False = Table 3 \"-Denoising\", measured better)")
     # ---- training --------------------------------------------------------------------
-    epochs: int = _f(200, "maximum training epochs")
-    batch_size: int = _f(128, "training windows per batch")
-    lr: float = _f(1e-3, "Adam learning rate")
-    weight_decay: float = _f(0.0, "Adam weight decay")
-    patience: int = _f(10, "epochs without validation improvement before stopping")
-    valid_metric: str = _f("N@10", "validation metric for early stopping and model selection")
-    time_budget: float = _f(0.0, "minutes of training; 0 = no limit")
-    seed: int = _f(42, "random seed (batches, negatives, augmentation, init)")
+    epochs: int = _f(200, "maximum training epochs", min=1)
+    batch_size: int = _f(128, "training windows per batch (>= 2: InfoNCE needs in-batch negatives)", min=2)
+    lr: float = _f(1e-3, "Adam learning rate", min=0.0, min_open=True)
+    weight_decay: float = _f(0.0, "Adam weight decay", min=0.0)
+    patience: int = _f(10, "epochs without validation improvement before stopping", min=1)
+    valid_metric: str = _f("N@10", "validation metric for early stopping and model selection", choices=VALID_METRICS)
+    time_budget: float = _f(0.0, "minutes of training; 0 = no limit", min=0.0)
+    seed: int = _f(42, "random seed (batches, negatives, augmentation, init)", min=0, max=SEED_MAX)
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    num_threads: int = _f(0, "CPU threads; 0 = all cores")
-    eval_batch_size: int = _f(512, "users per evaluation batch")
+    num_threads: int = _f(0, "CPU threads; 0 = all cores", min=0)
+    eval_batch_size: int = _f(512, "users per evaluation batch", min=1)
     extra: dict = field(default_factory=dict, metadata={"help": "free-form notes carried into the checkpoint"})
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name)))
         self.validate()
 
     def validate(self) -> None:
+        """Checks that involve more than one field (each field's own type and range: ``coerce``)."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
-                raise ValueError(f"invalid config: {msg}")
+                raise ConfigError(f"invalid config: {msg}")
 
-        need(self.hidden_size > 0 and self.hidden_size % self.num_heads == 0,
+        need(self.hidden_size % self.num_heads == 0,
              f"hidden_size ({self.hidden_size}) must be a positive multiple of num_heads ({self.num_heads})")
-        need(self.max_len >= 1, "max_len must be >= 1")
-        need(self.steps >= 1, "steps (T) must be >= 1")
-        need(0.0 < self.beta_1 <= self.beta_T < 1.0, f"need 0 < beta_1 <= beta_T < 1, got {self.beta_1}, {self.beta_T}")
-        need(self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}")
-        need(self.decoder_norm in DECODER_NORMS, f"decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}")
-        need(self.cd_divergence in DIVERGENCES, f"cd_divergence must be one of {DIVERGENCES}")
-        need(self.rank_steps in RANK_STEPS, f"rank_steps must be one of {RANK_STEPS}")
-        need(self.valid_metric in VALID_METRICS, f"valid_metric must be one of {VALID_METRICS}")
-        need(self.temperature > 0, "temperature must be > 0")
-        need(self.batch_size >= 2, "batch_size must be >= 2 (InfoNCE needs in-batch negatives)")
-        need(self.num_items >= 0, "num_items must be >= 0")
+        need(self.beta_1 <= self.beta_T, f"need 0 < beta_1 <= beta_T < 1, got {self.beta_1}, {self.beta_T}")
 
     @property
     def num_rows(self) -> int:
@@ -100,6 +123,13 @@ class CDDRecConfig:
         """Denoising steps the model runs: T, or 0 for the plain SASRec baseline (no decoder)."""
         return self.steps if self.decoder else 0
 
+    @property
+    def rank_last_only(self) -> bool:
+        """Whether the ranking term is applied at the last step only (``rank_steps``, ``auto`` resolved)."""
+        if self.rank_steps == "auto":
+            return self.num_items * self.steps > AUTO_RANK_MAX
+        return self.rank_steps == "last"
+
     def replace(self, **changes: Any) -> "CDDRecConfig":
         d = asdict(self)
         d.update(changes)
@@ -110,12 +140,113 @@ class CDDRecConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         return cls(**d)
 
 
+FIELDS: dict[str, Field] = {f.name: f for f in fields(CDDRecConfig)}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def field_type(name: str) -> type:
+    """The declared type of a config field: int, float, bool, str or dict."""
+    return {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}[str(FIELDS[name].type)]
+
+
+def expected(name: str) -> str:
+    """What a field accepts, in words: 'an integer >= 1', 'a number in (0, 1)', 'one of ...'."""
+    meta, kind = FIELDS[name].metadata, field_type(name)
+    if meta.get("choices"):
+        return "one of " + ", ".join(meta["choices"])
+    if kind is bool:
+        return "true or false"
+    if kind is dict:
+        return "a mapping"
+    if name == "device":
+        return "auto, cpu, cuda or cuda:N"
+    what = "an integer" if kind is int else "a number" if kind is float else "a string"
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"{what} in {'(' if meta['min_open'] else '['}{lo:g}, {hi}{')' if meta['max_open'] else ']'}"
+    if lo is not None:
+        return f"{what} {'>' if meta['min_open'] else '>='} {lo:g}"
+    if hi is not None:
+        return f"{what} {'<' if meta['max_open'] else '<='} {hi}"
+    return what
+
+
+def coerce(name: str, value: Any) -> Any:
+    """``value`` converted to field ``name``'s declared type and checked against its range or choices.
+
+    YAML reads ``1e-3`` as a string and quoted numbers are strings: numeric strings convert;
+    integral floats (16.0) are integers, 16.5 is not; booleans accept true/false/yes/no/on/off/1/0.
+    """
+    if name not in FIELDS:
+        raise ConfigError(f"unknown config key {name!r}")
+    kind, meta = field_type(name), FIELDS[name].metadata
+
+    def bad() -> ConfigError:
+        return ConfigError(f"config field {name!r}: expected {expected(name)}, got {value!r}")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad()
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad()
+        if meta.get("choices") and value not in meta["choices"]:
+            raise bad()
+        if name == "device" and not DEVICE_PATTERN.fullmatch(value):
+            raise bad()
+        return value
+    # numbers
+    if value is None or isinstance(value, bool):
+        raise bad()
+    if isinstance(value, str):
+        try:
+            value_num = float(value.strip()) if kind is float else _int_text(value)
+        except ValueError:
+            raise bad() from None
+    elif isinstance(value, (int, float)):
+        value_num = value
+    else:
+        raise bad()
+    if kind is int:
+        if isinstance(value_num, float):
+            if not (math.isfinite(value_num) and value_num.is_integer()):
+                raise bad()
+            value_num = int(value_num)
+    else:
+        value_num = float(value_num)
+        if not math.isfinite(value_num):
+            raise bad()
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value_num < lo or (meta["min_open"] and value_num == lo)):
+        raise bad()
+    if hi is not None and (value_num > hi or (meta["max_open"] and value_num == hi)):
+        raise bad()
+    return value_num
+
+
+def _int_text(text: str) -> int | float:
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)  # "16.0" -> 16.0, checked as integral by the caller
+
+
 def field_names() -> list[str]:
-    return [f.name for f in fields(CDDRecConfig)]
+    return list(FIELDS)
 
 
 # Per-dataset settings from the paper's released commands (issue 2), keyed by file stem.
@@ -132,27 +263,51 @@ def preset_for(data_path: str | Path) -> dict[str, Any]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read config overrides from a YAML (.yaml/.yml) or JSON file."""
+    """Read config overrides from a YAML (.yaml/.yml) or JSON file, each value converted to its field's type."""
     path = Path(path)
     text = path.read_text()
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as e:  # pragma: no cover - pyyaml is a core dependency
-            raise ValueError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from e
+            raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from e
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from e
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from e
+            raise ConfigError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - set(field_names()))
     if unknown:
-        raise ValueError(f"{path}: unknown config keys: {', '.join(unknown)}")
-    return data
+        raise ConfigError(f"{path}: unknown config keys: {', '.join(unknown)}")
+    out = {}
+    for k, v in data.items():
+        try:
+            out[k] = coerce(k, v)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return out
+
+
+def click_type(name: str):
+    """The click parameter type of a config field, from its declaration (range, choices)."""
+    import click
+
+    kind, meta = field_type(name), FIELDS[name].metadata
+    if meta.get("choices"):
+        return click.Choice(list(meta["choices"]))
+    if kind in (int, float):
+        rng = click.IntRange if kind is int else click.FloatRange
+        return rng(meta.get("min"), meta.get("max"), min_open=meta.get("min_open", False),
+                   max_open=meta.get("max_open", False))
+    return kind
+
+
+def default_of(f: Field) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default

@@ -4,8 +4,8 @@
 
 L_rank^t is the cross-divergence of Eq. 5 (``loss="cd"``) or a full-catalogue softmax
 cross-entropy (``loss="ce"``), at every step (``rank_steps="all"``) or at the last step only
-(``rank_steps="last"``). L_in (Eq. 6) and L_cross (Eq. 7) are exact InfoNCE terms over the
-batch at every step.
+(``rank_steps="last"``; ``"auto"`` picks by N*T, ``CDDRecConfig.rank_last_only``). L_in (Eq. 6)
+and L_cross (Eq. 7) are exact InfoNCE terms over the batch at every step.
 
 Letters: B batch, L positions, n valid (non-padding) target positions in the batch,
 d hidden size, N items, T steps.
@@ -91,7 +91,7 @@ def objective(model: CDDRec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         t = T - 1 - i  # decoder step of this state
         w = 1.0 / (t + 1)
         pred = x_hat  # (n, d) generated preference (sampled, Eq. 4)
-        if t > 0 and cfg.rank_steps == "last":
+        if t > 0 and cfg.rank_last_only:
             rank = torch.zeros((), device=pred.device)
         elif cfg.loss == "ce":
             rank = F.cross_entropy(pred @ catalogue.t(), ce_labels)  # (n, N) logits

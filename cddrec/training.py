@@ -21,7 +21,7 @@ from .batches import TrainBatches
 from .checkpoint import UNREADABLE, save_checkpoint
 from .config import CDDRecConfig
 from .data import SequenceData, eval_split
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .evaluation import evaluate
 from .io import atomic_path
 from .losses import objective
@@ -33,7 +33,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
     return dev
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from cddrec.benchmarks.sizes import PAPER_ITEMS
-from cddrec.config import CDDRecConfig, preset_for, read_config_file
+from cddrec.config import CDDRecConfig, click_type, default_of, preset_for, read_config_file
 from cddrec.contract import DEFAULT_K, DEFAULT_OPSET
 from cddrec.errors import CDDRecError
 from cddrec.metrics import TOPK
@@ -34,16 +34,19 @@ def friendly_errors(fn):
 
 
 def config_options(fn):
-    """One option per config field (``hidden_size`` -> ``--hidden-size``), default: unset."""
+    """One option per config field (``hidden_size`` -> ``--hidden-size``), default: unset.
+
+    Types, ranges and choices come from the field declarations (``cddrec.config.click_type``),
+    the same declarations ``CDDRecConfig`` checks file values against."""
     for f in reversed(fields(CDDRecConfig)):
         if f.name in SKIP_FIELDS:
             continue
         flag = f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "") + f" [default: {f.default}]"
-        if isinstance(f.default, bool):
+        help_ = f.metadata.get("help", "") + f" [default: {default_of(f)}]"
+        if isinstance(default_of(f), bool):
             fn = click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=help_)(fn)
         else:
-            fn = click.option(f"--{flag}", f.name, type=type(f.default), default=None, help=help_)(fn)
+            fn = click.option(f"--{flag}", f.name, type=click_type(f.name), default=None, help=help_)(fn)
     return fn
 
 

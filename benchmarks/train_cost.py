@@ -1,0 +1,91 @@
+"""Training cost of the ranking loss: seconds per batch and per epoch with the full-catalogue
+softmax at every step (``rank_steps=all``) or at the last step only (``last``), per dataset.
+
+    flock /tmp/cddrec-bench.lock python -m cddrec.benchmarks.train_cost --data-dir ../shared/data \\
+        --datasets Office_Products,Beauty --batches 30 --threads 1
+
+Each variant trains its first ``--batches`` batches of epoch 0 (after 2 warm-up batches) with the
+dataset's preset (paper config: d=128, L=20, batch 128, T from the preset) on ``--threads`` CPU
+threads; the epoch time is the mean batch time times the batches of an epoch (an extrapolation,
+validation excluded). The ratio all/last is the cost of ranking at every step; ``rank_steps:
+auto`` (cddrec.config.AUTO_RANK_MAX) is derived from these rows.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from cddrec.batches import TrainBatches
+from cddrec.config import AUTO_RANK_MAX, CDDRecConfig, preset_for
+from cddrec.data import load_data
+from cddrec.losses import objective
+from cddrec.model import CDDRec
+from cddrec.training import set_seed
+
+from .record import RESULTS_DIR, record
+
+
+def time_batches(cfg: CDDRecConfig, data, batches: int, warmup: int = 2) -> dict:
+    set_seed(cfg.seed)
+    model = CDDRec(cfg).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    it = TrainBatches(data, cfg.max_len, cfg.batch_size, seed=cfg.seed)
+    times = []
+    for i, batch in enumerate(it):
+        if i >= warmup + batches:
+            break
+        t0 = time.perf_counter()
+        loss, _ = objective(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    per_batch = sum(times) / len(times)
+    return {"batches_timed": len(times), "seconds_per_batch": per_batch, "batches_per_epoch": len(it),
+            "epoch_seconds_est": per_batch * len(it)}
+
+
+@click.command()
+@click.option("--data-dir", default="../shared/data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--datasets", default="Office_Products,Beauty", show_default=True)
+@click.option("--batches", default=30, show_default=True, help="timed batches per variant")
+@click.option("--threads", default=1, show_default=True)
+@click.option("--name", default="train_cost", show_default=True)
+@click.option("--out", "out_dir", default=str(RESULTS_DIR), show_default=True)
+def main(data_dir, datasets, batches, threads, name, out_dir):
+    torch.set_num_threads(threads)
+    rows = []
+    for ds in [d.strip() for d in datasets.split(",") if d.strip()]:
+        path = Path(data_dir) / f"{ds}.txt"
+        data = load_data(path)
+        for variant in ("last", "all"):
+            cfg = CDDRecConfig(**{**preset_for(path), "rank_steps": variant, "num_items": data.num_items})
+            r = {"dataset": ds, "rank_steps": variant, "N": data.num_items, "T": cfg.steps,
+                 "NxT": data.num_items * cfg.steps, **time_batches(cfg, data, batches)}
+            rows.append(r)
+            click.echo(f"{ds} {variant}: {r['seconds_per_batch']:.3f} s/batch, ~{r['epoch_seconds_est']:.0f} s/epoch "
+                       f"({r['batches_per_epoch']} batches)", err=True)
+    by = {(r["dataset"], r["rank_steps"]): r for r in rows}
+    table = ["| dataset | N | T | N*T | rank_steps | s/batch | batches/epoch | s/epoch (est.) | all/last |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["seconds_per_batch"] / by[(r["dataset"], "last")]["seconds_per_batch"]
+        table.append(f"| {r['dataset']} | {r['N']:,} | {r['T']} | {r['NxT']:,} | {r['rank_steps']} | "
+                     f"{r['seconds_per_batch']:.3f} | {r['batches_per_epoch']} | {r['epoch_seconds_est']:.0f} | "
+                     f"{ratio:.2f}x |")
+    text = "\n".join(table) + (
+        f"\n\n{threads} CPU thread(s); {batches} timed batches per row after 2 warm-up batches; epoch time = "
+        "s/batch x batches/epoch (validation excluded). Paper config (d=128, L=20, batch 128) with each dataset's "
+        f"preset. `rank_steps: auto` ranks at every step while N*T <= {AUTO_RANK_MAX:,}, else at the last step.")
+    record(name, {"rows": rows, "threads": threads, "auto_rank_max": AUTO_RANK_MAX}, text, out_dir,
+           title="Training cost of the ranking loss (all steps vs last step)")
+    click.echo(text)
+
+
+if __name__ == "__main__":
+    main()
