@@ -31,9 +31,17 @@ class TrainBatches:
         return int((self.windows[:, 1:] > 0).sum())
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = self.rng.permutation(len(self.windows))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        return self.epoch()
+
+    def epoch(self, order: np.ndarray | None = None, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """The batches of one epoch: a fresh permutation (kept in ``self.order``), or a saved ``order``
+        resumed at batch ``start`` (with ``self.rng`` restored to its state after batch ``start - 1``,
+        the rest of the epoch is drawn exactly as without the interruption)."""
+        if order is None:
+            order = self.rng.permutation(len(self.windows))
+        self.order = order
+        for begin in range(start * self.batch_size, len(order), self.batch_size):
+            idx = order[begin:begin + self.batch_size]
             if len(idx) < 2:  # InfoNCE needs in-batch negatives
                 continue
             w = self.windows[idx]

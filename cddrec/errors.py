@@ -35,3 +35,7 @@ class ExportError(CDDRecError, ValueError):
 
 class BackendUnavailable(CDDRecError, RuntimeError):
     """The library or device a backend needs is missing; the message says what to install."""
+
+
+class NonFiniteError(CDDRecError, ArithmeticError):
+    """A loss, score or weight that is NaN or infinite: training diverged or a model file holds such weights."""

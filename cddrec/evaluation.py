@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .data import EvalSplit, SequenceData, eval_split
+from .errors import NonFiniteError
 from .inference import exclude_items
 from .io import atomic_open
 from .metrics import TOPK, metrics_from_ranks
@@ -66,7 +67,9 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: bool = False,
              keep_topk: int = 0, progress: bool = False) -> EvalResult:
-    """Full-ranking metrics of ``model`` on ``split`` (deterministic reverse chain)."""
+    """Full-ranking metrics of ``model`` on ``split`` (deterministic reverse chain).
+
+    Non-finite scores (a diverged model: NaN ranks would count as hits) raise ``NonFiniteError``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -89,7 +92,12 @@ def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: 
         final, states = model.reverse(e_s, bias, last_only=True, return_all=stages)
         per_state = states if stages else [final]
         for j, x in enumerate(per_state):
-            scores = mask_scores(model.scores(x[:, 0]), N, seen)  # (B, V)
+            raw = model.scores(x[:, 0])  # (B, V)
+            if not bool(torch.isfinite(raw).all()):
+                bad = int((~torch.isfinite(raw)).any(1).sum())
+                raise NonFiniteError(f"the model's scores are not finite (NaN or inf) for {bad} of {len(raw)} users; "
+                                     "its weights are not finite (a diverged training run?): no metrics computed")
+            scores = mask_scores(raw, N, seen)  # (B, V)
             r = target_ranks(scores, tgt).cpu().numpy()
             top = scores.topk(k_top, dim=1)
             ch = avg_change(top.values[:, :TOPK]).cpu().numpy()

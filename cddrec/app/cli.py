@@ -88,13 +88,15 @@ def build_config(data: str | None, config_file: str | None, preset: bool, overri
 @click.option("--preset/--no-preset", default=True, show_default=True,
               help="apply the paper's per-dataset settings when DATA is one of its four Amazon files")
 @click.option("--resume", is_flag=True, help="continue from OUT.resume.pt")
-@click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--quiet", is_flag=True, help="no progress bar or progress lines")
+@click.option("--progress-every", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="seconds between progress lines when stderr is not a terminal (logs, CI, nohup)")
 @click.option("--summary-json", type=click.Path(dir_okay=False), help="write the training summary here")
 @data_options
 @config_options
 @friendly_errors
-def train_main(data, out, config_file, preset, resume, quiet, summary_json, user_col, item_col, time_col,
-               sep, **overrides):
+def train_main(data, out, config_file, preset, resume, quiet, progress_every, summary_json, user_col, item_col,
+               time_col, sep, **overrides):
     """Train CDDRec on DATA (`user item item ...` lines, or a CSV/TSV/Parquet log)."""
     from cddrec.data import load_data
     from cddrec.io import atomic_write_json
@@ -102,8 +104,9 @@ def train_main(data, out, config_file, preset, resume, quiet, summary_json, user
 
     cfg = build_config(data, config_file, preset, overrides)
     ds = load_data(data, kcore=cfg.kcore, **_data_kwargs(user_col, item_col, time_col, sep))
-    summary = train(cfg, ds, out, resume=resume, progress=not quiet and sys.stderr.isatty(),
-                    log=lambda m: click.echo(m, err=True))
+    tty = sys.stderr.isatty()
+    summary = train(cfg, ds, out, resume=resume, progress=not quiet and tty,
+                    progress_every=0.0 if quiet or tty else progress_every, log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {out}: best epoch {summary['best_epoch']}, valid "
                + " ".join(f"{k} {summary['best_valid'].get(k, float('nan')):.4f}" for k in ("R@10", "N@10", "MRR")))
     if summary_json:

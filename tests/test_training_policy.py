@@ -1,0 +1,106 @@
+"""Divergence policy, time-budget stops that resume exactly, progress lines without a terminal."""
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cddrec.training as training
+from cddrec.app.cli import eval_main
+from cddrec.checkpoint import load_checkpoint
+from cddrec.data import eval_split
+from cddrec.errors import NonFiniteError
+from cddrec.evaluation import evaluate
+from cddrec.training import resume_path, train
+
+QUIET = {"progress": False, "log": lambda m: None}
+
+
+def _diverge_at(monkeypatch, epoch_batches: int, after_batches: int):
+    """Make the loss NaN from the ``after_batches``-th training batch on (as a too-large lr does)."""
+    real = training.objective
+    calls = {"n": 0}
+
+    def objective(model, batch):
+        loss, parts = real(model, batch)
+        calls["n"] += 1
+        if calls["n"] > after_batches:
+            loss = loss * float("nan")
+            parts = {**parts, "loss": float("nan")}
+        return loss, parts
+
+    monkeypatch.setattr(training, "objective", objective)
+
+
+def test_diverged_run_keeps_the_last_finite_best_model(tmp_path, tiny_cfg, tiny_data, monkeypatch):
+    from cddrec.batches import TrainBatches
+
+    n = len(TrainBatches(tiny_data, tiny_cfg.max_len, tiny_cfg.batch_size))
+    _diverge_at(monkeypatch, n, 2 * n + 1)  # epochs 0 and 1 are finite, epoch 2 turns NaN
+    cfg = tiny_cfg.replace(epochs=4, patience=4)
+    s = train(cfg, tiny_data, tmp_path / "m.pt", **QUIET)
+    assert s["stop_reason"].startswith("diverged") and s["epochs_run"] == 2
+    model, ckpt = load_checkpoint(tmp_path / "m.pt")
+    assert ckpt["best_epoch"] in (0, 1)
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+    assert all(math.isfinite(v) for v in ckpt["best_valid"].values())
+    state = torch.load(resume_path(tmp_path / "m.pt"), weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_divergence_before_any_finite_model_is_an_error(tmp_path, tiny_cfg, tiny_data, monkeypatch):
+    _diverge_at(monkeypatch, 0, 0)
+    with pytest.raises(NonFiniteError, match="diverged"):
+        train(tiny_cfg, tiny_data, tmp_path / "m.pt", **QUIET)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_evaluation_refuses_non_finite_scores(tmp_path, tiny_model, tiny_data, tiny_data_file, trained_tiny):
+    with torch.no_grad():
+        tiny_model.item_emb.weight[3, 0] = float("nan")
+    split = eval_split(tiny_data, "test", tiny_model.cfg.max_len)
+    with pytest.raises(NonFiniteError, match="not finite"):
+        evaluate(tiny_model, split)
+    # cddrec-eval on a model file holding NaN weights: a one-line error, not R@K = 1.0
+    ckpt = torch.load(trained_tiny, weights_only=True)
+    ckpt["model"] = {k: v * float("nan") if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    bad = tmp_path / "nan.pt"
+    torch.save(ckpt, bad)
+    r = CliRunner().invoke(eval_main, [str(bad), str(tiny_data_file)])
+    assert r.exit_code == 1 and "not finite" in r.output and "R@10" not in r.output, r.output
+
+
+def _resume_weights(path):
+    return torch.load(resume_path(path), weights_only=True)["model"]
+
+
+def test_budget_stop_resumes_the_partial_epoch_exactly(tmp_path, tiny_cfg, tiny_data):
+    cfg = tiny_cfg.replace(epochs=2, patience=5)
+    full = train(cfg, tiny_data, tmp_path / "full.pt", **QUIET)
+    n = full["history"][0]["batches"]
+    # a budget that runs out after the first batch: epoch 0 is partial (1 batch), not complete
+    part = train(cfg.replace(time_budget=1e-9), tiny_data, tmp_path / "part.pt", **QUIET)
+    assert part["history"][-1]["partial"] and part["history"][-1]["batches"] == 1 and "inside epoch 0" in \
+        part["stop_reason"]
+    # resuming with the same budget runs one more batch of the same epoch and says so
+    again = train(cfg.replace(time_budget=1e-9), tiny_data, tmp_path / "part.pt", resume=True, **QUIET)
+    assert len(again["history"]) == 1 and again["history"][0]["batches"] == 2 and again["history"][0]["partial"]
+    # resuming without a budget finishes epoch 0 and runs epoch 1: equal to the uninterrupted run
+    done = train(cfg, tiny_data, tmp_path / "part.pt", resume=True, **QUIET)
+    assert [h["batches"] for h in done["history"]] == [n, n]
+    assert [h["loss"] for h in done["history"]] == [h["loss"] for h in full["history"]]
+    a, b = _resume_weights(tmp_path / "full.pt"), _resume_weights(tmp_path / "part.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path, tiny_cfg, tiny_data):
+    lines = []
+    train(tiny_cfg.replace(epochs=1), tiny_data, tmp_path / "m.pt", progress=False, progress_every=1e-9,
+          log=lines.append)
+    prog = [x for x in lines if "batches/s" in x]
+    assert prog and "epoch 0 | batch 1/" in prog[0] and "ETA" in prog[0] and "loss" in prog[0]
+    silent = []
+    train(tiny_cfg.replace(epochs=1), tiny_data, tmp_path / "q.pt", progress=False, log=silent.append)
+    assert not [x for x in silent if "batches/s" in x]
