@@ -4,11 +4,11 @@ softmax at every step (``rank_steps=all``) or at the last step only (``last``), 
     flock /tmp/cddrec-bench.lock python -m cddrec.benchmarks.train_cost --data-dir ../shared/data \\
         --datasets Office_Products,Beauty --batches 30 --threads 1
 
-Each variant trains its first ``--batches`` batches of epoch 0 (after 2 warm-up batches) with the
-dataset's preset (paper config: d=128, L=20, batch 128, T from the preset) on ``--threads`` CPU
-threads; the epoch time is the mean batch time times the batches of an epoch (an extrapolation,
-validation excluded). The ratio all/last is the cost of ranking at every step; ``rank_steps:
-auto`` (cddrec.config.AUTO_RANK_MAX) is derived from these rows.
+Both variants train the same first ``--batches`` batches of epoch 0 (after 2 warm-up batches),
+interleaved batch by batch, with the dataset's preset (paper config: d=128, L=20, batch 128, T
+from the preset) on ``--threads`` CPU threads; the epoch time is the mean batch time times the
+batches of an epoch (an extrapolation, validation excluded). The ratio all/last is the cost of
+ranking at every step; ``rank_steps: auto`` (cddrec.config.AUTO_RANK_MAX) is derived from these rows.
 """
 
 from __future__ import annotations
@@ -29,25 +29,34 @@ from cddrec.training import set_seed
 from .record import RESULTS_DIR, record
 
 
-def time_batches(cfg: CDDRecConfig, data, batches: int, warmup: int = 2) -> dict:
-    set_seed(cfg.seed)
-    model = CDDRec(cfg).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    it = TrainBatches(data, cfg.max_len, cfg.batch_size, seed=cfg.seed)
-    times = []
+def time_variants(cfgs: dict[str, CDDRecConfig], data, batches: int, warmup: int = 2) -> dict[str, dict]:
+    """Seconds per training batch of each config, the variants interleaved batch by batch (same batches,
+    so load changes on a shared machine hit every variant alike)."""
+    models, opts = {}, {}
+    for name, cfg in cfgs.items():
+        set_seed(cfg.seed)
+        models[name] = CDDRec(cfg).train()
+        opts[name] = torch.optim.Adam(models[name].parameters(), lr=cfg.lr)
+    first = next(iter(cfgs.values()))
+    it = TrainBatches(data, first.max_len, first.batch_size, seed=first.seed)
+    times: dict[str, list[float]] = {name: [] for name in cfgs}
     for i, batch in enumerate(it):
         if i >= warmup + batches:
             break
-        t0 = time.perf_counter()
-        loss, _ = objective(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    per_batch = sum(times) / len(times)
-    return {"batches_timed": len(times), "seconds_per_batch": per_batch, "batches_per_epoch": len(it),
-            "epoch_seconds_est": per_batch * len(it)}
+        for name in cfgs:
+            t0 = time.perf_counter()
+            loss, _ = objective(models[name], batch)
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        per_batch = sum(ts) / len(ts)
+        out[name] = {"batches_timed": len(ts), "seconds_per_batch": per_batch, "batches_per_epoch": len(it),
+                     "targets_per_epoch": it.num_targets, "epoch_seconds_est": per_batch * len(it)}
+    return out
 
 
 @click.command()
@@ -63,10 +72,12 @@ def main(data_dir, datasets, batches, threads, name, out_dir):
     for ds in [d.strip() for d in datasets.split(",") if d.strip()]:
         path = Path(data_dir) / f"{ds}.txt"
         data = load_data(path)
-        for variant in ("last", "all"):
-            cfg = CDDRecConfig(**{**preset_for(path), "rank_steps": variant, "num_items": data.num_items})
+        cfgs = {v: CDDRecConfig(**{**preset_for(path), "rank_steps": v, "num_items": data.num_items})
+                for v in ("last", "all")}
+        for variant, timing in time_variants(cfgs, data, batches).items():
+            cfg = cfgs[variant]
             r = {"dataset": ds, "rank_steps": variant, "N": data.num_items, "T": cfg.steps,
-                 "NxT": data.num_items * cfg.steps, **time_batches(cfg, data, batches)}
+                 "NxT": data.num_items * cfg.steps, **timing}
             rows.append(r)
             click.echo(f"{ds} {variant}: {r['seconds_per_batch']:.3f} s/batch, ~{r['epoch_seconds_est']:.0f} s/epoch "
                        f"({r['batches_per_epoch']} batches)", err=True)
@@ -79,7 +90,8 @@ def main(data_dir, datasets, batches, threads, name, out_dir):
                      f"{r['seconds_per_batch']:.3f} | {r['batches_per_epoch']} | {r['epoch_seconds_est']:.0f} | "
                      f"{ratio:.2f}x |")
     text = "\n".join(table) + (
-        f"\n\n{threads} CPU thread(s); {batches} timed batches per row after 2 warm-up batches; epoch time = "
+        f"\n\n{threads} CPU thread(s); {batches} timed batches per row after 2 warm-up batches, the two variants "
+        "interleaved batch by batch; epoch time = "
         "s/batch x batches/epoch (validation excluded). Paper config (d=128, L=20, batch 128) with each dataset's "
         f"preset. `rank_steps: auto` ranks at every step while N*T <= {AUTO_RANK_MAX:,}, else at the last step.")
     record(name, {"rows": rows, "threads": threads, "auto_rank_max": AUTO_RANK_MAX}, text, out_dir,

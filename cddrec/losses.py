@@ -78,8 +78,8 @@ def objective(model: CDDRec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         aug_owner = rows[last] // L  # the user of each last-position row
 
     table = model.item_emb.weight  # (V, d)
-    x0 = table[targets[valid]]  # (n, d) clean target embeddings
-    x0_neg = table[negatives[valid]]  # (n, d)
+    x0 = F.embedding(targets[valid], table)  # (n, d) clean target embeddings
+    x0_neg = F.embedding(negatives[valid], table)  # (n, d)
     catalogue = table[1:cfg.num_items + 1]  # (N, d): scoring excludes padding and mask rows
     ce_labels = targets[valid] - 1
 
