@@ -26,6 +26,8 @@ from .vocab import Vocab
 GRAPH_FORMAT_VERSION = 2  # 2: parity tolerance declared in the metadata (rtol, atol)
 READABLE_FORMAT_VERSIONS = (1, 2)
 DEFAULT_OPSET = 17
+MIN_OPSET = 14  # the causal mask (Trilu) needs opset 14; the dynamo exporter writes 18 or newer
+DYNAMO_MIN_OPSET = 18
 DEFAULT_K = 10  # items per user when nobody says otherwise
 MASK_SCORE = -30000.0  # excluded items: large, finite and fp16-representable, so TopK never sees -inf or NaN
 TRT_MAX_K = 3840  # TensorRT's TopK limit

@@ -13,16 +13,20 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 
 from cddrec import __version__
 from cddrec.checkpoint import load_checkpoint, weights_checksum
 from cddrec.contract import (
     DEFAULT_K,
     DEFAULT_OPSET,
+    DYNAMO_MIN_OPSET,
     FORBIDDEN_OPS,
     MASK_SCORE,
+    MIN_OPSET,
     POPULAR_TOPK,
     TRT_MAX_K,
     VOCAB_INLINE_MAX,
@@ -52,6 +56,7 @@ class ExportReport:
     export_seconds: float = 0.0
     vocab_sidecar: str | None = None
     trt_engine: str | None = None
+    k_requested: int | None = None  # the --k asked for, when it exceeded the catalogue and K was clamped
 
     @property
     def max_abs_diff(self) -> dict:
@@ -113,6 +118,68 @@ def build_graph(model: CDDRec, path: str | Path, contract: GraphContract, export
             prog.save(str(path))
         else:
             raise ExportError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
+    proto = onnx.load(str(path))
+    written = graph_opset(proto)
+    if written != contract.opset:
+        raise ExportError(f"the {exporter} exporter wrote opset {written}, not the requested {contract.opset}")
+    if one_item_table(proto):
+        onnx.save(proto, str(path))
+
+
+def graph_opset(proto: onnx.ModelProto) -> int:
+    """The default-domain opset a graph imports."""
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
+def one_item_table(proto: onnx.ModelProto) -> bool:
+    """Store each weight matrix once: the TorchScript exporter turns ``F.linear`` without a bias
+    into ``MatMul(x, W^T)`` with ``W^T`` constant-folded, a second (transposed) copy of the item
+    table beside the one the embedding Gather reads. Each MatMul on such a transposed copy whose
+    other input is 2-D becomes ``Gemm(x, W, transB=1)`` and the copy is dropped. Returns whether
+    the graph changed."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    by_shape: dict[tuple, list[str]] = {}
+    for name, init in inits.items():
+        if len(init.dims) == 2:
+            by_shape.setdefault(tuple(init.dims), []).append(name)
+    twin: dict[str, str] = {}  # transposed copy -> original
+    for name, init in inits.items():
+        if len(init.dims) != 2 or init.dims[0] == init.dims[1]:
+            continue
+        candidates = by_shape.get((init.dims[1], init.dims[0]), [])
+        if not candidates:
+            continue
+        arr = numpy_helper.to_array(init)
+        for other in candidates:
+            if np.array_equal(numpy_helper.to_array(inits[other]).T, arr):
+                twin[name] = other
+                break
+    if not twin:
+        return False
+    ranks = _ranks(proto)
+    changed = False
+    for node in proto.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in twin and ranks.get(node.input[0]) == 2:
+            original = twin[node.input[1]]
+            node.op_type = "Gemm"
+            node.input[1] = original
+            node.attribute.extend([onnx.helper.make_attribute("transB", 1)])
+            changed = True
+    used = {i for n in proto.graph.node for i in n.input}
+    for name in twin:
+        if name not in used:
+            proto.graph.initializer.remove(inits[name])
+    return changed
+
+
+def _ranks(proto: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            out[vi.name] = len(t.shape.dim)
+    return out
 
 
 def write_metadata(path: str | Path, meta: dict[str, str]) -> None:
@@ -183,10 +250,21 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K,
                  trt_fp16: bool = False, trt_max_batch: int = 1024, trt_opt_batch: int = 256,
                  validate: bool = True) -> ExportReport:
     """Export a model file to a validated ONNX graph (and optionally a TensorRT engine)."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset}: the graph needs opset {MIN_OPSET} or newer (Trilu for the causal mask)")
+    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
+        raise ExportError(f"--opset {opset}: the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or newer; "
+                          f"use --opset {DYNAMO_MIN_OPSET} or --exporter torchscript")
     model, ckpt = load_checkpoint(checkpoint)
     cfg = model.cfg
-    if not 1 <= k <= cfg.num_items:
-        raise ExportError(f"--k {k} must be between 1 and the number of items ({cfg.num_items})")
+    if k < 1:
+        raise ExportError(f"--k {k} must be >= 1")
+    if stochastic and model.steps < 2:
+        raise ExportError("--stochastic needs a model with a decoder and T >= 2: the last reverse step is its mean "
+                          f"(no noise), so this model (T={model.steps}) has no sampled step; export it without "
+                          "--stochastic")
+    k_asked = k
+    k = min(k, cfg.num_items)  # a small catalogue: K is clamped to the rankable items (report.k_requested says so)
     if trt_engine:
         if k > TRT_MAX_K:
             raise ExportError(f"--k {k} exceeds TensorRT's TopK limit of {TRT_MAX_K}; use a smaller --k for --trt")
@@ -211,7 +289,8 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K,
         extra["vocab"] = vocab.to_dict()
     contract = GraphContract(**{**asdict(contract_for(model, k, stochastic=stochastic, fp16=fp16, opset=opset)),
                                 "extra": extra})
-    report = ExportReport(path=str(out), contract={k_: v for k_, v in asdict(contract).items() if k_ != "extra"})
+    report = ExportReport(path=str(out), contract={k_: v for k_, v in asdict(contract).items() if k_ != "extra"},
+                          k_requested=k_asked if k_asked != k else None)
     meta = contract.to_metadata()
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:

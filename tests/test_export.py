@@ -116,8 +116,11 @@ def test_k_edge_cases(tmp_path, tiny_ckpt, make_histories):
     export_model(tiny_ckpt, tmp_path / "one.onnx", k=1)
     items1, _, _ = run(ort_session(tmp_path / "one.onnx"), ids)
     assert (items1[:, 0] == items[:, 0]).all()
-    with pytest.raises(ExportError, match="between 1 and the number of items"):
-        export_model(tiny_ckpt, tmp_path / "x.onnx", k=51)
+    rep = export_model(tiny_ckpt, tmp_path / "x.onnx", k=51)  # more than the catalogue: clamped, and said
+    assert rep.contract["k"] == 50 and rep.k_requested == 51
+    with pytest.raises(ExportError, match="must be >= 1"):
+        export_model(tiny_ckpt, tmp_path / "x.onnx", k=0)
+    (tmp_path / "x.onnx").unlink()
     big = CDDRec(CDDRecConfig(num_items=4000, hidden_size=8, num_heads=2, max_len=4, steps=2)).eval()
     save_checkpoint(tmp_path / "big.pt", big, Vocab.build(str(i) for i in range(4000)), torch.ones(4002))
     with pytest.raises(ExportError, match="TopK limit of 3840"):
@@ -185,8 +188,15 @@ def test_other_architectures_export(tmp_path, tiny_cfg, variant, open_gates):
 
 def test_dynamo_exporter(tmp_path, tiny_ckpt):
     pytest.importorskip("onnxscript")
-    rep = export_model(tiny_ckpt, tmp_path / "d.onnx", k=10, exporter="dynamo")
+    rep = export_model(tiny_ckpt, tmp_path / "d.onnx", k=10, exporter="dynamo", opset=18)
     assert max(rep.max_abs_diff.values()) <= 1e-4
+    # the opset written is the opset reported (issue 15 item 6: asked 17, wrote 18, said 17)
+    proto = onnx.load(str(tmp_path / "d.onnx"))
+    assert [o.version for o in proto.opset_import if o.domain == ""] == [18]
+    assert read_metadata(proto)["opset"] == "18"
+    with pytest.raises(ExportError, match="dynamo exporter writes opset 18 or newer"):
+        export_model(tiny_ckpt, tmp_path / "d17.onnx", k=10, exporter="dynamo", opset=17)
+    assert not (tmp_path / "d17.onnx").exists()
 
 
 @pytest.mark.gpu

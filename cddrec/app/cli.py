@@ -12,7 +12,7 @@ import click
 
 from cddrec.benchmarks.sizes import PAPER_ITEMS
 from cddrec.config import CDDRecConfig, click_type, default_of, preset_for, read_config_file
-from cddrec.contract import DEFAULT_K, DEFAULT_OPSET
+from cddrec.contract import DEFAULT_K, DEFAULT_OPSET, DYNAMO_MIN_OPSET, MIN_OPSET
 from cddrec.errors import CDDRecError
 from cddrec.metrics import TOPK
 from cddrec.runtime.backends import BUILTIN as BACKEND_NAMES
@@ -178,7 +178,8 @@ def demo_main(out_dir, minutes, seed):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="graph file [default: MODEL with .onnx]")
 @click.option("--k", default=DEFAULT_K, show_default=True, help="top-k items the graph returns")
-@click.option("--opset", default=DEFAULT_OPSET, show_default=True)
+@click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=click.IntRange(min=MIN_OPSET),
+              help=f"ONNX opset (>= {MIN_OPSET}; the dynamo exporter writes >= {DYNAMO_MIN_OPSET})")
 @click.option("--fp16", is_flag=True, help="fp16 matmuls; LayerNorm, softmax, scoring and TopK stay fp32")
 @click.option("--stochastic", is_flag=True, help="add a noise input (T, batch, d): the sampled reverse chain")
 @click.option("--optimize", is_flag=True, help="write ONNX Runtime's offline-optimized graph")
@@ -203,6 +204,9 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
     rep = export_model(model, out, k=k, opset=opset, fp16=fp16, stochastic=stochastic, optimize=optimize,
                        exporter=exporter, vocab_sidecar=vocab_sidecar, trt_engine=trt_engine, trt_fp16=trt_fp16,
                        trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate)
+    if rep.k_requested:
+        click.echo(f"note: --k {rep.k_requested} exceeds the {rep.contract['num_items']} items of the catalogue; "
+                   f"the graph returns K={rep.contract['k']}", err=True)
     if as_json:
         click.echo(json.dumps(asdict(rep), indent=2))
         return
