@@ -49,10 +49,11 @@ KEYS = ("R@1", "R@5", "R@10", "N@5", "N@10", "MRR")
 
 # Recipes: overrides of the config defaults (after the dataset preset).
 RECIPES: dict[str, dict] = {
-    "cddrec": {},  # the default recipe (CDDRecConfig defaults)
-    # The default with the ranking loss at the last step only: on 12k-item catalogues the
-    # full-catalogue CE at all T steps costs ~12x the epoch time (Beauty, one core: 1113 vs 92 s).
+    "cddrec": {},  # the default recipe (CDDRecConfig defaults; rank_steps auto)
+    # The ranking loss at the last step only / at every step: on 12k-item catalogues the
+    # full-catalogue CE at all T steps costs 7-12x the epoch time (train_cost.md); ``auto`` picks by N*T.
     "cddrec-last": {"rank_steps": "last"},
+    "cddrec-all": {"rank_steps": "all"},
     "cddrec-paper-objective": {"loss": "cd", "cd_divergence": "kl", "lam": 0.3, "denoising": True},
     # Table 3 ablations, on the objective that uses diffusion and sampling (InfoNCE on noisy targets)
     "cddrec-infonce-sampling": {"lam": 0.3, "denoising": True},
