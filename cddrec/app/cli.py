@@ -163,14 +163,16 @@ def eval_main(model, data, split, as_json, save_topk, topk, stages, batch_size, 
 @click.command(context_settings={"max_content_width": 110})
 @click.option("--out", "out_dir", default="cddrec-demo", show_default=True, type=click.Path(file_okay=False),
               help="folder for the demo's data and model")
-@click.option("--minutes", default=1.0, show_default=True, help="training time budget")
+@click.option("--minutes", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="training time budget")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="replace an earlier demo run in the folder")
 @friendly_errors
-def demo_main(out_dir, minutes, seed):
+def demo_main(out_dir, minutes, seed, force):
     """Train and evaluate on a seeded synthetic dataset with planted sequential structure."""
     from .demo import run_demo
 
-    run_demo(out_dir, minutes=minutes, seed=seed, echo=click.echo)
+    run_demo(out_dir, minutes=minutes, seed=seed, echo=click.echo, force=force)
 
 
 # ---------------------------------------------------------------------------- export

@@ -8,11 +8,14 @@ split is evaluated with full ranking beside a most-popular baseline.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from cddrec.config import CDDRecConfig
 from cddrec.data import eval_split
+from cddrec.errors import ConfigError
 from cddrec.evaluation import evaluate, evaluate_popularity, format_table
 from cddrec.synthetic import make_synthetic, write_sequence_file
 from cddrec.training import train
@@ -22,14 +25,40 @@ DEMO_CONFIG = dict(hidden_size=64, num_heads=2, max_len=20, steps=10, beta_T=0.0
 
 
 def run_demo(out_dir: str | Path, minutes: float = 1.0, seed: int = 0,
-             echo: Callable[[str], None] = print) -> dict:
+             echo: Callable[[str], None] = print, force: bool = False) -> dict:
+    """Run the demo into ``out_dir``. An earlier run there is refused unless ``force``; the run is
+    written to a temporary folder beside it and renamed into place only when complete, so an
+    interrupted run leaves the earlier one untouched (never a mix of old and new files)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise ConfigError(f"{out_dir} already exists and is not empty (an earlier demo run?); "
+                          "use --force to replace it or --out another folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        result = _run_demo(work, out_dir, minutes, seed, echo)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            out_dir.rename(old)
+        work.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    echo(f"\nwrote the demo run to {out_dir}/")
+    return {k: (str(out_dir / Path(v).name) if k in ("model", "data") else v) for k, v in result.items()}
+
+
+def _run_demo(out_dir: Path, final_dir: Path, minutes: float, seed: int, echo: Callable[[str], None]) -> dict:
     data = make_synthetic(num_users=3000, num_items=400, seed=seed)
     data_path = out_dir / "synthetic.txt"
     write_sequence_file(data, data_path)
-    data.source = str(data_path)
-    echo(f"synthetic data: {data.stats()} -> {data_path}")
+    data.source = str(final_dir / data_path.name)
+    echo(f"synthetic data: {data.stats()} -> {final_dir / data_path.name}")
     cfg = CDDRecConfig(**DEMO_CONFIG, seed=seed, time_budget=minutes)
     model_path = out_dir / "model.pt"
     summary = train(cfg, data, model_path, progress=False, log=echo)
@@ -61,7 +90,7 @@ def run_demo(out_dir: str | Path, minutes: float = 1.0, seed: int = 0,
             f.write(json.dumps({"user": u, "history": data.items.decode(seq[:-1].tolist())}) + "\n")
     rec = Recommender.load(graph)
     stats = run_batch(rec, requests, out_dir / "recommendations.jsonl", k=10)
-    echo(f"cddrec-infer: {stats.summary()} -> {out_dir / 'recommendations.jsonl'}")
+    echo(f"cddrec-infer: {stats.summary()} -> {final_dir / 'recommendations.jsonl'}")
     speed = quick_speed(model_path, graph, rec.info.L, data.num_items)
     echo("\n" + format_table(speed, ["backend", "batch", "p50 ms", "users/s"]))
     return {"model": str(model_path), "data": str(data_path), "test": res.metrics, "popularity": pop,
