@@ -38,10 +38,11 @@ VALID_METRICS = ("R@10", "N@10", "MRR", "MRR@40", "R@20", "N@20")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 SEED_MAX = 2**32 - 1  # numpy's seed range
 # ``rank_steps: auto`` ranks at every step while N * T is at most this, else at the last step only.
-# Measured (benchmarks/results/train_cost.md, one core): the all-steps softmax costs about
-# 1 + N*T / 45,000 times the last-step epoch; at 100k that is ~3x, where Office (N*T = 48k,
-# all steps 0.1144 vs last 0.1091 test R@10) still gains, while Beauty (N*T = 363k, ~9x) measured
-# no gain (0.0911 all vs 0.0923 last).
+# Measured (benchmarks/results/train_cost.md, one core, variants interleaved): ranking at every step
+# costs 2.8x the last-step epoch on Office (N*T = 48k), where it gains quality (test R@10 0.1144,
+# 3 seeds, vs 0.1091), and 7.4x on Beauty (N*T = 363k; README: 12x), where it measured no gain
+# (0.0911 vs 0.0923). The three 12k-item catalogues (N*T 232k-363k) fall above the threshold,
+# Office below; the threshold itself lies between the two measured points.
 AUTO_RANK_MAX = 100_000
 
 

@@ -82,7 +82,7 @@ def _run_demo(out_dir: Path, final_dir: Path, minutes: float, seed: int, echo: C
 
     graph = out_dir / "model.onnx"
     rep = export_model(model_path, graph, k=10)
-    echo(f"\nexported {graph}: {sum(rep.ops.values())} ops, validated against PyTorch "
+    echo(f"\nexported {final_dir / graph.name}: {sum(rep.ops.values())} ops, validated against PyTorch "
          f"(max |score diff| {max(rep.max_abs_diff.values()):.1e})")
     requests = out_dir / "requests.jsonl"
     with open(requests, "w") as f:
