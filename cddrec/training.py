@@ -158,7 +158,6 @@ def train(cfg: CDDRecConfig, data: SequenceData, out: str | Path, *, resume: boo
         if diverged is not None:
             stop_reason = (f"diverged ({diverged}); nothing of this epoch was saved, {out} keeps the best finite "
                            f"model (epoch {best_epoch}); try a smaller --lr")
-            log(f"stopping: training {stop_reason}")
             if best_epoch < 0:
                 raise NonFiniteError(f"training diverged ({diverged}) before any finite model was saved; "
                                      "nothing written: try a smaller --lr")
