@@ -2,7 +2,7 @@
 softmax at every step (``rank_steps=all``) or at the last step only (``last``), per dataset.
 
     flock /tmp/cddrec-bench.lock python -m cddrec.benchmarks.train_cost --data-dir ../shared/data \\
-        --datasets Office_Products,Beauty --batches 30 --threads 1
+        --datasets Office_Products,Office_Products:40,Beauty:8,Beauty --batches 12 --threads 1
 
 Both variants train the same first ``--batches`` batches of epoch 0 (after 2 warm-up batches),
 interleaved batch by batch, with the dataset's preset (paper config: d=128, L=20, batch 128, T
@@ -61,7 +61,8 @@ def time_variants(cfgs: dict[str, CDDRecConfig], data, batches: int, warmup: int
 
 @click.command()
 @click.option("--data-dir", default="../shared/data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--datasets", default="Office_Products,Beauty", show_default=True)
+@click.option("--datasets", default="Office_Products,Office_Products:40,Beauty:8,Beauty", show_default=True,
+              help="DATASET or DATASET:T (another T on the same data)")
 @click.option("--batches", default=30, show_default=True, help="timed batches per variant")
 @click.option("--threads", default=1, show_default=True)
 @click.option("--name", default="train_cost", show_default=True)
@@ -69,11 +70,15 @@ def time_variants(cfgs: dict[str, CDDRecConfig], data, batches: int, warmup: int
 def main(data_dir, datasets, batches, threads, name, out_dir):
     torch.set_num_threads(threads)
     rows = []
-    for ds in [d.strip() for d in datasets.split(",") if d.strip()]:
+    loaded = {}
+    for entry in [d.strip() for d in datasets.split(",") if d.strip()]:
+        ds, _, steps = entry.partition(":")  # "Beauty:8": Beauty with T=8 (another N*T on the same data)
         path = Path(data_dir) / f"{ds}.txt"
-        data = load_data(path)
-        cfgs = {v: CDDRecConfig(**{**preset_for(path), "rank_steps": v, "num_items": data.num_items})
-                for v in ("last", "all")}
+        if ds not in loaded:
+            loaded[ds] = load_data(path)
+        data = loaded[ds]
+        base = {**preset_for(path), **({"steps": int(steps)} if steps else {}), "num_items": data.num_items}
+        cfgs = {v: CDDRecConfig(**base, rank_steps=v) for v in ("last", "all")}
         for variant, timing in time_variants(cfgs, data, batches).items():
             cfg = cfgs[variant]
             r = {"dataset": ds, "rank_steps": variant, "N": data.num_items, "T": cfg.steps,
@@ -81,11 +86,11 @@ def main(data_dir, datasets, batches, threads, name, out_dir):
             rows.append(r)
             click.echo(f"{ds} {variant}: {r['seconds_per_batch']:.3f} s/batch, ~{r['epoch_seconds_est']:.0f} s/epoch "
                        f"({r['batches_per_epoch']} batches)", err=True)
-    by = {(r["dataset"], r["rank_steps"]): r for r in rows}
+    by = {(r["dataset"], r["T"], r["rank_steps"]): r for r in rows}
     table = ["| dataset | N | T | N*T | rank_steps | s/batch | batches/epoch | s/epoch (est.) | all/last |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = r["seconds_per_batch"] / by[(r["dataset"], "last")]["seconds_per_batch"]
+        ratio = r["seconds_per_batch"] / by[(r["dataset"], r["T"], "last")]["seconds_per_batch"]
         table.append(f"| {r['dataset']} | {r['N']:,} | {r['T']} | {r['NxT']:,} | {r['rank_steps']} | "
                      f"{r['seconds_per_batch']:.3f} | {r['batches_per_epoch']} | {r['epoch_seconds_est']:.0f} | "
                      f"{ratio:.2f}x |")
