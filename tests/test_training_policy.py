@@ -124,3 +124,15 @@ def test_same_seed_same_model_on_two_threads(tmp_path, tiny_data, overrides):
     a, b = _resume_weights(tmp_path / "a.pt"), _resume_weights(tmp_path / "b.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_prints_progress_lines_without_a_terminal(tmp_path, tiny_data_file):
+    from cddrec.app.cli import train_main
+
+    args = [str(tiny_data_file), "-o", str(tmp_path / "m.pt"), "--hidden-size", "16", "--num-heads", "2",
+            "--max-len", "8", "--steps", "2", "--batch-size", "16", "--epochs", "1", "--num-threads", "1"]
+    r = CliRunner().invoke(train_main, [*args, "--progress-every", "0.000001"])  # CliRunner: not a terminal
+    assert r.exit_code == 0, r.output
+    assert "epoch 0 | batch 1/" in r.output and "batches/s" in r.output
+    r = CliRunner().invoke(train_main, [*args, "--quiet"])
+    assert r.exit_code == 0 and "batches/s" not in r.output
