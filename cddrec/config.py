@@ -38,11 +38,12 @@ VALID_METRICS = ("R@10", "N@10", "MRR", "MRR@40", "R@20", "N@20")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 SEED_MAX = 2**32 - 1  # numpy's seed range
 # ``rank_steps: auto`` ranks at every step while N * T is at most this, else at the last step only.
-# Measured (benchmarks/results/train_cost.md, one core, variants interleaved): ranking at every step
-# costs 2.8x the last-step epoch on Office (N*T = 48k), where it gains quality (test R@10 0.1144,
-# 3 seeds, vs 0.1091), and 7.4x on Beauty (N*T = 363k; README: 12x), where it measured no gain
-# (0.0911 vs 0.0923). The three 12k-item catalogues (N*T 232k-363k) fall above the threshold,
-# Office below; the threshold itself lies between the two measured points.
+# Measured (benchmarks/results/train_cost.md, one core, variants interleaved): the extra cost of
+# ranking at every step is linear in n*N*(T-1) (~8.5e-9 s per target, item and step); the all-steps
+# epoch costs 2.8x the last-step one on Office (N*T 48k), 3.1-3.9x at N*T ~97k (Office T=40, Beauty
+# T=8) and 9.4x on Beauty (N*T 363k). Quality: all steps gained on Office (test R@10 0.1144, 3 seeds,
+# vs 0.1091) and not on Beauty (0.0911 vs 0.0923). The threshold keeps the all-steps epoch within
+# ~4x of the last-step one: Office ranks at every step, the three 12k-item catalogues at the last.
 AUTO_RANK_MAX = 100_000
 
 
