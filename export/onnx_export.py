@@ -25,7 +25,7 @@ from cddrec.io import atomic_path, atomic_write_json
 from cddrec.model import CDDRec
 
 from .graph import UnrolledRecommender
-from .spec import DEFAULT_OPSET, GRAPH_FORMAT_VERSION, TRT_MAX_K, GraphSpec, graph_spec
+from .spec import DEFAULT_OPSET, GRAPH_FORMAT_VERSION, GraphSpec, graph_spec
 
 VOCAB_INLINE_MAX = 200_000  # larger vocabularies go to a sidecar model.vocab.json
 
@@ -199,11 +199,9 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
     if not 1 <= k <= cfg.num_items:
         raise ExportError(f"--k {k} must be between 1 and the number of items ({cfg.num_items})")
     if trt_engine:
-        if k > TRT_MAX_K:
-            raise ExportError(f"--k {k} exceeds TensorRT's TopK limit of {TRT_MAX_K}; use a smaller --k for --trt")
-        from .tensorrt import import_tensorrt
+        from .tensorrt import check_trt_request
 
-        import_tensorrt()  # fail before writing anything when TensorRT is missing
+        check_trt_request(k, optimize=optimize, fp16=fp16, trt_fp16=trt_fp16)  # before anything is written
     spec = graph_spec(k=k, d=cfg.hidden_size, steps=model.steps, stochastic=stochastic, fp16=fp16, opset=opset)
     out = Path(out)
     report = ExportReport(path=str(out), spec=asdict(spec))
