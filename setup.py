@@ -39,7 +39,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "ruff>=0.4", "onnxscript>=0.1", "pyarrow>=12", "matplotlib>=3.7", "psutil>=5.9"],
-        "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=8.6"],
+        "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=10", "cuda-python>=12"],
+        "triton": ["tritonclient[http]>=2.40", "protobuf>=4"],  # config.pbtxt schema + the README client
         "parquet": ["pyarrow>=12"],
         "plots": ["matplotlib>=3.7"],
     },

@@ -6,7 +6,7 @@
 
 - ``ort-cpu`` / ``ort-cuda``: ONNX Runtime on an exported graph. Threads default to the
   cores, full graph optimization; on CUDA, inputs and outputs go through IO binding.
-- ``trt``: a serialized TensorRT engine (TensorRT 10 name-based API, CUDA buffers from torch).
+- ``trt``: a serialized TensorRT engine (``trt_backend``: TensorRT 10/11 name-based API, cuda-python buffers).
 - ``torch``: the plain PyTorch reference from a model file (Python loop over the T steps).
 """
 
@@ -100,60 +100,6 @@ class TorchBackend:
                 "user_embedding": user.float().cpu().numpy()}
 
 
-class TrtBackend:
-    """A serialized TensorRT engine; buffers are torch CUDA tensors."""
-
-    def __init__(self, path: str | Path):
-        try:
-            import tensorrt as trt
-        except ImportError as e:
-            raise BackendUnavailable("the trt backend needs TensorRT: pip install 'cddrec[gpu]' "
-                                     "(tensorrt) on a machine with an NVIDIA GPU") from e
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BackendUnavailable("the trt backend needs a CUDA GPU (torch.cuda.is_available() is False)")
-        t0 = time.perf_counter()
-        self._trt, self._torch = trt, torch
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
-        if self.engine is None:
-            raise RuntimeError(f"{path}: TensorRT could not deserialize the engine (other TensorRT version?)")
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_in = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.input_names = [n for n in names if is_in[n]]
-        self.output_names = [n for n in names if not is_in[n]]
-        self.load_seconds = time.perf_counter() - t0
-        self.name = "trt"
-
-    def _dtype(self, name: str):
-        return self._torch.from_numpy(np.zeros(0, dtype=self._trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
-        keep = []
-        with torch.cuda.stream(self.stream):
-            for name in self.input_names:
-                t = torch.from_numpy(np.ascontiguousarray(feed[name])).to("cuda", non_blocking=True)
-                t = t.to(self._dtype(name)).contiguous()  # e.g. int64 -> int32 where the engine wants it
-                keep.append(t)
-                self.context.set_input_shape(name, tuple(t.shape))
-                self.context.set_tensor_address(name, t.data_ptr())
-            outs = {}
-            for name in self.output_names:
-                o = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=self._dtype(name), device="cuda")
-                outs[name] = o
-                self.context.set_tensor_address(name, o.data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed")
-        self.stream.synchronize()
-        res = {n: o.cpu().numpy() for n, o in outs.items()}
-        res["top_items"] = res["top_items"].astype(np.int64, copy=False)
-        return res
-
-
 def load_backend(path: str | Path, backend: str = "ort-cpu", *, k: int = 10, threads: int = 0):
     """A backend for a graph (ort-*), an engine (trt) or a model file (torch)."""
     if backend == "ort-cpu":
@@ -161,6 +107,8 @@ def load_backend(path: str | Path, backend: str = "ort-cpu", *, k: int = 10, thr
     if backend == "ort-cuda":
         return OrtBackend(path, "cuda", threads)
     if backend == "trt":
+        from .trt_backend import TrtBackend  # torch-free: cuda-python buffers
+
         return TrtBackend(path)
     if backend == "torch":
         import torch

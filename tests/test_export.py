@@ -192,7 +192,7 @@ def test_dynamo_exporter(tmp_path, tiny_ckpt):
 @pytest.mark.gpu
 def test_tensorrt_engine_parity(tmp_path, tiny_ckpt, make_histories):
     pytest.importorskip("tensorrt")
-    from cddrec.runtime.backends import TrtBackend
+    from cddrec.runtime.trt_backend import TrtBackend
 
     export_model(tiny_ckpt, tmp_path / "m.onnx", k=10, trt_engine=tmp_path / "m.plan")
     model, _ = load_checkpoint(tiny_ckpt)

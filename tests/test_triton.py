@@ -49,13 +49,6 @@ def run(path, ids):
     return sess.run(None, {"item_ids": ids})
 
 
-@pytest.fixture(scope="module")
-def optimized_onnx(trained_tiny):
-    out = trained_tiny.with_name("model_opt.onnx")
-    if not out.exists():
-        export_model(trained_tiny, out, k=10, optimize=True)
-    return out
-
 
 def test_gpu_repo_config_matches_graph(trained_tiny_onnx, tmp_path, make_histories):
     repo = write_triton_repo(trained_tiny_onnx, tmp_path / "models", "recs", max_batch=512)
@@ -111,11 +104,11 @@ def test_cpu_repo_without_batching_and_options(trained_tiny_onnx, tmp_path):
     assert not (tmp_path / "h").exists()
 
 
-def test_contrib_op_graph_refused_for_tensorrt(optimized_onnx, tmp_path):
+def test_contrib_op_graph_refused_for_tensorrt(trained_tiny_optimized_onnx, tmp_path):
     with pytest.raises(ExportError, match="contrib ops.*FusedMatMul"):
-        write_triton_repo(optimized_onnx, tmp_path, "opt")
+        write_triton_repo(trained_tiny_optimized_onnx, tmp_path, "opt")
     assert not (tmp_path / "opt").exists()
-    repo = write_triton_repo(optimized_onnx, tmp_path, "opt", tensorrt=False)  # CUDA provider only: allowed
+    repo = write_triton_repo(trained_tiny_optimized_onnx, tmp_path, "opt", tensorrt=False)  # CUDA provider only: allowed
     cfg, _ = parse_config(repo.config)
     assert not cfg.optimization.execution_accelerators.gpu_execution_accelerator
 
