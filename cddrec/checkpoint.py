@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import pickle
 import zipfile
 from dataclasses import asdict
@@ -26,7 +27,7 @@ import torch
 
 from .config import CDDRecConfig
 from .errors import CheckpointError
-from .io import atomic_path
+from .io import atomic_open
 from .model import CDDRec
 from .vocab import Vocab
 
@@ -50,8 +51,16 @@ def save_checkpoint(path: str | Path, model: CDDRec, vocab: Vocab, popularity: t
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **meta,
     }
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(path, ckpt)
+
+
+def save_torch(path: str | Path, obj) -> None:
+    """``torch.save`` atomically; serialized in memory and written by Python, so a failed write
+    (disk full, file-size limit) is an ``OutputError`` naming the file, not a torch RuntimeError."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_open(path, "wb") as f:
+        f.write(buf.getbuffer())
 
 
 def read_checkpoint(path: str | Path) -> dict:

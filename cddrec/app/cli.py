@@ -14,6 +14,7 @@ from cddrec.benchmarks.sizes import PAPER_ITEMS
 from cddrec.config import CDDRecConfig, preset_for, read_config_file
 from cddrec.contract import DEFAULT_K, DEFAULT_OPSET
 from cddrec.errors import CDDRecError
+from cddrec.io import install_signal_cleanup, refuse_overwrite_inputs
 from cddrec.metrics import TOPK
 from cddrec.runtime.backends import BUILTIN as BACKEND_NAMES
 
@@ -21,14 +22,23 @@ SKIP_FIELDS = {"num_items", "extra"}
 
 
 def friendly_errors(fn):
-    """Turn expected errors (bad data, bad model files, bad settings) into one-line messages."""
+    """Turn expected errors (bad data, bad model files, bad settings, unwritable outputs) into one-line
+    messages (exit 1), and SIGINT/SIGTERM into exit 130/143 after removing temporary files
+    (the exit codes are listed in README.md)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        install_signal_cleanup()
         try:
             return fn(*args, **kwargs)
-        except (CDDRecError, ValueError, FileNotFoundError) as e:
+        except (CDDRecError, ValueError) as e:
             raise click.ClickException(str(e)) from e
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from e
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -97,6 +107,8 @@ def train_main(data, out, config_file, preset, resume, quiet, summary_json, user
     from cddrec.io import atomic_write_json
     from cddrec.training import train
 
+    refuse_overwrite_inputs({"--out": out, "--summary-json": summary_json, "resume file": f"{out}.resume.pt"},
+                            {"DATA": data, "--config": config_file})
     cfg = build_config(data, config_file, preset, overrides)
     ds = load_data(data, kcore=cfg.kcore, **_data_kwargs(user_col, item_col, time_col, sep))
     summary = train(cfg, ds, out, resume=resume, progress=not quiet and sys.stderr.isatty(),
@@ -129,6 +141,7 @@ def eval_main(model, data, split, as_json, save_topk, topk, stages, batch_size, 
     from cddrec.training import resolve_device
     from cddrec.vocab import Vocab
 
+    refuse_overwrite_inputs({"--save-topk": save_topk}, {"MODEL": model, "DATA": data})
     net, ckpt = load_checkpoint(model)
     net.to(resolve_device(device))
     vocab = Vocab.from_dict(ckpt["vocab"])
@@ -194,6 +207,9 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
     from cddrec.export.onnx_export import export_model
 
     out = out or str(Path(model).with_suffix(".onnx"))
+    refuse_overwrite_inputs({"--out": out, "--trt": trt_engine,
+                             "vocabulary file": Path(out).with_suffix(".vocab.json") if vocab_sidecar else None},
+                            {"MODEL": model})
     rep = export_model(model, out, k=k, opset=opset, fp16=fp16, stochastic=stochastic, optimize=optimize,
                        exporter=exporter, vocab_sidecar=vocab_sidecar, trt_engine=trt_engine, trt_fp16=trt_fp16,
                        trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate)
