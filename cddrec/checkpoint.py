@@ -70,11 +70,19 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: no such model file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a model file (model.pt)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), expected a model file saved by cddrec-train")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except UNREADABLE as e:
-        raise CheckpointError(f"{path}: not a readable model file (corrupt, truncated, or not saved "
-                              f"by cddrec-train): {str(e).splitlines()[0][:200]}") from e
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise CheckpointError(f"{path}: refused: the file contains Python objects beyond tensors and plain "
+                                  "data; cddrec model files never do; it may be unsafe") from None
+        raise CheckpointError(f"{path}: not a readable model file (corrupt, truncated, or not saved by "
+                              "cddrec-train)") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises IndexError, KeyError, ... on arbitrary bytes
+        raise CheckpointError(f"{path}: not a readable model file (corrupt, truncated, or not saved by "
+                              f"cddrec-train; {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cddrec model file (no 'format': 'cddrec' entry)")
     version = ckpt.get("format_version")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -14,7 +13,7 @@ from cddrec.benchmarks.sizes import PAPER_ITEMS
 from cddrec.config import CDDRecConfig, preset_for, read_config_file
 from cddrec.contract import DEFAULT_K, DEFAULT_OPSET
 from cddrec.errors import CDDRecError
-from cddrec.io import install_signal_cleanup, refuse_overwrite_inputs
+from cddrec.io import install_signal_cleanup, json_dumps, refuse_overwrite_inputs
 from cddrec.metrics import TOPK
 from cddrec.runtime.backends import BUILTIN as BACKEND_NAMES
 
@@ -110,7 +109,14 @@ def train_main(data, out, config_file, preset, resume, quiet, summary_json, user
     refuse_overwrite_inputs({"--out": out, "--summary-json": summary_json, "resume file": f"{out}.resume.pt"},
                             {"DATA": data, "--config": config_file})
     cfg = build_config(data, config_file, preset, overrides)
-    ds = load_data(data, kcore=cfg.kcore, **_data_kwargs(user_col, item_col, time_col, sep))
+    explicit_kcore = overrides.get("kcore") is not None or (config_file and "kcore" in read_config_file(config_file))
+    ds = load_data(data, kcore=cfg.kcore if explicit_kcore else None, **_data_kwargs(user_col, item_col, time_col, sep))
+    f = ds.filtered
+    click.echo(f"{data}: " + (f"k-core {f['kcore']} removed {f['users_removed']} users, {f['items_removed']} items, "
+                              f"{f['interactions_removed']} interactions" if f["kcore"] > 1 else
+                              "no k-core filter (a sequence file; --kcore N to filter)")
+               + f"; {f['users_under_3_items']} users with fewer than 3 items skipped; {len(ds.users)} users, "
+               f"{ds.num_items} items, {ds.num_interactions} interactions", err=True)
     summary = train(cfg, ds, out, resume=resume, progress=not quiet and sys.stderr.isatty(),
                     log=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {out}: best epoch {summary['best_epoch']}, valid "
@@ -126,9 +132,10 @@ def train_main(data, out, config_file, preset, resume, quiet, summary_json, user
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("--save-topk", type=click.Path(dir_okay=False), help="write JSONL top-k lists here")
-@click.option("--topk", default=TOPK, show_default=True, help="list length for --save-topk")
+@click.option("--topk", default=TOPK, show_default=True, type=click.IntRange(min=1),
+              help="list length for --save-topk (shorter where fewer items are rankable)")
 @click.option("--stages", is_flag=True, help="also rank with every intermediate denoising state")
-@click.option("--batch-size", default=512, show_default=True)
+@click.option("--batch-size", default=512, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="cpu", show_default=True)
 @data_options
 @friendly_errors
@@ -136,8 +143,7 @@ def eval_main(model, data, split, as_json, save_topk, topk, stages, batch_size, 
               time_col, sep):
     """Evaluate MODEL on DATA: leave-one-out, full ranking, seen items excluded."""
     from cddrec.checkpoint import load_checkpoint
-    from cddrec.data import load_data
-    from cddrec.evaluation import evaluate_data, format_table, write_topk
+    from cddrec.evaluation import evaluate_file, format_table, write_topk
     from cddrec.training import resolve_device
     from cddrec.vocab import Vocab
 
@@ -145,19 +151,25 @@ def eval_main(model, data, split, as_json, save_topk, topk, stages, batch_size, 
     net, ckpt = load_checkpoint(model)
     net.to(resolve_device(device))
     vocab = Vocab.from_dict(ckpt["vocab"])
-    ds = load_data(data, kcore=net.cfg.kcore, vocab=vocab, **_data_kwargs(user_col, item_col, time_col, sep))
-    if ckpt.get("data", {}).get("fingerprint") not in (None, ds.fingerprint()):
-        click.echo(f"warning: {data} differs from the data {model} was trained on", err=True)
-    res = evaluate_data(net, ds, split, batch_size=batch_size, stages=stages, keep_topk=topk if save_topk else 0,
+    res = evaluate_file(net, vocab, data, split, read_options=_data_kwargs(user_col, item_col, time_col, sep),
+                        batch_size=batch_size, stages=stages, keep_topk=topk if save_topk else 0,
                         progress=sys.stderr.isatty())
-    out = {"dataset": Path(data).stem, "split": split, "model": str(model), **res.metrics}
+    if ckpt.get("data", {}).get("fingerprint") not in (None, res.fingerprint):
+        click.echo(f"warning: {data} differs from the data {model} was trained on (after its filters)", err=True)
+    rep = res.report
+    click.echo(f"{data}: evaluated {rep['users_evaluated']} of {rep['users_in_file']} users (no filter); "
+               f"skipped {rep['users_under_3_items']} with fewer than 3 items; dropped "
+               f"{rep['unknown_history_items_dropped']} history items unknown to the model; "
+               f"{rep['unknown_targets_counted_as_misses']} targets unknown to the model counted as misses",
+               err=True)
+    out = {"dataset": Path(data).stem, "split": split, "model": str(model), **res.metrics, "data": rep}
     if stages:
         out["stages"] = res.stages
     if save_topk:
-        n = write_topk(save_topk, ds, res, vocab)
-        click.echo(f"wrote {n} top-{topk} lists to {save_topk}", err=True)
+        n = write_topk(save_topk, res.user_keys, res, vocab)
+        click.echo(f"wrote {n} top-{topk} lists to {save_topk} (cut where the rankable items end)", err=True)
     if as_json:
-        click.echo(json.dumps(out, indent=2))
+        click.echo(json_dumps(out, indent=2))
         return
     keys = ["R@1", "R@5", "R@10", "R@20", "N@5", "N@10", "N@20", "MRR", "MRR@40", "AvgChange@40"]
     click.echo(f"{out['dataset']} {split}: {res.metrics['users']} users")
@@ -214,7 +226,7 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
                        exporter=exporter, vocab_sidecar=vocab_sidecar, trt_engine=trt_engine, trt_fp16=trt_fp16,
                        trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate)
     if as_json:
-        click.echo(json.dumps(asdict(rep), indent=2))
+        click.echo(json_dumps(asdict(rep), indent=2))
         return
     click.echo(f"wrote {rep.path} ({rep.graph_bytes / 1e6:.2f} MB, {sum(rep.ops.values())} ops"
                + (f" -> {sum(rep.ops_optimized.values())} after optimization" if rep.ops_optimized else "") + ")")
