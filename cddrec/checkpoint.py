@@ -75,7 +75,7 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
+        if "unsupported global" in str(e).lower():  # a class or function, not garbage bytes
             raise CheckpointError(f"{path}: refused: the file contains Python objects beyond tensors and plain "
                                   "data; cddrec model files never do; it may be unsafe") from None
         raise CheckpointError(f"{path}: not a readable model file (corrupt, truncated, or not saved by "
