@@ -18,6 +18,9 @@ from cddrec.metrics import TOPK
 from cddrec.runtime.backends import BUILTIN as BACKEND_NAMES
 
 SKIP_FIELDS = {"num_items", "extra"}
+# lower bounds of config flags whose field has no ``min`` metadata yet (the field's metadata wins)
+FIELD_MIN = {"epochs": 1}
+POSITIVE = click.IntRange(min=1)
 
 
 def friendly_errors(fn):
@@ -52,7 +55,11 @@ def config_options(fn):
         if isinstance(f.default, bool):
             fn = click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=help_)(fn)
         else:
-            fn = click.option(f"--{flag}", f.name, type=type(f.default), default=None, help=help_)(fn)
+            kind = type(f.default)
+            minimum = f.metadata.get("min", FIELD_MIN.get(f.name))
+            if minimum is not None and kind in (int, float):
+                kind = click.IntRange(min=minimum) if kind is int else click.FloatRange(min=minimum)
+            fn = click.option(f"--{flag}", f.name, type=kind, default=None, help=help_)(fn)
     return fn
 
 
@@ -182,8 +189,9 @@ def eval_main(model, data, split, as_json, save_topk, topk, stages, batch_size, 
 @click.command(context_settings={"max_content_width": 110})
 @click.option("--out", "out_dir", default="cddrec-demo", show_default=True, type=click.Path(file_okay=False),
               help="folder for the demo's data and model")
-@click.option("--minutes", default=1.0, show_default=True, help="training time budget")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--minutes", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="training time budget")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @friendly_errors
 def demo_main(out_dir, minutes, seed):
     """Train and evaluate on a seeded synthetic dataset with planted sequential structure."""
@@ -196,7 +204,7 @@ def demo_main(out_dir, minutes, seed):
 @click.command(context_settings={"max_content_width": 110})
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), help="graph file [default: MODEL with .onnx]")
-@click.option("--k", default=DEFAULT_K, show_default=True, help="top-k items the graph returns")
+@click.option("--k", default=DEFAULT_K, show_default=True, type=POSITIVE, help="top-k items the graph returns")
 @click.option("--opset", default=DEFAULT_OPSET, show_default=True)
 @click.option("--fp16", is_flag=True, help="fp16 matmuls; LayerNorm, softmax, scoring and TopK stay fp32")
 @click.option("--stochastic", is_flag=True, help="add a noise input (T, batch, d): the sampled reverse chain")
@@ -207,8 +215,8 @@ def demo_main(out_dir, minutes, seed):
                    "[default: inline up to 200k items]")
 @click.option("--trt", "trt_engine", type=click.Path(dir_okay=False), help="also build a TensorRT engine here")
 @click.option("--trt-fp16", is_flag=True, help="fp16 TensorRT engine")
-@click.option("--trt-max-batch", default=1024, show_default=True)
-@click.option("--trt-opt-batch", default=256, show_default=True)
+@click.option("--trt-max-batch", default=1024, show_default=True, type=POSITIVE)
+@click.option("--trt-opt-batch", default=256, show_default=True, type=POSITIVE)
 @click.option("--no-validate", is_flag=True, help="skip validation (not recommended)")
 @click.option("--json", "as_json", is_flag=True, help="print the export report as JSON")
 @friendly_errors
@@ -277,9 +285,12 @@ def infer_main(model_path, input_path, output, k, batch_size, backend, threads, 
 # ----------------------------------------------------------------------------- bench
 def _int_list(s: str) -> list[int]:
     try:
-        return [int(x) for x in s.split(",") if x.strip()]
+        values = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {s!r}") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected comma-separated integers >= 1, got {s!r}")
+    return values
 
 
 @click.command(context_settings={"max_content_width": 110})
@@ -287,13 +298,14 @@ def _int_list(s: str) -> list[int]:
               help="model.pt, model.onnx, or 'random' (random weights of the given size)")
 @click.option("--backends", default=",".join(BACKEND_NAMES), show_default=True)
 @click.option("--batch-sizes", default="1,8,64,256,1024", show_default=True)
-@click.option("--items", default=PAPER_ITEMS, show_default=True, help="catalogue size of the random model")
-@click.option("--k", default=DEFAULT_K, show_default=True)
-@click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all cores)")
-@click.option("--min-seconds", default=1.0, show_default=True, help="timed seconds per backend and batch size")
+@click.option("--items", default=PAPER_ITEMS, show_default=True, type=POSITIVE, help="catalogue size of the random model")
+@click.option("--k", default=DEFAULT_K, show_default=True, type=POSITIVE)
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="CPU threads (0 = all cores)")
+@click.option("--min-seconds", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="timed seconds per backend and batch size")
 @click.option("--catalogue-sizes", default="", help="also measure item tables of these sizes, e.g. 10000,100000,1000000")
 @click.option("--catalogue-backends", default="ort-cpu", show_default=True)
-@click.option("--catalogue-batch", default=256, show_default=True)
+@click.option("--catalogue-batch", default=256, show_default=True, type=POSITIVE)
 @click.option("--out", "out_dir", default="benchmarks/results", show_default=True, type=click.Path(file_okay=False))
 @click.option("--name", default="bench", show_default=True, help="file name stem of the results")
 @friendly_errors
