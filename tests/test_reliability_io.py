@@ -132,3 +132,18 @@ def test_failed_write_is_one_line_and_leaves_nothing(tmp_path, tiny_data_file):
     err = [x for x in r.stderr.splitlines() if x.startswith("Error")]
     assert len(err) == 1 and str(out) in err[0] and "File too large" in err[0], r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_train_interrupted_exit_code_and_no_files(tmp_path, tiny_data_file, sig, code):
+    out = tmp_path / "m.pt"
+    cmd = [sys.executable, "-c", "from cddrec.app.cli import train_main; train_main()", str(tiny_data_file),
+           "--out", str(out), "--epochs", "500", "--patience", "500", "--hidden-size", "16", "--num-heads", "2",
+           "--max-len", "8", "--steps", "2", "--num-threads", "1", "--quiet"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    while "epoch" not in (line := p.stderr.readline()):
+        assert line, "training ended before it was interrupted"
+    p.send_signal(sig)
+    assert p.wait(60) == code
+    assert "Traceback" not in p.stderr.read()
+    assert [f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")] == []
