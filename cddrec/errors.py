@@ -35,3 +35,7 @@ class ExportError(CDDRecError, ValueError):
 
 class BackendUnavailable(CDDRecError, RuntimeError):
     """The library or device a backend needs is missing; the message says what to install."""
+
+
+class OutputError(CDDRecError, OSError):
+    """An output that cannot be written, or that would replace one of the command's inputs."""

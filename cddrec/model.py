@@ -59,7 +59,8 @@ class MultiHeadAttention(nn.Module):
         att = qh @ kt / math.sqrt(self.h) + bias  # (B, H, Q, L)
         att = self.drop(att.softmax(-1))
         ctx = att @ v  # (B, H, Q, h)
-        return ctx.reshape(B, 1, -1) if Q == 1 else ctx.transpose(1, 2).reshape(B, Q, -1)  # (B, Q, d)
+        d = self.heads * self.h  # explicit, not -1: a batch of 0 users must reshape too
+        return ctx.reshape(B, 1, d) if Q == 1 else ctx.transpose(1, 2).reshape(B, Q, d)  # (B, Q, d)
 
     def forward(self, x: torch.Tensor, kv_in: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         k, v = self.memory(kv_in)
@@ -140,7 +141,7 @@ class DenoisingDecoder(nn.Module):
         else:
             B, _, _, L = k.shape
             grid = q.new_zeros(B * L, q.shape[-1]).index_copy(0, rows, q)  # (B*L, d)
-            ctx = self.attn.attend(grid.view(B, L, -1), k, v, bias).reshape(B * L, -1)[rows]  # (n, d)
+            ctx = self.attn.attend(grid.view(B, L, q.shape[-1]), k, v, bias).reshape(B * L, q.shape[-1])[rows]  # (n, d)
         out = self.drop(self.attn.o(ctx))
         if self.norm == "post":
             return self.ln(base + e_t + out)

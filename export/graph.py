@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cddrec.contract import MASK_SCORE
-from cddrec.inference import exclude_items, fit_history
+from cddrec.inference import exclude_items, fit_history, valid_ids
 from cddrec.model import CDDRec
 
 
@@ -64,6 +64,7 @@ class UnrolledRecommender(nn.Module):
 
     def forward(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None):
         m = self.model
+        item_ids = valid_ids(item_ids, m.cfg.num_items)  # (B, S): invalid ids are padding
         e_s, bias = m.encode(fit_history(item_ids, m.cfg.max_len))  # (B, L, d), (B, 1, L, L)
         chain_noise = noise.unsqueeze(2) if self.stochastic else None  # (T, B, 1, d)
         x, _ = m.reverse(e_s, bias, last_only=True, noise=chain_noise, step_q=self.step_q)  # (B, 1, d): x_hat_0
