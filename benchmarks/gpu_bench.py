@@ -95,8 +95,9 @@ def check_parity(model, contract, device: str, graph: str, graph16: str, model_p
     return out
 
 
-def write_requests(path: Path, n: int, items: int, seed: int = 0, max_len: int = 50) -> None:
-    """``n`` JSONL requests {"user", "history"} with keys of the random model's vocabulary ("0".."N-1")."""
+def write_requests(path: Path, n: int, items: int, seed: int = 0, max_len: int = 30) -> None:
+    """``n`` JSONL requests {"user", "history"} with keys of the random model's vocabulary ("0".."N-1"),
+    1..``max_len`` items each (those longer than L=20 take the uncaptured path of the graph backends)."""
     rng = np.random.default_rng(seed)
     with open(path, "w") as f:
         for start in range(0, n, 100_000):

@@ -138,8 +138,9 @@ class OrtBackend:
     def _open(self, device: str, **extra):
         try:
             return ort_session(self.path, device, threads=self.threads, **self.session_kwargs, **extra)
-        except (self._errors.Fail, self._errors.InvalidArgument, self._errors.InvalidProtobuf,
-                self._errors.InvalidGraph, self._errors.NoSuchFile, self._errors.NotImplemented) as e:
+        except tuple(getattr(self._errors, n) for n in ("Fail", "InvalidArgument", "InvalidProtobuf", "InvalidGraph",
+                                                         "NoSuchFile", "NotImplemented", "RuntimeException", "EPFail")
+                     if hasattr(self._errors, n)) as e:
             if extra.get("cuda_options", {}).get("enable_cuda_graph"):
                 raise BackendUnavailable(f"{self.path}: ONNX Runtime cannot capture this graph as a CUDA graph "
                                          f"({str(e).splitlines()[0][:300]})") from None

@@ -248,3 +248,15 @@ def test_torch_compile_on_cuda_model(tmp_path_factory):
     assert next(be.module.parameters()).device.type == "cuda"
     ids = np.random.default_rng(7).integers(1, 2001, size=(4, 12))
     assert be.infer({"item_ids": ids})["top_items"].shape == (4, 10)
+
+
+def test_infer_tf32_flag_only_for_ort_cuda(tmp_path, trained_tiny_onnx):
+    from click.testing import CliRunner
+
+    from cddrec.app.cli import infer_main
+
+    req = tmp_path / "r.jsonl"
+    req.write_text('{"user": "a", "history": ["1"]}\n')
+    res = CliRunner().invoke(infer_main, ["--model", str(trained_tiny_onnx), "--batch", str(req), "--output",
+                                          str(tmp_path / "o.jsonl"), "--backend", "ort-cpu", "--tf32"])
+    assert res.exit_code != 0 and "--tf32 applies to ort-cuda" in res.output
