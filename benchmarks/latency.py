@@ -206,7 +206,8 @@ def _gpu_floor(backends: list[str], flops_per_user: float, results: list[dict]) 
     CUDA row's ``share_of_gpu_floor`` (fp16 backends against the fp16 peak, others fp32).
 
     INTEGRATION POINT (issue 12 item 4): ``benchmarks/gpu_floor.py`` (written separately) provides
-    ``gpu_matmul_peak(dtype)`` in GFLOP/s; until it exists this returns None and nothing changes."""
+    ``gpu_matmul_peak(dtype)`` in GFLOP/s ("fp32" | "tf32" | "fp16") and ``floor_for``; the lead may
+    replace this with ``floor_for`` per backend. Without that module this returns None."""
     import torch
 
     if not torch.cuda.is_available() or not any(b in CUDA_BACKENDS for b in backends):
@@ -216,9 +217,9 @@ def _gpu_floor(backends: list[str], flops_per_user: float, results: list[dict]) 
     except ImportError:
         return None
     peaks = {}
-    for label, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+    for label in ("fp32", "fp16"):
         try:
-            peaks[label] = float(gpu_matmul_peak(dtype))
+            peaks[label] = float(gpu_matmul_peak(label))
         except Exception as e:  # noqa: BLE001 - a floor that cannot be measured is reported, not fatal
             peaks[label + "_error"] = f"{type(e).__name__}: {e}"
     for r in results:
