@@ -24,7 +24,6 @@ from cddrec.contract import (
     FORBIDDEN_OPS,
     MASK_SCORE,
     POPULAR_TOPK,
-    TRT_MAX_K,
     VOCAB_INLINE_MAX,
     GraphContract,
 )
@@ -54,6 +53,7 @@ class ExportReport:
     export_seconds: float = 0.0
     vocab_sidecar: str | None = None
     trt_engine: str | None = None
+    triton_repo: str | None = None  # the model folder of a Triton repository written beside the graph
 
     @property
     def max_abs_diff(self) -> dict:
@@ -202,11 +202,9 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K,
     if not 1 <= k <= cfg.num_items:
         raise ExportError(f"--k {k} must be between 1 and the number of items ({cfg.num_items})")
     if trt_engine:
-        if k > TRT_MAX_K:
-            raise ExportError(f"--k {k} exceeds TensorRT's TopK limit of {TRT_MAX_K}; use a smaller --k for --trt")
-        from .tensorrt import import_tensorrt
+        from .tensorrt import check_trt_request
 
-        import_tensorrt()  # fail before writing anything when TensorRT is missing
+        check_trt_request(k, optimize=optimize, fp16=fp16, trt_fp16=trt_fp16)  # before anything is written
     out = Path(out)
     vocab = Vocab.from_dict(ckpt["vocab"])
     if vocab_sidecar is None:

@@ -181,22 +181,45 @@ def demo_main(out_dir, minutes, seed):
               help="item vocabulary in MODEL.vocab.json beside the graph, or in its metadata "
                    "[default: inline up to 200k items]")
 @click.option("--trt", "trt_engine", type=click.Path(dir_okay=False), help="also build a TensorRT engine here")
-@click.option("--trt-fp16", is_flag=True, help="fp16 TensorRT engine")
+@click.option("--trt-fp16", is_flag=True, help="fp16 TensorRT engine (needs --fp16: the engine's precision is the graph's)")
 @click.option("--trt-max-batch", default=1024, show_default=True)
 @click.option("--trt-opt-batch", default=256, show_default=True)
+@click.option("--triton-repo", type=click.Path(file_okay=False),
+              help="also write a Triton model repository here: NAME/config.pbtxt, NAME/1/model.onnx, NAME/vocab.json")
+@click.option("--triton-name", default="cddrec", show_default=True, help="model name in the Triton repository")
+@click.option("--triton-cpu", is_flag=True, help="Triton instance group of kind CPU [default: GPU]")
+@click.option("--triton-max-batch", default=1024, show_default=True, help="Triton max_batch_size (0: no batching)")
+@click.option("--triton-trt/--triton-no-trt", default=True, show_default=True,
+              help="the onnxruntime backend's TensorRT accelerator on GPU (FP16 with --fp16 or --trt-fp16)")
+@click.option("--triton-cuda-graphs", is_flag=True,
+              help="CUDA graphs through the TensorRT accelerator (trt_cuda_graph_enable)")
 @click.option("--no-validate", is_flag=True, help="skip validation (not recommended)")
 @click.option("--json", "as_json", is_flag=True, help="print the export report as JSON")
 @friendly_errors
 def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, vocab_sidecar, trt_engine, trt_fp16,
-                trt_max_batch, trt_opt_batch, no_validate, as_json):
+                trt_max_batch, trt_opt_batch, triton_repo, triton_name, triton_cpu, triton_max_batch, triton_trt,
+                triton_cuda_graphs, no_validate, as_json):
     """Export MODEL (model.pt) to one ONNX graph: encoder, T unrolled denoising steps, scoring,
     seen-item masking and top-k; validated against PyTorch before it is kept."""
     from cddrec.export.onnx_export import export_model
 
     out = out or str(Path(model).with_suffix(".onnx"))
+    if triton_repo and optimize and triton_trt and not triton_cpu:
+        raise click.UsageError("--triton-repo with the TensorRT accelerator needs a standard-op graph: drop --optimize "
+                               "(or add --triton-cpu or --triton-no-trt)")
+    if triton_repo and triton_cuda_graphs and (triton_cpu or not triton_trt):
+        raise click.UsageError("--triton-cuda-graphs works through the TensorRT accelerator on GPU: "
+                               "not with --triton-cpu or --triton-no-trt")
     rep = export_model(model, out, k=k, opset=opset, fp16=fp16, stochastic=stochastic, optimize=optimize,
                        exporter=exporter, vocab_sidecar=vocab_sidecar, trt_engine=trt_engine, trt_fp16=trt_fp16,
                        trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate)
+    if triton_repo:
+        from cddrec.export.triton import write_triton_repo
+
+        repo = write_triton_repo(out, triton_repo, triton_name, gpu=not triton_cpu, max_batch=triton_max_batch,
+                                 tensorrt=triton_trt, precision="FP16" if fp16 or trt_fp16 else "FP32",
+                                 cuda_graphs=triton_cuda_graphs, opt_batch=trt_opt_batch)
+        rep.triton_repo = str(repo.model_dir)
     if as_json:
         click.echo(json.dumps(asdict(rep), indent=2))
         return
@@ -210,6 +233,8 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
         click.echo(f"wrote {rep.vocab_sidecar}")
     if rep.trt_engine:
         click.echo(f"wrote TensorRT engine {rep.trt_engine}")
+    if triton_repo:
+        click.echo(f"wrote Triton model repository {repo.model_dir} (config.pbtxt, 1/model.onnx, vocab.json)")
 
 
 # ----------------------------------------------------------------------------- infer
