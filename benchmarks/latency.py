@@ -9,7 +9,8 @@ every timed call includes device synchronization.
 Backends: ``torch`` (the plain eager reference: Python loop over T steps, every position
 decoded, keys/values projected each step: the baseline), ``torch-fast`` (eager, hoisted,
 last position only), ``torch-compile`` (``torch.compile`` of the unrolled graph module),
-``ort-cpu``, ``ort-cuda``, ``trt``.
+``ort-cpu``, ``ort-cuda``, ``ort-cuda-graph`` (captured CUDA graphs per batch bucket),
+``torch-cuda`` / ``torch-cuda-fp16`` (CUDA-graph replay of the unrolled module), ``trt``.
 
 The floor: FLOPs per user of what the graph computes (encoder, key/value projections, T
 single-position decoder steps, scoring) against the machine's measured fp32 matmul peak.
@@ -36,7 +37,9 @@ from cddrec.errors import BackendUnavailable
 from .sizes import PAPER_ITEMS, random_model
 from .timer import Timing, time_calls
 
-ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "trt")
+ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "ort-cuda-graph", "torch-cuda",
+                "torch-cuda-fp16", "trt")
+CUDA_BACKENDS = ("ort-cuda", "ort-cuda-graph", "torch-cuda", "torch-cuda-fp16", "trt")
 
 
 # ---------------------------------------------------------------------------- the floor
@@ -157,7 +160,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     cfg = CDDRecConfig.from_dict(read_checkpoint(model_pt)["config"] if model_pt else
                                  json.loads(graph_metadata(graph)["config"]))
     d, L, V, T, layers = cfg.hidden_size, cfg.max_len, cfg.num_rows, cfg.decoder_steps, cfg.num_layers
-    needs_graph = any(b in ("ort-cpu", "ort-cuda", "trt") for b in backends)
+    needs_graph = any(b in ("ort-cpu", "ort-cuda", "ort-cuda-graph", "trt") for b in backends)
     export_seconds = None
     if needs_graph and graph is None:
         t0 = time.perf_counter()
@@ -184,6 +187,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
             for t in r["timings"]:
                 t["share_of_floor"] = t["users_per_s"] / floor
         results.append(r)
+    gpu_floor = _gpu_floor(backends, fl["total"], results)
     base = {t["batch"]: t["users_per_s"] for r in results if r["backend"] == "torch" and "timings" in r
             for t in r["timings"]}
     for r in results:
@@ -193,7 +197,37 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     return {"config": {"d": d, "L": L, "T": T, "items": V - 2, "k": k, "layers": layers, "threads": threads,
                        "cuda": torch.cuda.is_available()},
             "matmul_peak_gflops": peak, "flops_per_user": fl, "flops_per_user_plain_reference": fl_plain,
-            "floor_users_per_s": floor, "export_seconds": export_seconds, "results": results}
+            "floor_users_per_s": floor, "export_seconds": export_seconds, "results": results,
+            **({"gpu_floor": gpu_floor} if gpu_floor else {})}
+
+
+def _gpu_floor(backends: list[str], flops_per_user: float, results: list[dict]) -> dict | None:
+    """The GPU's own floor for CUDA backends: users/s at its measured dense matmul peak, and each
+    CUDA row's ``share_of_gpu_floor`` (fp16 backends against the fp16 peak, others fp32).
+
+    INTEGRATION POINT (issue 12 item 4): ``benchmarks/gpu_floor.py`` (written separately) provides
+    ``gpu_matmul_peak(dtype)`` in GFLOP/s ("fp32" | "tf32" | "fp16") and ``floor_for``; the lead may
+    replace this with ``floor_for`` per backend. Without that module this returns None."""
+    import torch
+
+    if not torch.cuda.is_available() or not any(b in CUDA_BACKENDS for b in backends):
+        return None
+    try:
+        from .gpu_floor import gpu_matmul_peak
+    except ImportError:
+        return None
+    peaks = {}
+    for label in ("fp32", "fp16"):
+        try:
+            peaks[label] = float(gpu_matmul_peak(label))
+        except Exception as e:  # noqa: BLE001 - a floor that cannot be measured is reported, not fatal
+            peaks[label + "_error"] = f"{type(e).__name__}: {e}"
+    for r in results:
+        label = "fp16" if r["backend"].endswith("fp16") else "fp32"
+        if r["backend"] in CUDA_BACKENDS and label in peaks:
+            for t in r.get("timings", []):
+                t["share_of_gpu_floor"] = t["users_per_s"] / (peaks[label] * 1e9 / flops_per_user)
+    return {"matmul_peak_gflops": peaks, "device": torch.cuda.get_device_name(0)}
 
 
 def _has_tensorrt() -> bool:

@@ -285,6 +285,7 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--backend", type=click.Choice(list(BACKEND_NAMES)), default="ort-cpu", show_default=True)
 @click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all cores)")
+@click.option("--tf32", is_flag=True, help="ort-cuda/ort-cuda-graph: allow TF32 matmuls (faster, not fp32 parity)")
 @click.option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
 @click.option("--output-format", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
 @click.option("--input-format", type=click.Choice(["jsonl", "log"]), default=None,
@@ -293,13 +294,15 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @data_options
 @friendly_errors
-def infer_main(model_path, input_path, output, k, batch_size, backend, threads, strict, output_format, input_format,
-               allow_duplicates, quiet, user_col, item_col, time_col, sep):
+def infer_main(model_path, input_path, output, k, batch_size, backend, threads, tf32, strict, output_format,
+               input_format, allow_duplicates, quiet, user_col, item_col, time_col, sep):
     """Batched top-k recommendations for a file of user histories, original item keys in and out."""
     from cddrec.runtime.batch import run_batch
     from cddrec.runtime.recommender import Recommender
 
-    rec = Recommender.load(model_path, backend=backend, threads=threads, k=k)
+    if tf32 and backend not in ("ort-cuda", "ort-cuda-graph"):
+        raise click.BadParameter(f"--tf32 applies to ort-cuda and ort-cuda-graph, not {backend}", param_hint="--tf32")
+    rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **({"tf32": True} if tf32 else {}))
     stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
                       output_format=output_format, in_format=input_format, check_duplicates=not allow_duplicates,
                       progress=not quiet and sys.stderr.isatty(),
