@@ -14,8 +14,9 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
+from cddrec.runtime.backends import CUDA_BACKENDS  # always on the GPU; others there only when told
+
 DTYPES = ("fp32", "tf32", "fp16")
-CUDA_BACKENDS = ("ort-cuda", "trt", "torch-cuda")  # always on the GPU; others on the GPU only when told
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,12 @@ import numpy as np
 from cddrec.contract import DEFAULT_K
 from cddrec.errors import BackendUnavailable
 
+from .gpu_floor import floor_for, gpu_matmul_peak
 from .sizes import PAPER_ITEMS, random_model
 from .timer import Timing, time_calls
 
 ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "ort-cuda-graph", "torch-cuda",
                 "torch-cuda-fp16", "trt")
-CUDA_BACKENDS = ("ort-cuda", "ort-cuda-graph", "torch-cuda", "torch-cuda-fp16", "trt")
 
 
 # ---------------------------------------------------------------------------- the floor
@@ -174,7 +174,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     peak = matmul_peak(threads)
     fl = flops_per_user(cfg)
     fl_plain = flops_per_user(cfg, plain=True)
-    floor = peak * 1e9 / fl["total"]
+    floor = peak * 1e9 / fl["total"]  # the CPU's
     results = []
     for name in backends:
         echo(f"benchmarking {name} ...")
@@ -183,11 +183,13 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
                          min_seconds=min_seconds, seed=0)
         if "error" in r:
             echo(f"  {name}: skipped ({r['error']})")
-        else:
+        else:  # each backend against its own hardware's floor: the GPU's peak at the backend's precision
+            f = floor_for(name, cpu_peak=lambda: peak, gpu_peak=gpu_matmul_peak, fp16=name.endswith("fp16"))
+            r["floor"] = {"device": f.device, "precision": f.precision, "matmul_peak_gflops": f.gflops,
+                          "users_per_s": f.users_per_s(fl["total"])}
             for t in r["timings"]:
-                t["share_of_floor"] = t["users_per_s"] / floor
+                t["share_of_floor"] = t["users_per_s"] / r["floor"]["users_per_s"]
         results.append(r)
-    gpu_floor = _gpu_floor(backends, fl["total"], results)
     base = {t["batch"]: t["users_per_s"] for r in results if r["backend"] == "torch" and "timings" in r
             for t in r["timings"]}
     for r in results:
@@ -197,37 +199,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     return {"config": {"d": d, "L": L, "T": T, "items": V - 2, "k": k, "layers": layers, "threads": threads,
                        "cuda": torch.cuda.is_available()},
             "matmul_peak_gflops": peak, "flops_per_user": fl, "flops_per_user_plain_reference": fl_plain,
-            "floor_users_per_s": floor, "export_seconds": export_seconds, "results": results,
-            **({"gpu_floor": gpu_floor} if gpu_floor else {})}
-
-
-def _gpu_floor(backends: list[str], flops_per_user: float, results: list[dict]) -> dict | None:
-    """The GPU's own floor for CUDA backends: users/s at its measured dense matmul peak, and each
-    CUDA row's ``share_of_gpu_floor`` (fp16 backends against the fp16 peak, others fp32).
-
-    INTEGRATION POINT (issue 12 item 4): ``benchmarks/gpu_floor.py`` (written separately) provides
-    ``gpu_matmul_peak(dtype)`` in GFLOP/s ("fp32" | "tf32" | "fp16") and ``floor_for``; the lead may
-    replace this with ``floor_for`` per backend. Without that module this returns None."""
-    import torch
-
-    if not torch.cuda.is_available() or not any(b in CUDA_BACKENDS for b in backends):
-        return None
-    try:
-        from .gpu_floor import gpu_matmul_peak
-    except ImportError:
-        return None
-    peaks = {}
-    for label in ("fp32", "fp16"):
-        try:
-            peaks[label] = float(gpu_matmul_peak(label))
-        except Exception as e:  # noqa: BLE001 - a floor that cannot be measured is reported, not fatal
-            peaks[label + "_error"] = f"{type(e).__name__}: {e}"
-    for r in results:
-        label = "fp16" if r["backend"].endswith("fp16") else "fp32"
-        if r["backend"] in CUDA_BACKENDS and label in peaks:
-            for t in r.get("timings", []):
-                t["share_of_gpu_floor"] = t["users_per_s"] / (peaks[label] * 1e9 / flops_per_user)
-    return {"matmul_peak_gflops": peaks, "device": torch.cuda.get_device_name(0)}
+            "floor_users_per_s": floor, "export_seconds": export_seconds, "results": results}
 
 
 def _has_tensorrt() -> bool:
@@ -256,6 +228,11 @@ def bench_table(res: dict) -> str:
              f"{fl['decoder_kv'] / 1e6:.2f}, {c['T']} steps {fl['decoder_steps'] / 1e6:.2f}, scoring "
              f"{fl['scoring'] / 1e6:.2f}); plain reference {res['flops_per_user_plain_reference']['total'] / 1e6:.2f} M. "
              f"Matmul peak {res['matmul_peak_gflops']:.0f} GFLOP/s -> floor {res['floor_users_per_s']:,.0f} users/s."]
+    gpu = {r["backend"]: r["floor"] for r in res["results"] if r.get("floor", {}).get("device") == "cuda"}
+    if gpu:
+        rows.append("GPU backends against the GPU's own floor: " + "; ".join(
+            f"{n}: {f['precision']} peak {f['matmul_peak_gflops']:,.0f} GFLOP/s -> {f['users_per_s']:,.0f} users/s"
+            for n, f in gpu.items()) + ".")
     return "\n".join(rows)
 
 

@@ -45,6 +45,7 @@ BUILTIN = {
 }
 GRAPH_BACKENDS = ("ort-cpu", "ort-cuda", "ort-cuda-graph")  # read an exported graph (.onnx)
 MODEL_BACKENDS = ("torch", "torch-fast", "torch-compile", "torch-cuda", "torch-cuda-fp16")  # read a model file
+CUDA_BACKENDS = ("ort-cuda", "ort-cuda-graph", "torch-cuda", "torch-cuda-fp16", "trt")  # always run on the GPU
 
 
 @runtime_checkable
