@@ -221,14 +221,17 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
               help="requests: JSONL {\"user\": key, \"history\": [item keys]} or a CSV/TSV/Parquet log")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="recommendations file")
 @click.option("--k", type=int, default=None, help="items per user [default: the graph's K]")
-@click.option("--batch-size", default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="users per engine call")
 @click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda", "trt", "torch"]), default="ort-cpu",
               show_default=True)
 @click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all cores)")
 @click.option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
-@click.option("--output-format", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
-@click.option("--input-format", type=click.Choice(["jsonl", "log"]), default=None,
-              help="[default: log for .csv/.tsv/.parquet, else jsonl]")
+@click.option("--output-format", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
+              help="[default: from the output suffix: .csv, .parquet/.pq, else jsonl]")
+@click.option("--input-format", type=click.Choice(["jsonl", "parquet", "log"]), default=None,
+              help="[default: log for .csv/.tsv and Parquet without a list column 'history', "
+                   "parquet (requests) for Parquet with one, else jsonl]")
 @click.option("--allow-duplicates", is_flag=True, help="do not check for repeated users (saves memory)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @data_options
@@ -246,6 +249,8 @@ def infer_main(model_path, input_path, output, k, batch_size, backend, threads, 
                       log_options=_data_kwargs(user_col, item_col, time_col, sep))
     click.echo(stats.summary(), err=True)
     click.echo(f"wrote {output}" + (f"; bad lines in {stats.errors_path}" if stats.errors_path else ""), err=True)
+    if stats.bad and not stats.served:
+        sys.exit(3)  # finished, but every line was bad
 
 
 # ----------------------------------------------------------------------------- bench

@@ -4,8 +4,9 @@
     rec.recommend([["B00123", "B00456"], [17, 42]], k=10)
 
 Histories are oldest first. Keys are mapped with the model's vocabulary; unknown items are
-dropped and counted; the most recent ``max_history`` known items are kept (the last L feed
-the model, all of them are excluded from the ranking). A history with no known item gets the
+dropped and counted; every known item is kept (the last L feed the model, all of them are
+excluded from the ranking; TensorRT engines, whose profiles stop at ``MAX_HISTORY``, keep the most
+recent ``MAX_HISTORY``). A history with no known item gets the
 training popularity top-k, flagged ``fallback: "popular"``.
 """
 
@@ -85,13 +86,13 @@ class Recommendation:
 
 
 class Recommender:
-    def __init__(self, backend, info: ModelInfo, max_history: int = MAX_HISTORY):
+    def __init__(self, backend, info: ModelInfo, max_history: int | None = None):
         self.backend, self.info, self.max_history = backend, info, max_history
         self.index = info.vocab.index
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "ort-cpu", *, threads: int = 0, k: int | None = None,
-             max_history: int = MAX_HISTORY) -> "Recommender":
+             max_history: int | None = None) -> "Recommender":
         """Open a graph (ort-cpu, ort-cuda), an engine (trt) or a model file (torch)."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -105,14 +106,17 @@ class Recommender:
             info = checkpoint_info(ckpt, k or 10)
         else:
             info = info_from_graph(path)
+        if backend == "trt" and max_history is None:
+            max_history = MAX_HISTORY
         return cls(load_backend(path, backend, k=info.K, threads=threads), info, max_history)
 
     # ------------------------------------------------------------------ encoding
     def encode(self, history: Sequence) -> tuple[np.ndarray, int]:
-        """Item ids of the known items (most recent ``max_history``) and the unknown count."""
+        """Item ids of the known items (all, or the most recent ``max_history``) and the unknown count."""
         ids = [self.index.get(str(key), 0) for key in history]
         known = [i for i in ids if i]
-        return np.asarray(known[-self.max_history:], dtype=np.int64), len(ids) - len(known)
+        kept = known[-self.max_history:] if self.max_history else known
+        return np.asarray(kept, dtype=np.int64), len(ids) - len(known)
 
     def batch_input(self, encoded: Sequence[np.ndarray]) -> np.ndarray:
         """(B, S) left-padded, S = max(L, longest history)."""
