@@ -381,10 +381,12 @@ def run_file(rec: Recommender, input_path: str | Path, output_path: str | Path, 
     with output_lock(output_path), atomic_path(output_path) as tmp, atomic_path(errors_path) as etmp, \
             open(tmp, "wb") as out, open(etmp, "wb") as err:
         writer = WRITERS[out_fmt](out, **wkw)
-        stats = serve(rec, blocks, writer, ErrorWriter(err), k=k, batch_size=batch_size, strict=strict,
-                      check_duplicates=check_duplicates and fmt != "log", source=str(input_path),
-                      progress=progress, max_history=max_history)
-        writer.close()
+        try:
+            stats = serve(rec, blocks, writer, ErrorWriter(err), k=k, batch_size=batch_size, strict=strict,
+                          check_duplicates=check_duplicates and fmt != "log", source=str(input_path),
+                          progress=progress, max_history=max_history)
+        finally:
+            writer.close()
     if stats.bad:
         stats.errors_path = str(errors_path)
     else:

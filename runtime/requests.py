@@ -33,7 +33,7 @@ from cddrec.data import DataError, typed_key  # repoint: cddrec.errors / cddrec.
 
 LOG_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet", ".pq")
-BLOCK_BYTES = 8 << 20  # JSONL bytes per block
+BLOCK_BYTES = 4 << 20  # JSONL bytes per block
 BLOCK_ROWS = 65536  # Parquet rows per block
 BOM = b"\xef\xbb\xbf"
 
@@ -142,17 +142,24 @@ def _arrow_block(buf: bytes, first_line: int, n_lines: int, schema: list) -> Req
         return None
     ropts = pj.ReadOptions(use_threads=False, block_size=max(len(buf) + 1, 1 << 16))
     table = None
-    for sch in [schema[0]] if schema[0] is not None else []:
+    if schema[0] == "mixed":
+        block = _mixed_block(buf, first_line, n_lines, ropts)
+        if block is not None:
+            return block
+    elif schema[0] is not None:
         try:
             table = pj.read_json(pa.BufferReader(buf), read_options=ropts, parse_options=pj.ParseOptions(
-                explicit_schema=sch, unexpected_field_behavior="ignore"))
+                explicit_schema=schema[0], unexpected_field_behavior="ignore"))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             table = None
     if table is None:
         try:
             table = pj.read_json(pa.BufferReader(buf), read_options=ropts)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return None
+            block = _mixed_block(buf, first_line, n_lines, ropts) if schema[0] != "mixed" else None
+            if block is not None:
+                schema[0] = "mixed"
+            return block
     if table.num_rows != n_lines or "user" not in table.column_names or "history" not in table.column_names:
         return None  # blank lines (skipped by pyarrow), two objects on a line, missing fields
     users, hist = table.column("user"), table.column("history")
@@ -166,11 +173,60 @@ def _arrow_block(buf: bytes, first_line: int, n_lines: int, schema: list) -> Req
         if offs[-1] != offs[0]:  # nulls as items
             return None
         hist = pa.ListArray.from_arrays(pa.array(offs - offs[0], pa.int32()), pa.array([], pa.int64()))
-    if hist.offset or hist.values.offset:
-        hist = pa.ListArray.from_arrays(pa.array(np.asarray(hist.offsets) - hist.offsets[0].as_py()),
-                                        hist.flatten())
+    hist = _zero_based(hist)
     schema[0] = pa.schema([("user", users.type), ("history", pa.list_(hist.type.value_type))])
     return RequestBlock(np.arange(first_line, first_line + n_lines, dtype=np.int64), users, hist, [], n_lines)
+
+
+def _zero_based(hist) -> pa.ListArray:
+    offs = np.asarray(hist.offsets, dtype=np.int64)
+    if offs[0] == 0 and not hist.offset and isinstance(hist, pa.ListArray) and not hist.values.offset \
+            and len(hist.values) == offs[-1]:
+        return hist
+    vals = hist.flatten()
+    if pa.types.is_large_string(vals.type):
+        vals = vals.cast(pa.string())
+    return pa.ListArray.from_arrays(pa.array((offs - offs[0]).astype(np.int32)), vals)
+
+
+def _mixed_block(buf: bytes, first_line: int, n_lines: int, ropts) -> RequestBlock | None:
+    """Histories that mix integer and string keys: users by pyarrow, histories by polars as strings.
+
+    Polars turns any JSON scalar into a string, so a block goes this way only when its bytes can
+    hold no float, boolean, null or nested value (anything that looks like one takes the
+    line-by-line path, which reports it)."""
+    import polars as pl
+    import pyarrow.json as pj
+
+    if b"true" in buf or b"false" in buf or b"null" in buf or buf.count(b"{") != n_lines \
+            or buf.count(b"[") != n_lines:
+        return None
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    digit = (arr[:-1] >= 48) & (arr[:-1] <= 57)
+    nxt = arr[1:]
+    if (digit & ((nxt == 46) | (nxt == 101) | (nxt == 69))).any():  # 1.5, 1e5, 1E5
+        return None
+    users = None
+    for utype in _USER_TYPES:
+        try:
+            users = pj.read_json(pa.BufferReader(buf), read_options=ropts, parse_options=pj.ParseOptions(
+                explicit_schema=pa.schema([("user", utype)]), unexpected_field_behavior="ignore")).column("user")
+            break
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+    if users is None or len(users) != n_lines or users.null_count:
+        return None
+    try:
+        df = pl.read_ndjson(io.BytesIO(buf), schema={"history": pl.List(pl.String)})
+    except Exception:  # noqa: BLE001 - polars raises several types
+        return None
+    hist = df["history"].to_arrow()
+    if isinstance(hist, pa.ChunkedArray):
+        hist = hist.combine_chunks()
+    if len(hist) != n_lines or hist.null_count or hist.values.null_count:
+        return None
+    return RequestBlock(np.arange(first_line, first_line + n_lines, dtype=np.int64), users.combine_chunks(),
+                        _zero_based(hist), [], n_lines)
 
 
 def _slow_block(buf: bytes, first_line: int) -> RequestBlock:
@@ -234,7 +290,8 @@ def parquet_is_requests(path: Path) -> bool:
         schema = pq.read_schema(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types
         raise DataError(f"{path}: not a readable Parquet file: {e}") from e
-    return "history" in schema.names and pa.types.is_list(schema.field("history").type)
+    t = schema.field("history").type if "history" in schema.names else None
+    return t is not None and (pa.types.is_list(t) or pa.types.is_large_list(t))
 
 
 def read_parquet_blocks(path: Path, block_rows: int = BLOCK_ROWS) -> Iterator[RequestBlock]:
