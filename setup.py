@@ -36,11 +36,15 @@ setup(
         "onnx>=1.15",
         "onnxruntime>=1.17",
         "pyyaml>=6.0",
+        "pyarrow>=12",
+        "polars>=1.0",
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff>=0.4", "onnxscript>=0.1", "pyarrow>=12", "matplotlib>=3.7", "psutil>=5.9"],
+        "dev": ["pytest>=7", "ruff>=0.4", "onnxscript>=0.1", "pyarrow>=12", "polars>=1.0", "matplotlib>=3.7",
+                "psutil>=5.9", "hypothesis>=6", "ray[data]>=2.9"],
         "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=8.6"],
         "parquet": ["pyarrow>=12"],
+        "ray": ["ray[data]>=2.9"],
         "plots": ["matplotlib>=3.7"],
     },
     entry_points={
