@@ -34,7 +34,7 @@ from cddrec.data import DataError, typed_key  # repoint: cddrec.errors / cddrec.
 LOG_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 BLOCK_BYTES = 4 << 20  # JSONL bytes per block
-BLOCK_ROWS = 65536  # Parquet rows per block
+BLOCK_ROWS = 32768  # Parquet rows per block
 BOM = b"\xef\xbb\xbf"
 
 
