@@ -4,8 +4,9 @@
     rec.recommend([["B00123", "B00456"], [17, 42]], k=10)
 
 Histories are oldest first. Keys are mapped with the model's vocabulary; unknown items are
-dropped and counted; the most recent ``max_history`` known items are kept (the last L feed
-the model, all of them are excluded from the ranking). A history with no known item gets the
+dropped and counted; every known item is kept (the last L feed the model, all of them are
+excluded from the ranking; TensorRT engines, whose profiles stop at ``MAX_HISTORY``, keep the most
+recent ``MAX_HISTORY``). A history with no known item gets the
 training popularity top-k, flagged ``fallback: "popular"``. Torch-free: graphs are read through
 ``cddrec.contract`` and served by ``cddrec.runtime.backends``.
 """
@@ -55,14 +56,14 @@ class Recommendation:
 
 
 class Recommender:
-    def __init__(self, backend: Backend, info: ServingInfo, max_history: int = MAX_HISTORY, seed: int = 0):
+    def __init__(self, backend: Backend, info: ServingInfo, max_history: int | None = None, seed: int = 0):
         self.backend, self.info, self.max_history = backend, info, max_history
         self.index = info.vocab.index
         self.rng = np.random.default_rng(seed)  # the noise of a stochastic graph (sampled reverse chain)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "ort-cpu", *, threads: int = 0, k: int | None = None,
-             max_history: int = MAX_HISTORY, seed: int = 0, **options) -> "Recommender":
+             max_history: int | None = None, seed: int = 0, **options) -> "Recommender":
         """Open a graph (ort-cpu, ort-cuda), an engine (trt) or a model file (torch backends)."""
         path = Path(path)
         if not path.exists():
@@ -70,6 +71,8 @@ class Recommender:
         if path.is_dir():
             raise ModelFileError(f"{path}: is a directory, expected a model file")
         be = load_backend(path, backend, k=k, threads=threads, **options)
+        if backend == "trt" and max_history is None:
+            max_history = MAX_HISTORY  # TensorRT's profiles stop there
         return cls(be, read_serving_info(path, be), max_history, seed=seed)
 
     @property
@@ -78,10 +81,11 @@ class Recommender:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, history: Sequence) -> tuple[np.ndarray, int]:
-        """Item ids of the known items (most recent ``max_history``) and the unknown count."""
+        """Item ids of the known items (all, or the most recent ``max_history``) and the unknown count."""
         ids = [self.index.get(str(key), 0) for key in history]
         known = [i for i in ids if i]
-        return np.asarray(known[-self.max_history:], dtype=np.int64), len(ids) - len(known)
+        kept = known[-self.max_history:] if self.max_history else known
+        return np.asarray(kept, dtype=np.int64), len(ids) - len(known)
 
     def batch_input(self, encoded: Sequence[np.ndarray]) -> np.ndarray:
         """(B, S) left-padded, S = max(L, longest history)."""

@@ -278,30 +278,61 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
 @click.command(context_settings={"max_content_width": 110})
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="exported graph (.onnx), TensorRT engine (with --backend trt) or model.pt (--backend torch)")
-@click.option("--batch", "input_path", required=True, type=click.Path(dir_okay=False),
-              help="requests: JSONL {\"user\": key, \"history\": [item keys]} or a CSV/TSV/Parquet log")
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="recommendations file")
+@click.option("--batch", "input_path", required=True, type=click.Path(),
+              help="requests: JSONL {\"user\": key, \"history\": [item keys]}, Parquet requests or a "
+                   "CSV/TSV/Parquet log; with --ray, a file, directory or glob of JSONL/Parquet shards")
+@click.option("--output", "-o", required=True, type=click.Path(),
+              help="recommendations file; with --ray, a directory (one output per shard)")
 @click.option("--k", type=int, default=None, help="items per user [default: the graph's K]")
-@click.option("--batch-size", default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="users per engine call")
 @click.option("--backend", type=click.Choice(list(BACKEND_NAMES)), default="ort-cpu", show_default=True)
 @click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all cores)")
 @click.option("--tf32", is_flag=True, help="ort-cuda/ort-cuda-graph: allow TF32 matmuls (faster, not fp32 parity)")
 @click.option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
-@click.option("--output-format", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
-@click.option("--input-format", type=click.Choice(["jsonl", "log"]), default=None,
-              help="[default: log for .csv/.tsv/.parquet, else jsonl]")
+@click.option("--output-format", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
+              help="[default: from the output suffix: .csv, .parquet/.pq, else jsonl]")
+@click.option("--input-format", type=click.Choice(["jsonl", "parquet", "log"]), default=None,
+              help="[default: log for .csv/.tsv and Parquet without a list column 'history', "
+                   "parquet (requests) for Parquet with one, else jsonl]")
 @click.option("--allow-duplicates", is_flag=True, help="do not check for repeated users (saves memory)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--ray", "ray_address", default=None,
+              help="serve shards on Ray Data: 'local' (start Ray here), 'auto' or a cluster address")
+@click.option("--ray-actors", type=click.IntRange(min=1), default=None,
+              help="actors, each with one model [default: one per CPU, at most one per shard]")
+@click.option("--ray-gpus", type=click.FloatRange(min=0), default=None,
+              help="GPUs per actor [default: 1 for ort-cuda and trt, else 0]")
 @data_options
 @friendly_errors
 def infer_main(model_path, input_path, output, k, batch_size, backend, threads, tf32, strict, output_format,
-               input_format, allow_duplicates, quiet, user_col, item_col, time_col, sep):
+               input_format, allow_duplicates, quiet, ray_address, ray_actors, ray_gpus, user_col, item_col, time_col,
+               sep):
     """Batched top-k recommendations for a file of user histories, original item keys in and out."""
     from cddrec.runtime.batch import run_batch
     from cddrec.runtime.recommender import Recommender
 
     if tf32 and backend not in ("ort-cuda", "ort-cuda-graph"):
         raise click.BadParameter(f"--tf32 applies to ort-cuda and ort-cuda-graph, not {backend}", param_hint="--tf32")
+    if ray_address:
+        import time
+
+        from cddrec.runtime.distributed import run_sharded
+
+        t0 = time.perf_counter()
+        stats, rows = run_sharded(model_path, input_path, output, ray_address=ray_address, actors=ray_actors,
+                                  backend=backend, threads=threads or 1, gpus_per_actor=ray_gpus,
+                                  out_fmt=output_format, k=k, batch_size=batch_size, strict=strict,
+                                  check_duplicates=not allow_duplicates)
+        stats.seconds = time.perf_counter() - t0
+        click.echo(stats.summary() + f", shards {len(rows)}", err=True)
+        bad = [r["errors"] for r in rows if r["errors"]]
+        click.echo(f"wrote {len(rows)} outputs to {output}" + (f"; bad lines in {len(bad)} errors files" if bad
+                                                                else ""), err=True)
+        if stats.bad and not stats.served:
+            sys.exit(3)
+        return
+
     rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **({"tf32": True} if tf32 else {}))
     stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
                       output_format=output_format, in_format=input_format, check_duplicates=not allow_duplicates,
@@ -309,6 +340,8 @@ def infer_main(model_path, input_path, output, k, batch_size, backend, threads, 
                       log_options=_data_kwargs(user_col, item_col, time_col, sep))
     click.echo(stats.summary(), err=True)
     click.echo(f"wrote {output}" + (f"; bad lines in {stats.errors_path}" if stats.errors_path else ""), err=True)
+    if stats.bad and not stats.served:
+        sys.exit(3)  # finished, but every line was bad
 
 
 # ----------------------------------------------------------------------------- bench
