@@ -4,7 +4,7 @@
     stats = serve(rec, blocks, writer, ...)    # map, dedupe, pad, infer, decode, write
 
 Three stages overlap: a reader thread parses the next block, maps item keys to ids
-(:class:`KeyMapper`, a vectorized lookup) and checks users for duplicates (:class:`SeenUsers`,
+(``cddrec.runtime.codec``, a vectorized lookup) and checks users for duplicates (:class:`SeenUsers`,
 64-bit hashes in sorted numpy runs: 16 bytes per user); the calling thread pads engine batches
 (numpy, from the list offsets) and runs the backend; a writer thread maps ids back to keys (a
 take on the vocabulary array) and writes the block. Only the current blocks and the user hashes
@@ -12,31 +12,28 @@ are in memory, however long the file.
 
 Histories are never truncated (every history item is excluded from the ranking; the graph
 feeds the last L to the model), except on TensorRT whose profiles stop at the Recommender's
-``max_history``. An engine batch holds at most ``batch_size`` users and ``MAX_CELLS`` padded
-ids, so a few very long histories get batches of their own instead of a huge padded matrix.
+``max_history``. Engine batches are ``Recommender.infer_encoded``'s (at most ``batch_size``
+users and a bounded number of padded ids).
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from cddrec.contract import MASK_SCORE
 from cddrec.errors import DataError
 from cddrec.io import atomic_path, refuse_overwrite_inputs
 
+from .codec import Encoded, KeyMapper, TopK, encode_flat
 from .recommender import Recommender
 from .requests import RequestBlock, input_format, read_blocks
 from .writers import WRITERS, ErrorWriter, output_format, output_lock
-
-MAX_CELLS = 1 << 22  # padded ids per engine batch (32 MB of int64)
 
 
 class BadInput(DataError):
@@ -52,7 +49,6 @@ class BatchStats:
     fallbacks: int = 0
     seconds: float = 0.0
     errors_path: str | None = None
-    notes: list = field(default_factory=list)
 
     def summary(self) -> str:
         rate = self.served / self.seconds if self.seconds else 0.0
@@ -62,41 +58,6 @@ class BatchStats:
     def add(self, other: "BatchStats") -> None:
         for name in ("lines", "served", "bad", "unknown_items", "fallbacks"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-# ----------------------------------------------------------------------------- keys <-> ids
-class KeyMapper:
-    """Vectorized item key -> id (0 = unknown) and id -> key, with the model's vocabulary.
-
-    A key matches as its string form, as ``Vocab.index.get(str(key))`` does: 17 and "17" are the
-    same item."""
-
-    def __init__(self, vocab):
-        self.keys_str = pa.array(vocab.keys, pa.string())
-        self.is_int = vocab.key_type == "int"
-        self.sorted_int = self.order = None
-        if self.is_int:
-            ints = np.array([int(k) for k in vocab.keys], dtype=np.int64)
-            self.order = np.argsort(ints, kind="stable")
-            self.sorted_int = ints[self.order]
-            self.out_keys = pa.array(ints)
-        else:
-            self.out_keys = self.keys_str
-
-    def ids(self, values: pa.Array) -> np.ndarray:
-        """(n,) int64 ids of the keys, 0 where unknown."""
-        if len(values) == 0:
-            return np.zeros(0, dtype=np.int64)
-        if self.is_int and pa.types.is_integer(values.type):
-            v = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-            pos = np.searchsorted(self.sorted_int, v).clip(0, len(self.sorted_int) - 1)
-            hit = self.sorted_int[pos] == v
-            return np.where(hit, self.order[pos] + 1, 0).astype(np.int64)
-        idx = pc.index_in(values.cast(pa.string()), value_set=self.keys_str)
-        return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
-
-    def keys(self, ids: np.ndarray) -> pa.Array:
-        return self.out_keys.take(pa.array(ids - 1))
 
 
 # ----------------------------------------------------------------------------- duplicate users
@@ -158,100 +119,8 @@ class SeenUsers:
 
 
 # ----------------------------------------------------------------------------- encoding
-@dataclass
-class Encoded:
-    """A block ready for the engine: known ids per user, flat, with offsets."""
-
-    block: RequestBlock
-    ids: np.ndarray  # (total known,) int64
-    offsets: np.ndarray  # (n + 1,) int64
-    unknown: np.ndarray  # (n,) unknown items per user
-
-    @property
-    def counts(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-
 def encode_block(block: RequestBlock, mapper: KeyMapper, max_history: int | None = None) -> Encoded:
-    n = len(block)
-    offs = np.asarray(block.histories.offsets, dtype=np.int64)
-    ids = mapper.ids(block.histories.values.slice(int(offs[0]), int(offs[-1] - offs[0])))
-    offs = offs - offs[0]
-    lens = np.diff(offs)
-    row = np.repeat(np.arange(n), lens)
-    known = ids > 0
-    if max_history:  # keep the most recent max_history known items (TensorRT profiles)
-        kc = np.bincount(row[known], minlength=n)
-        rank_from_end = np.zeros(len(ids), dtype=np.int64)
-        kpos = np.flatnonzero(known)
-        koffs = np.concatenate([[0], np.cumsum(kc)])
-        rank_from_end[kpos] = koffs[row[kpos] + 1] - 1 - (np.arange(len(kpos)))
-        keep = known & (rank_from_end < max_history)
-    else:
-        keep = known
-    counts = np.bincount(row[keep], minlength=n)
-    unknown = lens - np.bincount(row[known], minlength=n)
-    return Encoded(block, ids[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), unknown)
-
-
-def left_pad(ids: np.ndarray, counts: np.ndarray, width: int) -> np.ndarray:
-    """(B, width) int64, each row's ids right-aligned after 0 padding (ids flat, row after row)."""
-    B = len(counts)
-    out = np.zeros((B, width), dtype=np.int64)
-    row = np.repeat(np.arange(B), counts)  # (N,)
-    start = np.repeat(np.cumsum(counts) - counts, counts)
-    col = width - counts[row] + (np.arange(len(ids)) - start)
-    out[row, col] = ids
-    return out
-
-
-def engine_batches(counts: np.ndarray, batch_size: int, L: int) -> Iterator[tuple[int, int]]:
-    """[start, stop) of consecutive rows: at most batch_size rows and MAX_CELLS padded ids."""
-    n = len(counts)
-    start = 0
-    while start < n:
-        stop = min(start + batch_size, n)
-        while stop - start > 1 and (stop - start) * max(L, int(counts[start:stop].max())) > MAX_CELLS:
-            stop = start + (stop - start) // 2
-        yield start, stop
-        start = stop
-
-
-@dataclass
-class Result:
-    enc: Encoded
-    items: np.ndarray  # (n, k) ids
-    scores: np.ndarray  # (n, k) float32
-    valid: np.ndarray  # (n, k) bool
-    fallback: np.ndarray  # (n,) bool
-
-
-def run_engine(rec: Recommender, enc: Encoded, k: int, batch_size: int, popular: tuple) -> Result:
-    n = len(enc.block)
-    counts = enc.counts
-    items = np.zeros((n, k), dtype=np.int64)
-    scores = np.zeros((n, k), dtype=np.float32)
-    valid = np.zeros((n, k), dtype=bool)
-    model_rows = np.flatnonzero(counts > 0)
-    mcounts = counts[model_rows]
-    moffs = np.concatenate([[0], np.cumsum(mcounts)])
-    L = rec.info.L
-    for a, b in engine_batches(mcounts, batch_size, L):
-        c = mcounts[a:b]
-        feed = left_pad(enc.ids[moffs[a]:moffs[b]], c, max(L, int(c.max())))  # (B, S)
-        res = rec.backend.infer({"item_ids": feed})
-        rows = model_rows[a:b]
-        items[rows] = res["top_items"][:, :k]  # (B, k)
-        scores[rows] = res["top_scores"][:, :k]
-        valid[rows] = res["top_scores"][:, :k] > MASK_SCORE / 2  # fewer than k rankable items left
-    fallback = counts == 0
-    if fallback.any():
-        pop_ids, pop_scores = popular
-        m = len(pop_ids)
-        items[fallback, :m] = pop_ids
-        scores[fallback, :m] = pop_scores
-        valid[fallback] = np.arange(k) < m
-    return Result(enc, items, scores, valid, fallback)
+    return encode_flat(block.histories.values, np.asarray(block.histories.offsets), mapper, max_history)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -259,15 +128,11 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
           batch_size: int = 256, strict: bool = False, check_duplicates: bool = True, source: str = "input",
           progress: bool = False, max_history: int | None = None) -> BatchStats:
     """Serve every block: read ahead on one thread, infer here, write behind on another."""
-    mapper = KeyMapper(rec.info.vocab)
-    pop = rec.info.popular[:k]
-    pop_ids = mapper.ids(pa.array([str(p[0]) for p in pop], pa.string()))
-    pop_ok = pop_ids > 0
-    popular = (pop_ids[pop_ok], np.array([float(p[1]) for p in pop], dtype=np.float32)[pop_ok])
+    mapper = rec.mapper
     seen = SeenUsers() if check_duplicates else None
     stats = BatchStats()
 
-    def prepare(it: Iterator[RequestBlock]) -> Encoded | None:
+    def prepare(it: Iterator[RequestBlock]) -> tuple[RequestBlock, Encoded] | None:
         block = next(it, None)
         if block is None:
             return None
@@ -291,10 +156,9 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
         if strict and block.bad:
             b = block.bad[0]
             raise BadInput(f"{source}:{b.line}: {b.reason}")
-        return encode_block(block, mapper, max_history)
+        return block, encode_block(block, mapper, max_history)
 
-    def write(res: Result) -> None:
-        blk = res.enc.block
+    def write(blk: RequestBlock, enc: Encoded, res: TopK) -> None:
         errors.write(blk.bad)
         counts = res.valid.sum(axis=1)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -305,7 +169,7 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
         stats.lines += blk.n_lines
         stats.bad += len(blk.bad)
         stats.served += len(blk)
-        stats.unknown_items += int(res.enc.unknown.sum())
+        stats.unknown_items += int(enc.unknown.sum())
         stats.fallbacks += int(res.fallback.sum())
         if bar is not None:
             bar.update(len(blk))
@@ -323,14 +187,15 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
             pending = reader.submit(prepare, it)
             write_job = None
             while True:
-                enc = pending.result()  # re-raises reader errors (strict mode, unreadable file)
-                if enc is None:
+                got = pending.result()  # re-raises reader errors (strict mode, unreadable file)
+                if got is None:
                     break
                 pending = reader.submit(prepare, it)  # read the next block during inference
-                res = run_engine(rec, enc, k, batch_size, popular)
+                block, enc = got
+                res = rec.infer_encoded(enc, k, batch_size)
                 if write_job is not None:
                     write_job.result()
-                write_job = writer_pool.submit(write, res)
+                write_job = writer_pool.submit(write, block, enc, res)
             if write_job is not None:
                 write_job.result()
     finally:

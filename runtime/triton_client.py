@@ -23,10 +23,15 @@ from typing import Sequence
 
 import numpy as np
 
+from cddrec.errors import ModelFileError
+from cddrec.vocab import Vocab
+
+from .codec import KeyMapper, TopK, decode_rows, encode_histories, fill_popular, left_pad, popular_ids
+
 FORMAT = "cddrec-triton-client"
 
 
-class ClientFileError(ValueError):
+class ClientFileError(ModelFileError):
     """The sidecar is missing, unreadable or not a cddrec Triton client file."""
 
 
@@ -51,7 +56,7 @@ class TritonClientCodec:
     input_name: str = "item_ids"
 
     def __post_init__(self) -> None:
-        self.index = {k: i + 1 for i, k in enumerate(self.keys)}
+        self.mapper = KeyMapper(Vocab(self.keys, self.key_type))
 
     @classmethod
     def load(cls, path: str | Path) -> "TritonClientCodec":
@@ -72,24 +77,14 @@ class TritonClientCodec:
         except (KeyError, TypeError, ValueError) as e:
             raise ClientFileError(f"{path}: missing or malformed field {e}") from e
 
-    def key(self, item_id: int):
-        k = self.keys[int(item_id) - 1]
-        return int(k) if self.key_type == "int" else k
-
     def encode(self, histories: Sequence[Sequence], width: int | None = None) -> EncodedBatch:
         """Left-padded ids (M, S) of the histories with a known item, S = max(width or L, longest)."""
-        known, unknown = [], []
-        for h in histories:
-            ids = [self.index.get(str(key), 0) for key in h]
-            kept = [i for i in ids if i][-self.max_history:]
-            known.append(kept)
-            unknown.append(len(ids) - sum(1 for i in ids if i))
-        rows = [r for r, kept in enumerate(known) if kept]
-        S = max([width or self.L] + [len(known[r]) for r in rows])
-        out = np.zeros((len(rows), S), dtype=np.int64)  # (M, S)
-        for m, r in enumerate(rows):
-            out[m, S - len(known[r]):] = known[r]
-        return EncodedBatch(out, rows, len(histories), unknown)
+        enc = encode_histories(histories, self.mapper, self.max_history)
+        counts = enc.counts
+        rows = np.flatnonzero(counts > 0)
+        S = max([width or self.L] + counts[rows].tolist())
+        return EncodedBatch(left_pad(enc.ids, counts[rows], S), rows.tolist(), len(histories),
+                            enc.unknown.tolist())
 
     def decode(self, batch: EncodedBatch, top_items: np.ndarray | None = None, top_scores: np.ndarray | None = None,
                k: int | None = None) -> list[dict]:
@@ -99,15 +94,14 @@ class TritonClientCodec:
             raise ValueError(f"k={k}: the served graph returns at most K={self.K} items")
         if batch.rows and (top_items is None or top_scores is None or len(top_items) != len(batch.rows)):
             raise ValueError(f"expected top_items/top_scores for the {len(batch.rows)} encoded rows")
-        out: list[dict | None] = [None] * batch.size
-        for m, r in enumerate(batch.rows):
-            keep = top_scores[m, :k] > self.mask_score / 2  # (k,) fewer than k rankable items left
-            out[r] = {"items": [self.key(i) for i in top_items[m, :k][keep]],
-                      "scores": [float(s) for s in top_scores[m, :k][keep]], "fallback": None,
-                      "unknown": batch.unknown[r]}
-        popular = self.popular[:k]
-        for r in range(batch.size):
-            if out[r] is None:
-                out[r] = {"items": [p[0] for p in popular], "scores": [float(p[1]) for p in popular],
-                          "fallback": "popular", "unknown": batch.unknown[r]}
-        return out  # type: ignore[return-value]
+        top = TopK.empty(batch.size, k)
+        if batch.rows:
+            top.items[batch.rows] = top_items[:, :k]
+            top.scores[batch.rows] = top_scores[:, :k]
+            top.valid[batch.rows] = top_scores[:, :k] > self.mask_score / 2  # fewer than k rankable items left
+        sent = np.zeros(batch.size, dtype=bool)
+        sent[batch.rows] = True
+        fill_popular(top, ~sent, popular_ids(self.popular, self.mapper, k))
+        keys, scores = decode_rows(top, self.mapper)
+        return [{"items": ks, "scores": ss, "fallback": "popular" if fb else None, "unknown": u}
+                for ks, ss, fb, u in zip(keys, scores, top.fallback, batch.unknown)]

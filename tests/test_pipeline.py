@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from cddrec.app.cli import infer_main
 from cddrec.runtime.batch import run_batch
-from cddrec.runtime.pipeline import SeenUsers, left_pad
+from cddrec.runtime.codec import left_pad
+from cddrec.runtime.pipeline import SeenUsers
 from cddrec.runtime.recommender import Recommender
 from cddrec.runtime.writers import output_lock
 
