@@ -32,7 +32,7 @@ from .sizes import PAPER_ITEMS, random_model
 CHILD = ("import atexit, sys\n"
          "from cddrec.benchmarks.latency import status_mb\n"
          "atexit.register(lambda: print(f'VmHWM_MB={status_mb(\"VmHWM\"):.1f}', file=sys.stderr))\n"
-         "from cddrec.cli import infer_main\n"
+         "from cddrec.app.cli import infer_main\n"
          "infer_main()\n")
 
 
@@ -53,8 +53,8 @@ def write_requests(path: Path, keys: list[str], lines: int, seed: int = 0) -> No
             for i, ln in enumerate(lens):
                 hist = [int(keys[j]) for j in items[pos:pos + ln]]
                 pos += ln
-                if i % 100 == 0:
-                    hist.append("unknown-key")
+                if i % 100 == 0:  # an item the model does not know (newer than the model): dropped, counted
+                    hist.append(10**9 + i)
                 out.append(json.dumps({"user": start + i, "history": hist}))
             f.write("\n".join(out) + "\n")
 
@@ -74,7 +74,7 @@ def engine_alone(graph: str, backend: str, batch_size: int, threads: int, second
 
     rec = Recommender.load(graph, backend=backend, threads=threads)
     rng = np.random.default_rng(1)
-    n_items = rec.info.num_items
+    n_items = rec.contract.num_items
     feeds = []
     for _ in range(8):
         lens = rng.integers(1, 51, size=batch_size)
