@@ -39,7 +39,8 @@ setup(
     extras_require={
         "train": TRAIN,
         "ray": RAY,
-        "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=10.0", "cuda-python>=12.6"],
+        "gpu": ["onnxruntime-gpu>=1.17", "tensorrt>=10.0", "cuda-python>=12"],
+        "triton": ["tritonclient[http]>=2.40", "protobuf>=4"],  # config.pbtxt schema + the README client
         "plots": ["matplotlib>=3.7"],
         "dev": TRAIN + RAY + ["pytest>=7", "ruff>=0.4", "matplotlib>=3.7", "psutil>=5.9", "hypothesis>=6.100",
                               "import-linter>=2.0", "tritonclient[grpc]>=2.40"],

@@ -1,11 +1,15 @@
 """Throughput and peak memory of ``cddrec-infer --batch`` over a generated request file.
 
-    python -m cddrec.benchmarks.infer_throughput [--lines 1000000] [--model model.onnx]
+    python -m cddrec.benchmarks.infer_throughput [--lines 1000000] [--preset tiny|paper]
+        [--formats jsonl,parquet] [--model model.onnx] [--name NAME]
 
-Without ``--model`` a random-weight model of the paper's size (d=128, L=20, T=20, 12,101 items
-as Beauty) is exported first. The request file holds JSONL lines with random histories of 1 to
-50 known items (1% also carry an unknown key). ``cddrec-infer`` runs as a child process, so
-its peak resident memory (VmHWM) is its own.
+Presets: ``paper`` (d=128, L=20, T=20, 12,101 items as Beauty) and ``tiny`` (d=8, T=1, same
+catalogue: the engine costs little, so the figure is the pipeline's). The JSONL file holds random
+histories of 1 to 50 known items (1% also carry an unknown string key); the Parquet file the same
+requests (``user`` int64, ``history`` list of strings). ``cddrec-infer`` runs as a child process (the
+whole command, start-up included), so its peak resident memory (VmHWM) is its own. The engine
+alone is timed in this process on the same model, batch size and threads, on left-padded
+histories of the same length distribution; the table gives end-to-end users/s as a share of it.
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ from .sizes import PAPER_ITEMS, random_model
 CHILD = ("import atexit, sys\n"
          "from cddrec.benchmarks.latency import status_mb\n"
          "atexit.register(lambda: print(f'VmHWM_MB={status_mb(\"VmHWM\"):.1f}', file=sys.stderr))\n"
-         "from cddrec.cli import infer_main\n"
+         "from cddrec.app.cli import infer_main\n"
          "infer_main()\n")
+
+
+PRESETS = {"paper": {"hidden_size": 128, "steps": 20, "max_len": 20, "heads": 4},
+           "tiny": {"hidden_size": 8, "steps": 1, "max_len": 20, "heads": 2}}
 
 
 def write_requests(path: Path, keys: list[str], lines: int, seed: int = 0) -> None:
@@ -45,51 +53,110 @@ def write_requests(path: Path, keys: list[str], lines: int, seed: int = 0) -> No
             for i, ln in enumerate(lens):
                 hist = [int(keys[j]) for j in items[pos:pos + ln]]
                 pos += ln
-                if i % 100 == 0:
-                    hist.append("unknown-key")
+                if i % 100 == 0:  # an item the model does not know (newer than the model): dropped, counted
+                    hist.append(10**9 + i)
                 out.append(json.dumps({"user": start + i, "history": hist}))
             f.write("\n".join(out) + "\n")
 
 
+def jsonl_to_parquet(src: Path, dst: Path) -> None:
+    """The same requests as Parquet: user int64, history list<string>."""
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    df = pl.read_ndjson(src, schema={"user": pl.Int64, "history": pl.List(pl.String)})
+    pq.write_table(df.to_arrow(), dst, row_group_size=65536)
+
+
+def engine_alone(graph: str, backend: str, batch_size: int, threads: int, seconds: float = 5.0) -> float:
+    """users/s of the backend alone on left-padded random histories (1-50 items) at this batch size."""
+    from cddrec.runtime.recommender import Recommender
+
+    rec = Recommender.load(graph, backend=backend, threads=threads)
+    rng = np.random.default_rng(1)
+    n_items = rec.contract.num_items
+    feeds = []
+    for _ in range(8):
+        lens = rng.integers(1, 51, size=batch_size)
+        x = np.zeros((batch_size, int(lens.max())), dtype=np.int64)  # (B, S), left-padded
+        for b, n in enumerate(lens):
+            x[b, x.shape[1] - n:] = rng.integers(1, n_items + 1, size=n)
+        feeds.append(x)
+    rec.backend.infer({"item_ids": feeds[0]})
+    t0, done, i = time.perf_counter(), 0, 0
+    while time.perf_counter() - t0 < seconds:
+        rec.backend.infer({"item_ids": feeds[i % len(feeds)]})
+        done += batch_size
+        i += 1
+    return done / (time.perf_counter() - t0)
+
+
+def run_infer(graph: str, req: Path, out: Path, batch_size: int, backend: str, threads: int) -> dict:
+    cmd = [sys.executable, "-c", CHILD, "--model", graph, "--batch", str(req), "-o", str(out),
+           "--batch-size", str(batch_size), "--backend", backend, "--threads", str(threads), "--quiet"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise click.ClickException(f"cddrec-infer failed: {proc.stderr[-2000:]}")
+    peak_mb = float(proc.stderr.rsplit("VmHWM_MB=", 1)[1].split()[0])
+    served = int(proc.stderr.split("served ", 1)[1].split()[0])
+    return {"served": served, "wall_seconds": wall, "users_per_s": served / wall, "peak_rss_mb": peak_mb,
+            "request_file_mb": req.stat().st_size / 1e6, "output_file_mb": out.stat().st_size / 1e6,
+            "summary": [ln for ln in proc.stderr.splitlines() if ln.startswith("served")][-1]}
+
+
 @click.command()
 @click.option("--lines", default=1_000_000, show_default=True)
-@click.option("--model", "graph", default=None, help="exported graph; default: a random paper-size model")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="paper", show_default=True)
+@click.option("--formats", default="jsonl", show_default=True, help="comma-separated: jsonl, parquet")
+@click.option("--model", "graph", default=None, help="exported graph; default: a random model of --preset")
 @click.option("--items", default=PAPER_ITEMS, show_default=True)
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--backend", default="ort-cpu", show_default=True)
+@click.option("--threads", default=0, show_default=True)
+@click.option("--engine-seconds", default=5.0, show_default=True, help="0 skips timing the engine alone")
+@click.option("--name", default=None, help="results file stem [default: infer_throughput_PRESET]")
 @click.option("--out", "out_dir", default=str(RESULTS_DIR), show_default=True)
-def main(lines, graph, items, batch_size, backend, out_dir):
+def main(lines, preset, formats, graph, items, batch_size, backend, threads, engine_seconds, name, out_dir):
     from cddrec.export.onnx_export import export_model
     from cddrec.runtime.recommender import read_serving_info
 
+    fmts = [f.strip() for f in formats.split(",") if f.strip()]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if graph is None:
-            export_model(random_model(tmp / "m.pt", items), tmp / "m.onnx", k=10)
+            export_model(random_model(tmp / "m.pt", items, **PRESETS[preset]), tmp / "m.onnx", k=10)
             graph = str(tmp / "m.onnx")
         keys = read_serving_info(graph).vocab.keys
         req = tmp / "requests.jsonl"
         t0 = time.perf_counter()
         write_requests(req, keys, lines)
         gen_s = time.perf_counter() - t0
-        out = tmp / "recs.jsonl"
-        cmd = [sys.executable, "-c", CHILD, "--model", graph,
-               "--batch", str(req), "-o", str(out), "--batch-size", str(batch_size), "--backend", backend, "--quiet"]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if proc.returncode != 0:
-            raise click.ClickException(f"cddrec-infer failed: {proc.stderr[-2000:]}")
-        peak_mb = float(proc.stderr.rsplit("VmHWM_MB=", 1)[1].split()[0])
-        served = sum(1 for _ in open(out))
-        row = {"lines": lines, "served": served, "wall_seconds": wall, "users_per_s": served / wall,
-               "peak_rss_mb": peak_mb, "request_file_mb": req.stat().st_size / 1e6,
-               "output_file_mb": out.stat().st_size / 1e6, "batch_size": batch_size, "backend": backend,
-               "generate_seconds": gen_s, "summary": [ln for ln in proc.stderr.splitlines() if ln.startswith("served")][-1]}
-    table = ("| lines | backend | batch | wall s | users/s | peak RSS MB | request MB |\n|---|---|---|---|---|---|---|\n"
-             f"| {lines:,} | {backend} | {batch_size} | {wall:.1f} | {row['users_per_s']:,.0f} | {peak_mb:.0f} | "
-             f"{row['request_file_mb']:.0f} |\n\n`{row['summary']}`")
-    record("infer_throughput", row, table, out_dir, title="cddrec-infer --batch throughput")
+        engine = engine_alone(graph, backend, batch_size, threads, engine_seconds) if engine_seconds else None
+        for fmt in fmts:
+            src = req
+            if fmt == "parquet":
+                src = tmp / "requests.parquet"
+                jsonl_to_parquet(req, src)
+            row = {"format": fmt, "lines": lines, "preset": preset, "batch_size": batch_size, "backend": backend,
+                   "threads": threads, "generate_seconds": gen_s,
+                   **run_infer(graph, src, tmp / f"recs.{fmt}", batch_size, backend, threads)}
+            if engine:
+                row["engine_users_per_s"] = engine
+                row["share_of_engine"] = row["users_per_s"] / engine
+            rows.append(row)
+            click.echo(json.dumps(row), err=True)
+    table = ("| preset | format (in and out) | lines | backend | batch | wall s | users/s | peak RSS MB | "
+             "engine alone users/s | end-to-end / engine |\n|---|---|---|---|---|---|---|---|---|---|\n"
+             + "\n".join(f"| {r['preset']} | {r['format']} | {r['lines']:,} | {r['backend']} | {r['batch_size']} | "
+                         f"{r['wall_seconds']:.1f} | {r['users_per_s']:,.0f} | {r['peak_rss_mb']:.0f} | "
+                         + (f"{r['engine_users_per_s']:,.0f} | {r['share_of_engine']:.0%} |" if engine else "- | - |")
+                         for r in rows)
+             + "\n\n" + "\n".join(f"`{r['summary']}`" for r in rows))
+    record(name or f"infer_throughput_{preset}", {"rows": rows}, table, out_dir,
+           title="cddrec-infer --batch throughput (end to end, start-up included)")
     click.echo(table)
 
 

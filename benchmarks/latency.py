@@ -9,7 +9,8 @@ every timed call includes device synchronization.
 Backends: ``torch`` (the plain eager reference: Python loop over T steps, every position
 decoded, keys/values projected each step: the baseline), ``torch-fast`` (eager, hoisted,
 last position only), ``torch-compile`` (``torch.compile`` of the unrolled graph module),
-``ort-cpu``, ``ort-cuda``, ``trt``.
+``ort-cpu``, ``ort-cuda``, ``ort-cuda-graph`` (captured CUDA graphs per batch bucket),
+``torch-cuda`` / ``torch-cuda-fp16`` (CUDA-graph replay of the unrolled module), ``trt``.
 
 The floor: FLOPs per user of what the graph computes (encoder, key/value projections, T
 single-position decoder steps, scoring) against the machine's measured fp32 matmul peak.
@@ -33,10 +34,12 @@ import numpy as np
 from cddrec.contract import DEFAULT_K
 from cddrec.errors import BackendUnavailable
 
+from .gpu_floor import floor_for, gpu_matmul_peak
 from .sizes import PAPER_ITEMS, random_model
 from .timer import Timing, time_calls
 
-ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "trt")
+ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "ort-cuda-graph", "torch-cuda",
+                "torch-cuda-fp16", "trt")
 
 
 # ---------------------------------------------------------------------------- the floor
@@ -157,7 +160,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     cfg = CDDRecConfig.from_dict(read_checkpoint(model_pt)["config"] if model_pt else
                                  json.loads(graph_metadata(graph)["config"]))
     d, L, V, T, layers = cfg.hidden_size, cfg.max_len, cfg.num_rows, cfg.decoder_steps, cfg.num_layers
-    needs_graph = any(b in ("ort-cpu", "ort-cuda", "trt") for b in backends)
+    needs_graph = any(b in ("ort-cpu", "ort-cuda", "ort-cuda-graph", "trt") for b in backends)
     export_seconds = None
     if needs_graph and graph is None:
         t0 = time.perf_counter()
@@ -171,7 +174,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     peak = matmul_peak(threads)
     fl = flops_per_user(cfg)
     fl_plain = flops_per_user(cfg, plain=True)
-    floor = peak * 1e9 / fl["total"]
+    floor = peak * 1e9 / fl["total"]  # the CPU's
     results = []
     for name in backends:
         echo(f"benchmarking {name} ...")
@@ -180,9 +183,12 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
                          min_seconds=min_seconds, seed=0)
         if "error" in r:
             echo(f"  {name}: skipped ({r['error']})")
-        else:
+        else:  # each backend against its own hardware's floor: the GPU's peak at the backend's precision
+            f = floor_for(name, cpu_peak=lambda: peak, gpu_peak=gpu_matmul_peak, fp16=name.endswith("fp16"))
+            r["floor"] = {"device": f.device, "precision": f.precision, "matmul_peak_gflops": f.gflops,
+                          "users_per_s": f.users_per_s(fl["total"])}
             for t in r["timings"]:
-                t["share_of_floor"] = t["users_per_s"] / floor
+                t["share_of_floor"] = t["users_per_s"] / r["floor"]["users_per_s"]
         results.append(r)
     base = {t["batch"]: t["users_per_s"] for r in results if r["backend"] == "torch" and "timings" in r
             for t in r["timings"]}
@@ -222,6 +228,11 @@ def bench_table(res: dict) -> str:
              f"{fl['decoder_kv'] / 1e6:.2f}, {c['T']} steps {fl['decoder_steps'] / 1e6:.2f}, scoring "
              f"{fl['scoring'] / 1e6:.2f}); plain reference {res['flops_per_user_plain_reference']['total'] / 1e6:.2f} M. "
              f"Matmul peak {res['matmul_peak_gflops']:.0f} GFLOP/s -> floor {res['floor_users_per_s']:,.0f} users/s."]
+    gpu = {r["backend"]: r["floor"] for r in res["results"] if r.get("floor", {}).get("device") == "cuda"}
+    if gpu:
+        rows.append("GPU backends against the GPU's own floor: " + "; ".join(
+            f"{n}: {f['precision']} peak {f['matmul_peak_gflops']:,.0f} GFLOP/s -> {f['users_per_s']:,.0f} users/s"
+            for n, f in gpu.items()) + ".")
     return "\n".join(rows)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import io
 import pickle
 import zipfile
 from dataclasses import asdict
@@ -26,7 +27,7 @@ import torch
 
 from .config import CDDRecConfig
 from .errors import CheckpointError
-from .io import atomic_path
+from .io import atomic_open
 from .model import CDDRec
 from .vocab import Vocab
 
@@ -50,8 +51,16 @@ def save_checkpoint(path: str | Path, model: CDDRec, vocab: Vocab, popularity: t
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **meta,
     }
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_torch(path, ckpt)
+
+
+def save_torch(path: str | Path, obj) -> None:
+    """``torch.save`` atomically; serialized in memory and written by Python, so a failed write
+    (disk full, file-size limit) is an ``OutputError`` naming the file, not a torch RuntimeError."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_open(path, "wb") as f:
+        f.write(buf.getbuffer())
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -61,11 +70,19 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: no such model file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a model file (model.pt)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), expected a model file saved by cddrec-train")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except UNREADABLE as e:
-        raise CheckpointError(f"{path}: not a readable model file (corrupt, truncated, or not saved "
-                              f"by cddrec-train): {str(e).splitlines()[0][:200]}") from e
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():  # a class or function, not garbage bytes
+            raise CheckpointError(f"{path}: refused: the file contains Python objects beyond tensors and plain "
+                                  "data; cddrec model files never do; it may be unsafe") from None
+        raise CheckpointError(f"{path}: not a readable model file (corrupt, truncated, or not saved by "
+                              "cddrec-train)") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises IndexError, KeyError, ... on arbitrary bytes
+        raise CheckpointError(f"{path}: not a readable model file (corrupt, truncated, or not saved by "
+                              f"cddrec-train; {type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cddrec model file (no 'format': 'cddrec' entry)")
     version = ckpt.get("format_version")

@@ -61,6 +61,8 @@ class GraphContract:
     validate_batches: tuple[int, ...] = (1, 7, 64)
     rtol: float | None = None  # None: the default of the precision (``tolerance``)
     atol: float | None = None
+    gpu_rtol: float | None = None  # None: the default of the precision on CUDA (``tolerance_on("cuda")``)
+    gpu_atol: float | None = None
     extra: dict = field(default_factory=dict, compare=False)  # other metadata (vocab, config, ...)
 
     def __post_init__(self) -> None:
@@ -111,6 +113,21 @@ class GraphContract:
         rtol, atol = (2e-2, 2e-2) if self.fp16 else (1e-5, 1e-4)
         return (self.rtol if self.rtol is not None else rtol, self.atol if self.atol is not None else atol)
 
+    def tolerance_on(self, device: str = "cpu") -> tuple[float, float]:
+        """(rtol, atol) of the graph run on ``device`` against the fp32 PyTorch reference on the CPU.
+
+        CUDA (ONNX Runtime's CUDA provider, TF32 off) sums in another order than the CPU, so fp32
+        declares a looser bound there: 1e-4 relative, 5e-4 absolute; fp16 keeps its own 2e-2. TF32
+        is opt-in serving and is not validated against this bound."""
+        if device == "cpu":
+            return self.tolerance
+        if device != "cuda":
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        rtol, atol = self.tolerance
+        g_rtol, g_atol = max(rtol, 1e-4), max(atol, 5e-4)
+        return (self.gpu_rtol if self.gpu_rtol is not None else g_rtol,
+                self.gpu_atol if self.gpu_atol is not None else g_atol)
+
     def check_k(self, k: int | None) -> int:
         """``k`` items per user, at most the graph's K (None: K)."""
         if k is None:
@@ -123,10 +140,12 @@ class GraphContract:
     def to_metadata(self) -> dict[str, str]:
         """The contract as ONNX metadata_props (string values)."""
         rtol, atol = self.tolerance
+        g_rtol, g_atol = self.tolerance_on("cuda")
         meta = {"cddrec_format_version": str(GRAPH_FORMAT_VERSION), "graph_kind": self.kind,
                 "T": str(self.steps), "K": str(self.k), "d": str(self.hidden), "L": str(self.max_len),
                 "num_items": str(self.num_items), "opset": str(self.opset), "fp16": json.dumps(self.fp16),
                 "tolerance": json.dumps({"rtol": rtol, "atol": atol}),
+                "tolerance_cuda": json.dumps({"rtol": g_rtol, "atol": g_atol}),
                 "inputs": json.dumps({t.name: [t.dtype, list(t.shape)] for t in self.inputs})}
         for key, value in self.extra.items():
             meta[key] = value if isinstance(value, str) else json.dumps(value)
@@ -160,14 +179,16 @@ class GraphContract:
         if kind not in KINDS:
             raise ModelFileError(f"{source}: metadata graph_kind must be one of {KINDS}, got {kind!r}")
         tol = _json(meta, "tolerance", source, {}) or {}
+        tol_cuda = _json(meta, "tolerance_cuda", source, {}) or {}  # absent in graphs exported before it
         known = {"cddrec_format_version", "graph_kind", "T", "K", "d", "L", "num_items", "opset", "fp16",
-                 "tolerance", "inputs"}
+                 "tolerance", "tolerance_cuda", "inputs"}
         try:
             return cls(k=integer("K", 1), steps=integer("T", 0), hidden=integer("d", 1), max_len=integer("L", 1),
                        num_items=integer("num_items", 1), stochastic=kind == "stochastic",
                        fp16=bool(_json(meta, "fp16", source, False)),
                        opset=integer("opset", 1) if "opset" in meta else DEFAULT_OPSET,
                        rtol=tol.get("rtol"), atol=tol.get("atol"),
+                       gpu_rtol=tol_cuda.get("rtol"), gpu_atol=tol_cuda.get("atol"),
                        extra={k: v for k, v in meta.items() if k not in known})
         except ValueError as e:
             if isinstance(e, ModelFileError):

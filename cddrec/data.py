@@ -12,7 +12,7 @@ predicts s_n from s_1..s_{n-1}.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ class SequenceData:
     items: Vocab
     source: str = ""
     dropped_unknown: int = 0  # interactions dropped because their item is not in a given vocab
+    filtered: dict = field(default_factory=dict)  # what load_data's k-core filter removed
 
     @property
     def num_items(self) -> int:
@@ -66,24 +67,46 @@ class SequenceData:
                 "avg_len": round(ints / max(n, 1), 2)}
 
 
-def load_data(path: str | Path, *, kcore: int = 5, vocab: Vocab | None = None,
+LOG_KCORE = 5  # the k-core applied to interaction logs when none is given (the paper's data are 5-core)
+
+
+def read_keys(path: str | Path, *, user_col: str = "user", item_col: str = "item",
+              time_col: str | None = "timestamp", sep: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """(users, item-key sequences, oldest first) of a sequence file or an interaction log."""
+    path = Path(path)
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        return read_interaction_table(path, user_col, item_col, time_col, sep)
+    return read_sequence_file(path)
+
+
+def default_kcore(path: str | Path) -> int:
+    """The k-core applied when none is given: ``LOG_KCORE`` for interaction logs, none (1) for
+    ``.txt`` sequence files, which their author has already filtered."""
+    return LOG_KCORE if Path(path).suffix.lower() in TABLE_SUFFIXES else 1
+
+
+def load_data(path: str | Path, *, kcore: int | None = None, vocab: Vocab | None = None,
               user_col: str = "user", item_col: str = "item", time_col: str | None = "timestamp",
               sep: str | None = None, min_len: int = MIN_SEQUENCE) -> SequenceData:
     """Read a data file into remapped sequences.
 
     ``.txt`` files hold ``user item item ...`` lines; ``.csv``/``.tsv``/``.parquet`` files hold an
-    interaction log. Without ``vocab`` a new item vocabulary is built (ids in order of first
-    appearance); with one (evaluating a trained model), unknown items are dropped and counted.
+    interaction log. ``kcore=None`` applies ``default_kcore(path)``: 5 for logs, none for sequence
+    files; what the filter removed is in ``data.filtered``. Without ``vocab`` a new item vocabulary
+    is built (ids in order of first appearance); with one, unknown items are dropped and counted.
     Users left with fewer than ``min_len`` items (3 = one train, one valid, one test) are dropped.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in TABLE_SUFFIXES:
-        users, seqs = read_interaction_table(path, user_col, item_col, time_col, sep)
-    else:
-        users, seqs = read_sequence_file(path)
+    if kcore is None:
+        kcore = default_kcore(path)
+    users, seqs = read_keys(path, user_col=user_col, item_col=item_col, time_col=time_col, sep=sep)
+    before = (len(users), len({it for s in seqs for it in s}), sum(len(s) for s in seqs))
     users, seqs = kcore_filter(users, seqs, kcore)
+    after = (len(users), len({it for s in seqs for it in s}), sum(len(s) for s in seqs))
     data = from_keys(users, seqs, vocab=vocab, min_len=min_len, source=str(path))
+    data.filtered = {"kcore": kcore, **{f"{name}_removed": b - a for name, b, a in
+                                        zip(("users", "items", "interactions"), before, after)},
+                     f"users_under_{min_len}_items": after[0] - len(data.users)}
     if not data.sequences:
         raise DataError(f"{path}: no user has {min_len} or more interactions after filtering "
                         f"(k-core {kcore})")
@@ -159,6 +182,41 @@ def eval_split(data: SequenceData, split: str, max_len: int) -> EvalSplit:
     items = np.concatenate(hist).astype(np.int64) if hist else np.zeros(0, np.int64)
     return EvalSplit(split, np.asarray(users, dtype=np.int64), left_pad(hist, max_len),
                      np.asarray(tgt, dtype=np.int64), indptr, items)
+
+
+def eval_split_from_keys(users: list[str], seqs: list[list[str]], vocab: Vocab, split: str,
+                         max_len: int) -> tuple[EvalSplit, dict]:
+    """The split of a file as it is (no filter), against a model's vocabulary, and what was changed.
+
+    Every user with ``MIN_SEQUENCE`` or more items is evaluated. History items unknown to the
+    vocabulary are dropped (counted); a target unknown to it gets id 0, which evaluation counts as
+    a miss (counted). ``EvalSplit.users`` are indices into ``users``."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    cut = 2 if split == "valid" else 1
+    index = vocab.index
+    rows, hist, tgt = [], [], []
+    short = unknown_hist = unknown_tgt = 0
+    for u, s in enumerate(seqs):
+        if len(s) < MIN_SEQUENCE:
+            short += 1
+            continue
+        ids = [index.get(it, 0) for it in s[:-cut]]
+        kept = np.asarray([i for i in ids if i], dtype=np.int64)
+        unknown_hist += len(ids) - len(kept)
+        t = index.get(s[-cut], 0)
+        unknown_tgt += t == 0
+        rows.append(u)
+        hist.append(kept)
+        tgt.append(t)
+    lens = np.array([len(h) for h in hist], dtype=np.int64)
+    indptr = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    items = np.concatenate(hist).astype(np.int64) if hist else np.zeros(0, np.int64)
+    report = {"users_in_file": len(users), "users_evaluated": len(rows),
+              f"users_under_{MIN_SEQUENCE}_items": short, "unknown_history_items_dropped": unknown_hist,
+              "unknown_targets_counted_as_misses": int(unknown_tgt)}
+    return EvalSplit(split, np.asarray(rows, dtype=np.int64), left_pad(hist, max_len),
+                     np.asarray(tgt, dtype=np.int64), indptr, items), report
 
 
 def training_windows(data: SequenceData, max_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -39,3 +39,7 @@ class BackendUnavailable(CDDRecError, RuntimeError):
 
 class NonFiniteError(CDDRecError, ArithmeticError):
     """A loss, score or weight that is NaN or infinite: training diverged or a model file holds such weights."""
+
+
+class OutputError(CDDRecError, OSError):
+    """An output that cannot be written, or that would replace one of the command's inputs."""

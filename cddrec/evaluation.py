@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
 
-from .data import EvalSplit, SequenceData, eval_split
-from .errors import NonFiniteError
+from .data import MIN_SEQUENCE, EvalSplit, SequenceData, eval_split, eval_split_from_keys, from_keys, read_keys
+from .errors import DataError, NonFiniteError
 from .inference import exclude_items
 from .io import atomic_open
 from .metrics import TOPK, metrics_from_ranks
@@ -60,8 +61,11 @@ class EvalResult:
     metrics: dict[str, float]
     stages: list[dict] = field(default_factory=list)  # per denoising stage (T - t), with ``stages``
     top_items: np.ndarray | None = None  # (U, topk) item ids, best first
-    top_scores: np.ndarray | None = None
-    users: np.ndarray | None = None  # rows of SequenceData
+    top_scores: np.ndarray | None = None  # -inf where fewer items than the list length were rankable
+    users: np.ndarray | None = None  # rows of SequenceData (or of ``user_keys``)
+    report: dict = field(default_factory=dict)  # what evaluate_file dropped or counted as misses
+    user_keys: list[str] | None = None
+    fingerprint: str | None = None
 
 
 @torch.no_grad()
@@ -98,7 +102,8 @@ def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: 
                 raise NonFiniteError(f"the model's scores are not finite (NaN or inf) for {bad} of {len(raw)} users; "
                                      "its weights are not finite (a diverged training run?): no metrics computed")
             scores = mask_scores(raw, N, seen)  # (B, V)
-            r = target_ranks(scores, tgt).cpu().numpy()
+            r = target_ranks(scores, tgt).cpu().numpy().astype(np.float64)
+            r[split.targets[rows] == 0] = np.inf  # a target unknown to the model (id 0) is a miss
             top = scores.topk(k_top, dim=1)
             ch = avg_change(top.values[:, :TOPK]).cpu().numpy()
             if stages:
@@ -132,13 +137,15 @@ def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: 
     return result
 
 
-def write_topk(path: str, data: SequenceData, result: EvalResult, vocab: Vocab) -> int:
-    """JSONL lines ``{"user": key, "items": [item keys], "scores": [...]}`` (atomic)."""
+def write_topk(path: str, users: list[str], result: EvalResult, vocab: Vocab) -> int:
+    """JSONL lines ``{"user": key, "items": [item keys], "scores": [...]}`` (atomic). Each list is cut
+    where the rankable items end: masked entries (padding, mask token, seen items, -inf) are never items."""
     n = 0
     with atomic_open(path, "w", encoding="utf-8") as f:
         for u, items, scores in zip(result.users, result.top_items, result.top_scores):
-            line = {"user": typed_key(data.users[u]), "items": vocab.decode(items.tolist()),
-                    "scores": [round(float(s), 6) for s in scores]}
+            keep = np.isfinite(scores)  # (K,) masked entries sort last
+            line = {"user": typed_key(users[u]), "items": vocab.decode(items[keep].tolist()),
+                    "scores": [round(float(s), 6) for s in scores[keep]]}
             f.write(json.dumps(line) + "\n")
             n += 1
     return n
@@ -146,6 +153,20 @@ def write_topk(path: str, data: SequenceData, result: EvalResult, vocab: Vocab) 
 
 def evaluate_data(model: CDDRec, data: SequenceData, split: str = "test", **kwargs) -> EvalResult:
     return evaluate(model, eval_split(data, split, model.cfg.max_len), **kwargs)
+
+
+def evaluate_file(model: CDDRec, vocab: Vocab, path: str | Path, split: str = "test", *, read_options: dict | None = None,
+                  **kwargs) -> EvalResult:
+    """Evaluate ``model`` on a data file as it is: no k-core filter, every user with 3 or more items;
+    unknown history items are dropped and unknown targets count as misses, all counted in ``report``."""
+    users, seqs = read_keys(path, **(read_options or {}))
+    split_, report = eval_split_from_keys(users, seqs, vocab, split, model.cfg.max_len)
+    if not len(split_):
+        raise DataError(f"{path}: no user has {MIN_SEQUENCE} or more items; nothing to evaluate")
+    result = evaluate(model, split_, **kwargs)
+    result.report, result.user_keys = report, users
+    result.fingerprint = from_keys(users, seqs, vocab=vocab, min_len=MIN_SEQUENCE).fingerprint()
+    return result
 
 
 def format_table(rows: Iterable[dict], keys: Iterable[str]) -> str:

@@ -4,8 +4,8 @@ Every fast path (the exported ONNX graph, TensorRT engines, CUDA graphs, the mod
 last-position path) is checked against ``reference_topk``: the plain eager model, its Python
 loop over the T steps decoding every position and projecting the history at every step.
 
-``item_ids`` (B, S), S >= 1, left-padded with 0: the most recent L items feed the model and
-all S are excluded from the ranking, together with the padding row and the mask token
+``item_ids`` (B, S), S >= 1, left-padded with 0 (ids outside 1..N count as padding): the most
+recent L items feed the model and all S are excluded from the ranking, together with the padding row and the mask token
 (``exclude_items``, used by evaluation, the reference and the graph alike).
 
 Letters: B batch, S history length given, L model length, V = N + 2 item rows, K top-k.
@@ -19,6 +19,13 @@ import torch.nn.functional as F
 
 from .contract import MASK_SCORE
 from .model import CDDRec
+
+
+def valid_ids(item_ids: torch.Tensor, num_items: int) -> torch.Tensor:
+    """(B, S) with every id outside 1..N (negative, the mask token N + 1, beyond the catalogue) set to
+    padding 0, so no request can wrap around an index (-1 would read the mask-token row) or read past
+    the table. The graph and the reference both apply it first."""
+    return item_ids.masked_fill((item_ids < 1) | (item_ids > num_items), 0)  # (B, S)
 
 
 def fit_history(item_ids: torch.Tensor, L: int) -> torch.Tensor:
@@ -46,6 +53,7 @@ def reference_scores(model: CDDRec, item_ids: torch.Tensor, noise: torch.Tensor 
     ``noise`` (T, B, d) selects the stochastic chain with explicit noise (Eq. 4); ``plain=False``
     uses the model's hoisted last-position path instead."""
     model.eval()
+    item_ids = valid_ids(item_ids, model.cfg.num_items)  # (B, S)
     hist = fit_history(item_ids, model.cfg.max_len)
     user = model.user_embedding(hist, noise, plain=plain)  # (B, d)
     scores = model.scores(user).float()  # (B, V)

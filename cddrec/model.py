@@ -59,7 +59,8 @@ class MultiHeadAttention(nn.Module):
         att = qh @ kt / math.sqrt(self.h) + bias  # (B, H, Q, L)
         att = self.drop(att.softmax(-1))
         ctx = att @ v  # (B, H, Q, h)
-        return ctx.reshape(B, 1, -1) if Q == 1 else ctx.transpose(1, 2).reshape(B, Q, -1)  # (B, Q, d)
+        d = self.heads * self.h  # explicit, not -1: a batch of 0 users must reshape too
+        return ctx.reshape(B, 1, d) if Q == 1 else ctx.transpose(1, 2).reshape(B, Q, d)  # (B, Q, d)
 
     def forward(self, x: torch.Tensor, kv_in: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         k, v = self.memory(kv_in)
@@ -79,6 +80,12 @@ class EncoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = self.ln1(x + self.drop(self.attn(x, x, bias)))  # (B, L, d)
         return self.ln2(x + self.drop(self.ff2(F.gelu(self.ff1(x)))))  # (B, L, d)
+
+
+def weight_only(lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x W^T without the bias, in the layer's weight dtype (fp16 layers of the fp16 graph) and back."""
+    w = lin.weight
+    return F.linear(x, w) if w.dtype == x.dtype else F.linear(x.to(w.dtype), w).to(x.dtype)
 
 
 class DenoisingDecoder(nn.Module):
@@ -109,9 +116,11 @@ class DenoisingDecoder(nn.Module):
         self.gate = nn.Parameter(torch.zeros(steps)) if norm == "rezero" else None
 
     def step_queries(self) -> torch.Tensor:
-        """W_Q e_t for every step (T, d): the step's share of the query projection, the same for
-        every user, so the fast paths compute it once (the exported graph stores it as a constant)."""
-        return self.step_emb.weight.float() @ self.attn.q.weight.float().t()  # (T, d)
+        """W_Q e_t + b_Q for every step (T, d): the step's share of the query, the same for every
+        user, so the fast paths compute it once (the exported graph stores it as a constant)."""
+        q = self.attn.q
+        bias = q.bias.float() if q.bias is not None else 0.0
+        return self.step_emb.weight.float() @ q.weight.float().t() + bias  # (T, d)
 
     def forward(self, x: torch.Tensor, t: int, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                 rows: torch.Tensor | None = None, step_q: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,17 +131,17 @@ class DenoisingDecoder(nn.Module):
         ``rows`` (n,) flat positions of the (B, L) grid, x (n, d) and bias (B, 1, L, L): projections
         and LayerNorm run on the n rows only, the attention on the grid. k, v: (B, H, h, L),
         (B, H, L, h) from ``attn.memory(e_s)``. ``step_q`` (T, d) from ``step_queries()`` replaces
-        the projection of e_t by a lookup: W_Q (base + e_t) + b_Q = (W_Q base + b_Q) + W_Q e_t.
+        the projection of e_t and the bias by a lookup: W_Q (base + e_t) + b_Q = W_Q base + step_q[t].
         """
         base = x if self.norm == "post" else self.ln(x)  # (B, Q, d) | (n, d)
         e_t = self.step_emb.weight[t]  # (d,)
-        q = self.attn.q(base + e_t) if step_q is None else self.attn.q(base) + step_q[t]
+        q = self.attn.q(base + e_t) if step_q is None else weight_only(self.attn.q, base) + step_q[t]  # (.., d)
         if rows is None:
             ctx = self.attn.attend(q, k, v, bias)  # (B, Q, d)
         else:
             B, _, _, L = k.shape
             grid = q.new_zeros(B * L, q.shape[-1]).index_copy(0, rows, q)  # (B*L, d)
-            ctx = self.attn.attend(grid.view(B, L, -1), k, v, bias).reshape(B * L, -1)[rows]  # (n, d)
+            ctx = self.attn.attend(grid.view(B, L, q.shape[-1]), k, v, bias).reshape(B * L, q.shape[-1])[rows]  # (n, d)
         out = self.drop(self.attn.o(ctx))
         if self.norm == "post":
             return self.ln(base + e_t + out)
@@ -185,13 +194,14 @@ class CDDRec(nn.Module):
     # ------------------------------------------------------------- reverse chain
     def reverse(self, e_s: torch.Tensor, bias: torch.Tensor, *, rows: torch.Tensor | None = None,
                 last_only: bool = False, hoist: bool = True, sample: bool = False,
-                noise: torch.Tensor | None = None, return_all: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                noise: torch.Tensor | None = None, return_all: bool = False,
+                step_q: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the T-step reverse chain from x_hat_T = e_s.
 
         Step t = T-1..0 computes the mean mu_t = decoder(x_hat_{t+1}, t, e_s) and the next
         state x_hat_t = mu_t (deterministic) or mu_t + sqrt(beta_hat_{t+1}) eps (``sample``,
         Eq. 4); ``noise`` (T, B, Q, d), indexed by step t, makes sampling explicit and
-        reproducible.
+        reproducible. ``step_q`` (T, d): precomputed ``decoder.step_queries()`` (the graph's constant).
 
         The plain reference decodes every position and projects the history to keys and values
         and the step embedding to its query at every step (``hoist=False``). The fast paths,
@@ -212,7 +222,10 @@ class CDDRec(nn.Module):
         if self.decoder is None:
             return x, [x]
         kv = self.decoder.attn.memory(e_s) if hoist else None  # (B, H, h, L), (B, H, L, h)
-        step_q = self.decoder.step_queries() if hoist else None  # (T, d)
+        if hoist and step_q is None:
+            step_q = self.decoder.step_queries()  # (T, d), once for the T steps
+        elif not hoist:
+            step_q = None
         states = []
         for t in reversed(range(self.cfg.steps)):  # unrolled when traced
             k, v = kv if kv is not None else self.decoder.attn.memory(e_s)

@@ -17,6 +17,7 @@ from .errors import DataError
 
 SEQUENCE_SUFFIXES = (".txt", ".seq")
 TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+BOM = b"\xef\xbb\xbf"
 
 
 def read_sequence_file(path: str | Path) -> tuple[list[str], list[list[str]]]:
@@ -45,13 +46,16 @@ def read_sequence_file(path: str | Path) -> tuple[list[str], list[list[str]]]:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Numbered text lines, decoded one by one so a byte that is not UTF-8 names its line."""
+    """Numbered text lines, decoded one by one so a byte that is not UTF-8 names its line; a UTF-8
+    byte-order mark at the start of the file is skipped."""
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a data file")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]  # a UTF-8 byte-order mark (Excel "CSV UTF-8") is not data
             try:
                 yield lineno, raw.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from .batches import TrainBatches
-from .checkpoint import UNREADABLE, save_checkpoint
+from .checkpoint import UNREADABLE, save_checkpoint, save_torch
 from .config import CDDRecConfig
 from .data import SequenceData, eval_split
 from .errors import CheckpointError, ConfigError, NonFiniteError
 from .evaluation import evaluate
-from .io import atomic_path
 from .losses import objective
 from .model import CDDRec
 
@@ -210,8 +209,7 @@ def _save_resume(path: Path, model, opt, epoch, best, best_epoch, bad_epochs, hi
              "bad_epochs": bad_epochs, "history": history, "best_valid": best_valid,
              "train_seconds": train_seconds, "numpy_rng": batches.rng.bit_generator.state,
              "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint, "partial": partial}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(path, state)
 
 
 def _load_resume(path: Path, cfg: CDDRecConfig, fingerprint: str) -> dict:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cddrec.contract import MASK_SCORE
-from cddrec.inference import exclude_items, fit_history
+from cddrec.inference import exclude_items, fit_history, valid_ids
 from cddrec.model import CDDRec
 
 
@@ -56,12 +56,18 @@ class UnrolledRecommender(nn.Module):
         model = model.eval()
         self.model = half_linears(model) if fp16 else model
         self.k, self.stochastic = k, stochastic
+        if self.model.decoder is not None:  # W_Q e_t + b_Q: constants of the graph, not computed in it
+            with torch.no_grad():
+                self.register_buffer("step_q", self.model.decoder.step_queries().detach().clone())  # (T, d)
+        else:
+            self.step_q = None
 
     def forward(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None):
         m = self.model
+        item_ids = valid_ids(item_ids, m.cfg.num_items)  # (B, S): invalid ids are padding
         e_s, bias = m.encode(fit_history(item_ids, m.cfg.max_len))  # (B, L, d), (B, 1, L, L)
         chain_noise = noise.unsqueeze(2) if self.stochastic else None  # (T, B, 1, d)
-        x, _ = m.reverse(e_s, bias, last_only=True, noise=chain_noise)  # (B, 1, d): x_hat_0 of the last position
+        x, _ = m.reverse(e_s, bias, last_only=True, noise=chain_noise, step_q=self.step_q)  # (B, 1, d): x_hat_0
         user = x[:, 0]  # (B, d)
         scores = m.scores(user.float())  # (B, V), fp32 scoring
         scores = exclude_items(scores, item_ids, m.cfg.num_items, MASK_SCORE)  # history, padding, mask token

@@ -28,7 +28,6 @@ from cddrec.contract import (
     MASK_SCORE,
     MIN_OPSET,
     POPULAR_TOPK,
-    TRT_MAX_K,
     VOCAB_INLINE_MAX,
     GraphContract,
 )
@@ -37,7 +36,7 @@ from cddrec.inference import popular_topk, reference_scores
 from cddrec.io import atomic_path, atomic_write_json
 from cddrec.model import CDDRec
 from cddrec.parity import compare_topk
-from cddrec.runtime.session import ort_session
+from cddrec.runtime.session import cuda_provider_available, ort_session
 from cddrec.vocab import Vocab
 
 from .graph import UnrolledRecommender
@@ -52,11 +51,14 @@ class ExportReport:
     ops_optimized: dict = field(default_factory=dict)
     session_seconds: float = 0.0
     parity: dict = field(default_factory=dict)  # per validation batch size: cddrec.parity.Parity as a dict
+    parity_cuda: dict = field(default_factory=dict)  # the same on ort-cuda (TF32 off), when CUDA is present
+    validated_on: list = field(default_factory=list)  # "cpu", and "cuda" when CUDA was present
     topk_mismatches: int = 0
     export_seconds: float = 0.0
     vocab_sidecar: str | None = None
     trt_engine: str | None = None
     k_requested: int | None = None  # the --k asked for, when it exceeded the catalogue and K was clamped
+    triton_repo: str | None = None  # the model folder of a Triton repository written beside the graph
 
     @property
     def max_abs_diff(self) -> dict:
@@ -199,14 +201,20 @@ def read_metadata(path_or_model) -> dict[str, str]:
     return {p.key: p.value for p in m.metadata_props}
 
 
+def cuda_available() -> bool:
+    """Both a CUDA GPU for PyTorch and ONNX Runtime's CUDA provider."""
+    return torch.cuda.is_available() and cuda_provider_available()
+
+
 def validate_graph(path: str | Path, model: CDDRec, contract: GraphContract, report: ExportReport | None = None,
-                   seed: int = 1234) -> ExportReport:
+                   seed: int = 1234, devices: tuple[str, ...] | None = None) -> ExportReport:
     """Check a graph file against its contract and the PyTorch reference; raise ExportError if not.
 
-    ONNX checker; no Loop/Scan/If and no random op; the serving ONNX Runtime session (CPU); fresh
-    random histories at each validation batch size: top_scores within the contract's tolerance of
-    the reference and top_items identical except where the reference scores tie
-    (``cddrec.parity.compare_topk``).
+    ONNX checker; no Loop/Scan/If and no random op; the serving ONNX Runtime session on each of
+    ``devices`` (default: the CPU, and CUDA (TF32 off) when ``cuda_available()``); fresh random
+    histories at each validation batch size: top_scores within the contract's tolerance of the
+    fp32 reference on the CPU (``contract.tolerance_on(device)``) and top_items identical except
+    where the reference scores tie (``cddrec.parity.compare_topk``).
     """
     report = report or ExportReport(path=str(path), contract=asdict(contract))
     try:
@@ -223,21 +231,27 @@ def validate_graph(path: str | Path, model: CDDRec, contract: GraphContract, rep
     if names_in != contract.input_names or names_out != contract.output_names:
         raise ExportError(f"graph inputs/outputs {names_in}/{names_out} differ from the contract "
                           f"{contract.input_names}/{contract.output_names}")
-    t0 = time.perf_counter()
-    sess = ort_session(path)
-    report.session_seconds = round(time.perf_counter() - t0, 4)
-    rtol, atol = contract.tolerance
+    devices = devices if devices is not None else (("cpu", "cuda") if cuda_available() else ("cpu",))
     mismatches = 0
-    for i, batch in enumerate(contract.validate_batches):
-        feed = example_inputs(model, contract, batch=batch, seed=seed + i)
-        full, _ = reference_scores(model, feed["item_ids"], feed.get("noise"))  # (B, V)
-        ref_scores, ref_items = full.topk(contract.k, dim=1)
-        items, scores, _ = sess.run(contract.output_names, {n: v.numpy() for n, v in feed.items()})
-        p = compare_topk(items, scores, ref_items.numpy(), ref_scores.numpy(), full.numpy(), rtol=rtol, atol=atol)
-        report.parity[str(batch)] = p.as_dict()
-        if not p.max_abs_diff <= p.tolerance:
-            raise ExportError(f"batch {batch}: max |score difference| {p.max_abs_diff:.3g} exceeds {p.tolerance:.3g}")
-        mismatches += p.topk_mismatches
+    for device in devices:
+        t0 = time.perf_counter()
+        sess = ort_session(path, device)
+        if device == "cpu":
+            report.session_seconds = round(time.perf_counter() - t0, 4)
+        rtol, atol = contract.tolerance_on(device)
+        parity = report.parity if device == "cpu" else report.parity_cuda
+        for i, batch in enumerate(contract.validate_batches):
+            feed = example_inputs(model, contract, batch=batch, seed=seed + i)
+            full, _ = reference_scores(model, feed["item_ids"], feed.get("noise"))  # (B, V)
+            ref_scores, ref_items = full.topk(contract.k, dim=1)
+            items, scores, _ = sess.run(contract.output_names, {n: v.numpy() for n, v in feed.items()})
+            p = compare_topk(items, scores, ref_items.numpy(), ref_scores.numpy(), full.numpy(), rtol=rtol, atol=atol)
+            parity[str(batch)] = p.as_dict()
+            if not p.max_abs_diff <= p.tolerance:
+                raise ExportError(f"{device}, batch {batch}: max |score difference| {p.max_abs_diff:.3g} exceeds "
+                                  f"{p.tolerance:.3g}")
+            mismatches += p.topk_mismatches
+        report.validated_on.append(device)
     report.topk_mismatches = mismatches
     if mismatches and not contract.fp16:
         raise ExportError(f"{mismatches} top-k ids differ from the reference beyond exact ties")
@@ -266,11 +280,9 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K,
     k_asked = k
     k = min(k, cfg.num_items)  # a small catalogue: K is clamped to the rankable items (report.k_requested says so)
     if trt_engine:
-        if k > TRT_MAX_K:
-            raise ExportError(f"--k {k} exceeds TensorRT's TopK limit of {TRT_MAX_K}; use a smaller --k for --trt")
-        from .tensorrt import import_tensorrt
+        from .tensorrt import check_trt_request
 
-        import_tensorrt()  # fail before writing anything when TensorRT is missing
+        check_trt_request(k, optimize=optimize, fp16=fp16, trt_fp16=trt_fp16)  # before anything is written
     out = Path(out)
     vocab = Vocab.from_dict(ckpt["vocab"])
     if vocab_sidecar is None:

@@ -1,17 +1,34 @@
-"""TensorRT engines from an exported graph (TensorRT 10 name-based API).
+"""TensorRT engines from an exported graph, written against the API common to TensorRT 10 and 11.
 
-The engine gets one optimization profile: batch min 1 / opt / max, history min 1 / opt L /
-max ``max_history`` (512); fp16 optional. Without the ``tensorrt`` package the functions raise
-``TensorRTUnavailable`` with what to install.
+What that common API is (NVIDIA/TensorRT ``include/NvInfer.h`` and ``python/src/infer/pyCore.cpp``
+at the 10.16 and 11.1 releases, ``samples/python``):
+
+- networks are created with ``create_network(1 << STRONGLY_TYPED)``: explicit batch is the only
+  mode in both (``EXPLICIT_BATCH`` is deprecated and ignored in 10, gone in 11); TensorRT 11 is
+  always strongly typed (the flag is kept and ignored), so both build strongly typed networks and
+  the engine's precision is the graph's: an fp16 engine comes from an ``--fp16`` graph.
+  ``BuilderFlag.FP16`` is deprecated in 10 and removed in 11, so it is never used.
+- TF32 is on by default in both; it is cleared (fp32 means fp32) unless ``tf32=True``.
+- ``set_memory_pool_limit(MemoryPoolType.WORKSPACE, ...)``, one optimization profile
+  (``create_optimization_profile``/``set_shape``/``add_optimization_profile``) and
+  ``build_serialized_network``.
+
+The engine gets one profile: batch min 1 / opt / max, history min 1 / opt L / max ``max_history``
+(512). TensorRT's ONNX parser knows only standard ONNX ops: a graph written with ``--optimize``
+holds ONNX Runtime contrib ops (com.microsoft FusedMatMul, BiasGelu, ...) and is refused. Without
+the ``tensorrt`` package the functions raise ``TensorRTUnavailable`` with what to install.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cddrec.contract import MAX_HISTORY, TRT_MAX_K, GraphContract
-from cddrec.errors import BackendUnavailable
+from cddrec.errors import BackendUnavailable, ExportError
 from cddrec.io import atomic_path, atomic_write_json
+
+STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 class TensorRTUnavailable(BackendUnavailable):
@@ -28,24 +45,64 @@ def import_tensorrt():
     return trt
 
 
+def nonstandard_ops(model) -> list[str]:
+    """``domain:op`` of every node outside the standard ONNX domain (ONNX Runtime contrib ops)."""
+    return sorted({f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+
+
+def check_trt_graph(onnx_path: str | Path) -> None:
+    """Refuse a graph TensorRT's ONNX parser cannot read: contrib ops, or an ``--optimize`` export."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    settings = json.loads({p.key: p.value for p in proto.metadata_props}.get("export_settings", "{}"))
+    bad = nonstandard_ops(proto)
+    if bad or settings.get("optimize"):
+        raise ExportError(f"{onnx_path} was written with --optimize and holds ONNX Runtime contrib ops "
+                          f"({', '.join(bad) or 'an ORT-optimized graph'}) that TensorRT's ONNX parser does not know: "
+                          "build the engine from a graph exported without --optimize")
+
+
+def check_trt_request(k: int, *, optimize: bool, fp16: bool, trt_fp16: bool) -> None:
+    """Refuse an ``--trt`` export that cannot work, before anything is written."""
+    if k > TRT_MAX_K:
+        raise ExportError(f"--k {k} exceeds TensorRT's TopK limit of {TRT_MAX_K}; use a smaller --k for --trt")
+    if optimize:
+        raise ExportError("--trt needs a standard-op graph, and --optimize writes ONNX Runtime contrib ops "
+                          "(FusedMatMul, BiasGelu, ...) that TensorRT's ONNX parser does not know: "
+                          "export without --optimize for --trt (run cddrec-export twice for both)")
+    if trt_fp16 and not fp16:
+        raise ExportError("--trt-fp16 needs --fp16: TensorRT builds strongly typed networks (always in TensorRT 11), "
+                          "so the engine's precision is the graph's")
+    import_tensorrt()  # fail before writing anything when TensorRT is missing
+
+
 def build_engine(onnx_path: str | Path, engine_path: str | Path, contract: GraphContract, *,
                  fp16: bool = False, max_batch: int = 1024, opt_batch: int = 256, max_history: int | None = None,
-                 workspace_gb: float = 2.0) -> Path:
-    """Parse the ONNX graph and write a serialized engine (atomically)."""
-    if contract.k > TRT_MAX_K:
-        raise ValueError(f"K={contract.k} exceeds TensorRT's TopK limit of {TRT_MAX_K}")
+                 workspace_gb: float = 2.0, tf32: bool = False) -> Path:
+    """Parse the ONNX graph and write a serialized engine (atomically).
+
+    ``fp16`` states that the graph is an fp16 graph (``contract.fp16``); it adds nothing to the build.
+    """
+    k = contract.k
+    if k > TRT_MAX_K:
+        raise ExportError(f"K={k} exceeds TensorRT's TopK limit of {TRT_MAX_K}")
+    if fp16 and not contract.fp16:
+        raise ExportError("an fp16 engine needs an fp16 graph (cddrec-export --fp16): TensorRT builds strongly typed "
+                          "networks, so the engine's precision is the graph's")
+    check_trt_graph(onnx_path)
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(onnx_path).read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default in TensorRT 10 and 11
     max_len = contract.max_len
     max_history = max(max_history or MAX_HISTORY, max_len)
     opt_batch = min(opt_batch, max_batch)

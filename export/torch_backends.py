@@ -3,7 +3,12 @@
 - ``torch``: the plain reference (eager, Python loop over the T steps, every position decoded,
   keys/values projected at every step): what every fast path is checked against.
 - ``torch-fast``: eager, on the model's hoisted last-position path.
-- ``torch-compile``: ``torch.compile`` of the unrolled graph module (the exported graph's math).
+- ``torch-compile``: ``torch.compile`` of the unrolled graph module (the exported graph's math),
+  on the model's device (CUDA when present).
+- ``torch-cuda`` / ``torch-cuda-fp16``: CUDA-graph replay of the unrolled module, one captured
+  graph per batch bucket (``cddrec.export.cuda_graphs``); options ``fp16`` (Linear weights stored
+  in fp16, as the ``--fp16`` graph), ``compile`` (a ``torch.compile`` mode), ``cuda_graph``,
+  ``buckets``, ``history``. CUDA only: elsewhere ``BackendUnavailable``.
 
 They are found by name through ``cddrec.runtime.backends.load_backend`` (the runtime itself
 never imports torch). Each reads its K from the caller (default ``DEFAULT_K``) and offers
@@ -12,6 +17,7 @@ never imports torch). Each reads its K from the caller (default ``DEFAULT_K``) a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -20,9 +26,11 @@ import torch
 
 from cddrec.checkpoint import load_checkpoint
 from cddrec.contract import DEFAULT_K, POPULAR_TOPK, ServingInfo
+from cddrec.errors import BackendUnavailable
 from cddrec.inference import popular_topk, reference_topk
 from cddrec.vocab import Vocab
 
+from .cuda_graphs import BucketedModule
 from .graph import UnrolledRecommender
 from .onnx_export import contract_for
 
@@ -95,3 +103,55 @@ class TorchCompiled(_TorchBackend):
 
     def run(self, ids, noise):
         return self.module(ids)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class TorchCuda(_TorchBackend):
+    """CUDA-graph replay of the unrolled module per batch bucket; optionally fp16 weights and torch.compile.
+
+    ``compile="reduce-overhead"`` lets torch.compile capture its own CUDA graphs (no manual
+    capture); any other mode is compiled, then captured per bucket by ``BucketedModule``.
+    """
+
+    name = "torch-cuda"
+
+    def __init__(self, path: str | Path, *, k: int | None = None, threads: int = 0, device: str | None = None,
+                 fp16: bool = False, compile: str | None = None, cuda_graph: bool = True, buckets=None,
+                 history: int | None = None):
+        device = device or "cuda"
+        if not torch.cuda.is_available() or torch.device(device).type != "cuda":
+            raise BackendUnavailable(f"{self.name} needs a CUDA GPU (torch.cuda.is_available() is "
+                                     f"{torch.cuda.is_available()}, device {device!r}); on the CPU use torch-fast "
+                                     "or torch-compile, or ort-cpu on an exported graph")
+        if compile is not None and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        self.fp16, self.compile_mode, self.cuda_graph = fp16, compile, cuda_graph
+        self.buckets, self.history = buckets, history
+        if fp16:
+            self.name = "torch-cuda-fp16"
+        super().__init__(path, k=k, threads=threads, device=device)
+
+    @classmethod
+    def half(cls, path, **kwargs) -> "TorchCuda":
+        return cls(path, **{"fp16": True, **kwargs})
+
+    def setup(self) -> None:
+        self.contract = dataclasses.replace(self.contract, fp16=self.fp16)
+        self.module = UnrolledRecommender(self.model, self.k, fp16=self.fp16).eval().to(self.device)
+        fn, capture = self.module, self.cuda_graph
+        if self.compile_mode is not None:
+            fn = torch.compile(self.module, mode=self.compile_mode, dynamic=False)
+            capture = capture and self.compile_mode != "reduce-overhead"  # that mode captures by itself
+        self.runner = BucketedModule(fn, self.module, self.device, buckets=self.buckets,
+                                     history=self.history or self.contract.max_len, capture=capture)
+
+    def warmup(self) -> None:
+        """Capture every bucket now instead of at its first request."""
+        self.runner.warmup()
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if feed.get("noise") is not None:
+            raise ValueError(f"{self.name} serves the deterministic chain; the noise input is not supported")
+        return self.runner(feed["item_ids"])

@@ -4,8 +4,9 @@
     rec.recommend([["B00123", "B00456"], [17, 42]], k=10)
 
 Histories are oldest first. Keys are mapped with the model's vocabulary; unknown items are
-dropped and counted; the most recent ``max_history`` known items are kept (the last L feed
-the model, all of them are excluded from the ranking). A history with no known item gets the
+dropped and counted; every known item is kept (the last L feed the model, all of them are
+excluded from the ranking; TensorRT engines, whose profiles stop at ``MAX_HISTORY``, keep the most
+recent ``MAX_HISTORY``). A history with no known item gets the
 training popularity top-k, flagged ``fallback: "popular"``. Torch-free: graphs are read through
 ``cddrec.contract`` and served by ``cddrec.runtime.backends``.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from cddrec.contract import MASK_SCORE, MAX_HISTORY, ServingInfo, serving_info
 from cddrec.errors import ModelFileError
 
 from .backends import Backend, load_backend
+from .codec import Encoded, KeyMapper, TopK, decode_rows, encode_histories, fill_popular, left_pad, popular_ids
+
+MAX_CELLS = 1 << 22  # padded ids per engine batch (32 MB of int64)
 
 
 def read_serving_info(path: str | Path, backend: Backend | None = None) -> ServingInfo:
@@ -55,14 +59,14 @@ class Recommendation:
 
 
 class Recommender:
-    def __init__(self, backend: Backend, info: ServingInfo, max_history: int = MAX_HISTORY, seed: int = 0):
+    def __init__(self, backend: Backend, info: ServingInfo, max_history: int | None = None, seed: int = 0):
         self.backend, self.info, self.max_history = backend, info, max_history
-        self.index = info.vocab.index
+        self.mapper = KeyMapper(info.vocab)
         self.rng = np.random.default_rng(seed)  # the noise of a stochastic graph (sampled reverse chain)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "ort-cpu", *, threads: int = 0, k: int | None = None,
-             max_history: int = MAX_HISTORY, seed: int = 0, **options) -> "Recommender":
+             max_history: int | None = None, seed: int = 0, **options) -> "Recommender":
         """Open a graph (ort-cpu, ort-cuda), an engine (trt) or a model file (torch backends)."""
         path = Path(path)
         if not path.exists():
@@ -70,61 +74,62 @@ class Recommender:
         if path.is_dir():
             raise ModelFileError(f"{path}: is a directory, expected a model file")
         be = load_backend(path, backend, k=k, threads=threads, **options)
+        if backend == "trt" and max_history is None:
+            max_history = MAX_HISTORY  # TensorRT's profiles stop there
         return cls(be, read_serving_info(path, be), max_history, seed=seed)
 
     @property
     def contract(self):
         return self.info.contract
 
-    # ------------------------------------------------------------------ encoding
-    def encode(self, history: Sequence) -> tuple[np.ndarray, int]:
-        """Item ids of the known items (most recent ``max_history``) and the unknown count."""
-        ids = [self.index.get(str(key), 0) for key in history]
-        known = [i for i in ids if i]
-        return np.asarray(known[-self.max_history:], dtype=np.int64), len(ids) - len(known)
-
-    def batch_input(self, encoded: Sequence[np.ndarray]) -> np.ndarray:
-        """(B, S) left-padded, S = max(L, longest history)."""
-        S = max([self.info.L] + [len(e) for e in encoded])
-        out = np.zeros((len(encoded), S), dtype=np.int64)
-        for b, e in enumerate(encoded):
-            if len(e):
-                out[b, S - len(e):] = e
-        return out
-
     # ---------------------------------------------------------------- recommending
-    def recommend_encoded(self, encoded: Sequence[np.ndarray], k: int | None = None,
-                          unknown: Sequence[int] | None = None) -> list[Recommendation]:
+    def infer_encoded(self, enc: Encoded, k: int | None = None, batch_size: int = 256) -> TopK:
+        """Top-k ids of every encoded user (the popularity fallback where no item is known).
+
+        Engine batches hold at most ``batch_size`` users and ``MAX_CELLS`` padded ids, so a few
+        very long histories get batches of their own instead of a huge padded matrix."""
         k = self.check_k(k)
-        unknown = unknown if unknown is not None else [0] * len(encoded)
-        out: list[Recommendation | None] = [None] * len(encoded)
-        model_rows = [i for i, e in enumerate(encoded) if len(e)]
-        if model_rows:
-            feed = {"item_ids": self.batch_input([encoded[i] for i in model_rows])}
-            c = self.info.contract
+        c = self.info.contract
+        counts = enc.counts
+        top = TopK.empty(len(enc), k)
+        model_rows = np.flatnonzero(counts > 0)
+        mcounts = counts[model_rows]
+        moffs = np.concatenate([[0], np.cumsum(mcounts)])
+        for a, b in engine_batches(mcounts, batch_size, c.max_len):
+            n = mcounts[a:b]
+            feed = {"item_ids": left_pad(enc.ids[moffs[a]:moffs[b]], n, max(c.max_len, int(n.max())))}  # (B, S)
             if c.stochastic:
-                feed["noise"] = self.rng.standard_normal((c.steps, len(model_rows), c.hidden), dtype=np.float32)
+                feed["noise"] = self.rng.standard_normal((c.steps, b - a, c.hidden), dtype=np.float32)
             res = self.backend.infer(feed)
             if res["top_items"].shape[1] != c.k:
                 raise ModelFileError(f"the graph returns {res['top_items'].shape[1]} items per user but its metadata "
                                      f"says K={c.k}: the metadata does not belong to this graph; re-export it")
-            items, scores = res["top_items"][:, :k], res["top_scores"][:, :k]
-            decode = self.info.vocab.key
-            for r, i in enumerate(model_rows):
-                keep = scores[r] > MASK_SCORE / 2  # fewer than k rankable items left
-                out[i] = Recommendation([decode(int(x)) for x in items[r][keep]],
-                                        [float(s) for s in scores[r][keep]], None, unknown[i])
-        popular = self.info.popular[:k]
-        for i, e in enumerate(encoded):
-            if not len(e):
-                out[i] = Recommendation([p[0] for p in popular], [float(p[1]) for p in popular], "popular",
-                                        unknown[i])
-        return out  # type: ignore[return-value]
+            rows = model_rows[a:b]
+            top.items[rows] = res["top_items"][:, :k]  # (B, k)
+            top.scores[rows] = res["top_scores"][:, :k]
+            top.valid[rows] = res["top_scores"][:, :k] > MASK_SCORE / 2  # fewer than k rankable items left
+        fill_popular(top, counts == 0, popular_ids(self.info.popular, self.mapper, k))
+        return top
 
     def recommend(self, histories: Sequence[Sequence], k: int | None = None) -> list[Recommendation]:
         """Top-k item keys and scores for each history (item keys, oldest first)."""
-        enc = [self.encode(h) for h in histories]
-        return self.recommend_encoded([e for e, _ in enc], k, [u for _, u in enc])
+        enc = encode_histories(histories, self.mapper, self.max_history)
+        top = self.infer_encoded(enc, k)
+        keys, scores = decode_rows(top, self.mapper)
+        return [Recommendation(ks, ss, "popular" if fb else None, int(u))
+                for ks, ss, fb, u in zip(keys, scores, top.fallback, enc.unknown)]
 
     def check_k(self, k: int | None) -> int:
         return self.info.contract.check_k(k)
+
+
+def engine_batches(counts: np.ndarray, batch_size: int, L: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) of consecutive rows: at most batch_size rows and MAX_CELLS padded ids."""
+    n = len(counts)
+    start = 0
+    while start < n:
+        stop = min(start + batch_size, n)
+        while stop - start > 1 and (stop - start) * max(L, int(counts[start:stop].max())) > MAX_CELLS:
+            stop = start + (stop - start) // 2
+        yield start, stop
+        start = stop

@@ -33,7 +33,7 @@ def cuda_provider_available() -> bool:
 
 
 def session_options(threads: int = 0, level: str = "all", optimized_path: str | Path | None = None,
-                    profile_prefix: str | None = None):
+                    profile_prefix: str | None = None, dims: dict[str, int] | None = None):
     ort = import_ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = {
@@ -50,6 +50,8 @@ def session_options(threads: int = 0, level: str = "all", optimized_path: str | 
     if profile_prefix:  # per-node timings, written by session.end_profiling()
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
+    for name, size in (dims or {}).items():  # fixed sizes of named dynamic axes (a static-shape session)
+        so.add_free_dimension_override_by_name(name, int(size))
     return so
 
 
@@ -68,10 +70,12 @@ def providers_for(device: str, *, tf32: bool = False, cuda_options: dict | None 
 
 def ort_session(path: str | Path, device: str = "cpu", *, threads: int = 0, level: str = "all", tf32: bool = False,
                 cuda_options: dict | None = None, optimized_path: str | Path | None = None,
-                profile_prefix: str | None = None):
-    """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` ("cpu" | "cuda")."""
+                profile_prefix: str | None = None, dims: dict[str, int] | None = None):
+    """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` ("cpu" | "cuda"); ``dims`` fixes
+    named dynamic axes (e.g. ``{"batch": 64, "history": 20}``) so shape computations fold away, as a
+    captured CUDA graph needs (``cuda_options={"enable_cuda_graph": 1}``)."""
     ort = import_ort()
-    so = session_options(threads, level, optimized_path, profile_prefix)
+    so = session_options(threads, level, optimized_path, profile_prefix, dims)
     return ort.InferenceSession(str(path), so, providers=providers_for(device, tf32=tf32, cuda_options=cuda_options))
 
 

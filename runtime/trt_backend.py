@@ -1,16 +1,150 @@
-"""TensorRT engine backend (being rewritten torch-free with cuda-python; see the triton branch)."""
+"""The ``trt`` backend: a serialized TensorRT engine, torch-free.
+
+Device buffers and the stream come from cuda-python's runtime bindings, as in NVIDIA's
+``samples/python/common_runtime.py``: ``from cuda.bindings import runtime as cudart``
+(cuda-python >= 12.6 and 13), falling back to the older ``from cuda import cudart``. The engine is
+driven through the name-based API common to TensorRT 10 and 11: ``num_io_tensors``,
+``get_tensor_name``, ``get_tensor_mode``, ``get_tensor_dtype``, ``set_input_shape``,
+``get_tensor_shape``, ``set_tensor_address`` and ``execute_async_v3``. Device buffers are
+allocated once per tensor and grown when a larger batch comes; inputs are cast to the dtypes the
+engine declares (int64 ids stay int64 where the engine takes int64).
+"""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import numpy as np
+
 from cddrec.errors import BackendUnavailable
+
+INSTALL = "pip install 'cddrec[gpu]' (tensorrt, cuda-python) on a machine with an NVIDIA GPU"
+
+
+def import_cudart():
+    """cuda-python's CUDA runtime module, or None when cuda-python is not installed."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6, 13
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6
+        except ImportError:
+            return None
+    return cudart
+
+
+def import_trt_runtime():
+    """(tensorrt, cudart); BackendUnavailable naming every missing package."""
+    cudart = import_cudart()
+    try:
+        import tensorrt as trt
+    except ImportError:
+        trt = None
+    missing = [name for name, mod in (("tensorrt", trt), ("cuda-python", cudart)) if mod is None]
+    if missing:
+        raise BackendUnavailable(f"the trt backend needs {' and '.join(missing)}: {INSTALL}")
+    return trt, cudart
+
+
+def cuda_call(cudart, result, what: str):
+    """Unpack cuda-python's ``(error, *values)``; raise with the CUDA error's name."""
+    err, *values = result
+    if int(err.value if hasattr(err, "value") else err) != 0:
+        name = cudart.cudaGetErrorName(err)[1]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        raise RuntimeError(f"{what} failed: {name}")
+    return values[0] if len(values) == 1 else (tuple(values) or None)
+
+
+def require_gpu(cudart) -> int:
+    try:
+        count = cuda_call(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    except RuntimeError as e:
+        raise BackendUnavailable(f"the trt backend needs a CUDA GPU: {e}") from e
+    if not count:
+        raise BackendUnavailable("the trt backend needs a CUDA GPU: cudaGetDeviceCount found none")
+    return count
 
 
 class TrtBackend:
+    """A serialized TensorRT engine (``.plan``); its metadata is ``ENGINE.meta.json``."""
+
+    def __init__(self, path: str | Path):
+        trt, cudart = import_trt_runtime()
+        require_gpu(cudart)
+        t0 = time.perf_counter()
+        self._trt, self._cudart = trt, cudart
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{path}: TensorRT could not deserialize the engine (built by another TensorRT version?)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_in = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.input_names = [n for n in names if is_in[n]]
+        self.output_names = [n for n in names if not is_in[n]]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.stream = cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+        self.load_seconds = time.perf_counter() - t0
+        self.name = "trt"
+
     @classmethod
-    def load(cls, path, *, k=None, threads: int = 0, **kwargs):
+    def load(cls, path: str | Path, *, k: int | None = None, threads: int = 0, **options) -> "TrtBackend":
+        """Registry factory: an engine's K is fixed and it runs on the GPU (``k``/``threads`` unused)."""
+        return cls(path, **options)
+
+    def _device(self, name: str, nbytes: int) -> int:
+        ptr, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                cuda_call(self._cudart, self._cudart.cudaFree(ptr), "cudaFree")
+            ptr = cuda_call(self._cudart, self._cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc")
+            self._buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cudart, stream = self._cudart, self.stream
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        host_in = []  # alive until the stream is synchronized
+        for name in self.input_names:
+            arr = np.ascontiguousarray(feed[name], dtype=self.dtypes[name])  # e.g. item_ids (B, S)
+            host_in.append(arr)
+            ptr = self._device(name, arr.nbytes)
+            cuda_call(cudart, cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, stream), "cudaMemcpyAsync")
+            if not self.context.set_input_shape(name, arr.shape):
+                raise ValueError(f"{name} of shape {arr.shape} is outside the engine's optimization profile "
+                                 f"{self.engine.get_tensor_profile_shape(name, 0)} (min, opt, max)")
+            self.context.set_tensor_address(name, ptr)
+        outs = {}
+        for name in self.output_names:
+            out = np.empty(tuple(self.context.get_tensor_shape(name)), dtype=self.dtypes[name])  # e.g. (B, K)
+            outs[name] = out
+            self.context.set_tensor_address(name, self._device(name, out.nbytes))
+        if not self.context.execute_async_v3(int(stream)):
+            raise RuntimeError("TensorRT execution failed")
+        for name, out in outs.items():
+            cuda_call(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[name][0], out.nbytes, d2h, stream),
+                      "cudaMemcpyAsync")
+        cuda_call(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        outs["top_items"] = outs["top_items"].astype(np.int64, copy=False)
+        return outs
+
+    def close(self) -> None:
+        """Free the device buffers and the stream (also on garbage collection)."""
+        cudart = getattr(self, "_cudart", None)
+        if cudart is None:
+            return
+        for ptr, _ in self._buffers.values():
+            cudart.cudaFree(ptr)
+        self._buffers = {}
+        if getattr(self, "stream", None) is not None:
+            cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+
+    def __del__(self):
         try:
-            import tensorrt  # noqa: F401
-        except ImportError as e:
-            raise BackendUnavailable("the trt backend needs TensorRT: pip install 'cddrec[gpu]' (tensorrt) on a "
-                                     "machine with an NVIDIA GPU") from e
-        raise BackendUnavailable("the trt backend is being rewritten without torch")
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

@@ -108,3 +108,13 @@ def trained_tiny_onnx(trained_tiny):
     out = trained_tiny.with_name("model.onnx")
     export_model(trained_tiny, out, k=10)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_optimized_onnx(trained_tiny):
+    """The same model exported with --optimize: holds ONNX Runtime contrib ops (FusedMatMul, BiasGelu)."""
+    from cddrec.export.onnx_export import export_model
+
+    out = trained_tiny.with_name("model_opt.onnx")
+    export_model(trained_tiny, out, k=10, optimize=True)
+    return out

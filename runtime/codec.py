@@ -1,0 +1,158 @@
+"""Item keys <-> ids for serving, vectorized (pyarrow + numpy, torch-free).
+
+The one implementation of the serving-side encoding, used by ``Recommender`` (and so by
+``cddrec-infer``'s streaming pipeline) and by the Triton client:
+
+- ``KeyMapper``: item key -> id (0 = unknown) by a vectorized lookup, id -> key by a take;
+- ``encode_flat`` / ``encode_histories``: histories (flat keys + offsets) -> the known ids per
+  user, unknown items counted, optionally only the most recent ``max_history``;
+- ``left_pad``: flat ids -> the graph's (B, S) input, right-aligned after 0 padding;
+- ``TopK`` and ``fill_popular``: the engine's (n, K) outputs with the cold-start fallback.
+
+Letters: n users, N known ids in all, B engine batch, S padded history, K top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cddrec.vocab import Vocab
+
+
+class KeyMapper:
+    """Vectorized item key -> id (0 = unknown) and id -> key, with the model's vocabulary.
+
+    A key matches as its string form, as ``Vocab.index.get(str(key))`` does: 17 and "17" are the
+    same item."""
+
+    def __init__(self, vocab: Vocab):
+        self.keys_str = pa.array(vocab.keys, pa.string())
+        self.is_int = vocab.key_type == "int"
+        self.sorted_int = self.order = None
+        if self.is_int:
+            ints = np.array([int(k) for k in vocab.keys], dtype=np.int64)
+            self.order = np.argsort(ints, kind="stable")
+            self.sorted_int = ints[self.order]
+            self.out_keys = pa.array(ints)
+        else:
+            self.out_keys = self.keys_str
+
+    def ids(self, values: pa.Array) -> np.ndarray:
+        """(n,) int64 ids of the keys, 0 where unknown."""
+        if len(values) == 0:
+            return np.zeros(0, dtype=np.int64)
+        if self.is_int and pa.types.is_integer(values.type):
+            v = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            pos = np.searchsorted(self.sorted_int, v).clip(0, len(self.sorted_int) - 1)
+            hit = self.sorted_int[pos] == v
+            return np.where(hit, self.order[pos] + 1, 0).astype(np.int64)
+        idx = pc.index_in(values.cast(pa.string()), value_set=self.keys_str)
+        return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+
+    def keys(self, ids: np.ndarray) -> pa.Array:
+        return self.out_keys.take(pa.array(np.asarray(ids, dtype=np.int64) - 1))
+
+
+@dataclass
+class Encoded:
+    """Known ids per user, flat, with offsets; and the unknown items each history had."""
+
+    ids: np.ndarray  # (N,) int64
+    offsets: np.ndarray  # (n + 1,) int64
+    unknown: np.ndarray  # (n,) int64
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.unknown)
+
+
+def encode_flat(values: pa.Array, offsets: np.ndarray, mapper: KeyMapper, max_history: int | None = None) -> Encoded:
+    """Histories given as flat item keys ``values`` and ``offsets`` (n + 1,) -> ``Encoded``."""
+    offs = np.asarray(offsets, dtype=np.int64)
+    ids = mapper.ids(values.slice(int(offs[0]), int(offs[-1] - offs[0])))  # (total,)
+    offs = offs - offs[0]
+    n, lens = len(offs) - 1, np.diff(offs)
+    row = np.repeat(np.arange(n), lens)
+    known = ids > 0
+    keep = known
+    if max_history:  # the most recent max_history known items (TensorRT profiles stop there)
+        kpos = np.flatnonzero(known)
+        kc = np.bincount(row[kpos], minlength=n)
+        kend = np.cumsum(kc)  # end of each row's run among the known items
+        keep = known.copy()
+        keep[kpos] = kend[row[kpos]] - 1 - np.arange(len(kpos)) < max_history
+    counts = np.bincount(row[keep], minlength=n)
+    unknown = lens - np.bincount(row[known], minlength=n)
+    return Encoded(ids[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), unknown.astype(np.int64))
+
+
+def encode_histories(histories: Sequence[Sequence], mapper: KeyMapper, max_history: int | None = None) -> Encoded:
+    """Python histories (item keys, oldest first; ints and strings alike) -> ``Encoded``."""
+    lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
+    values = pa.array([str(key) for h in histories for key in h], pa.string())
+    return encode_flat(values, np.concatenate([[0], np.cumsum(lens)]), mapper, max_history)
+
+
+def left_pad(ids: np.ndarray, counts: np.ndarray, width: int) -> np.ndarray:
+    """(B, width) int64, each row's ids right-aligned after 0 padding (ids flat, row after row)."""
+    B = len(counts)
+    out = np.zeros((B, width), dtype=np.int64)
+    row = np.repeat(np.arange(B), counts)  # (N,)
+    start = np.repeat(np.cumsum(counts) - counts, counts)
+    col = width - counts[row] + (np.arange(len(ids)) - start)
+    out[row, col] = ids
+    return out
+
+
+@dataclass
+class TopK:
+    """Top-k of n users: ids, scores, which entries are real (fewer than k rankable items leave
+    masked ones) and which users got the popularity fallback."""
+
+    items: np.ndarray  # (n, k) int64 ids
+    scores: np.ndarray  # (n, k) float32
+    valid: np.ndarray  # (n, k) bool
+    fallback: np.ndarray  # (n,) bool
+
+    @classmethod
+    def empty(cls, n: int, k: int) -> "TopK":
+        return cls(np.zeros((n, k), np.int64), np.zeros((n, k), np.float32), np.zeros((n, k), bool),
+                   np.zeros(n, bool))
+
+
+def popular_ids(popular: list, mapper: KeyMapper, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, counts as float32) of the first k popularity entries [[key, count], ...]."""
+    pop = popular[:k]
+    ids = mapper.ids(pa.array([str(p[0]) for p in pop], pa.string()))
+    ok = ids > 0
+    return ids[ok], np.array([float(p[1]) for p in pop], dtype=np.float32)[ok]
+
+
+def fill_popular(top: TopK, rows: np.ndarray, popular: tuple[np.ndarray, np.ndarray]) -> None:
+    """In place: ``rows`` (bool (n,)) get the popularity top-k, flagged as fallback."""
+    if not rows.any():
+        return
+    pop_ids, pop_scores = popular
+    m = min(len(pop_ids), top.items.shape[1])
+    top.items[rows, :m] = pop_ids[:m]
+    top.scores[rows, :m] = pop_scores[:m]
+    top.valid[rows] = np.arange(top.items.shape[1]) < m
+    top.fallback[rows] = True
+
+
+def decode_rows(top: TopK, mapper: KeyMapper) -> tuple[list[list], list[list[float]]]:
+    """Per user: the item keys and scores of the valid entries (Python lists)."""
+    counts = top.valid.sum(axis=1)
+    keys = mapper.keys(top.items[top.valid]).to_pylist()
+    scores = top.scores[top.valid].astype(np.float64).tolist()
+    ends = np.cumsum(counts).tolist()
+    starts = [0] + ends[:-1]
+    return [keys[a:b] for a, b in zip(starts, ends)], [scores[a:b] for a, b in zip(starts, ends)]

@@ -1,0 +1,269 @@
+"""The streaming, columnar serving loop behind ``cddrec-infer`` (torch-free).
+
+    blocks = read_blocks(path, fmt)            # runtime.requests: Arrow blocks + bad lines
+    stats = serve(rec, blocks, writer, ...)    # map, dedupe, pad, infer, decode, write
+
+Three stages overlap: a reader thread parses the next block, maps item keys to ids
+(``cddrec.runtime.codec``, a vectorized lookup) and checks users for duplicates (:class:`SeenUsers`,
+64-bit hashes in sorted numpy runs: 16 bytes per user); the calling thread pads engine batches
+(numpy, from the list offsets) and runs the backend; a writer thread maps ids back to keys (a
+take on the vocabulary array) and writes the block. Only the current blocks and the user hashes
+are in memory, however long the file.
+
+Histories are never truncated (every history item is excluded from the ranking; the graph
+feeds the last L to the model), except on TensorRT whose profiles stop at the Recommender's
+``max_history``. Engine batches are ``Recommender.infer_encoded``'s (at most ``batch_size``
+users and a bounded number of padded ids).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from cddrec.errors import DataError
+from cddrec.io import atomic_path, refuse_overwrite_inputs
+
+from .codec import Encoded, KeyMapper, TopK, encode_flat
+from .recommender import Recommender
+from .requests import RequestBlock, input_format, read_blocks
+from .writers import WRITERS, ErrorWriter, output_format, output_lock
+
+
+class BadInput(DataError):
+    """A bad request line in strict mode."""
+
+
+@dataclass
+class BatchStats:
+    lines: int = 0
+    served: int = 0
+    bad: int = 0
+    unknown_items: int = 0
+    fallbacks: int = 0
+    seconds: float = 0.0
+    errors_path: str | None = None
+
+    def summary(self) -> str:
+        rate = self.served / self.seconds if self.seconds else 0.0
+        return (f"served {self.served} users ({rate:,.0f} users/s), bad lines {self.bad}, unknown items dropped "
+                f"{self.unknown_items}, popularity fallbacks {self.fallbacks}")
+
+    def add(self, other: "BatchStats") -> None:
+        for name in ("lines", "served", "bad", "unknown_items", "fallbacks"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+# ----------------------------------------------------------------------------- duplicate users
+def _user_hashes(users) -> np.ndarray:
+    import polars as pl
+
+    if isinstance(users, list):
+        strings = pa.array([str(u) for u in users], pa.string())
+    else:
+        strings = users.cast(pa.string())
+    return pl.Series(strings).hash(seed=0x5EED).to_numpy()
+
+
+class SeenUsers:
+    """Users seen so far as 64-bit hashes of their string keys, in sorted runs merged as they grow
+    (a log-structured set: 16 bytes per user, O(log) runs to search)."""
+
+    def __init__(self):
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted hashes, their first lines)
+
+    def check(self, hashes: np.ndarray, lines: np.ndarray) -> np.ndarray:
+        """First line of each user seen before (earlier in the file or in this block), else 0; the
+        rest are recorded."""
+        n = len(hashes)
+        first = np.zeros(n, dtype=np.int64)
+        if n == 0:
+            return first
+        order = np.argsort(hashes, kind="stable")
+        h = hashes[order]
+        lead = np.ones(n, dtype=bool)
+        lead[1:] = h[1:] != h[:-1]
+        group_start = np.maximum.accumulate(np.where(lead, np.arange(n), 0))
+        dup_in_block = ~lead
+        first[order[dup_in_block]] = lines[order[group_start[dup_in_block]]]
+        uh, ul, urows = h[lead], lines[order[lead]], order[lead]
+        for rh, rl in self.runs:
+            pos = np.searchsorted(rh, uh).clip(0, len(rh) - 1)
+            hit = rh[pos] == uh
+            if hit.any():
+                earlier = rl[pos[hit]]
+                rows = urows[hit]
+                first[rows] = earlier
+                # later copies in this block point to the earlier block's line too
+                same = np.isin(h, uh[hit]) & dup_in_block
+                first[order[same]] = earlier[np.searchsorted(uh[hit], h[same])]
+        new = first[urows] == 0
+        self._add(uh[new], ul[new])
+        return first
+
+    def _add(self, h: np.ndarray, lines: np.ndarray) -> None:
+        if len(h):
+            self.runs.append((h, lines))
+        while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
+            (h1, l1), (h2, l2) = self.runs[-2], self.runs[-1]
+            hh = np.concatenate([h1, h2])
+            ll = np.concatenate([l1, l2])
+            o = np.argsort(hh, kind="stable")
+            self.runs[-2:] = [(hh[o], ll[o])]
+
+
+# ----------------------------------------------------------------------------- encoding
+def encode_block(block: RequestBlock, mapper: KeyMapper, max_history: int | None = None) -> Encoded:
+    return encode_flat(block.histories.values, np.asarray(block.histories.offsets), mapper, max_history)
+
+
+# ----------------------------------------------------------------------------- the loop
+def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: ErrorWriter, *, k: int,
+          batch_size: int = 256, strict: bool = False, check_duplicates: bool = True, source: str = "input",
+          progress: bool = False, max_history: int | None = None) -> BatchStats:
+    """Serve every block: read ahead on one thread, infer here, write behind on another."""
+    mapper = rec.mapper
+    seen = SeenUsers() if check_duplicates else None
+    stats = BatchStats()
+
+    def prepare(it: Iterator[RequestBlock]) -> tuple[RequestBlock, Encoded] | None:
+        block = next(it, None)
+        if block is None:
+            return None
+        if seen is not None and len(block):
+            first = seen.check(_user_hashes(block.users), block.lines)
+            dup = first > 0
+            if dup.any():
+                from .requests import BadLine
+
+                idx = np.flatnonzero(dup)
+                users = block.users if isinstance(block.users, list) else None
+                block.bad.extend(BadLine(int(block.lines[i]), f"duplicate user "
+                                         f"{(users[i] if users is not None else block.users[i].as_py())!r} "
+                                         f"(first on line {int(first[i])})", "") for i in idx)
+                block.bad.sort(key=lambda b: b.line)
+                keep = ~dup
+                block.lines = block.lines[keep]
+                block.users = [u for u, kk in zip(block.users, keep) if kk] if isinstance(block.users, list) \
+                    else block.users.filter(pa.array(keep))
+                block.histories = _compact(block.histories.filter(pa.array(keep)))
+        if strict and block.bad:
+            b = block.bad[0]
+            raise BadInput(f"{source}:{b.line}: {b.reason}")
+        return block, encode_block(block, mapper, max_history)
+
+    def write(blk: RequestBlock, enc: Encoded, res: TopK) -> None:
+        errors.write(blk.bad)
+        counts = res.valid.sum(axis=1)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        keys = mapper.keys(res.items[res.valid])
+        items = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), keys)
+        if len(blk):
+            writer.write(blk.users, items, res.scores[res.valid], offsets, res.fallback)
+        stats.lines += blk.n_lines
+        stats.bad += len(blk.bad)
+        stats.served += len(blk)
+        stats.unknown_items += int(enc.unknown.sum())
+        stats.fallbacks += int(res.fallback.sum())
+        if bar is not None:
+            bar.update(len(blk))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="user", desc="cddrec-infer", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    it = iter(blocks)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="write") as writer_pool:
+            pending = reader.submit(prepare, it)
+            write_job = None
+            while True:
+                got = pending.result()  # re-raises reader errors (strict mode, unreadable file)
+                if got is None:
+                    break
+                pending = reader.submit(prepare, it)  # read the next block during inference
+                block, enc = got
+                res = rec.infer_encoded(enc, k, batch_size)
+                if write_job is not None:
+                    write_job.result()
+                write_job = writer_pool.submit(write, block, enc, res)
+            if write_job is not None:
+                write_job.result()
+    finally:
+        if bar is not None:
+            bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _compact(hist: pa.ListArray) -> pa.ListArray:
+    offs = np.asarray(hist.offsets, dtype=np.int64)
+    return pa.ListArray.from_arrays(pa.array((offs - offs[0]).astype(np.int32)), hist.flatten())
+
+
+def check_paths(input_path: Path, output_path: Path) -> None:
+    """Refuse an output (or its errors file) that is the input file, or resolves to it."""
+    if not input_path.exists():
+        raise DataError(f"{input_path}: no such file")
+    if input_path.is_dir():
+        raise DataError(f"{input_path}: is a directory, expected a request file")
+    refuse_overwrite_inputs({"--output": output_path,
+                             "errors file": output_path.with_name(output_path.name + ".errors.jsonl")},
+                            {"--batch": input_path})
+    if output_path.is_dir():
+        raise DataError(f"{output_path}: is a directory, expected an output file")
+
+
+def run_file(rec: Recommender, input_path: str | Path, output_path: str | Path, *, k: int | None = None,
+             batch_size: int = 256, strict: bool = False, output_format_: str | None = None,
+             in_format: str | None = None, check_duplicates: bool = True, progress: bool = False,
+             log_options: dict | None = None, block_bytes: int | None = None) -> BatchStats:
+    """Serve every request of ``input_path`` into ``output_path`` (temporary file, then rename)."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if batch_size < 1:
+        raise DataError(f"batch size must be at least 1, got {batch_size}")
+    check_paths(input_path, output_path)
+    k = rec.check_k(k)
+    fmt = input_format(input_path, in_format)
+    out_fmt = output_format(output_path, output_format_)
+    errors_path = output_path.with_name(output_path.name + ".errors.jsonl")
+    kwargs = {} if block_bytes is None else {"block_bytes": block_bytes, "block_rows": max(1, block_bytes // 128)}
+    blocks = read_blocks(input_path, fmt, log_options, **kwargs)
+    wkw = {}
+    if out_fmt == "parquet":
+        wkw = {"user_type": _parquet_user_type(input_path, fmt),
+               "item_type": pa.int64() if rec.info.vocab.key_type == "int" else pa.string()}
+    max_history = getattr(rec, "max_history", None) if getattr(rec.backend, "name", "") == "trt" else None
+    with output_lock(output_path), atomic_path(output_path) as tmp, atomic_path(errors_path) as etmp, \
+            open(tmp, "wb") as out, open(etmp, "wb") as err:
+        writer = WRITERS[out_fmt](out, **wkw)
+        try:
+            stats = serve(rec, blocks, writer, ErrorWriter(err), k=k, batch_size=batch_size, strict=strict,
+                          check_duplicates=check_duplicates and fmt != "log", source=str(input_path),
+                          progress=progress, max_history=max_history)
+        finally:
+            writer.close()
+    if stats.bad:
+        stats.errors_path = str(errors_path)
+    else:
+        errors_path.unlink(missing_ok=True)
+    return stats
+
+
+def _parquet_user_type(input_path: Path, fmt: str) -> pa.DataType:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        t = pq.read_schema(input_path).field("user").type
+        if pa.types.is_integer(t):
+            return pa.int64()
+    return pa.string()

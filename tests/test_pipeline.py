@@ -1,0 +1,276 @@
+"""The columnar serving pipeline: parity with Recommender.recommend, formats, bad input, reliability."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cddrec.app.cli import infer_main
+from cddrec.runtime.batch import run_batch
+from cddrec.runtime.codec import left_pad
+from cddrec.runtime.pipeline import SeenUsers
+from cddrec.runtime.recommender import Recommender
+from cddrec.runtime.writers import output_lock
+
+
+@pytest.fixture(scope="module")
+def rec(trained_tiny_onnx):
+    return Recommender.load(trained_tiny_onnx, threads=1)
+
+
+def random_requests(keys, n, seed, max_len=20):
+    """Fresh random requests: int and string item keys, unknown keys, empty and all-unknown histories."""
+    g = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        hist = [int(keys[j]) if g.random() < 0.7 else str(keys[j])
+                for j in g.integers(0, len(keys), size=int(g.integers(0, max_len)))]
+        if g.random() < 0.1:
+            hist.insert(int(g.integers(0, len(hist) + 1)), f"unknown-{i}")
+        if g.random() < 0.05:
+            hist = ["nope"]
+        user = i if g.random() < 0.5 else f"u{i}"
+        out.append({"user": user, "history": hist})
+    return out
+
+
+def reference(rec, reqs, k):
+    """The plain path: Recommender.recommend on each request."""
+    recs = rec.recommend([r["history"] for r in reqs], k=k)
+    return {json.dumps(r["user"]): x for r, x in zip(reqs, recs)}
+
+
+def check_same(rows, ref):
+    assert len(rows) == len(ref)
+    for row in rows:
+        want = ref[json.dumps(row["user"])]
+        assert row["items"] == want.items
+        assert np.allclose(row["scores"], want.scores, atol=1e-6)
+        assert row.get("fallback") == want.fallback
+
+
+@pytest.mark.parametrize("block_bytes", [300, 1 << 20])
+def test_columnar_matches_recommend(tmp_path, rec, block_bytes):
+    keys = rec.info.vocab.keys
+    for seed in (1, 2):
+        reqs = random_requests(keys, 300, seed)
+        req = tmp_path / "req.jsonl"
+        req.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+        out = tmp_path / "out.jsonl"
+        stats = run_batch(rec, req, out, k=7, batch_size=13, block_bytes=block_bytes)
+        rows = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [r["user"] for r in rows] == [r["user"] for r in reqs]  # input order, key types kept
+        check_same(rows, reference(rec, reqs, 7))
+        ref = reference(rec, reqs, 7)
+        assert stats.unknown_items == sum(x.unknown for x in ref.values())
+        assert stats.fallbacks == sum(x.fallback == "popular" for x in ref.values()) > 0
+
+
+def test_bad_lines_in_a_block_keep_the_good_ones(tmp_path, rec):
+    keys = rec.info.vocab.keys
+    reqs = random_requests(keys, 60, 5)
+    lines = [json.dumps(r) for r in reqs]
+    lines[10] = "{broken"
+    lines[40] = json.dumps({"user": reqs[3]["user"], "history": []})  # duplicate of line 4
+    req = tmp_path / "req.jsonl"
+    req.write_text("\n".join(lines))  # no final newline
+    out = tmp_path / "out.jsonl"
+    stats = run_batch(rec, req, out, k=5)
+    assert (stats.served, stats.bad) == (58, 2)
+    errs = [json.loads(x) for x in (tmp_path / "out.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errs] == [11, 41] and "(first on line 4)" in errs[1]["reason"]
+    good = [r for i, r in enumerate(reqs) if i not in (10, 40)]
+    check_same([json.loads(x) for x in out.read_text().splitlines()], reference(rec, good, 5))
+
+
+def test_duplicates_across_blocks(tmp_path, rec):
+    reqs = [{"user": i % 50, "history": [int(rec.info.vocab.keys[0])]} for i in range(120)]
+    reqs[70]["user"] = "3"  # "3" and 3 are the same user, as before
+    req = tmp_path / "req.jsonl"
+    req.write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    stats = run_batch(rec, req, tmp_path / "o.jsonl", block_bytes=200)
+    assert (stats.served, stats.bad) == (50, 70)
+    errs = [json.loads(x) for x in (tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errs] == list(range(51, 121))
+    firsts = [4 if e["line"] == 71 else (e["line"] - 1) % 50 + 1 for e in errs]
+    assert all(f"(first on line {f})" in e["reason"] for e, f in zip(errs, firsts))
+
+
+def test_seen_users_matches_a_set():
+    g = np.random.default_rng(0)
+    seen, ref = SeenUsers(), {}
+    line = 1
+    for _ in range(30):
+        h = g.integers(0, 400, size=int(g.integers(1, 60))).astype(np.uint64)
+        lines = np.arange(line, line + len(h))
+        first = seen.check(h, lines)
+        want = []
+        for x, ln in zip(h.tolist(), lines.tolist()):
+            want.append(ref.get(x, 0))
+            ref.setdefault(x, ln)
+        assert first.tolist() == want
+        line += len(h)
+    assert sum(len(r[0]) for r in seen.runs) == len(ref) and len(seen.runs) <= 8
+
+
+def test_left_pad():
+    out = left_pad(np.array([1, 2, 3, 4, 5, 6]), np.array([2, 0, 3, 1]), 4)
+    assert out.tolist() == [[0, 0, 1, 2], [0, 0, 0, 0], [0, 3, 4, 5], [0, 0, 0, 6]]
+
+
+def test_parquet_in_and_out_and_csv(tmp_path, rec):
+    keys = rec.info.vocab.keys
+    reqs = [r for r in random_requests(keys, 200, 3) if isinstance(r["user"], int)]
+    hist = [[str(x) for x in r["history"]] for r in reqs]
+    src = tmp_path / "req.parquet"
+    pq.write_table(pa.table({"user": [r["user"] for r in reqs], "history": hist}), src, row_group_size=37)
+    out = tmp_path / "out.parquet"
+    stats = run_batch(rec, src, out, k=6, block_bytes=37 * 128)
+    assert stats.served == len(reqs)
+    t = pq.read_table(out)
+    assert t.column_names == ["user", "items", "scores", "fallback"] and t.schema.field("user").type == pa.int64()
+    rows = [{"user": u, "items": i, "scores": s, **({"fallback": f} if f else {})}
+            for u, i, s, f in zip(*(t.column(c).to_pylist() for c in t.column_names))]
+    check_same(rows, reference(rec, [{"user": r["user"], "history": h} for r, h in zip(reqs, hist)], 6))
+    # CSV out from the same requests
+    csv_out = tmp_path / "out.csv"
+    run_batch(rec, src, csv_out, k=6)
+    lines = csv_out.read_text().splitlines()
+    assert lines[0] == "user,rank,item,score,fallback"
+    first = [ln.split(",") for ln in lines[1:] if ln.split(",")[0] == str(rows[0]["user"])]
+    assert [int(x[2]) for x in first] == rows[0]["items"] and [int(x[1]) for x in first] == list(
+        range(1, len(rows[0]["items"]) + 1))
+
+
+# ----------------------------------------------------------------------------- issue 13 items
+def _infer(graph, req, out, *extra):
+    return CliRunner().invoke(infer_main, ["--model", str(graph), "--batch", str(req), "-o", str(out), "--quiet",
+                                           *extra])
+
+
+def test_deep_nesting_and_huge_integers_are_bad_lines(tmp_path, trained_tiny_onnx):
+    req = tmp_path / "req.jsonl"
+    req.write_text(json.dumps({"user": "a", "history": [1]}) + "\n"
+                   + '{"user": "b", "history": ' + "[" * 1500 + "]" * 1500 + "}\n"
+                   + '{"user": 1' + "7" * 5000 + ', "history": [1]}\n'
+                   + '{"user": "c", "history": [' + "9" * 5000 + "]}\n")
+    out = tmp_path / "o.jsonl"
+    r = _infer(trained_tiny_onnx, req, out)
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    errs = [json.loads(x) for x in (tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errs] == [2, 3, 4]
+    r = _infer(trained_tiny_onnx, req, out, "--strict")
+    assert r.exit_code == 1 and "req.jsonl:2: invalid JSON" in r.output
+    assert not isinstance(r.exception, RecursionError)
+
+
+def test_long_history_excludes_every_item(tmp_path, rec):
+    keys = rec.info.vocab.keys
+    first = rec.recommend([[keys[5]]], k=1)[0].items[0]  # the top item after one history item
+    hist = [first] + [keys[5]] * 600  # `first` is 601 items back
+    req = tmp_path / "req.jsonl"
+    req.write_text(json.dumps({"user": "long", "history": hist}) + "\n")
+    run_batch(rec, req, tmp_path / "o.jsonl", k=10)
+    row = json.loads((tmp_path / "o.jsonl").read_text())
+    assert first not in row["items"] and int(keys[5]) not in row["items"] and len(row["items"]) == 10
+
+
+def test_output_that_is_the_input_is_refused(tmp_path, trained_tiny_onnx):
+    req = tmp_path / "req.jsonl"
+    req.write_text(json.dumps({"user": "a", "history": [1]}) + "\n")
+    before = req.read_text()
+    (tmp_path / "link.jsonl").symlink_to(req)
+    for out in (req, tmp_path / "link.jsonl", tmp_path / "sub" / ".." / "req.jsonl"):
+        r = _infer(trained_tiny_onnx, req, out)
+        assert r.exit_code == 1 and "refusing to overwrite it" in r.output and "Traceback" not in r.output
+    assert req.read_text() == before
+
+
+def test_utf16_file_exits_3_and_bom_is_accepted(tmp_path, trained_tiny_onnx):
+    body = "".join(json.dumps({"user": f"u{i}", "history": [1, 2]}) + "\n" for i in range(5))
+    req = tmp_path / "u16.jsonl"
+    req.write_bytes(body.encode("utf-16"))
+    r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
+    assert r.exit_code == 3 and "served 0 users" in r.output
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    r = _infer(trained_tiny_onnx, bom, tmp_path / "o2.jsonl")
+    assert r.exit_code == 0 and "served 5 users" in r.output and "bad lines 0" in r.output
+    log = tmp_path / "log.csv"
+    log.write_bytes(b"\xef\xbb\xbfuser,item,timestamp\nx,1,1\nx,2,2\n")
+    r = _infer(trained_tiny_onnx, log, tmp_path / "o3.jsonl")
+    assert r.exit_code == 0 and "served 1 users" in r.output, r.output
+
+
+def test_bad_csv_row_is_reported_and_the_rest_served(tmp_path, rec, trained_tiny_onnx):
+    keys = rec.info.vocab.keys
+    log = tmp_path / "log.tsv"
+    log.write_text("user\titem\ttimestamp\n"
+                   f"a\t{keys[0]}\t1\n"
+                   f"a\t{keys[1]}\t2\textra\n"
+                   f"b\t{keys[2]}\tyesterday\n"
+                   f"b\t{keys[3]}\t3\n"
+                   f"c\t\t4\n"
+                   f"a\t{keys[4]}\t0\n")
+    out = tmp_path / "o.jsonl"
+    r = _infer(trained_tiny_onnx, log, out)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["user"] for x in rows] == ["a", "b"]
+    want = rec.recommend([[keys[4], keys[0]], [keys[3]]])
+    assert [x["items"] for x in rows] == [w.items for w in want]
+    errs = [json.loads(x) for x in (tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errs] == [3, 4, 6]
+    assert "expected 3 fields" in errs[0]["reason"] and "must be a number" in errs[1]["reason"]
+
+
+def test_second_run_on_the_same_output_is_refused(tmp_path, trained_tiny_onnx):
+    req = tmp_path / "req.jsonl"
+    req.write_text(json.dumps({"user": "a", "history": [1]}) + "\n")
+    out = tmp_path / "o.jsonl"
+    with output_lock(out):
+        r = _infer(trained_tiny_onnx, req, out)
+        assert r.exit_code == 1 and "another run is writing this output" in r.output
+        assert not out.exists()
+    r = _infer(trained_tiny_onnx, req, out)
+    assert r.exit_code == 0 and out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".lock")]
+
+
+def test_batch_size_is_range_checked(tmp_path, trained_tiny_onnx):
+    req = tmp_path / "req.jsonl"
+    req.write_text(json.dumps({"user": "a", "history": [1]}) + "\n")
+    r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl", "--batch-size", "0")
+    assert r.exit_code == 2 and "--batch-size" in r.output
+
+
+_line = st.one_of(
+    st.text(max_size=40).map(lambda s: s.replace("\n", " ").encode("utf-8", "surrogatepass")),
+    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b" ")),
+    st.builds(lambda u, h: json.dumps({"user": u, "history": h}).encode(),
+              st.one_of(st.integers(), st.text(max_size=5)),
+              st.lists(st.one_of(st.integers(-3, 60), st.text(max_size=3), st.none(), st.floats()), max_size=6)),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_line, min_size=1, max_size=25))
+def test_any_bytes_every_line_served_or_reported(tmp_path_factory, rec, lines):
+    d = tmp_path_factory.mktemp("prop")
+    req = d / "req.jsonl"
+    req.write_bytes(b"\n".join(lines) + b"\n")
+    out = d / "o.jsonl"
+    stats = run_batch(rec, req, out, block_bytes=64)
+    served = [json.loads(x) for x in out.read_text().splitlines()]
+    errs = [json.loads(x) for x in (d / "o.jsonl.errors.jsonl").read_text().splitlines()] if stats.bad else []
+    assert len(served) == stats.served and len(errs) == stats.bad
+    assert stats.served + stats.bad == len(lines) == stats.lines
+    assert sorted(e["line"] for e in errs) == [e["line"] for e in errs]
+    assert set(e["line"] for e in errs) <= set(range(1, len(lines) + 1))

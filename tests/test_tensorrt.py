@@ -1,0 +1,84 @@
+"""TensorRT without TensorRT: what is refused and what is said when a library or the GPU is missing.
+
+The engine build and the trt backend themselves run only where TensorRT and a GPU are
+(tests/test_export.py::test_tensorrt_engine_parity, marked gpu).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from cddrec.errors import BackendUnavailable, ExportError
+from cddrec.export.onnx_export import export_model
+from cddrec.export.tensorrt import build_engine, check_trt_graph, check_trt_request
+from cddrec.runtime.backends import load_backend
+from cddrec.runtime.trt_backend import TrtBackend, import_cudart
+
+CUDA_MODULES = ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart")
+
+
+
+def hide(monkeypatch, *names):
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+
+
+def test_optimized_graph_refused_before_tensorrt(trained_tiny_optimized_onnx, trained_tiny_onnx, tmp_path):
+    with pytest.raises(ExportError, match="--optimize.*com.microsoft:FusedMatMul.*without --optimize"):
+        check_trt_graph(trained_tiny_optimized_onnx)
+    check_trt_graph(trained_tiny_onnx)  # the standard-op graph passes
+    from cddrec.contract import GraphContract
+
+    spec = GraphContract(k=10, steps=4, hidden=16, max_len=8, num_items=50)
+    with pytest.raises(ExportError, match="contrib ops"):  # refused before TensorRT is imported
+        build_engine(trained_tiny_optimized_onnx, tmp_path / "e.plan", spec)
+    with pytest.raises(ExportError, match="fp16 graph"):
+        build_engine(trained_tiny_onnx, tmp_path / "e.plan", spec, fp16=True)
+    assert not (tmp_path / "e.plan").exists()
+
+
+def test_trt_export_requests_refused_before_writing(trained_tiny, tmp_path):
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportError, match="standard-op graph.*FusedMatMul"):
+        export_model(trained_tiny, out, k=10, optimize=True, trt_engine=tmp_path / "m.plan")
+    with pytest.raises(ExportError, match="--trt-fp16 needs --fp16"):
+        export_model(trained_tiny, out, k=10, trt_engine=tmp_path / "m.plan", trt_fp16=True)
+    with pytest.raises(ExportError, match="TopK limit"):
+        check_trt_request(4000, optimize=False, fp16=False, trt_fp16=False)
+    assert not out.exists() and not (tmp_path / "m.plan").exists()
+
+
+def test_missing_tensorrt_is_a_clear_error(trained_tiny, tmp_path, monkeypatch):
+    hide(monkeypatch, "tensorrt")
+    with pytest.raises(RuntimeError, match="TensorRT is not installed: pip install"):
+        export_model(trained_tiny, tmp_path / "m.onnx", k=10, trt_engine=tmp_path / "m.plan")
+    assert not (tmp_path / "m.onnx").exists()
+    hide(monkeypatch, *CUDA_MODULES)
+    with pytest.raises(BackendUnavailable, match="needs tensorrt and cuda-python: pip install 'cddrec\\[gpu\\]'"):
+        load_backend(tmp_path / "m.plan", "trt")
+
+
+def test_missing_tensorrt_only(monkeypatch, tmp_path):
+    if import_cudart() is None:
+        pytest.skip("cuda-python is not installed")
+    hide(monkeypatch, "tensorrt")
+    with pytest.raises(BackendUnavailable, match="needs tensorrt: pip install") as e:
+        TrtBackend.load(tmp_path / "m.plan")
+    assert "cuda-python" not in str(e.value).split(":")[0]
+
+
+def test_no_gpu_is_a_clear_error(monkeypatch, tmp_path):
+    """Real cuda-python on a machine without a GPU or driver; tensorrt stands in as an empty module
+    because nothing of it is reached before the device check."""
+    cudart = import_cudart()
+    if cudart is None:
+        pytest.skip("cuda-python is not installed")
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) == 0 and count:
+        pytest.skip("a CUDA GPU is present")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    with pytest.raises(BackendUnavailable, match="needs a CUDA GPU: cudaGetDeviceCount failed: cudaError"):
+        TrtBackend.load(tmp_path / "m.plan")
