@@ -129,8 +129,11 @@ class GraphContract:
                 self.gpu_atol if self.gpu_atol is not None else g_atol)
 
     def check_k(self, k: int | None) -> int:
-        """``k`` items per user, at most the graph's K (None: K)."""
+        """``k`` items per user, at most the graph's K (None: K); a graph of every item (K = N) serves
+        any larger k with all N."""
         if k is None:
+            return self.k
+        if k > self.k == self.num_items:  # the graph already returns every item: that is all there is
             return self.k
         if not 1 <= k <= self.k:
             raise ValueError(f"k={k}: this graph returns at most K={self.k} items; re-export with cddrec-export --k {k}")

@@ -173,3 +173,23 @@ def test_ort_cuda_matches_cpu(trained_tiny_onnx, make_histories):
     a = load_backend(trained_tiny_onnx, "ort-cuda").infer({"item_ids": ids})
     b = load_backend(trained_tiny_onnx, "ort-cpu").infer({"item_ids": ids})
     assert np.abs(a["top_scores"] - b["top_scores"]).max() <= 1e-3
+
+
+def test_k_above_a_small_catalogue_is_clamped(tmp_path, tiny_cfg):
+    """A 3-item model: the torch backend and a K=N graph serve --k 10 as all 3 items (issue 15 item 11)."""
+    import torch
+
+    from cddrec.checkpoint import save_checkpoint
+    from cddrec.export.onnx_export import export_model
+    from cddrec.model import CDDRec
+    from cddrec.vocab import Vocab
+
+    torch.manual_seed(0)
+    model = CDDRec(tiny_cfg.replace(num_items=3)).eval()
+    save_checkpoint(tmp_path / "m.pt", model, Vocab.build(["a", "b", "c"]), torch.ones(5, dtype=torch.long))
+    export_model(tmp_path / "m.pt", tmp_path / "m.onnx", k=10)
+    for path, backend in ((tmp_path / "m.pt", "torch"), (tmp_path / "m.onnx", "ort-cpu")):
+        rec = Recommender.load(path, backend=backend, k=10)
+        out = rec.recommend([["a"], ["zzz"]], k=10)
+        assert sorted(out[0].items) == ["b", "c"] and out[0].fallback is None  # "a" is seen: 2 left
+        assert len(out[1].items) == 3 and out[1].fallback == "popular"
