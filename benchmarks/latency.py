@@ -29,7 +29,17 @@ from pathlib import Path
 
 import numpy as np
 
-ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "trt")
+ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "trt", "ort-cpu-fused", "ort-cpu-int8")
+# ORT CPU on other graphs of the same model: the fused graph (export --optimize), the int8 graph (export --int8)
+GRAPH_VARIANTS = {"ort-cpu-fused": {"optimize": True}, "ort-cpu-int8": {"int8": True}}
+
+
+def split_backend(name: str) -> tuple[str, int]:
+    """``NAME`` or ``NAME:tN`` (N intra-op threads for this backend, e.g. ``ort-cpu:t1``) -> (NAME, N or 0)."""
+    base, _, opt = name.partition(":")
+    if opt and not (opt[:1] == "t" and opt[1:].isdigit() and int(opt[1:]) > 0):
+        raise ValueError(f"backend option {opt!r} in {name!r}: expected tN, N threads (e.g. {base}:t1)")
+    return base, int(opt[1:]) if opt else 0
 
 
 # ---------------------------------------------------------------------------- the floor
@@ -118,6 +128,9 @@ def make_backend(name: str, model_pt: str | None, graph: str | None, engine: str
     from cddrec.runtime.backends import BackendUnavailable, load_backend
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    label = name
+    name, own_threads = split_backend(name)
+    threads = own_threads or threads
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -131,6 +144,10 @@ def make_backend(name: str, model_pt: str | None, graph: str | None, engine: str
         be = _CompiledTorch(model_pt, k, device)
     elif name in ("ort-cpu", "ort-cuda"):
         be = load_backend(graph, name, k=k, threads=threads)
+    elif name in GRAPH_VARIANTS:
+        if not graph:
+            raise BackendUnavailable(f"{name} needs the model file (model.pt) to export its graph")
+        be = load_backend(graph, "ort-cpu", k=k, threads=threads)
     elif name == "trt":
         if not engine:
             raise BackendUnavailable("trt needs an engine: install TensorRT (pip install tensorrt)")
@@ -138,6 +155,7 @@ def make_backend(name: str, model_pt: str | None, graph: str | None, engine: str
     else:
         raise ValueError(f"unknown backend {name!r}; choose from {ALL_BACKENDS}")
     be.load_seconds = time.perf_counter() - t0
+    be.name = label
     return be
 
 
@@ -261,7 +279,8 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     else:
         info = info_from_graph(graph)
         d, L, V, T, layers = info.d, info.L, info.num_items + 2, info.T, 1
-    needs_graph = any(b in ("ort-cpu", "ort-cuda", "trt") for b in backends)
+    bases = {split_backend(b)[0] for b in backends}
+    needs_graph = bool(bases & {"ort-cpu", "ort-cuda", "trt"})
     export_seconds = None
     if needs_graph and graph is None:
         t0 = time.perf_counter()
@@ -270,6 +289,15 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
                      trt_max_batch=max(batch_sizes), trt_opt_batch=min(256, max(batch_sizes)))
         export_seconds = time.perf_counter() - t0
         graph, engine = str(tmp / "model.onnx"), trt_path
+    graphs, variants = {}, {}
+    for variant in sorted(bases & set(GRAPH_VARIANTS)):
+        if model_pt:  # the same model, exported and validated as that graph
+            path = tmp / f"model-{variant}.onnx"
+            report = export_model(model_pt, path, k=k, **GRAPH_VARIANTS[variant])
+            graphs[variant] = str(path)
+            variants[variant] = {"ops": sum(report.ops_optimized.values()), "ops_standard": sum(report.ops.values()),
+                                 "max_abs_diff": report.max_abs_diff, "topk_overlap": report.topk_overlap,
+                                 "topk_mismatches": report.topk_mismatches, "int8": report.int8}
     threads = threads or (os.cpu_count() or 1)
     echo(f"measuring the fp32 matmul peak on {threads} threads ...")
     peak = matmul_peak(threads)
@@ -279,7 +307,8 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     results = []
     for name in backends:
         echo(f"benchmarking {name} ...")
-        r = run_isolated(name, model_pt=model_pt, graph=graph, engine=engine, k=k, threads=threads,
+        r = run_isolated(name, model_pt=model_pt, graph=graphs.get(split_backend(name)[0], graph), engine=engine,
+                         k=k, threads=threads,
                          batch_sizes=batch_sizes, L=L, V=V, warmup=warmup, min_runs=min_runs,
                          min_seconds=min_seconds, seed=0)
         if "error" in r:
@@ -297,7 +326,8 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     return {"config": {"d": d, "L": L, "T": T, "items": V - 2, "k": k, "layers": layers, "threads": threads,
                        "cuda": torch.cuda.is_available()},
             "matmul_peak_gflops": peak, "flops_per_user": fl, "flops_per_user_plain_reference": fl_plain,
-            "floor_users_per_s": floor, "export_seconds": export_seconds, "results": results}
+            "floor_users_per_s": floor, "export_seconds": export_seconds, "graph_variants": variants,
+            "results": results}
 
 
 def _has_tensorrt() -> bool:
@@ -326,6 +356,12 @@ def bench_table(res: dict) -> str:
              f"{fl['decoder_kv'] / 1e6:.2f}, {c['T']} steps {fl['decoder_steps'] / 1e6:.2f}, scoring "
              f"{fl['scoring'] / 1e6:.2f}); plain reference {res['flops_per_user_plain_reference']['total'] / 1e6:.2f} M. "
              f"Matmul peak {res['matmul_peak_gflops']:.0f} GFLOP/s -> floor {res['floor_users_per_s']:,.0f} users/s."]
+    for name, v in res.get("graph_variants", {}).items():
+        parity = ", ".join(f"batch {b}: {d:.1e}" for b, d in v["max_abs_diff"].items())
+        overlap = ", ".join(f"{o:.3f}" for o in v["topk_overlap"].values())
+        rows.append(f"{name}: graph of {v['ops']} ops (standard {v['ops_standard']}); vs the PyTorch reference "
+                    f"max |score diff| {parity}" + (f"; top-{c['k']} overlap {overlap}" if overlap else "")
+                    + f"; top-k mismatches beyond ties {v['topk_mismatches']}.")
     return "\n".join(rows)
 
 

@@ -176,7 +176,10 @@ def demo_main(out_dir, minutes, seed):
 @click.option("--opset", default=17, show_default=True)
 @click.option("--fp16", is_flag=True, help="fp16 matmuls; LayerNorm, softmax, scoring and TopK stay fp32")
 @click.option("--stochastic", is_flag=True, help="add a noise input (T, batch, d): the sampled reverse chain")
-@click.option("--optimize", is_flag=True, help="write ONNX Runtime's offline-optimized graph")
+@click.option("--optimize", is_flag=True,
+              help="the fused graph: ONNX Runtime contrib ops (attention, BiasGelu); ONNX Runtime only, not --trt")
+@click.option("--int8", is_flag=True, help="int8 MatMuls (dynamic quantization), validated by top-k overlap")
+@click.option("--int8-scoring", is_flag=True, help="with --int8: the scoring MatMul in int8 too")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
 @click.option("--vocab-sidecar/--vocab-inline", default=None,
               help="item vocabulary in MODEL.vocab.json beside the graph, or in its metadata "
@@ -188,16 +191,18 @@ def demo_main(out_dir, minutes, seed):
 @click.option("--no-validate", is_flag=True, help="skip validation (not recommended)")
 @click.option("--json", "as_json", is_flag=True, help="print the export report as JSON")
 @friendly_errors
-def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, vocab_sidecar, trt_engine, trt_fp16,
-                trt_max_batch, trt_opt_batch, no_validate, as_json):
+def export_main(model, out, k, opset, fp16, stochastic, optimize, int8, int8_scoring, exporter, vocab_sidecar,
+                trt_engine, trt_fp16, trt_max_batch, trt_opt_batch, no_validate, as_json):
     """Export MODEL (model.pt) to one ONNX graph: encoder, T unrolled denoising steps, scoring,
     seen-item masking and top-k; validated against PyTorch before it is kept."""
     from .export.onnx_export import export_model
+    from .export.quantize import INT8_MIN_OVERLAP
 
     out = out or str(Path(model).with_suffix(".onnx"))
     rep = export_model(model, out, k=k, opset=opset, fp16=fp16, stochastic=stochastic, optimize=optimize,
                        exporter=exporter, vocab_sidecar=vocab_sidecar, trt_engine=trt_engine, trt_fp16=trt_fp16,
-                       trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate)
+                       trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate,
+                       int8=int8, int8_scoring=int8_scoring)
     if as_json:
         click.echo(json.dumps(asdict(rep), indent=2))
         return
@@ -207,6 +212,9 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
         diffs = ", ".join(f"batch {b}: {v:.2e}" for b, v in rep.max_abs_diff.items())
         click.echo(f"validated against PyTorch: max |score diff| {diffs}; top-k mismatches beyond ties: "
                    f"{rep.topk_mismatches}; ORT session {rep.session_seconds * 1000:.0f} ms")
+    if rep.topk_overlap:
+        click.echo("int8: top-k overlap with the fp32 reference " + ", ".join(
+            f"batch {b}: {v:.3f}" for b, v in rep.topk_overlap.items()) + f" (declared minimum {INT8_MIN_OVERLAP})")
     if rep.vocab_sidecar:
         click.echo(f"wrote {rep.vocab_sidecar}")
     if rep.trt_engine:
@@ -274,11 +282,14 @@ def _int_list(s: str) -> list[int]:
 def bench_main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
                catalogue_batch, out_dir, name):
     """Latency percentiles and throughput per backend and batch size, against the floor."""
-    from .benchmarks.latency import ALL_BACKENDS, bench_table, catalogue_scaling, plot, run_bench
+    from .benchmarks.latency import ALL_BACKENDS, bench_table, catalogue_scaling, plot, run_bench, split_backend
     from .benchmarks.record import record
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    unknown = sorted(set(names) - set(ALL_BACKENDS))
+    try:
+        unknown = sorted({split_backend(n)[0] for n in names} - set(ALL_BACKENDS))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
     if unknown:
         raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(ALL_BACKENDS)}")
     res = run_bench(model, names, _int_list(batch_sizes), items=items, k=k, threads=threads,

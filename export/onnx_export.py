@@ -48,6 +48,8 @@ class ExportReport:
     vocab_sidecar: str | None = None
     trt_engine: str | None = None
     notes: list = field(default_factory=list)
+    topk_overlap: dict = field(default_factory=dict)  # per validation batch size: mean top-k overlap (int8)
+    int8: dict = field(default_factory=dict)  # what quantize_graph quantized
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -71,10 +73,19 @@ def example_inputs(model: CDDRec, spec: GraphSpec, batch: int = 3, seed: int = 0
     return feed
 
 
-def build_graph(model: CDDRec, path: str | Path, spec: GraphSpec, exporter: str = "torchscript") -> None:
-    """Trace the unrolled recommender to ONNX at ``path`` following ``spec``."""
+def build_graph(model: CDDRec, path: str | Path, spec: GraphSpec, exporter: str = "torchscript",
+                fused: bool = False) -> None:
+    """Trace the unrolled recommender to ONNX at ``path`` following ``spec``; ``fused``: with
+    ONNX Runtime contrib ops (``export/fusion.py``, torchscript exporter only)."""
     k = spec.outputs[0].shape[1]
-    module = UnrolledRecommender(model, k, stochastic=spec.kind == "stochastic", fp16=spec.fp16).eval()
+    if fused:
+        from .fusion import MS_DOMAIN, FusedRecommender
+
+        if exporter != "torchscript" or spec.fp16:
+            raise ExportError("the fused graph (--optimize) is fp32 and needs the torchscript exporter")
+        module = FusedRecommender(model, k, stochastic=spec.kind == "stochastic").eval()
+    else:
+        module = UnrolledRecommender(model, k, stochastic=spec.kind == "stochastic", fp16=spec.fp16).eval()
     args = tuple(example_inputs(model, spec).values())
     with torch.no_grad(), warnings.catch_warnings():
         # tracing notes (constant folding of Slice, TracerWarnings) are expected and harmless
@@ -84,7 +95,8 @@ def build_graph(model: CDDRec, path: str | Path, spec: GraphSpec, exporter: str 
         if exporter == "torchscript":
             torch.onnx.export(module, args, str(path), input_names=spec.input_names,
                               output_names=spec.output_names, dynamic_axes=spec.dynamic_axes,
-                              opset_version=spec.opset, do_constant_folding=True, dynamo=False)
+                              opset_version=spec.opset, do_constant_folding=True, dynamo=False,
+                              custom_opsets={MS_DOMAIN: 1} if fused else None)
         elif exporter == "dynamo":
             try:
                 import onnxscript  # noqa: F401
@@ -135,12 +147,13 @@ def ort_session(path: str | Path, providers: list[str] | None = None, threads: i
 
 
 def validate_graph(path: str | Path, model: CDDRec, spec: GraphSpec, report: ExportReport | None = None,
-                   seed: int = 1234) -> ExportReport:
+                   seed: int = 1234, int8: bool = False) -> ExportReport:
     """Check a graph file against its spec and the PyTorch reference; raise ExportError if not.
 
     ONNX checker; no Loop/Scan/If and no random op; an ONNX Runtime CPU session; fresh random
     histories at each validation batch size: top_scores within ``spec.atol`` of the reference
-    and top_items identical except where the reference scores tie.
+    and top_items identical except where the reference scores tie. ``int8`` graphs report the
+    same figures and the mean top-k overlap instead, which must reach ``INT8_MIN_OVERLAP``.
     """
     report = report or ExportReport(path=str(path), spec=asdict(spec))
     try:
@@ -169,12 +182,21 @@ def validate_graph(path: str | Path, model: CDDRec, spec: GraphSpec, report: Exp
         items, scores, user = sess.run(spec.output_names, {n: v.numpy() for n, v in feed.items()})
         diff = float(np.abs(scores - ref_scores.numpy()).max())
         report.max_abs_diff[str(batch)] = diff
+        if int8:
+            from .quantize import INT8_MIN_OVERLAP, topk_overlap
+
+            overlap = report.topk_overlap[str(batch)] = topk_overlap(items, ref_items.numpy())
+            mismatches += _topk_mismatches(items, ref_items.numpy(), ref_scores.numpy(), full.numpy(), spec.atol)
+            if overlap < INT8_MIN_OVERLAP:
+                raise ExportError(f"int8 graph, batch {batch}: top-{k} overlap with the fp32 reference {overlap:.3f} "
+                                  f"is below {INT8_MIN_OVERLAP} (max |score difference| {diff:.3g})")
+            continue
         tol = spec.atol * (max(1.0, float(ref_scores[ref_scores > MASK_SCORE].abs().max())) if spec.fp16 else 1.0)
         if not diff <= tol:
             raise ExportError(f"batch {batch}: max |score difference| {diff:.3g} exceeds {tol:.3g}")
         mismatches += _topk_mismatches(items, ref_items.numpy(), ref_scores.numpy(), full.numpy(), tol)
     report.topk_mismatches = mismatches
-    if mismatches and not spec.fp16:
+    if mismatches and not spec.fp16 and not int8:
         raise ExportError(f"{mismatches} top-k ids differ from the reference beyond exact ties")
     return report
 
@@ -192,12 +214,21 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
                  fp16: bool = False, stochastic: bool = False, optimize: bool = False, exporter: str = "torchscript",
                  vocab_sidecar: bool | None = None, trt_engine: str | Path | None = None,
                  trt_fp16: bool = False, trt_max_batch: int = 1024, trt_opt_batch: int = 256,
-                 validate: bool = True) -> ExportReport:
-    """Export a model file to a validated ONNX graph (and optionally a TensorRT engine)."""
+                 validate: bool = True, int8: bool = False, int8_scoring: bool = False) -> ExportReport:
+    """Export a model file to a validated ONNX graph (and optionally a TensorRT engine).
+
+    ``optimize``: the fused graph with ONNX Runtime contrib ops (``export/fusion.py``), for
+    ONNX Runtime only. ``int8``: MatMuls dynamically quantized (``export/quantize.py``; the
+    scoring MatMul too with ``int8_scoring``), validated by top-k overlap."""
     model, ckpt = load_checkpoint(checkpoint)
     cfg = model.cfg
     if not 1 <= k <= cfg.num_items:
         raise ExportError(f"--k {k} must be between 1 and the number of items ({cfg.num_items})")
+    if (optimize or int8) and (trt_engine or fp16):
+        raise ExportError("--optimize and --int8 write ONNX Runtime graphs: TensorRT and --fp16 need the "
+                          "standard fp32 graph")
+    if optimize and int8:
+        raise ExportError("choose --optimize (fused fp32) or --int8 (quantized standard ops), not both")
     if trt_engine:
         if k > TRT_MAX_K:
             raise ExportError(f"--k {k} exceeds TensorRT's TopK limit of {TRT_MAX_K}; use a smaller --k for --trt")
@@ -219,6 +250,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
         "weights_sha256": weights_checksum(model),
         "popular_topk": popular_topk(ckpt.get("popularity"), vocab, max(k, 100)),
         "export_settings": {"opset": opset, "fp16": fp16, "stochastic": stochastic, "optimize": optimize,
+                            "int8": int8, "int8_scoring": int8_scoring,
                             "exporter": exporter, "torch": torch.__version__, "cddrec": __version__,
                             "mask_score": MASK_SCORE, "source": str(checkpoint)},
         "config": ckpt["config"],
@@ -229,23 +261,28 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
         meta["vocab"] = vocab.to_dict()
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:
-        build_graph(model, tmp, spec, exporter)
-        add_metadata(tmp, meta)
-        if optimize:
+        if optimize:  # the standard graph's op counts, then the fused graph in its place
+            build_graph(model, tmp, spec, exporter)
             report.ops = op_counts(onnx.load(str(tmp)))
-            opt = tmp.with_name(tmp.name + ".opt")
+        build_graph(model, tmp, spec, exporter, fused=optimize)
+        if int8:
+            from .quantize import quantize_graph
+
+            report.ops = op_counts(onnx.load(str(tmp)))
+            fp32 = tmp.with_name(tmp.name + ".fp32")
             try:
-                ort_session(tmp, opt_path=str(opt))
-                opt.replace(tmp)
+                tmp.replace(fp32)
+                report.int8 = quantize_graph(fp32, tmp, cfg.num_rows, quantize_scoring=int8_scoring)
             finally:
-                opt.unlink(missing_ok=True)
-            add_metadata(tmp, meta)  # the optimizer drops metadata: put it back
+                fp32.unlink(missing_ok=True)
+        add_metadata(tmp, meta)
+        if optimize or int8:
             report.ops_optimized = op_counts(onnx.load(str(tmp)))
         report.export_seconds = round(time.perf_counter() - t0, 3)
         if validate:
             ops_before = report.ops
-            validate_graph(tmp, model, spec, report)
-            if optimize:
+            validate_graph(tmp, model, spec, report, int8=int8)
+            if optimize or int8:
                 report.ops_optimized, report.ops = report.ops, ops_before
         report.graph_bytes = tmp.stat().st_size
         if vocab_sidecar:

@@ -1,0 +1,133 @@
+"""The CPU engine: the fused graph (contrib ops) and the int8 graph, each against the plain reference."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cddrec.checkpoint import load_checkpoint, save_checkpoint
+from cddrec.data import Vocab
+from cddrec.export.fusion import FUSIONS, FusedRecommender
+from cddrec.export.graph import UnrolledRecommender
+from cddrec.export.onnx_export import ExportError, export_model, ort_session
+from cddrec.export.quantize import INT8_MIN_OVERLAP, topk_overlap
+from cddrec.inference import reference_topk
+from cddrec.model import CDDRec
+
+
+def _ckpt(tmp_path, cfg, name="m.pt"):
+    torch.manual_seed(7)
+    model = CDDRec(cfg).eval()
+    with torch.no_grad():
+        model.item_emb.weight.normal_(0, 0.5)  # scores with some spread
+        if model.decoder is not None and model.decoder.gate is not None:
+            model.decoder.gate.normal_()  # as after training: the decoder contributes
+    save_checkpoint(tmp_path / name, model, Vocab.build(str(100 + i) for i in range(cfg.num_items)),
+                    torch.arange(cfg.num_rows))
+    return tmp_path / name
+
+
+def _run(sess, ids, noise=None):
+    feed = {"item_ids": ids.numpy()}
+    if noise is not None:
+        feed["noise"] = noise.numpy()
+    return sess.run(["top_items", "top_scores", "user_embedding"], feed)
+
+
+@pytest.mark.parametrize("norm", ["rezero", "pre", "post"])
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("fusions", [FUSIONS, ()])
+def test_fused_module_equals_unrolled_in_torch(tiny_cfg, make_histories, open_gates, norm, stochastic, fusions):
+    torch.manual_seed(3)
+    model = open_gates(CDDRec(tiny_cfg.replace(decoder_norm=norm, num_layers=2)).eval())
+    ids = make_histories(50, 9, 11, seed=5)
+    noise = torch.randn(model.steps, 9, 16) if stochastic else None
+    args = (ids, noise) if stochastic else (ids,)
+    with torch.no_grad():
+        ref = UnrolledRecommender(model, 7, stochastic=stochastic)(*args)
+        out = FusedRecommender(model, 7, stochastic=stochastic, fusions=fusions)(*args)
+    assert torch.allclose(out[2], ref[2], atol=1e-5)
+    assert torch.allclose(out[1], ref[1], atol=1e-5) and torch.equal(out[0], ref[0])
+
+
+@pytest.mark.parametrize("norm", ["rezero", "post"])
+def test_fused_graph_parity_on_fresh_random_histories(tmp_path, tiny_cfg, make_histories, norm):
+    ckpt = _ckpt(tmp_path, tiny_cfg.replace(decoder_norm=norm))
+    rep = export_model(ckpt, tmp_path / "f.onnx", k=10, optimize=True)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node}
+    assert {"Attention", "MultiHeadAttention", "BiasGelu"} <= ops  # contrib ops in the one graph
+    assert sum(rep.ops_optimized.values()) < sum(rep.ops.values())
+    model, _ = load_checkpoint(ckpt)
+    sess = ort_session(tmp_path / "f.onnx")
+    for batch, S in ((1, 3), (5, 8), (40, 20)):  # fresh inputs, not those used at export
+        ids = make_histories(50, batch, S, seed=200 + batch)
+        items, scores, user = _run(sess, ids)
+        ref_items, ref_scores, ref_user = reference_topk(model, ids, 10)
+        assert np.abs(scores - ref_scores.numpy()).max() <= 1e-4
+        assert np.abs(user - ref_user.numpy()).max() <= 1e-4
+        assert (items == ref_items.numpy()).all()
+
+
+def test_fused_stochastic_graph_matches_given_the_noise(tmp_path, tiny_cfg, make_histories):
+    ckpt = _ckpt(tmp_path, tiny_cfg)
+    export_model(ckpt, tmp_path / "s.onnx", k=10, optimize=True, stochastic=True)
+    model, _ = load_checkpoint(ckpt)
+    ids = make_histories(50, 6, 8, seed=9)
+    noise = torch.randn(model.steps, 6, 16, generator=torch.Generator().manual_seed(4))
+    items, scores, _ = _run(ort_session(tmp_path / "s.onnx"), ids, noise)
+    ref_items, ref_scores, _ = reference_topk(model, ids, 10, noise)
+    assert np.abs(scores - ref_scores.numpy()).max() <= 1e-4 and (items == ref_items.numpy()).all()
+
+
+def test_int8_graph_parity_is_reported_and_holds_on_fresh_histories(tmp_path, tiny_cfg, make_histories):
+    ckpt = _ckpt(tmp_path, tiny_cfg.replace(hidden_size=32, num_items=300))
+    rep = export_model(ckpt, tmp_path / "q.onnx", k=10, int8=True)
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert rep.int8["matmuls_int8"] > 0 and ops.count("MatMulInteger") == rep.int8["matmuls_int8"]
+    assert len(rep.int8["excluded"]) == 1  # the scoring MatMul stays fp32
+    assert set(rep.topk_overlap) == set(rep.max_abs_diff) == {"1", "7", "64"}
+    assert min(rep.topk_overlap.values()) >= INT8_MIN_OVERLAP
+    assert 0 < max(rep.max_abs_diff.values()) < 0.5  # not exact, and not far
+    model, _ = load_checkpoint(ckpt)
+    ids = make_histories(300, 50, 12, seed=77)
+    items, scores, _ = _run(ort_session(tmp_path / "q.onnx"), ids)
+    ref_items, ref_scores, _ = reference_topk(model, ids, 10)
+    assert topk_overlap(items, ref_items.numpy()) >= INT8_MIN_OVERLAP
+    assert np.abs(scores - ref_scores.numpy()).max() < 0.5
+    for b in range(50):  # masking is unchanged by quantization
+        assert not set(items[b].tolist()) & (set(ids[b].tolist()) | {0, 301})
+
+
+def test_int8_validation_rejects_a_wrong_graph(tmp_path, tiny_cfg):
+    from cddrec.export.onnx_export import validate_graph
+    from cddrec.export.spec import graph_spec
+
+    ckpt = _ckpt(tmp_path, tiny_cfg)
+    export_model(ckpt, tmp_path / "q.onnx", k=10, int8=True)
+    torch.manual_seed(99)
+    other = CDDRec(tiny_cfg).eval()
+    with torch.no_grad():
+        other.item_emb.weight.normal_(0, 0.5)
+    with pytest.raises(ExportError, match="overlap"):
+        validate_graph(tmp_path / "q.onnx", other, graph_spec(k=10, d=16, steps=4), int8=True)
+
+
+def test_engine_options_conflict(tmp_path, tiny_cfg):
+    ckpt = _ckpt(tmp_path, tiny_cfg)
+    with pytest.raises(ExportError, match="standard fp32 graph"):
+        export_model(ckpt, tmp_path / "x.onnx", optimize=True, fp16=True)
+    with pytest.raises(ExportError, match="not both"):
+        export_model(ckpt, tmp_path / "x.onnx", optimize=True, int8=True)
+    with pytest.raises(ValueError, match="unknown fusions"):
+        FusedRecommender(load_checkpoint(ckpt)[0], 5, fusions=("nope",))
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_bench_backend_names():
+    from cddrec.benchmarks.latency import split_backend
+
+    assert split_backend("ort-cpu-int8") == ("ort-cpu-int8", 0)
+    assert split_backend("ort-cpu-fused:t1") == ("ort-cpu-fused", 1)
+    with pytest.raises(ValueError, match="tN"):
+        split_backend("ort-cpu:x2")
