@@ -131,3 +131,47 @@ def test_bench_backend_names():
     assert split_backend("ort-cpu-fused:t1") == ("ort-cpu-fused", 1)
     with pytest.raises(ValueError, match="tN"):
         split_backend("ort-cpu:x2")
+
+
+def test_catalogue_topk_variants_against_numpy():
+    import onnxruntime as ort
+
+    from cddrec.benchmarks.catalogue_topk import build, run_variant, table_feeds
+
+    rng = np.random.default_rng(0)
+    V, d, B = 500, 16, 9
+    table = rng.standard_normal((V, d)).astype(np.float32)
+    user = rng.standard_normal((B, d)).astype(np.float32)
+    excluded = rng.integers(0, V, size=(B, 6))
+    ref = user @ table.T  # (B, V)
+    np.put_along_axis(ref, excluded, -np.inf, axis=1)
+    ref_top = np.argsort(-ref, axis=1)[:, :10]
+    feeds = table_feeds(table)
+
+    def top(variant, c=0):
+        sess = ort.InferenceSession(build(variant, d, 10, c).SerializeToString(), providers=["CPUExecutionProvider"])
+        return run_variant(sess, feeds, user, excluded)
+
+    items, scores = top("exact")
+    assert (items == ref_top).all() and np.allclose(scores, np.take_along_axis(ref, ref_top, 1), atol=1e-4)
+    items, scores = top("int8", V - 10)  # rescoring every candidate is exact
+    assert (items == ref_top).all() and np.allclose(scores, np.take_along_axis(ref, ref_top, 1), atol=1e-4)
+    items, _ = top("int8")  # approximate: mostly the same items, never an excluded one
+    assert topk_overlap(items, ref_top) >= 0.8
+    assert not any(set(a) & set(e) for a, e in zip(items.tolist(), excluded.tolist()))
+
+
+def test_graph_quality_ranks_targets(tmp_path, trained_tiny, tiny_data):
+    from cddrec.benchmarks.graph_quality import full_histories, graph_ranks
+    from cddrec.data import eval_split
+    from cddrec.evaluation import evaluate
+
+    export_model(trained_tiny, tmp_path / "g.onnx", k=40)
+    model, _ = load_checkpoint(trained_tiny)
+    split = eval_split(tiny_data, "test", model.cfg.max_len)
+    hist = full_histories(split, np.arange(3))
+    assert hist.shape[0] == 3 and (hist[:, -1] > 0).all()
+    ranks = graph_ranks(tmp_path / "g.onnx", split)
+    ref = evaluate(model, split).metrics
+    hit10 = float(np.mean(ranks < 10))
+    assert abs(hit10 - ref["R@10"]) <= 2 / len(split)  # the graph ranks as the evaluation does (ties aside)
