@@ -24,6 +24,7 @@ from cddrec.inference import MASK_SCORE, popular_topk, reference_scores
 from cddrec.io import atomic_path, atomic_write_json
 from cddrec.model import CDDRec
 
+from .fusion import DEFAULT_FUSIONS
 from .graph import UnrolledRecommender
 from .spec import DEFAULT_OPSET, GRAPH_FORMAT_VERSION, TRT_MAX_K, GraphSpec, graph_spec
 
@@ -74,16 +75,17 @@ def example_inputs(model: CDDRec, spec: GraphSpec, batch: int = 3, seed: int = 0
 
 
 def build_graph(model: CDDRec, path: str | Path, spec: GraphSpec, exporter: str = "torchscript",
-                fused: bool = False) -> None:
-    """Trace the unrolled recommender to ONNX at ``path`` following ``spec``; ``fused``: with
-    ONNX Runtime contrib ops (``export/fusion.py``, torchscript exporter only)."""
+                fusions: tuple[str, ...] | None = None) -> None:
+    """Trace the unrolled recommender to ONNX at ``path`` following ``spec``; ``fusions``: the
+    fused graph with those ONNX Runtime contrib ops (``export/fusion.py``, torchscript exporter)."""
     k = spec.outputs[0].shape[1]
+    fused = fusions is not None
     if fused:
         from .fusion import MS_DOMAIN, FusedRecommender
 
         if exporter != "torchscript" or spec.fp16:
             raise ExportError("the fused graph (--optimize) is fp32 and needs the torchscript exporter")
-        module = FusedRecommender(model, k, stochastic=spec.kind == "stochastic").eval()
+        module = FusedRecommender(model, k, stochastic=spec.kind == "stochastic", fusions=fusions).eval()
     else:
         module = UnrolledRecommender(model, k, stochastic=spec.kind == "stochastic", fp16=spec.fp16).eval()
     args = tuple(example_inputs(model, spec).values())
@@ -264,7 +266,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
         if optimize:  # the standard graph's op counts, then the fused graph in its place
             build_graph(model, tmp, spec, exporter)
             report.ops = op_counts(onnx.load(str(tmp)))
-        build_graph(model, tmp, spec, exporter, fused=optimize)
+        build_graph(model, tmp, spec, exporter, fusions=DEFAULT_FUSIONS if optimize else None)
         if int8:
             from .quantize import quantize_graph
 

@@ -5,9 +5,10 @@ pre-processing (basic graph optimization, which removes the Identity nodes that 
 weights from the quantizer), then ``quantize_dynamic``: every MatMul with a constant weight
 gets int8 weights (per tensor, symmetric) and activations quantized to uint8 at run time
 (DynamicQuantizeLinear + MatMulInteger, which ONNX Runtime's CPU provider fuses and runs with
-VNNI where the CPU has it). MatMuls of two activations (the attention products) stay fp32.
-The scoring MatMul against the item table stays fp32 unless ``quantize_scoring``: the ranking
-is where int8 error shows first.
+VNNI where the CPU has it); the shapes the pre-processing inferred are dropped again (see
+``quantize_graph``). MatMuls of two activations (the attention products) stay fp32. The
+scoring MatMul against the item table stays fp32 unless ``quantize_scoring``: the ranking is
+where int8 error shows first.
 
 int8 is not exact, so the graph is checked against the fp32 reference in the same form as the
 fp32 graph, with a declared looser tolerance: the mean top-k overlap with the reference on
@@ -44,7 +45,11 @@ def quantize_graph(src: str | Path, dst: str | Path, num_rows: int, quantize_sco
         exclude = [] if quantize_scoring else scoring_matmuls(proto, num_rows)
         quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                          nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
-    q = onnx.load(str(dst), load_external_data=False)
+    q = onnx.load(str(dst))
+    # the inferred shapes the pre-processing stored let ONNX Runtime's CPU provider fuse Add +
+    # LayerNorm into SkipLayerNormalization, which measured slower here (benchmarks/results/fusion.md)
+    del q.graph.value_info[:]
+    onnx.save(q, str(dst))
     quantized = sum(n.op_type == "MatMulInteger" for n in q.graph.node)
     return {"matmuls_int8": quantized, "matmuls_fp32": sum(n.op_type == "MatMul" for n in q.graph.node),
             "scoring_int8": quantize_scoring, "excluded": exclude}

@@ -27,7 +27,7 @@ class BackendUnavailable(RuntimeError):
 
 
 class OrtBackend:
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0):
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0, allow_spinning: bool | None = None):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -44,6 +44,8 @@ class OrtBackend:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = threads if threads > 0 else (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
+        if allow_spinning is not None:  # intra-op threads busy-wait between ops (ONNX Runtime's default: on)
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         so.log_severity_level = 3
         t0 = time.perf_counter()
         self.session = ort.InferenceSession(str(path), so, providers=providers)
