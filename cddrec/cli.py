@@ -180,6 +180,8 @@ def demo_main(out_dir, minutes, seed):
               help="the fused graph: ONNX Runtime contrib ops (attention, BiasGelu); ONNX Runtime only, not --trt")
 @click.option("--int8", is_flag=True, help="int8 MatMuls (dynamic quantization), validated by top-k overlap")
 @click.option("--int8-scoring", is_flag=True, help="with --int8: the scoring MatMul in int8 too")
+@click.option("--rescore", default=0, show_default=True,
+              help="two-stage top-k for large catalogues: int8 scores pick this many candidates, rescored in fp32")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
 @click.option("--vocab-sidecar/--vocab-inline", default=None,
               help="item vocabulary in MODEL.vocab.json beside the graph, or in its metadata "
@@ -191,7 +193,7 @@ def demo_main(out_dir, minutes, seed):
 @click.option("--no-validate", is_flag=True, help="skip validation (not recommended)")
 @click.option("--json", "as_json", is_flag=True, help="print the export report as JSON")
 @friendly_errors
-def export_main(model, out, k, opset, fp16, stochastic, optimize, int8, int8_scoring, exporter, vocab_sidecar,
+def export_main(model, out, k, opset, fp16, stochastic, optimize, int8, int8_scoring, rescore, exporter, vocab_sidecar,
                 trt_engine, trt_fp16, trt_max_batch, trt_opt_batch, no_validate, as_json):
     """Export MODEL (model.pt) to one ONNX graph: encoder, T unrolled denoising steps, scoring,
     seen-item masking and top-k; validated against PyTorch before it is kept."""
@@ -202,7 +204,7 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, int8, int8_sco
     rep = export_model(model, out, k=k, opset=opset, fp16=fp16, stochastic=stochastic, optimize=optimize,
                        exporter=exporter, vocab_sidecar=vocab_sidecar, trt_engine=trt_engine, trt_fp16=trt_fp16,
                        trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate,
-                       int8=int8, int8_scoring=int8_scoring)
+                       int8=int8, int8_scoring=int8_scoring, rescore=rescore)
     if as_json:
         click.echo(json.dumps(asdict(rep), indent=2))
         return
@@ -213,7 +215,7 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, int8, int8_sco
         click.echo(f"validated against PyTorch: max |score diff| {diffs}; top-k mismatches beyond ties: "
                    f"{rep.topk_mismatches}; ORT session {rep.session_seconds * 1000:.0f} ms")
     if rep.topk_overlap:
-        click.echo("int8: top-k overlap with the fp32 reference " + ", ".join(
+        click.echo("approximate graph: top-k overlap with the fp32 reference " + ", ".join(
             f"batch {b}: {v:.3f}" for b, v in rep.topk_overlap.items()) + f" (declared minimum {INT8_MIN_OVERLAP})")
     if rep.vocab_sidecar:
         click.echo(f"wrote {rep.vocab_sidecar}")

@@ -75,9 +75,10 @@ def example_inputs(model: CDDRec, spec: GraphSpec, batch: int = 3, seed: int = 0
 
 
 def build_graph(model: CDDRec, path: str | Path, spec: GraphSpec, exporter: str = "torchscript",
-                fusions: tuple[str, ...] | None = None) -> None:
+                fusions: tuple[str, ...] | None = None, rescore: int = 0) -> None:
     """Trace the unrolled recommender to ONNX at ``path`` following ``spec``; ``fusions``: the
-    fused graph with those ONNX Runtime contrib ops (``export/fusion.py``, torchscript exporter)."""
+    fused graph with those ONNX Runtime contrib ops (``export/fusion.py``, torchscript exporter);
+    ``rescore`` C > 0: the two-stage top-k of ``export/catalogue.py`` (int8 candidates, C rescored)."""
     k = spec.outputs[0].shape[1]
     fused = fusions is not None
     if fused:
@@ -88,6 +89,13 @@ def build_graph(model: CDDRec, path: str | Path, spec: GraphSpec, exporter: str 
         module = FusedRecommender(model, k, stochastic=spec.kind == "stochastic", fusions=fusions).eval()
     else:
         module = UnrolledRecommender(model, k, stochastic=spec.kind == "stochastic", fp16=spec.fp16).eval()
+    if rescore:
+        from .catalogue import TwoStageTopK
+        from .fusion import MS_DOMAIN
+
+        if exporter != "torchscript" or spec.fp16:
+            raise ExportError("the two-stage top-k (--rescore) is fp32 and needs the torchscript exporter")
+        module, fused = TwoStageTopK(module, rescore).eval(), True
     args = tuple(example_inputs(model, spec).values())
     with torch.no_grad(), warnings.catch_warnings():
         # tracing notes (constant folding of Slice, TracerWarnings) are expected and harmless
@@ -216,19 +224,24 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
                  fp16: bool = False, stochastic: bool = False, optimize: bool = False, exporter: str = "torchscript",
                  vocab_sidecar: bool | None = None, trt_engine: str | Path | None = None,
                  trt_fp16: bool = False, trt_max_batch: int = 1024, trt_opt_batch: int = 256,
-                 validate: bool = True, int8: bool = False, int8_scoring: bool = False) -> ExportReport:
+                 validate: bool = True, int8: bool = False, int8_scoring: bool = False,
+                 rescore: int = 0) -> ExportReport:
     """Export a model file to a validated ONNX graph (and optionally a TensorRT engine).
 
     ``optimize``: the fused graph with ONNX Runtime contrib ops (``export/fusion.py``), for
     ONNX Runtime only. ``int8``: MatMuls dynamically quantized (``export/quantize.py``; the
-    scoring MatMul too with ``int8_scoring``), validated by top-k overlap."""
+    scoring MatMul too with ``int8_scoring``), validated by top-k overlap. ``rescore`` C: the
+    two-stage top-k (``export/catalogue.py``: int8 candidates, the top C rescored exactly),
+    validated by top-k overlap."""
     model, ckpt = load_checkpoint(checkpoint)
     cfg = model.cfg
     if not 1 <= k <= cfg.num_items:
         raise ExportError(f"--k {k} must be between 1 and the number of items ({cfg.num_items})")
-    if (optimize or int8) and (trt_engine or fp16):
-        raise ExportError("--optimize and --int8 write ONNX Runtime graphs: TensorRT and --fp16 need the "
-                          "standard fp32 graph")
+    if (optimize or int8 or rescore) and (trt_engine or fp16):
+        raise ExportError("--optimize, --int8 and --rescore write ONNX Runtime graphs: TensorRT and --fp16 need "
+                          "the standard fp32 graph")
+    if rescore and not k <= rescore:
+        raise ExportError(f"--rescore {rescore} must be at least --k {k}")
     if optimize and int8:
         raise ExportError("choose --optimize (fused fp32) or --int8 (quantized standard ops), not both")
     if trt_engine:
@@ -252,7 +265,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
         "weights_sha256": weights_checksum(model),
         "popular_topk": popular_topk(ckpt.get("popularity"), vocab, max(k, 100)),
         "export_settings": {"opset": opset, "fp16": fp16, "stochastic": stochastic, "optimize": optimize,
-                            "int8": int8, "int8_scoring": int8_scoring,
+                            "int8": int8, "int8_scoring": int8_scoring, "rescore": rescore,
                             "exporter": exporter, "torch": torch.__version__, "cddrec": __version__,
                             "mask_score": MASK_SCORE, "source": str(checkpoint)},
         "config": ckpt["config"],
@@ -263,10 +276,10 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
         meta["vocab"] = vocab.to_dict()
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:
-        if optimize:  # the standard graph's op counts, then the fused graph in its place
+        if optimize or rescore:  # the standard graph's op counts, then the fused or two-stage graph in its place
             build_graph(model, tmp, spec, exporter)
             report.ops = op_counts(onnx.load(str(tmp)))
-        build_graph(model, tmp, spec, exporter, fusions=DEFAULT_FUSIONS if optimize else None)
+        build_graph(model, tmp, spec, exporter, fusions=DEFAULT_FUSIONS if optimize else None, rescore=rescore)
         if int8:
             from .quantize import quantize_graph
 
@@ -278,13 +291,13 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
             finally:
                 fp32.unlink(missing_ok=True)
         add_metadata(tmp, meta)
-        if optimize or int8:
+        if optimize or int8 or rescore:
             report.ops_optimized = op_counts(onnx.load(str(tmp)))
         report.export_seconds = round(time.perf_counter() - t0, 3)
         if validate:
             ops_before = report.ops
-            validate_graph(tmp, model, spec, report, int8=int8)
-            if optimize or int8:
+            validate_graph(tmp, model, spec, report, int8=int8 or bool(rescore))
+            if optimize or int8 or rescore:
                 report.ops_optimized, report.ops = report.ops, ops_before
         report.graph_bytes = tmp.stat().st_size
         if vocab_sidecar:

@@ -175,3 +175,47 @@ def test_graph_quality_ranks_targets(tmp_path, trained_tiny, tiny_data):
     ref = evaluate(model, split).metrics
     hit10 = float(np.mean(ranks < 10))
     assert abs(hit10 - ref["R@10"]) <= 2 / len(split)  # the graph ranks as the evaluation does (ties aside)
+
+
+def test_two_stage_topk_graph_returns_exact_scores(tmp_path, tiny_cfg, make_histories):
+    ckpt = _ckpt(tmp_path, tiny_cfg.replace(num_items=400, hidden_size=32))
+    rep = export_model(ckpt, tmp_path / "r.onnx", k=10, rescore=30)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "r.onnx")).graph.node]
+    assert "DynamicQuantizeMatMul" in ops and ops.count("TopK") == 2  # the exact full-table TopK is gone
+    assert min(rep.topk_overlap.values()) >= INT8_MIN_OVERLAP
+    model, _ = load_checkpoint(ckpt)
+    ids = make_histories(400, 40, 12, seed=31)
+    items, scores, user = _run(ort_session(tmp_path / "r.onnx"), ids)
+    from cddrec.inference import reference_scores
+
+    full, ref_user = reference_scores(model, ids)  # (B, V) masked
+    ref_items = full.topk(10, dim=1).indices.numpy()
+    assert np.abs(user - ref_user.numpy()).max() <= 1e-4
+    # every returned score is the item's exact score; the items are (nearly) the exact top-10
+    assert np.abs(scores - np.take_along_axis(full.numpy(), items, 1)).max() <= 1e-4
+    assert topk_overlap(items, ref_items) >= 0.95
+    assert (np.diff(scores, axis=1) <= 0).all()
+    for b in range(40):
+        assert not set(items[b].tolist()) & (set(ids[b].tolist()) | {0, 401})
+    with pytest.raises(ExportError, match="at least --k"):
+        export_model(ckpt, tmp_path / "x.onnx", k=10, rescore=5)
+
+
+def test_int8_scores_emulation_matches_ort(tmp_path):
+    from cddrec.export.catalogue import Int8Scores, quantize_rows
+
+    g = torch.Generator().manual_seed(0)
+    table, user = torch.randn(300, 24, generator=g), torch.randn(5, 24, generator=g)
+    q, scale = quantize_rows(table)
+    approx = Int8Scores.apply(user, q, scale)
+    exact = user @ table.t()
+    assert (approx - exact).abs().max() <= 0.02 * exact.abs().max()  # int8 is close to fp32
+
+    class M(torch.nn.Module):
+        def forward(self, u):
+            return Int8Scores.apply(u, q, scale)
+
+    torch.onnx.export(M(), (user,), str(tmp_path / "s.onnx"), input_names=["u"], output_names=["s"],
+                      dynamic_axes={"u": {0: "b"}}, opset_version=17, dynamo=False, custom_opsets={"com.microsoft": 1})
+    out = ort_session(tmp_path / "s.onnx").run(None, {"u": user.numpy()})[0]
+    assert np.abs(out - approx.numpy()).max() <= 1e-3  # the torch forward emulates ONNX Runtime's op
