@@ -57,12 +57,11 @@ class TwoStageTopK(nn.Module):
     def __init__(self, inner: nn.Module, candidates: int):
         super().__init__()
         self.inner, self.k = inner, inner.k
-        table = inner.model.item_emb.weight.detach().float()  # (V, d)
+        table = inner.model.item_emb.weight.detach().float()  # (V, d), rescored from the model's own table
         self.C = min(candidates, table.shape[0])
         if self.C < self.k:
             raise ValueError(f"candidates ({candidates}) must be at least k ({self.k})")
         q, scale = quantize_rows(table)
-        self.register_buffer("table", table.clone())
         self.register_buffer("table_q_t", q)
         self.register_buffer("scale", scale)
 
@@ -72,7 +71,8 @@ class TwoStageTopK(nn.Module):
         excluded = torch.cat([item_ids, self.inner.static_ids.expand(item_ids.shape[0], 2)], dim=1)  # (B, S + 2)
         approx = approx.scatter(1, excluded, MASK_SCORE)
         cand_scores, cand = torch.topk(approx, self.C, dim=1)  # (B, C)
-        exact = (self.table[cand] @ user.unsqueeze(-1)).squeeze(-1)  # (B, C, d) @ (B, d, 1) -> (B, C)
+        table = self.inner.model.item_emb.weight  # (V, d): the one fp32 copy in the graph
+        exact = (table[cand] @ user.unsqueeze(-1)).squeeze(-1)  # (B, C, d) @ (B, d, 1) -> (B, C)
         exact = torch.where(cand_scores <= MASK_SCORE, torch.full_like(exact, MASK_SCORE), exact)  # stay excluded
         top_scores, pos = torch.topk(exact, self.k, dim=1)  # (B, K)
         return cand.gather(1, pos), top_scores, user
