@@ -49,7 +49,7 @@ class ExportReport:
     vocab_sidecar: str | None = None
     trt_engine: str | None = None
     notes: list = field(default_factory=list)
-    topk_overlap: dict = field(default_factory=dict)  # per validation batch size: mean top-k overlap (int8)
+    topk_overlap: dict = field(default_factory=dict)  # per validation batch size: mean top-k overlap (approximate)
     int8: dict = field(default_factory=dict)  # what quantize_graph quantized
 
 
@@ -157,13 +157,14 @@ def ort_session(path: str | Path, providers: list[str] | None = None, threads: i
 
 
 def validate_graph(path: str | Path, model: CDDRec, spec: GraphSpec, report: ExportReport | None = None,
-                   seed: int = 1234, int8: bool = False) -> ExportReport:
+                   seed: int = 1234, approximate: bool = False) -> ExportReport:
     """Check a graph file against its spec and the PyTorch reference; raise ExportError if not.
 
     ONNX checker; no Loop/Scan/If and no random op; an ONNX Runtime CPU session; fresh random
     histories at each validation batch size: top_scores within ``spec.atol`` of the reference
-    and top_items identical except where the reference scores tie. ``int8`` graphs report the
-    same figures and the mean top-k overlap instead, which must reach ``INT8_MIN_OVERLAP``.
+    and top_items identical except where the reference scores tie. ``approximate`` graphs (int8,
+    two-stage top-k) report the same figures and the mean top-k overlap, which must reach
+    ``INT8_MIN_OVERLAP``.
     """
     report = report or ExportReport(path=str(path), spec=asdict(spec))
     try:
@@ -192,13 +193,13 @@ def validate_graph(path: str | Path, model: CDDRec, spec: GraphSpec, report: Exp
         items, scores, user = sess.run(spec.output_names, {n: v.numpy() for n, v in feed.items()})
         diff = float(np.abs(scores - ref_scores.numpy()).max())
         report.max_abs_diff[str(batch)] = diff
-        if int8:
+        if approximate:
             from .quantize import INT8_MIN_OVERLAP, topk_overlap
 
             overlap = report.topk_overlap[str(batch)] = topk_overlap(items, ref_items.numpy())
             mismatches += _topk_mismatches(items, ref_items.numpy(), ref_scores.numpy(), full.numpy(), spec.atol)
             if overlap < INT8_MIN_OVERLAP:
-                raise ExportError(f"int8 graph, batch {batch}: top-{k} overlap with the fp32 reference {overlap:.3f} "
+                raise ExportError(f"approximate graph, batch {batch}: top-{k} overlap with the fp32 reference {overlap:.3f} "
                                   f"is below {INT8_MIN_OVERLAP} (max |score difference| {diff:.3g})")
             continue
         tol = spec.atol * (max(1.0, float(ref_scores[ref_scores > MASK_SCORE].abs().max())) if spec.fp16 else 1.0)
@@ -206,7 +207,7 @@ def validate_graph(path: str | Path, model: CDDRec, spec: GraphSpec, report: Exp
             raise ExportError(f"batch {batch}: max |score difference| {diff:.3g} exceeds {tol:.3g}")
         mismatches += _topk_mismatches(items, ref_items.numpy(), ref_scores.numpy(), full.numpy(), tol)
     report.topk_mismatches = mismatches
-    if mismatches and not spec.fp16 and not int8:
+    if mismatches and not spec.fp16 and not approximate:
         raise ExportError(f"{mismatches} top-k ids differ from the reference beyond exact ties")
     return report
 
@@ -296,7 +297,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
         report.export_seconds = round(time.perf_counter() - t0, 3)
         if validate:
             ops_before = report.ops
-            validate_graph(tmp, model, spec, report, int8=int8 or bool(rescore))
+            validate_graph(tmp, model, spec, report, approximate=int8 or bool(rescore))
             if optimize or int8 or rescore:
                 report.ops_optimized, report.ops = report.ops, ops_before
         report.graph_bytes = tmp.stat().st_size

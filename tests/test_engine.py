@@ -110,7 +110,7 @@ def test_int8_validation_rejects_a_wrong_graph(tmp_path, tiny_cfg):
     with torch.no_grad():
         other.item_emb.weight.normal_(0, 0.5)
     with pytest.raises(ExportError, match="overlap"):
-        validate_graph(tmp_path / "q.onnx", other, graph_spec(k=10, d=16, steps=4), int8=True)
+        validate_graph(tmp_path / "q.onnx", other, graph_spec(k=10, d=16, steps=4), approximate=True)
 
 
 def test_engine_options_conflict(tmp_path, tiny_cfg):
