@@ -219,3 +219,17 @@ def test_int8_scores_emulation_matches_ort(tmp_path):
                       dynamic_axes={"u": {0: "b"}}, opset_version=17, dynamo=False, custom_opsets={"com.microsoft": 1})
     out = ort_session(tmp_path / "s.onnx").run(None, {"u": user.numpy()})[0]
     assert np.abs(out - approx.numpy()).max() <= 1e-3  # the torch forward emulates ONNX Runtime's op
+
+
+def test_bench_runs_graph_variants_of_one_model(tmp_path, tiny_cfg):
+    from cddrec.benchmarks.latency import bench_table, run_bench
+
+    ckpt = _ckpt(tmp_path, tiny_cfg)
+    res = run_bench(str(ckpt), ["ort-cpu", "ort-cpu-int8:t1", "ort-cpu-rescore"], [1, 4], min_runs=2, min_seconds=0.01,
+                    workdir=tmp_path / "w", echo=lambda m: None)
+    by = {r["backend"]: r for r in res["results"]}
+    assert set(by) == {"ort-cpu", "ort-cpu-int8:t1", "ort-cpu-rescore"}
+    assert all("timings" in r and len(r["timings"]) == 2 for r in by.values()), res["results"]
+    assert set(res["graph_variants"]) == {"ort-cpu-int8", "ort-cpu-rescore"}
+    assert min(res["graph_variants"]["ort-cpu-int8"]["topk_overlap"].values()) >= INT8_MIN_OVERLAP
+    assert "ort-cpu-int8: graph of" in bench_table(res)  # parity stated beside the timings
