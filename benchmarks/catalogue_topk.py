@@ -183,11 +183,14 @@ def speed(items: int, d: int, batch: int, k: int, threads: int, min_seconds: flo
     users = [rng.standard_normal((batch, d), dtype=np.float32) for _ in range(4)]
     excl = [rng.integers(1, items, size=(batch, 20)) for _ in range(4)]
     out = {}
+    exact_top = run_variant(sess["exact"], feeds, users[0], excl[0])[0]
     for name, s in sess.items():
         if isinstance(s, str):
             out[name] = {"error": s}
             continue
-        for i in range(2):
+        top = run_variant(s, feeds, users[0], excl[0])[0]
+        overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top.tolist(), exact_top.tolist())]))
+        for i in range(1, 3):
             run_variant(s, feeds, users[i], excl[i])
         lat, t0 = [], time.perf_counter()
         while len(lat) < 5 or time.perf_counter() - t0 < min_seconds:
@@ -195,7 +198,8 @@ def speed(items: int, d: int, batch: int, k: int, threads: int, min_seconds: flo
             run_variant(s, feeds, users[len(lat) % 4], excl[len(lat) % 4])
             lat.append(time.perf_counter() - t)
         a = np.asarray(lat)
-        out[name] = {"p50_ms": float(np.median(a) * 1e3), "users_per_s": float(batch / a.mean()), "runs": len(a)}
+        out[name] = {"p50_ms": float(np.median(a) * 1e3), "users_per_s": float(batch / a.mean()), "runs": len(a),
+                     "overlap_with_exact": overlap}
         echo(f"  {name}: {out[name]}")
     base = out["exact"]["users_per_s"]
     for r in out.values():
@@ -205,8 +209,8 @@ def speed(items: int, d: int, batch: int, k: int, threads: int, min_seconds: flo
 
 
 def make_table(q: dict, s: dict) -> str:
-    rows = ["| variant | R@10 | MRR@10 | R@10 rel. to exact | top-10 = exact | users/s (synthetic) | x exact | p50 ms |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| variant | R@10 | MRR@10 | R@10 rel. to exact | top-10 = exact | users/s (synthetic) | x exact | p50 ms | "
+            "top-10 overlap with exact (synthetic) |", "|---|---|---|---|---|---|---|---|---|"]
     ex = q["variants"]["exact"]["R@10"]
     for name, r in q["variants"].items():
         sp = s["variants"].get(name, {})
@@ -215,7 +219,8 @@ def make_table(q: dict, s: dict) -> str:
             continue
         rows.append(f"| {name} | {r['R@10']:.4f} | {r['MRR@10']:.4f} | {(r['R@10'] - ex) / ex * 100:+.2f}% | "
                     f"{r['same_topk_as_exact']:.3f} | {sp.get('users_per_s', float('nan')):,.0f} | "
-                    f"{sp.get('x_exact', float('nan')):.2f} | {sp.get('p50_ms', float('nan')):.1f} |")
+                    f"{sp.get('x_exact', float('nan')):.2f} | {sp.get('p50_ms', float('nan')):.1f} | "
+                    f"{sp.get('overlap_with_exact', float('nan')):.3f} |")
     rows += ["", f"Quality: {q['dataset']} test split, {q['users']:,} users, the real catalogue of {q['items']:,} items, "
              "user embeddings from the model's fp32 graph (its exact top-10 equals the exact variant's in "
              f"{q['variants']['exact'].get('same_as_graph', float('nan')) * 100:.1f}% of positions). "
