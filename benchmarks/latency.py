@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "trt", "ort-cpu-fused", "ort-cpu-int8",
-                "ort-cpu-rescore")
+                "ort-cpu-fused-int8", "ort-cpu-rescore")
 # ORT CPU on other graphs of the same model: the fused graph (export --optimize), the int8 graph (export --int8)
 GRAPH_VARIANTS = {"ort-cpu-fused": {"optimize": True}, "ort-cpu-int8": {"int8": True},
+                  "ort-cpu-fused-int8": {"optimize": True, "int8": True},
                   "ort-cpu-rescore": {"rescore": 100}}  # two-stage top-k: int8 candidates, 100 rescored
 
 

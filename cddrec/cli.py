@@ -178,7 +178,8 @@ def demo_main(out_dir, minutes, seed):
 @click.option("--stochastic", is_flag=True, help="add a noise input (T, batch, d): the sampled reverse chain")
 @click.option("--optimize", is_flag=True,
               help="the fused graph: ONNX Runtime contrib ops (attention, BiasGelu); ONNX Runtime only, not --trt")
-@click.option("--int8", is_flag=True, help="int8 MatMuls (dynamic quantization), validated by top-k overlap")
+@click.option("--int8", is_flag=True,
+              help="int8 MatMuls (dynamic quantization; with --optimize, of the fused graph), validated by top-k overlap")
 @click.option("--int8-scoring", is_flag=True, help="with --int8: the scoring MatMul in int8 too")
 @click.option("--rescore", default=0, show_default=True,
               help="two-stage top-k for large catalogues: int8 scores pick this many candidates, rescored in fp32")

@@ -231,7 +231,8 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
 
     ``optimize``: the fused graph with ONNX Runtime contrib ops (``export/fusion.py``), for
     ONNX Runtime only. ``int8``: MatMuls dynamically quantized (``export/quantize.py``; the
-    scoring MatMul too with ``int8_scoring``), validated by top-k overlap. ``rescore`` C: the
+    scoring MatMul too with ``int8_scoring``; of the fused graph with ``optimize``), validated
+    by top-k overlap. ``rescore`` C: the
     two-stage top-k (``export/catalogue.py``: int8 candidates, the top C rescored exactly),
     validated by top-k overlap."""
     model, ckpt = load_checkpoint(checkpoint)
@@ -243,8 +244,6 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
                           "the standard fp32 graph")
     if rescore and not k <= rescore:
         raise ExportError(f"--rescore {rescore} must be at least --k {k}")
-    if optimize and int8:
-        raise ExportError("choose --optimize (fused fp32) or --int8 (quantized standard ops), not both")
     if trt_engine:
         if k > TRT_MAX_K:
             raise ExportError(f"--k {k} exceeds TensorRT's TopK limit of {TRT_MAX_K}; use a smaller --k for --trt")
@@ -284,7 +283,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
         if int8:
             from .quantize import quantize_graph
 
-            report.ops = op_counts(onnx.load(str(tmp)))
+            report.ops = report.ops or op_counts(onnx.load(str(tmp)))  # the standard graph's
             fp32 = tmp.with_name(tmp.name + ".fp32")
             try:
                 tmp.replace(fp32)

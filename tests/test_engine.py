@@ -117,8 +117,6 @@ def test_engine_options_conflict(tmp_path, tiny_cfg):
     ckpt = _ckpt(tmp_path, tiny_cfg)
     with pytest.raises(ExportError, match="standard fp32 graph"):
         export_model(ckpt, tmp_path / "x.onnx", optimize=True, fp16=True)
-    with pytest.raises(ExportError, match="not both"):
-        export_model(ckpt, tmp_path / "x.onnx", optimize=True, int8=True)
     with pytest.raises(ValueError, match="unknown fusions"):
         FusedRecommender(load_checkpoint(ckpt)[0], 5, fusions=("nope",))
     assert not (tmp_path / "x.onnx").exists()
@@ -233,3 +231,17 @@ def test_bench_runs_graph_variants_of_one_model(tmp_path, tiny_cfg):
     assert set(res["graph_variants"]) == {"ort-cpu-int8", "ort-cpu-rescore"}
     assert min(res["graph_variants"]["ort-cpu-int8"]["topk_overlap"].values()) >= INT8_MIN_OVERLAP
     assert "ort-cpu-int8: graph of" in bench_table(res)  # parity stated beside the timings
+
+
+def test_fused_int8_graph_parity_on_fresh_histories(tmp_path, tiny_cfg, make_histories):
+    ckpt = _ckpt(tmp_path, tiny_cfg.replace(hidden_size=32, num_items=300))
+    rep = export_model(ckpt, tmp_path / "fq.onnx", k=10, optimize=True, int8=True)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "fq.onnx")).graph.node}
+    assert {"Attention", "MultiHeadAttention", "MatMulInteger"} <= ops
+    assert min(rep.topk_overlap.values()) >= INT8_MIN_OVERLAP
+    model, _ = load_checkpoint(ckpt)
+    ids = make_histories(300, 50, 12, seed=78)
+    items, scores, _ = _run(ort_session(tmp_path / "fq.onnx"), ids)
+    ref_items, ref_scores, _ = reference_topk(model, ids, 10)
+    assert topk_overlap(items, ref_items.numpy()) >= INT8_MIN_OVERLAP
+    assert np.abs(scores - ref_scores.numpy()).max() < 0.5
