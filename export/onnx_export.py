@@ -283,7 +283,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = 10, opset:
         if int8:
             from .quantize import quantize_graph
 
-            report.ops = report.ops or op_counts(onnx.load(str(tmp)))  # the standard graph's
+            report.ops = report.ops or op_counts(onnx.load(str(tmp)))  # counts before quantization
             fp32 = tmp.with_name(tmp.name + ".fp32")
             try:
                 tmp.replace(fp32)
