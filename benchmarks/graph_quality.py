@@ -27,7 +27,8 @@ from .record import RESULTS_DIR, record
 
 TOPK = 40
 GRAPHS = {"fp32": {}, "fused": {"optimize": True}, "int8": {"int8": True},
-          "int8 (scoring int8 too)": {"int8": True, "int8_scoring": True}}
+          "int8 (scoring int8 too)": {"int8": True, "int8_scoring": True},
+          "fused + int8": {"optimize": True, "int8": True}, "two-stage top-k (rescore 50)": {"rescore": 50}}
 KEYS = ("R@5", "R@10", "N@10", "MRR@40")
 
 
