@@ -38,8 +38,18 @@ from .gpu_floor import floor_for, gpu_matmul_peak
 from .sizes import PAPER_ITEMS, random_model
 from .timer import Timing, time_calls
 
-ALL_BACKENDS = ("torch", "torch-fast", "torch-compile", "ort-cpu", "ort-cuda", "ort-cuda-graph", "torch-cuda",
-                "torch-cuda-fp16", "trt")
+# ORT CPU on other graphs of the same model: the fused graph (export --optimize), the int8 graph (export --int8)
+GRAPH_VARIANTS = {"ort-cpu-fused": {"optimize": True}, "ort-cpu-int8": {"int8": True},
+                  "ort-cpu-fused-int8": {"optimize": True, "int8": True},
+                  "ort-cpu-rescore": {"rescore": 100}}  # two-stage top-k: int8 candidates, 100 rescored
+
+
+def split_backend(name: str) -> tuple[str, int]:
+    """``NAME`` or ``NAME:tN`` (N intra-op threads for this backend, e.g. ``ort-cpu:t1``) -> (NAME, N or 0)."""
+    base, _, opt = name.partition(":")
+    if opt and not (opt[:1] == "t" and opt[1:].isdigit() and int(opt[1:]) > 0):
+        raise ValueError(f"backend option {opt!r} in {name!r}: expected tN, N threads (e.g. {base}:t1)")
+    return base, int(opt[1:]) if opt else 0
 
 
 # ---------------------------------------------------------------------------- the floor
@@ -64,6 +74,9 @@ def make_backend(name: str, model_pt: str | None, graph: str | None, engine: str
     """A backend by name (``cddrec.runtime.backends``), on the file it reads."""
     from cddrec.runtime.backends import GRAPH_BACKENDS, MODEL_BACKENDS, load_backend
 
+    label = name
+    name, own_threads = split_backend(name)
+    threads = own_threads or threads
     if threads:
         import torch
 
@@ -73,11 +86,14 @@ def make_backend(name: str, model_pt: str | None, graph: str | None, engine: str
         raise BackendUnavailable(f"{name} needs the model file (model.pt), not only a graph")
     if name == "trt" and not engine:
         raise BackendUnavailable("trt needs an engine: install TensorRT (pip install tensorrt)")
+    if name in GRAPH_VARIANTS:  # another graph of the same model (``graph`` is that graph), on ONNX Runtime CPU
+        name = "ort-cpu"
     path = model_pt if name in MODEL_BACKENDS else engine if name == "trt" else graph
     if name not in MODEL_BACKENDS + GRAPH_BACKENDS + ("trt",):
         path = model_pt or graph
     be = load_backend(path, name, k=k, threads=threads)
     be.load_seconds = time.perf_counter() - t0
+    be.name = label
     return be
 
 
@@ -160,7 +176,8 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     cfg = CDDRecConfig.from_dict(read_checkpoint(model_pt)["config"] if model_pt else
                                  json.loads(graph_metadata(graph)["config"]))
     d, L, V, T, layers = cfg.hidden_size, cfg.max_len, cfg.num_rows, cfg.decoder_steps, cfg.num_layers
-    needs_graph = any(b in ("ort-cpu", "ort-cuda", "ort-cuda-graph", "trt") for b in backends)
+    bases = {split_backend(b)[0] for b in backends}
+    needs_graph = bool(bases & {"ort-cpu", "ort-cuda", "ort-cuda-graph", "trt"})
     export_seconds = None
     if needs_graph and graph is None:
         t0 = time.perf_counter()
@@ -169,6 +186,15 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
                      trt_max_batch=max(batch_sizes), trt_opt_batch=min(256, max(batch_sizes)))
         export_seconds = time.perf_counter() - t0
         graph, engine = str(tmp / "model.onnx"), trt_path
+    graphs, variants = {}, {}
+    for variant in sorted(bases & set(GRAPH_VARIANTS)):
+        if model_pt:  # the same model, exported and validated as that graph
+            path = tmp / f"model-{variant}.onnx"
+            report = export_model(model_pt, path, k=k, **GRAPH_VARIANTS[variant])
+            graphs[variant] = str(path)
+            variants[variant] = {"ops": sum(report.ops_optimized.values()), "ops_standard": sum(report.ops.values()),
+                                 "max_abs_diff": report.max_abs_diff, "topk_overlap": report.topk_overlap,
+                                 "topk_mismatches": report.topk_mismatches, "int8": report.int8}
     threads = threads or (os.cpu_count() or 1)
     echo(f"measuring the fp32 matmul peak on {threads} threads ...")
     peak = matmul_peak(threads)
@@ -178,13 +204,15 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     results = []
     for name in backends:
         echo(f"benchmarking {name} ...")
-        r = run_isolated(name, model_pt=model_pt, graph=graph, engine=engine, k=k, threads=threads,
+        r = run_isolated(name, model_pt=model_pt, graph=graphs.get(split_backend(name)[0], graph), engine=engine,
+                         k=k, threads=threads,
                          batch_sizes=batch_sizes, L=L, V=V, warmup=warmup, min_runs=min_runs,
                          min_seconds=min_seconds, seed=0)
         if "error" in r:
             echo(f"  {name}: skipped ({r['error']})")
         else:  # each backend against its own hardware's floor: the GPU's peak at the backend's precision
-            f = floor_for(name, cpu_peak=lambda: peak, gpu_peak=gpu_matmul_peak, fp16=name.endswith("fp16"))
+            base_name = split_backend(name)[0]
+            f = floor_for(base_name, cpu_peak=lambda: peak, gpu_peak=gpu_matmul_peak, fp16=base_name.endswith("fp16"))
             r["floor"] = {"device": f.device, "precision": f.precision, "matmul_peak_gflops": f.gflops,
                           "users_per_s": f.users_per_s(fl["total"])}
             for t in r["timings"]:
@@ -199,7 +227,8 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     return {"config": {"d": d, "L": L, "T": T, "items": V - 2, "k": k, "layers": layers, "threads": threads,
                        "cuda": torch.cuda.is_available()},
             "matmul_peak_gflops": peak, "flops_per_user": fl, "flops_per_user_plain_reference": fl_plain,
-            "floor_users_per_s": floor, "export_seconds": export_seconds, "results": results}
+            "floor_users_per_s": floor, "export_seconds": export_seconds, "graph_variants": variants,
+            "results": results}
 
 
 def _has_tensorrt() -> bool:
@@ -233,6 +262,12 @@ def bench_table(res: dict) -> str:
         rows.append("GPU backends against the GPU's own floor: " + "; ".join(
             f"{n}: {f['precision']} peak {f['matmul_peak_gflops']:,.0f} GFLOP/s -> {f['users_per_s']:,.0f} users/s"
             for n, f in gpu.items()) + ".")
+    for name, v in res.get("graph_variants", {}).items():
+        parity = ", ".join(f"batch {b}: {d:.1e}" for b, d in v["max_abs_diff"].items())
+        overlap = ", ".join(f"{o:.3f}" for o in v["topk_overlap"].values())
+        rows.append(f"{name}: graph of {v['ops']} ops (standard {v['ops_standard']}); vs the PyTorch reference "
+                    f"max |score diff| {parity}" + (f"; top-{c['k']} overlap {overlap}" if overlap else "")
+                    + f"; top-k mismatches beyond ties {v['topk_mismatches']}.")
     return "\n".join(rows)
 
 

@@ -33,6 +33,7 @@ MASK_SCORE = -30000.0  # excluded items: large, finite and fp16-representable, s
 TRT_MAX_K = 3840  # TensorRT's TopK limit
 MAX_HISTORY = 512  # longest history a TensorRT profile covers (ONNX Runtime takes any length)
 VOCAB_INLINE_MAX = 200_000  # larger vocabularies go to a sidecar GRAPH.vocab.json
+APPROX_MIN_OVERLAP = 0.8  # approximate graphs (int8, two-stage top-k): least mean top-k overlap with the reference
 POPULAR_TOPK = 100  # popularity fallback entries stored with a graph (at least K)
 # the steps are unrolled and random numbers come in as inputs: none of these may appear in a graph
 FORBIDDEN_OPS = ("Loop", "Scan", "If", "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
@@ -59,6 +60,7 @@ class GraphContract:
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     validate_batches: tuple[int, ...] = (1, 7, 64)
+    min_overlap: float | None = None  # approximate graphs: validated by mean top-k overlap, not by score tolerance
     rtol: float | None = None  # None: the default of the precision (``tolerance``)
     atol: float | None = None
     gpu_rtol: float | None = None  # None: the default of the precision on CUDA (``tolerance_on("cuda")``)
@@ -149,6 +151,7 @@ class GraphContract:
                 "num_items": str(self.num_items), "opset": str(self.opset), "fp16": json.dumps(self.fp16),
                 "tolerance": json.dumps({"rtol": rtol, "atol": atol}),
                 "tolerance_cuda": json.dumps({"rtol": g_rtol, "atol": g_atol}),
+                **({"min_overlap": json.dumps(self.min_overlap)} if self.min_overlap is not None else {}),
                 "inputs": json.dumps({t.name: [t.dtype, list(t.shape)] for t in self.inputs})}
         for key, value in self.extra.items():
             meta[key] = value if isinstance(value, str) else json.dumps(value)
@@ -184,7 +187,7 @@ class GraphContract:
         tol = _json(meta, "tolerance", source, {}) or {}
         tol_cuda = _json(meta, "tolerance_cuda", source, {}) or {}  # absent in graphs exported before it
         known = {"cddrec_format_version", "graph_kind", "T", "K", "d", "L", "num_items", "opset", "fp16",
-                 "tolerance", "tolerance_cuda", "inputs"}
+                 "tolerance", "tolerance_cuda", "min_overlap", "inputs"}
         try:
             return cls(k=integer("K", 1), steps=integer("T", 0), hidden=integer("d", 1), max_len=integer("L", 1),
                        num_items=integer("num_items", 1), stochastic=kind == "stochastic",
@@ -192,6 +195,7 @@ class GraphContract:
                        opset=integer("opset", 1) if "opset" in meta else DEFAULT_OPSET,
                        rtol=tol.get("rtol"), atol=tol.get("atol"),
                        gpu_rtol=tol_cuda.get("rtol"), gpu_atol=tol_cuda.get("atol"),
+                       min_overlap=_json(meta, "min_overlap", source, None),
                        extra={k: v for k, v in meta.items() if k not in known})
         except ValueError as e:
             if isinstance(e, ModelFileError):

@@ -52,7 +52,13 @@ def compare_topk(items: np.ndarray, scores: np.ndarray, ref_items: np.ndarray, r
     else:
         theirs = scores[rows, cols]
     mismatches = int((np.abs(theirs - ref_scores[rows, cols]) > tol).sum())
+    return Parity(diff, tol, mismatches, topk_overlap(items, ref_items), bool(diff <= tol and mismatches == 0))
+
+
+def topk_overlap(items: np.ndarray, ref_items: np.ndarray) -> float:
+    """Mean over rows of |top-k & reference top-k| / k: (B, K) x2 -> float (1.0 for no rows)."""
+    items, ref_items = np.asarray(items), np.asarray(ref_items)
+    if not len(items):
+        return 1.0
     k = items.shape[1] if items.ndim == 2 and items.shape[1] else 1
-    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(items.tolist(), ref_items.tolist())])) \
-        if len(items) else 1.0
-    return Parity(diff, tol, mismatches, overlap, bool(diff <= tol and mismatches == 0))
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(items.tolist(), ref_items.tolist())]))

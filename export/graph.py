@@ -68,8 +68,13 @@ class UnrolledRecommender(nn.Module):
         e_s, bias = m.encode(fit_history(item_ids, m.cfg.max_len))  # (B, L, d), (B, 1, L, L)
         chain_noise = noise.unsqueeze(2) if self.stochastic else None  # (T, B, 1, d)
         x, _ = m.reverse(e_s, bias, last_only=True, noise=chain_noise, step_q=self.step_q)  # (B, 1, d): x_hat_0
-        user = x[:, 0]  # (B, d)
-        scores = m.scores(user.float())  # (B, V), fp32 scoring
+        return self.rank(x[:, 0], item_ids)
+
+    def rank(self, user: torch.Tensor, item_ids: torch.Tensor):
+        """The graph's tail, shared by every variant: fp32 scoring of the user embedding (B, d), the
+        masking rule on the (valid) history (B, S), top-k."""
+        m = self.model
+        scores = m.scores(user.float())  # (B, V)
         scores = exclude_items(scores, item_ids, m.cfg.num_items, MASK_SCORE)  # history, padding, mask token
         top_scores, top_items = torch.topk(scores, self.k, dim=1)
         return top_items, top_scores, user

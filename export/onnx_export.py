@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from cddrec import __version__
 from cddrec.checkpoint import load_checkpoint, weights_checksum
 from cddrec.contract import (
+    APPROX_MIN_OVERLAP,
     DEFAULT_K,
     DEFAULT_OPSET,
     DYNAMO_MIN_OPSET,
@@ -39,6 +40,7 @@ from cddrec.parity import compare_topk
 from cddrec.runtime.session import cuda_provider_available, ort_session
 from cddrec.vocab import Vocab
 
+from .fusion import DEFAULT_FUSIONS, MS_DOMAIN
 from .graph import UnrolledRecommender
 
 
@@ -58,19 +60,27 @@ class ExportReport:
     vocab_sidecar: str | None = None
     trt_engine: str | None = None
     k_requested: int | None = None  # the --k asked for, when it exceeded the catalogue and K was clamped
+    int8: dict = field(default_factory=dict)  # what quantize_graph quantized
     triton_repo: str | None = None  # the model folder of a Triton repository written beside the graph
 
     @property
     def max_abs_diff(self) -> dict:
         return {b: p["max_abs_diff"] for b, p in self.parity.items()}
 
+    @property
+    def topk_overlap(self) -> dict:
+        """Per validation batch size, the mean top-k overlap of an approximate graph (int8, two-stage)."""
+        approximate = self.contract.get("min_overlap") is not None
+        return {b: p["overlap"] for b, p in self.parity.items()} if approximate else {}
+
 
 def contract_for(model: CDDRec, k: int = DEFAULT_K, *, stochastic: bool = False, fp16: bool = False,
-                 opset: int = DEFAULT_OPSET) -> GraphContract:
-    """The contract of the graph of ``model`` with top-``k`` outputs."""
+                 opset: int = DEFAULT_OPSET, min_overlap: float | None = None) -> GraphContract:
+    """The contract of the graph of ``model`` with top-``k`` outputs (``min_overlap``: approximate)."""
     cfg = model.cfg
     return GraphContract(k=k, steps=model.steps, hidden=cfg.hidden_size, max_len=cfg.max_len,
-                         num_items=cfg.num_items, stochastic=stochastic, fp16=fp16, opset=opset)
+                         num_items=cfg.num_items, stochastic=stochastic, fp16=fp16, opset=opset,
+                         min_overlap=min_overlap)
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -94,9 +104,25 @@ def example_inputs(model: CDDRec, contract: GraphContract, batch: int = 3, seed:
     return feed
 
 
-def build_graph(model: CDDRec, path: str | Path, contract: GraphContract, exporter: str = "torchscript") -> None:
-    """Trace the unrolled recommender to ONNX at ``path`` following ``contract``."""
-    module = UnrolledRecommender(model, contract.k, stochastic=contract.stochastic, fp16=contract.fp16).eval()
+def build_graph(model: CDDRec, path: str | Path, contract: GraphContract, exporter: str = "torchscript",
+                fusions: tuple[str, ...] | None = None, rescore: int = 0) -> None:
+    """Trace the unrolled recommender to ONNX at ``path`` following ``contract``; ``fusions``: the
+    fused graph with those ONNX Runtime contrib ops (``export/fusion.py``, torchscript exporter);
+    ``rescore`` C > 0: the two-stage top-k of ``export/catalogue.py`` (int8 candidates, C rescored)."""
+    fused = fusions is not None
+    if (fused or rescore) and (exporter != "torchscript" or contract.fp16):
+        raise ExportError("the fused graph (--optimize) and the two-stage top-k (--rescore) are fp32 graphs of the "
+                          "torchscript exporter")
+    if fused:
+        from .fusion import FusedRecommender
+
+        module = FusedRecommender(model, contract.k, stochastic=contract.stochastic, fusions=fusions).eval()
+    else:
+        module = UnrolledRecommender(model, contract.k, stochastic=contract.stochastic, fp16=contract.fp16).eval()
+    if rescore:
+        from .catalogue import TwoStageTopK
+
+        module, fused = TwoStageTopK(module, rescore).eval(), True
     args = tuple(example_inputs(model, contract).values())
     with torch.no_grad(), warnings.catch_warnings():
         # tracing notes (constant folding of Slice, TracerWarnings) are expected and harmless
@@ -106,7 +132,8 @@ def build_graph(model: CDDRec, path: str | Path, contract: GraphContract, export
         if exporter == "torchscript":
             torch.onnx.export(module, args, str(path), input_names=contract.input_names,
                               output_names=contract.output_names, dynamic_axes=contract.dynamic_axes,
-                              opset_version=contract.opset, do_constant_folding=True, dynamo=False)
+                              opset_version=contract.opset, do_constant_folding=True, dynamo=False,
+                              custom_opsets={MS_DOMAIN: 1} if fused else None)
         elif exporter == "dynamo":
             try:
                 import onnxscript  # noqa: F401
@@ -214,7 +241,9 @@ def validate_graph(path: str | Path, model: CDDRec, contract: GraphContract, rep
     ``devices`` (default: the CPU, and CUDA (TF32 off) when ``cuda_available()``); fresh random
     histories at each validation batch size: top_scores within the contract's tolerance of the
     fp32 reference on the CPU (``contract.tolerance_on(device)``) and top_items identical except
-    where the reference scores tie (``cddrec.parity.compare_topk``).
+    where the reference scores tie (``cddrec.parity.compare_topk``). An approximate graph (int8,
+    two-stage top-k: ``contract.min_overlap`` set) reports the same figures and must reach that
+    mean top-k overlap with the reference instead.
     """
     report = report or ExportReport(path=str(path), contract=asdict(contract))
     try:
@@ -247,13 +276,19 @@ def validate_graph(path: str | Path, model: CDDRec, contract: GraphContract, rep
             items, scores, _ = sess.run(contract.output_names, {n: v.numpy() for n, v in feed.items()})
             p = compare_topk(items, scores, ref_items.numpy(), ref_scores.numpy(), full.numpy(), rtol=rtol, atol=atol)
             parity[str(batch)] = p.as_dict()
+            if contract.min_overlap is not None:
+                if p.overlap < contract.min_overlap:
+                    raise ExportError(f"approximate graph, {device}, batch {batch}: top-{contract.k} overlap with the "
+                                      f"fp32 reference {p.overlap:.3f} is below {contract.min_overlap} "
+                                      f"(max |score difference| {p.max_abs_diff:.3g})")
+                continue
             if not p.max_abs_diff <= p.tolerance:
                 raise ExportError(f"{device}, batch {batch}: max |score difference| {p.max_abs_diff:.3g} exceeds "
                                   f"{p.tolerance:.3g}")
             mismatches += p.topk_mismatches
         report.validated_on.append(device)
     report.topk_mismatches = mismatches
-    if mismatches and not contract.fp16:
+    if mismatches and not contract.fp16 and contract.min_overlap is None:
         raise ExportError(f"{mismatches} top-k ids differ from the reference beyond exact ties")
     return report
 
@@ -262,8 +297,15 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K,
                  fp16: bool = False, stochastic: bool = False, optimize: bool = False, exporter: str = "torchscript",
                  vocab_sidecar: bool | None = None, trt_engine: str | Path | None = None,
                  trt_fp16: bool = False, trt_max_batch: int = 1024, trt_opt_batch: int = 256,
-                 validate: bool = True) -> ExportReport:
-    """Export a model file to a validated ONNX graph (and optionally a TensorRT engine)."""
+                 validate: bool = True, int8: bool = False, int8_scoring: bool = False,
+                 rescore: int = 0) -> ExportReport:
+    """Export a model file to a validated ONNX graph (and optionally a TensorRT engine).
+
+    ``optimize``: the fused graph with ONNX Runtime contrib ops (``export/fusion.py``), for
+    ONNX Runtime only. ``int8``: MatMuls dynamically quantized (``export/quantize.py``; the
+    scoring MatMul too with ``int8_scoring``; of the fused graph with ``optimize``). ``rescore`` C:
+    the two-stage top-k (``export/catalogue.py``: int8 candidates, the top C rescored exactly).
+    int8 and two-stage graphs are approximate: validated by top-k overlap (``APPROX_MIN_OVERLAP``)."""
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset}: the graph needs opset {MIN_OPSET} or newer (Trilu for the causal mask)")
     if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
@@ -279,10 +321,15 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K,
                           "--stochastic")
     k_asked = k
     k = min(k, cfg.num_items)  # a small catalogue: K is clamped to the rankable items (report.k_requested says so)
+    if (optimize or int8 or rescore) and fp16:
+        raise ExportError("--optimize, --int8 and --rescore write fp32 ONNX Runtime graphs: not with --fp16")
+    if rescore and not k <= rescore:
+        raise ExportError(f"--rescore {rescore} must be at least --k {k}")
     if trt_engine:
         from .tensorrt import check_trt_request
 
-        check_trt_request(k, optimize=optimize, fp16=fp16, trt_fp16=trt_fp16)  # before anything is written
+        # before anything is written; the int8 and two-stage graphs are ONNX Runtime graphs too
+        check_trt_request(k, optimize=optimize or int8 or bool(rescore), fp16=fp16, trt_fp16=trt_fp16)
     out = Path(out)
     vocab = Vocab.from_dict(ckpt["vocab"])
     if vocab_sidecar is None:
@@ -291,7 +338,8 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K,
         "weights_sha256": weights_checksum(model),
         "popular_topk": popular_topk(ckpt.get("popularity"), vocab, max(k, POPULAR_TOPK)),
         "export_settings": {"opset": opset, "fp16": fp16, "stochastic": stochastic, "optimize": optimize,
-                            "exporter": exporter, "torch": torch.__version__, "cddrec": __version__,
+                            "int8": int8, "int8_scoring": int8_scoring, "rescore": rescore, "exporter": exporter,
+                            "torch": torch.__version__, "cddrec": __version__,
                             "mask_score": MASK_SCORE, "source": str(checkpoint)},
         "config": ckpt["config"],
     }
@@ -299,30 +347,36 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K,
         extra["vocab_file"] = out.with_suffix(".vocab.json").name
     else:
         extra["vocab"] = vocab.to_dict()
-    contract = GraphContract(**{**asdict(contract_for(model, k, stochastic=stochastic, fp16=fp16, opset=opset)),
+    contract = GraphContract(**{**asdict(contract_for(model, k, stochastic=stochastic, fp16=fp16, opset=opset,
+                                                      min_overlap=APPROX_MIN_OVERLAP if int8 or rescore else None)),
                                 "extra": extra})
     report = ExportReport(path=str(out), contract={k_: v for k_, v in asdict(contract).items() if k_ != "extra"},
                           k_requested=k_asked if k_asked != k else None)
     meta = contract.to_metadata()
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:
-        build_graph(model, tmp, contract, exporter)
-        write_metadata(tmp, meta)
-        if optimize:
+        if optimize or rescore:  # the standard graph's op counts, then the fused or two-stage graph in its place
+            build_graph(model, tmp, contract, exporter)
             report.ops = op_counts(onnx.load(str(tmp)))
-            opt = tmp.with_name(tmp.name + ".opt")
+        build_graph(model, tmp, contract, exporter, fusions=DEFAULT_FUSIONS if optimize else None, rescore=rescore)
+        if int8:
+            from .quantize import quantize_graph
+
+            report.ops = report.ops or op_counts(onnx.load(str(tmp)))  # counts before quantization
+            fp32 = tmp.with_name(tmp.name + ".fp32")
             try:
-                ort_session(tmp, level="extended", optimized_path=opt)
-                opt.replace(tmp)
+                tmp.replace(fp32)
+                report.int8 = quantize_graph(fp32, tmp, cfg.num_rows, quantize_scoring=int8_scoring)
             finally:
-                opt.unlink(missing_ok=True)
-            write_metadata(tmp, meta)  # the optimizer drops metadata: put it back
+                fp32.unlink(missing_ok=True)
+        write_metadata(tmp, meta)
+        if optimize or int8 or rescore:
             report.ops_optimized = op_counts(onnx.load(str(tmp)))
         report.export_seconds = round(time.perf_counter() - t0, 3)
         if validate:
             ops_before = report.ops
             validate_graph(tmp, model, contract, report)
-            if optimize:
+            if optimize or int8 or rescore:
                 report.ops_optimized, report.ops = report.ops, ops_before
         report.graph_bytes = tmp.stat().st_size
         if vocab_sidecar:

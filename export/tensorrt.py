@@ -15,7 +15,8 @@ at the 10.16 and 11.1 releases, ``samples/python``):
 
 The engine gets one profile: batch min 1 / opt / max, history min 1 / opt L / max ``max_history``
 (512). TensorRT's ONNX parser knows only standard ONNX ops: a graph written with ``--optimize``
-holds ONNX Runtime contrib ops (com.microsoft FusedMatMul, BiasGelu, ...) and is refused. Without
+holds ONNX Runtime contrib ops (com.microsoft Attention, MultiHeadAttention, BiasGelu) and is refused, as
+are the int8 and two-stage graphs (``--int8``, ``--rescore``). Without
 the ``tensorrt`` package the functions raise ``TensorRTUnavailable`` with what to install.
 """
 
@@ -69,7 +70,8 @@ def check_trt_request(k: int, *, optimize: bool, fp16: bool, trt_fp16: bool) -> 
         raise ExportError(f"--k {k} exceeds TensorRT's TopK limit of {TRT_MAX_K}; use a smaller --k for --trt")
     if optimize:
         raise ExportError("--trt needs a standard-op graph, and --optimize writes ONNX Runtime contrib ops "
-                          "(FusedMatMul, BiasGelu, ...) that TensorRT's ONNX parser does not know: "
+                          "(Attention, MultiHeadAttention, BiasGelu; --int8 and --rescore write ONNX Runtime graphs "
+                          "too) that TensorRT's ONNX parser does not know: "
                           "export without --optimize for --trt (run cddrec-export twice for both)")
     if trt_fp16 and not fp16:
         raise ExportError("--trt-fp16 needs --fp16: TensorRT builds strongly typed networks (always in TensorRT 11), "

@@ -33,7 +33,8 @@ def cuda_provider_available() -> bool:
 
 
 def session_options(threads: int = 0, level: str = "all", optimized_path: str | Path | None = None,
-                    profile_prefix: str | None = None, dims: dict[str, int] | None = None):
+                    profile_prefix: str | None = None, dims: dict[str, int] | None = None,
+                    allow_spinning: bool | None = None):
     ort = import_ort()
     so = ort.SessionOptions()
     so.graph_optimization_level = {
@@ -44,6 +45,8 @@ def session_options(threads: int = 0, level: str = "all", optimized_path: str | 
     }[level]
     so.intra_op_num_threads = threads if threads > 0 else (os.cpu_count() or 1)
     so.inter_op_num_threads = 1
+    if allow_spinning is not None:  # intra-op threads busy-wait between ops (ONNX Runtime's default: on)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     so.log_severity_level = 3
     if optimized_path:
         so.optimized_model_filepath = str(optimized_path)
@@ -70,12 +73,13 @@ def providers_for(device: str, *, tf32: bool = False, cuda_options: dict | None 
 
 def ort_session(path: str | Path, device: str = "cpu", *, threads: int = 0, level: str = "all", tf32: bool = False,
                 cuda_options: dict | None = None, optimized_path: str | Path | None = None,
-                profile_prefix: str | None = None, dims: dict[str, int] | None = None):
+                profile_prefix: str | None = None, dims: dict[str, int] | None = None,
+                allow_spinning: bool | None = None):
     """An ``onnxruntime.InferenceSession`` on ``path`` for ``device`` ("cpu" | "cuda"); ``dims`` fixes
     named dynamic axes (e.g. ``{"batch": 64, "history": 20}``) so shape computations fold away, as a
     captured CUDA graph needs (``cuda_options={"enable_cuda_graph": 1}``)."""
     ort = import_ort()
-    so = session_options(threads, level, optimized_path, profile_prefix, dims)
+    so = session_options(threads, level, optimized_path, profile_prefix, dims, allow_spinning)
     return ort.InferenceSession(str(path), so, providers=providers_for(device, tf32=tf32, cuda_options=cuda_options))
 
 

@@ -112,7 +112,7 @@ def trained_tiny_onnx(trained_tiny):
 
 @pytest.fixture(scope="session")
 def trained_tiny_optimized_onnx(trained_tiny):
-    """The same model exported with --optimize: holds ONNX Runtime contrib ops (FusedMatMul, BiasGelu)."""
+    """The same model exported with --optimize: holds ONNX Runtime contrib ops (Attention, MultiHeadAttention, BiasGelu)."""
     from cddrec.export.onnx_export import export_model
 
     out = trained_tiny.with_name("model_opt.onnx")

@@ -27,7 +27,7 @@ def hide(monkeypatch, *names):
 
 
 def test_optimized_graph_refused_before_tensorrt(trained_tiny_optimized_onnx, trained_tiny_onnx, tmp_path):
-    with pytest.raises(ExportError, match="--optimize.*com.microsoft:FusedMatMul.*without --optimize"):
+    with pytest.raises(ExportError, match="--optimize.*com.microsoft:Attention.*without --optimize"):
         check_trt_graph(trained_tiny_optimized_onnx)
     check_trt_graph(trained_tiny_onnx)  # the standard-op graph passes
     from cddrec.contract import GraphContract
@@ -42,7 +42,7 @@ def test_optimized_graph_refused_before_tensorrt(trained_tiny_optimized_onnx, tr
 
 def test_trt_export_requests_refused_before_writing(trained_tiny, tmp_path):
     out = tmp_path / "m.onnx"
-    with pytest.raises(ExportError, match="standard-op graph.*FusedMatMul"):
+    with pytest.raises(ExportError, match="standard-op graph.*MultiHeadAttention"):
         export_model(trained_tiny, out, k=10, optimize=True, trt_engine=tmp_path / "m.plan")
     with pytest.raises(ExportError, match="--trt-fp16 needs --fp16"):
         export_model(trained_tiny, out, k=10, trt_engine=tmp_path / "m.plan", trt_fp16=True)

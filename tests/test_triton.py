@@ -109,7 +109,7 @@ def test_cpu_repo_without_batching_and_options(trained_tiny_onnx, tmp_path):
 
 
 def test_contrib_op_graph_refused_for_tensorrt(trained_tiny_optimized_onnx, tmp_path):
-    with pytest.raises(ExportError, match="contrib ops.*FusedMatMul"):
+    with pytest.raises(ExportError, match="contrib ops.*MultiHeadAttention"):
         write_triton_repo(trained_tiny_optimized_onnx, tmp_path, "opt")
     assert not (tmp_path / "opt").exists()
     repo = write_triton_repo(trained_tiny_optimized_onnx, tmp_path, "opt", tensorrt=False)  # CUDA provider only: allowed

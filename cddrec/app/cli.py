@@ -11,7 +11,7 @@ import click
 
 from cddrec.benchmarks.sizes import PAPER_ITEMS
 from cddrec.config import CDDRecConfig, click_type, default_of, preset_for, read_config_file
-from cddrec.contract import DEFAULT_K, DEFAULT_OPSET, DYNAMO_MIN_OPSET, MIN_OPSET
+from cddrec.contract import APPROX_MIN_OVERLAP, DEFAULT_K, DEFAULT_OPSET, DYNAMO_MIN_OPSET, MIN_OPSET
 from cddrec.errors import CDDRecError
 from cddrec.io import install_signal_cleanup, json_dumps, refuse_overwrite_inputs
 from cddrec.metrics import TOPK
@@ -211,7 +211,13 @@ def demo_main(out_dir, minutes, seed, force):
               help=f"ONNX opset (>= {MIN_OPSET}; the dynamo exporter writes >= {DYNAMO_MIN_OPSET})")
 @click.option("--fp16", is_flag=True, help="fp16 matmuls; LayerNorm, softmax, scoring and TopK stay fp32")
 @click.option("--stochastic", is_flag=True, help="add a noise input (T, batch, d): the sampled reverse chain")
-@click.option("--optimize", is_flag=True, help="write ONNX Runtime's offline-optimized graph")
+@click.option("--optimize", is_flag=True,
+              help="the fused graph: ONNX Runtime contrib ops (attention, BiasGelu); ONNX Runtime only, not --trt")
+@click.option("--int8", is_flag=True,
+              help="int8 MatMuls (dynamic quantization; with --optimize, of the fused graph), validated by top-k overlap")
+@click.option("--int8-scoring", is_flag=True, help="with --int8: the scoring MatMul in int8 too")
+@click.option("--rescore", default=0, show_default=True, type=click.IntRange(min=0),
+              help="two-stage top-k for large catalogues: int8 scores pick this many candidates, rescored in fp32")
 @click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
 @click.option("--vocab-sidecar/--vocab-inline", default=None,
               help="item vocabulary in MODEL.vocab.json beside the graph, or in its metadata "
@@ -233,9 +239,9 @@ def demo_main(out_dir, minutes, seed, force):
 @click.option("--no-validate", is_flag=True, help="skip validation (not recommended)")
 @click.option("--json", "as_json", is_flag=True, help="print the export report as JSON")
 @friendly_errors
-def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, vocab_sidecar, trt_engine, trt_fp16,
-                trt_max_batch, trt_opt_batch, triton_repo, triton_name, triton_cpu, triton_max_batch, triton_trt,
-                triton_cuda_graphs, no_validate, as_json):
+def export_main(model, out, k, opset, fp16, stochastic, optimize, int8, int8_scoring, rescore, exporter, vocab_sidecar,
+                trt_engine, trt_fp16, trt_max_batch, trt_opt_batch, triton_repo, triton_name, triton_cpu,
+                triton_max_batch, triton_trt, triton_cuda_graphs, no_validate, as_json):
     """Export MODEL (model.pt) to one ONNX graph: encoder, T unrolled denoising steps, scoring,
     seen-item masking and top-k; validated against PyTorch before it is kept."""
     from cddrec.export.onnx_export import export_model
@@ -252,7 +258,8 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
                                "not with --triton-cpu or --triton-no-trt")
     rep = export_model(model, out, k=k, opset=opset, fp16=fp16, stochastic=stochastic, optimize=optimize,
                        exporter=exporter, vocab_sidecar=vocab_sidecar, trt_engine=trt_engine, trt_fp16=trt_fp16,
-                       trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate)
+                       trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate,
+                       int8=int8, int8_scoring=int8_scoring, rescore=rescore)
     if triton_repo:
         from cddrec.export.triton import write_triton_repo
 
@@ -272,6 +279,9 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, exporter, voca
         diffs = ", ".join(f"batch {b}: {v:.2e}" for b, v in rep.max_abs_diff.items())
         click.echo(f"validated against PyTorch: max |score diff| {diffs}; top-k mismatches beyond ties: "
                    f"{rep.topk_mismatches}; ORT session {rep.session_seconds * 1000:.0f} ms")
+    if rep.topk_overlap:
+        click.echo("approximate graph: top-k overlap with the fp32 reference " + ", ".join(
+            f"batch {b}: {v:.3f}" for b, v in rep.topk_overlap.items()) + f" (declared minimum {APPROX_MIN_OVERLAP})")
     if rep.vocab_sidecar:
         click.echo(f"wrote {rep.vocab_sidecar}")
     if rep.trt_engine:
@@ -380,14 +390,18 @@ def _int_list(s: str) -> list[int]:
 def bench_main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
                catalogue_batch, out_dir, name):
     """Latency percentiles and throughput per backend and batch size, against the floor."""
-    from cddrec.benchmarks.latency import bench_table, catalogue_scaling, plot, run_bench
+    from cddrec.benchmarks.latency import GRAPH_VARIANTS, bench_table, catalogue_scaling, plot, run_bench, split_backend
     from cddrec.benchmarks.record import record
     from cddrec.runtime.backends import available_backends
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
-    unknown = sorted(set(names) - set(available_backends()))
+    known = set(available_backends()) | set(GRAPH_VARIANTS)
+    try:
+        unknown = sorted({split_backend(n)[0] for n in names} - known)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
     if unknown:
-        raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(available_backends())}")
+        raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(sorted(known))}")
     res = run_bench(model, names, _int_list(batch_sizes), items=items, k=k, threads=threads,
                     min_seconds=min_seconds, echo=lambda m: click.echo(m, err=True))
     table = bench_table(res)
