@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cddrec.errors import DataError
 
-from .pipeline import BatchStats
+from .pipeline import BatchStats, engine_options
 from .writers import output_format
 
 SHARD_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq")
@@ -57,7 +57,8 @@ class ShardServer:
     def __init__(self, model: str, backend: str, threads: int, options: dict, out_dir: str, out_fmt: str | None):
         from .recommender import Recommender
 
-        self.rec = Recommender.load(model, backend=backend, threads=threads, k=options.get("k"))
+        self.rec = Recommender.load(model, backend=backend, threads=threads, k=options.get("k"),
+                                    **engine_options(backend))
         self.options, self.out_dir, self.out_fmt = options, Path(out_dir), out_fmt
 
     def __call__(self, batch: dict) -> dict:

@@ -210,6 +210,16 @@ def _compact(hist: pa.ListArray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array((offs - offs[0]).astype(np.int32)), hist.flatten())
 
 
+def engine_options(backend: str, tf32: bool = False) -> dict:
+    """Backend options for batch serving: ONNX Runtime's CPU threads do not spin between ops, since the
+    pipeline's reader and writer threads share the cores (spinning measured 20% slower end to end on
+    2 cores, benchmarks/results/infer_throughput_paper.md); ``tf32`` for the CUDA backends that take it."""
+    opts: dict = {"allow_spinning": False} if backend == "ort-cpu" else {}
+    if tf32:
+        opts["tf32"] = True
+    return opts
+
+
 def check_paths(input_path: Path, output_path: Path) -> None:
     """Refuse an output (or its errors file) that is the input file, or resolves to it."""
     if not input_path.exists():

@@ -326,6 +326,7 @@ def infer_main(model_path, input_path, output, k, batch_size, backend, threads, 
                sep):
     """Batched top-k recommendations for a file of user histories, original item keys in and out."""
     from cddrec.runtime.batch import run_batch
+    from cddrec.runtime.pipeline import engine_options
     from cddrec.runtime.recommender import Recommender
 
     if tf32 and backend not in ("ort-cuda", "ort-cuda-graph"):
@@ -349,7 +350,7 @@ def infer_main(model_path, input_path, output, k, batch_size, backend, threads, 
             sys.exit(3)
         return
 
-    rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **({"tf32": True} if tf32 else {}))
+    rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **engine_options(backend, tf32))
     stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
                       output_format=output_format, in_format=input_format, check_duplicates=not allow_duplicates,
                       progress=not quiet and sys.stderr.isatty(),
