@@ -124,13 +124,7 @@ def _table_rows(path: Path, cols: list[str], sep: str | None) -> Iterator[tuple[
         header = next(reader)
     except StopIteration:
         raise DataError(f"{path}: empty file, expected a header line with {cols}") from None
-    header = [h.strip() for h in header]
-    missing = [c for c in cols if c not in header]
-    if missing:
-        raise DataError(f"{path}:1: missing column(s) {missing} in header {header} "
-                        "(set --user-col/--item-col/--time-col)")
-    idx = [header.index(c) for c in cols]
-    width = len(header)
+    idx, width = column_indices(path, header, cols)
     for rec in reader:
         lineno = reader.line_num
         if not rec or all(not x.strip() for x in rec):
@@ -138,6 +132,17 @@ def _table_rows(path: Path, cols: list[str], sep: str | None) -> Iterator[tuple[
         if len(rec) != width:
             raise DataError(f"{path}:{lineno}: expected {width} fields as in the header, got {len(rec)}")
         yield lineno, [rec[i].strip() for i in idx]
+
+
+def column_indices(path: Path, header: list[str], cols: list[str]) -> tuple[list[int], int]:
+    """Positions of ``cols`` in a CSV/TSV header, and the header's width; a DataError naming the
+    missing columns otherwise."""
+    header = [h.strip() for h in header]
+    missing = [c for c in cols if c not in header]
+    if missing:
+        raise DataError(f"{path}:1: missing column(s) {missing} in header {header} "
+                        "(set --user-col/--item-col/--time-col)")
+    return [header.index(c) for c in cols], len(header)
 
 
 def kcore_filter(users: list[str], seqs: list[list[str]], k: int) -> tuple[list[str], list[list[str]]]:

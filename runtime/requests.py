@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from cddrec.errors import DataError
+from cddrec.readers import column_indices
 from cddrec.vocab import typed_key
 
 LOG_SUFFIXES = (".csv", ".tsv")
@@ -432,13 +433,7 @@ def _log_rows(path: Path, cols: list[str], sep: str | None) -> tuple[list[int], 
         header = next(reader)
     except (StopIteration, csv.Error):
         raise DataError(f"{path}: empty file, expected a header line with {cols}") from None
-    header = [h.strip() for h in header]
-    missing = [c for c in cols if c not in header]
-    if missing:
-        raise DataError(f"{path}:1: missing column(s) {missing} in header {header} "
-                        "(set --user-col/--item-col/--time-col)")
-    idx = [header.index(c) for c in cols]
-    width = len(header)
+    idx, width = column_indices(path, header, cols)
     lines, rows = [], []
     while True:
         try:
