@@ -239,6 +239,10 @@ def _has_tensorrt() -> bool:
     return True
 
 
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def bench_table(res: dict) -> str:
     rows = ["| backend | batch | p50 ms | p90 ms | p99 ms | users/s | x torch | share of floor | load s | peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -248,7 +252,7 @@ def bench_table(res: dict) -> str:
             continue
         for t in r["timings"]:
             rows.append(f"| {r['backend']} | {t['batch']} | {t['p50_ms']:.3f} | {t['p90_ms']:.3f} | {t['p99_ms']:.3f} | "
-                        f"{t['users_per_s']:,.0f} | {t.get('speedup_vs_torch', float('nan')):.2f} | "
+                        f"{t['users_per_s']:,.0f} | {_ratio(t.get('speedup_vs_torch'))} | "
                         f"{t['share_of_floor']:.2f} | {r['load_seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
     c = res["config"]
     fl = res["flops_per_user"]

@@ -135,6 +135,8 @@ class GraphContract:
         any larger k with all N."""
         if k is None:
             return self.k
+        if k < 1:
+            raise ValueError(f"k={k}: the number of items per user must be at least 1")
         if k > self.k == self.num_items:  # the graph already returns every item: that is all there is
             return self.k
         if not 1 <= k <= self.k:

@@ -26,7 +26,7 @@ from .errors import OutputError
 _LIVE: set[Path] = set()
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -47,7 +47,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     target = _target(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask()
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~current_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except OSError as e:
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from None

@@ -145,8 +145,10 @@ class OrtBackend:
             if extra.get("cuda_options", {}).get("enable_cuda_graph"):
                 raise BackendUnavailable(f"{self.path}: ONNX Runtime cannot capture this graph as a CUDA graph "
                                          f"({str(e).splitlines()[0][:300]})") from None
+            hint = ("; it looks like a model file (model.pt): export it with cddrec-export, or serve it with "
+                    "--backend torch") if Path(self.path).suffix.lower() in (".pt", ".pth") else ""
             raise ModelFileError(f"{self.path}: ONNX Runtime cannot load it as a graph "
-                                 f"({str(e).splitlines()[0][:200]})") from None
+                                 f"({str(e).splitlines()[0][:200]}){hint}") from None
 
     @classmethod
     def cpu(cls, path, *, k=None, threads: int = 0, **kwargs) -> "OrtBackend":

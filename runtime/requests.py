@@ -33,6 +33,8 @@ from cddrec.errors import DataError
 from cddrec.readers import column_indices
 from cddrec.vocab import typed_key
 
+from .codec import is_key
+
 LOG_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 BLOCK_BYTES = 4 << 20  # JSONL bytes per block
@@ -62,10 +64,6 @@ class RequestBlock:
 
 
 # --------------------------------------------------------------------------- one line (slow path)
-def _key_ok(v) -> bool:
-    return isinstance(v, (str, int)) and not isinstance(v, bool)
-
-
 def parse_line(text: str, lineno: int) -> tuple[object, list] | BadLine:
     """(user, history) of a JSONL request line, or why it is bad. Never raises."""
     shown = text.strip()[:200]
@@ -83,7 +81,7 @@ def parse_line(text: str, lineno: int) -> tuple[object, list] | BadLine:
         return BadLine(lineno, f"expected a JSON object, got {type(obj).__name__}", shown)
     if "user" not in obj:
         return BadLine(lineno, "missing field 'user'", shown)
-    if not _key_ok(obj["user"]):
+    if not is_key(obj["user"]):
         return BadLine(lineno, f"field 'user' must be a string or integer, got {type(obj['user']).__name__}", shown)
     if "history" not in obj:
         return BadLine(lineno, "missing field 'history'", shown)
@@ -91,7 +89,7 @@ def parse_line(text: str, lineno: int) -> tuple[object, list] | BadLine:
     if not isinstance(hist, list):
         return BadLine(lineno, f"field 'history' must be a list of item keys, got {type(hist).__name__}", shown)
     for j, item in enumerate(hist):
-        if not _key_ok(item):
+        if not is_key(item):
             return BadLine(lineno, f"field 'history' entry {j} must be a string or integer, "
                                    f"got {type(item).__name__}", shown)
     return obj["user"], hist

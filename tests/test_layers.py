@@ -51,3 +51,12 @@ def test_model_backends_say_what_is_missing_without_torch(trained_tiny):
     """)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "unavailable:" in proc.stdout and "torch" in proc.stdout
+
+
+def test_training_commands_say_what_to_install_without_torch(trained_tiny):
+    proc = run_without_torch(f"""
+        from cddrec.app.cli import export_main
+        export_main([{str(trained_tiny)!r}, "-o", "/tmp/never-written.onnx"])
+    """)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "pip install 'cddrec[train]'" in proc.stderr

@@ -193,3 +193,13 @@ def test_k_above_a_small_catalogue_is_clamped(tmp_path, tiny_cfg):
         out = rec.recommend([["a"], ["zzz"]], k=10)
         assert sorted(out[0].items) == ["b", "c"] and out[0].fallback is None  # "a" is seen: 2 left
         assert len(out[1].items) == 3 and out[1].fallback == "popular"
+
+
+def test_recommend_refuses_what_is_not_a_history(trained_tiny_onnx):
+    rec = Recommender.load(trained_tiny_onnx)
+    with pytest.raises(ValueError, match="history 0 must be a list"):
+        rec.recommend(["332"])  # a string is not a list of item keys
+    with pytest.raises(ValueError, match="history 1: item keys are strings or integers, got float"):
+        rec.recommend([[1], [5.0]])
+    with pytest.raises(ValueError, match="at least 1"):
+        rec.recommend([[1]], k=0)

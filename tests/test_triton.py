@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from cddrec.errors import ExportError
 from cddrec.export.onnx_export import export_model
 from cddrec.export.triton import model_config_pb2, write_triton_repo
-from cddrec.io import _umask
+from cddrec.io import current_umask
 from cddrec.runtime.triton_client import ClientFileError, TritonClientCodec
 
 tritonclient_utils = pytest.importorskip("tritonclient.utils")
@@ -77,7 +77,7 @@ def test_gpu_repo_config_matches_graph(trained_tiny_onnx, tmp_path, make_histori
     assert not cfg.optimization.HasField("cuda")  # only Triton's TensorRT backend reads optimization.cuda
 
     for f in (repo.config, repo.graph, repo.sidecar):  # readable by the server's user, as open() would make them
-        assert f.stat().st_mode & 0o777 == 0o666 & ~_umask()
+        assert f.stat().st_mode & 0o777 == 0o666 & ~current_umask()
     ids = make_histories(50, 9, 12, seed=5).numpy()
     for a, b in zip(run(repo.graph, ids), run(trained_tiny_onnx, ids)):
         np.testing.assert_array_equal(a, b)

@@ -22,6 +22,9 @@ SKIP_FIELDS = {"num_items", "extra"}
 POSITIVE = click.IntRange(min=1)
 
 
+TRAIN_MODULES = ("torch", "onnx", "onnxscript")  # what the [train] extra brings
+
+
 def friendly_errors(fn):
     """Turn expected errors (bad data, bad model files, bad settings, unwritable outputs) into one-line
     messages (exit 1), and SIGINT/SIGTERM into exit 130/143 after removing temporary files
@@ -34,6 +37,12 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except (CDDRecError, ValueError) as e:
             raise click.ClickException(str(e)) from e
+        except ModuleNotFoundError as e:  # a serving-only install has no torch/onnx: say what to install
+            if (e.name or "").split(".")[0] not in TRAIN_MODULES:
+                raise
+            raise click.ClickException(f"this command needs {e.name.split('.')[0]}, which a serving-only install "
+                                       "lacks: pip install 'cddrec[train]' (cddrec-infer serves graphs without "
+                                       "it)") from e
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from e
@@ -130,7 +139,8 @@ def train_main(data, out, config_file, preset, resume, quiet, progress_every, su
     click.echo(f"wrote {out}: best epoch {summary['best_epoch']}, valid "
                + " ".join(f"{k} {summary['best_valid'].get(k, float('nan')):.4f}" for k in ("R@10", "N@10", "MRR")))
     if summary_json:
-        atomic_write_json(summary_json, {"model": str(out), "config": asdict(cfg), **summary})
+        atomic_write_json(summary_json, {"model": str(out), "config": asdict(cfg.replace(num_items=ds.num_items)),
+                                         **summary})
 
 
 # ------------------------------------------------------------------------------ eval
@@ -246,6 +256,11 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, int8, int8_sco
     seen-item masking and top-k; validated against PyTorch before it is kept."""
     from cddrec.export.onnx_export import export_model
 
+    if Path(model).suffix.lower() == ".onnx":
+        raise click.UsageError(f"{model} is an exported graph; cddrec-export takes the model file cddrec-train "
+                               "wrote (model.pt)")
+    if int8_scoring and not int8:
+        raise click.UsageError("--int8-scoring quantizes the scoring MatMul of an --int8 graph: add --int8")
     out = out or str(Path(model).with_suffix(".onnx"))
     refuse_overwrite_inputs({"--out": out, "--trt": trt_engine,
                              "vocabulary file": Path(out).with_suffix(".vocab.json") if vocab_sidecar else None},
@@ -277,8 +292,10 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, int8, int8_sco
                + (f" -> {sum(rep.ops_optimized.values())} after optimization" if rep.ops_optimized else "") + ")")
     if rep.max_abs_diff:
         diffs = ", ".join(f"batch {b}: {v:.2e}" for b, v in rep.max_abs_diff.items())
-        click.echo(f"validated against PyTorch: max |score diff| {diffs}; top-k mismatches beyond ties: "
-                   f"{rep.topk_mismatches}; ORT session {rep.session_seconds * 1000:.0f} ms")
+        verdict = ("top-k positions that differ from the reference beyond ties (an approximate graph, judged by "
+                   "overlap): " if rep.topk_overlap else "top-k mismatches beyond ties: ")
+        click.echo(f"validated against PyTorch: max |score diff| {diffs}; {verdict}{rep.topk_mismatches}; "
+                   f"ORT session {rep.session_seconds * 1000:.0f} ms")
     if rep.topk_overlap:
         click.echo("approximate graph: top-k overlap with the fp32 reference " + ", ".join(
             f"batch {b}: {v:.3f}" for b, v in rep.topk_overlap.items()) + f" (declared minimum {APPROX_MIN_OVERLAP})")
@@ -299,11 +316,12 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, int8, int8_sco
                    "CSV/TSV/Parquet log; with --ray, a file, directory or glob of JSONL/Parquet shards")
 @click.option("--output", "-o", required=True, type=click.Path(),
               help="recommendations file; with --ray, a directory (one output per shard)")
-@click.option("--k", type=int, default=None, help="items per user [default: the graph's K]")
+@click.option("--k", type=POSITIVE, default=None, help="items per user [default: the graph's K]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="users per engine call")
 @click.option("--backend", type=click.Choice(list(BACKEND_NAMES)), default="ort-cpu", show_default=True)
-@click.option("--threads", default=0, show_default=True, help="CPU threads (0 = all cores)")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0),
+              help="CPU threads (0 = all cores)")
 @click.option("--tf32", is_flag=True, help="ort-cuda/ort-cuda-graph: allow TF32 matmuls (faster, not fp32 parity)")
 @click.option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
 @click.option("--output-format", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,

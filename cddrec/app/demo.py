@@ -17,6 +17,7 @@ from cddrec.config import CDDRecConfig
 from cddrec.data import eval_split
 from cddrec.errors import ConfigError
 from cddrec.evaluation import evaluate, evaluate_popularity, format_table
+from cddrec.io import current_umask
 from cddrec.synthetic import make_synthetic, write_sequence_file
 from cddrec.training import train
 
@@ -35,6 +36,7 @@ def run_demo(out_dir: str | Path, minutes: float = 1.0, seed: int = 0,
                           "use --force to replace it or --out another folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    work.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: the folder gets what mkdir would give
     try:
         result = _run_demo(work, out_dir, minutes, seed, echo)
         old = None
