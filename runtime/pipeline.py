@@ -111,11 +111,21 @@ class SeenUsers:
         if len(h):
             self.runs.append((h, lines))
         while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
-            (h1, l1), (h2, l2) = self.runs[-2], self.runs[-1]
-            hh = np.concatenate([h1, h2])
-            ll = np.concatenate([l1, l2])
-            o = np.argsort(hh, kind="stable")
-            self.runs[-2:] = [(hh[o], ll[o])]
+            (h1, l1), (h2, l2) = self.runs.pop(-2), self.runs.pop()
+            self.runs.append(_merge_sorted(h1, l1, h2, l2))
+
+
+def _merge_sorted(h1: np.ndarray, l1: np.ndarray, h2: np.ndarray, l2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two sorted runs (hashes and their lines) in linear time and memory: each entry of the
+    second run goes after the equal ones of the first (no argsort of the concatenation)."""
+    n = len(h1) + len(h2)
+    pos2 = np.searchsorted(h1, h2, side="right") + np.arange(len(h2))  # (n2,) places in the merged run
+    from1 = np.ones(n, dtype=bool)
+    from1[pos2] = False
+    h, lines = np.empty(n, dtype=h1.dtype), np.empty(n, dtype=l1.dtype)
+    h[pos2], lines[pos2] = h2, l2
+    h[from1], lines[from1] = h1, l1
+    return h, lines
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -274,3 +274,16 @@ def test_any_bytes_every_line_served_or_reported(tmp_path_factory, rec, lines):
     assert stats.served + stats.bad == len(lines) == stats.lines
     assert sorted(e["line"] for e in errs) == [e["line"] for e in errs]
     assert set(e["line"] for e in errs) <= set(range(1, len(lines) + 1))
+
+
+def test_merge_of_sorted_runs_equals_a_stable_sort():
+    from cddrec.runtime.pipeline import _merge_sorted
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = np.sort(rng.integers(0, 50, rng.integers(0, 30)))
+        b = np.sort(rng.integers(0, 50, rng.integers(0, 30)))
+        la, lb = np.arange(len(a)), 100 + np.arange(len(b))
+        h, lines = _merge_sorted(a, la, b, lb)
+        order = np.argsort(np.concatenate([a, b]), kind="stable")
+        assert (h == np.concatenate([a, b])[order]).all() and (lines == np.concatenate([la, lb])[order]).all()
