@@ -145,7 +145,7 @@ def table(rep: dict) -> str:
                 continue
             for t in r["timings"]:
                 lines.append(f"| {r['backend']} ({label}) | {t['batch']} | {t['p50_ms']:.3f} | {t['p99_ms']:.3f} | "
-                             f"{t['users_per_s']:,.0f} | {t.get('share_of_gpu_floor', float('nan')):.3f} |")
+                             f"{t['users_per_s']:,.0f} | {t.get('share_of_floor', float('nan')):.3f} |")
     for r in rep.get("infer", []):
         lines.append(f"\ncddrec-infer {r['backend']} batch {r['batch_size']}: {r['requests']:,} requests in "
                      f"{r['seconds']:.1f} s = {r['users_per_s_wall']:,.0f} users/s (rc {r['rc']})")

@@ -116,7 +116,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, contract: Graph
     config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
-        raise RuntimeError("TensorRT failed to build the engine (see the log above)")
+        raise ExportError("TensorRT failed to build the engine (see the log above)")
     engine_path = Path(engine_path)
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(bytes(blob))

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import onnx
 
-from cddrec.contract import MAX_HISTORY
+from cddrec.contract import MASK_SCORE, MAX_HISTORY
 from cddrec.errors import ExportError
 from cddrec.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -162,7 +162,7 @@ def read_client_info(graph: Path, proto: onnx.ModelProto) -> dict:
     return {"K": int(meta["K"]), "L": int(meta["L"]), "kind": meta.get("graph_kind", "deterministic"),
             "vocab": {"keys": list(vocab["keys"]), "key_type": vocab.get("key_type", "str")},
             "popular_topk": json.loads(meta.get("popular_topk", "[]")),
-            "mask_score": settings.get("mask_score", -30000.0)}
+            "mask_score": settings.get("mask_score", MASK_SCORE)}
 
 
 def build_model_config(proto: onnx.ModelProto, graph: Path, name: str, *, gpu: bool = True, max_batch: int = 1024,

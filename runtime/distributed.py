@@ -19,8 +19,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from cddrec.errors import DataError
+from cddrec.errors import CDDRecError, DataError
 
+from .backends import CUDA_BACKENDS
 from .pipeline import BatchStats, engine_options
 from .writers import output_format
 
@@ -54,11 +55,12 @@ def shard_output(shard: str, out_dir: Path, out_fmt: str | None) -> Path:
 class ShardServer:
     """A Ray Data actor: one Recommender, loaded once, serving whole shards."""
 
-    def __init__(self, model: str, backend: str, threads: int, options: dict, out_dir: str, out_fmt: str | None):
+    def __init__(self, model: str, backend: str, threads: int, options: dict, out_dir: str, out_fmt: str | None,
+                 tf32: bool = False):
         from .recommender import Recommender
 
         self.rec = Recommender.load(model, backend=backend, threads=threads, k=options.get("k"),
-                                    **engine_options(backend))
+                                    **engine_options(backend, tf32))
         self.options, self.out_dir, self.out_fmt = options, Path(out_dir), out_fmt
 
     def __call__(self, batch: dict) -> dict:
@@ -84,7 +86,7 @@ class ShardServer:
 def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str = "local", actors: int | None = None,
                 backend: str = "ort-cpu", threads: int = 1, gpus_per_actor: float | None = None,
                 out_fmt: str | None = None, k: int | None = None, batch_size: int = 256, strict: bool = False,
-                check_duplicates: bool = True, log=None) -> tuple[BatchStats, list[dict]]:
+                check_duplicates: bool = True, tf32: bool = False, log=None) -> tuple[BatchStats, list[dict]]:
     """Serve every shard of ``spec`` into ``out_dir`` on Ray; returns the totals and one row per shard."""
     try:
         import ray
@@ -95,14 +97,19 @@ def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str 
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: with --ray the output is a directory, and this is a file")
     out_dir.mkdir(parents=True, exist_ok=True)
+    seen: dict[Path, str] = {}
     for p in paths:
         out = shard_output(p, out_dir, out_fmt)
         if "://" not in p and (out.resolve() == Path(p).resolve()):
             raise DataError(f"{out}: refusing to overwrite the input shard {p}; choose another output directory")
+        if out in seen:
+            raise DataError(f"{out}: shards {seen[out]} and {p} would write the same output; give the shards "
+                            "distinct file names")
+        seen[out] = p
     if not Path(model).exists():
         raise DataError(f"{model}: no such model file")
     if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if backend in ("ort-cuda", "trt") else 0.0
+        gpus_per_actor = 1.0 if backend in CUDA_BACKENDS else 0.0
     started = False
     if not ray.is_initialized():
         if ray_address == "local":
@@ -129,15 +136,16 @@ def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str 
                             num_cpus=actor_cpus, num_gpus=gpus_per_actor or None,
                             fn_constructor_kwargs={"model": str(Path(model).resolve()), "backend": backend,
                                                    "threads": threads, "options": options,
-                                                   "out_dir": str(out_dir.resolve()), "out_fmt": out_fmt})
+                                                   "out_dir": str(out_dir.resolve()), "out_fmt": out_fmt,
+                                                   "tf32": tf32})
         rows = sorted(ds.take_all(), key=lambda r: r["shard"])
     except Exception as e:  # noqa: BLE001 - a shard's own error (strict mode, bad file) comes back wrapped
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        if isinstance(cause, DataError) or "DataError" in type(cause).__name__ or "BadInput" in str(e):
+        if isinstance(cause, CDDRecError) or "BadInput" in str(e):  # the actor's one-line error, as it was
             msg = str(cause).strip().splitlines()[-1]
-            raise DataError(msg) from None
+            raise (type(cause) if isinstance(cause, CDDRecError) else DataError)(msg) from None
         raise
     finally:
         if started:

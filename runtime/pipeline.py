@@ -5,7 +5,7 @@
 
 Three stages overlap: a reader thread parses the next block, maps item keys to ids
 (``cddrec.runtime.codec``, a vectorized lookup) and checks users for duplicates (:class:`SeenUsers`,
-64-bit hashes in sorted numpy runs: 16 bytes per user); the calling thread pads engine batches
+64-bit hashes and first lines in sorted numpy runs: 16 bytes per user); the calling thread pads engine batches
 (numpy, from the list offsets) and runs the backend; a writer thread maps ids back to keys (a
 take on the vocabulary array) and writes the block. Only the current blocks and the user hashes
 are in memory, however long the file.

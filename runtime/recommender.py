@@ -43,6 +43,8 @@ def read_serving_info(path: str | Path, backend: Backend | None = None) -> Servi
             raise ModelFileError(f"{meta_json}: not readable engine metadata ({e})") from None
     elif backend is not None and hasattr(backend, "metadata"):
         meta = backend.metadata()
+    elif path.suffix != ".onnx":
+        raise ModelFileError(f"{meta_json}: missing; an engine's metadata is written beside it by cddrec-export --trt")
     else:
         from .backends import OrtBackend
 

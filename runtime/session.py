@@ -85,9 +85,4 @@ def ort_session(path: str | Path, device: str = "cpu", *, threads: int = 0, leve
 
 def graph_metadata(path: str | Path) -> dict[str, str]:
     """The custom metadata of a graph, read by ONNX Runtime itself (no onnx, no torch)."""
-    ort = import_ort()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    return dict(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-                .get_modelmeta().custom_metadata_map)
+    return dict(ort_session(path, threads=1, level="disable").get_modelmeta().custom_metadata_map)

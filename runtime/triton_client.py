@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cddrec.contract import MASK_SCORE
 from cddrec.errors import ModelFileError
 from cddrec.vocab import Vocab
 
@@ -51,7 +52,7 @@ class TritonClientCodec:
     K: int
     L: int
     max_history: int
-    mask_score: float = -30000.0
+    mask_score: float = MASK_SCORE
     model_name: str = "cddrec"
     input_name: str = "item_ids"
 
@@ -72,7 +73,7 @@ class TritonClientCodec:
             raise ClientFileError(f"{path}: not a cddrec Triton client file (expected \"format\": \"{FORMAT}\")")
         try:
             return cls(list(map(str, d["vocab"]["keys"])), d["vocab"].get("key_type", "str"), list(d["popular_topk"]),
-                       int(d["K"]), int(d["L"]), int(d["max_history"]), float(d.get("mask_score", -30000.0)),
+                       int(d["K"]), int(d["L"]), int(d["max_history"]), float(d.get("mask_score", MASK_SCORE)),
                        str(d.get("model_name", "cddrec")), str(d.get("input", "item_ids")))
         except (KeyError, TypeError, ValueError) as e:
             raise ClientFileError(f"{path}: missing or malformed field {e}") from e

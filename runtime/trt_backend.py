@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cddrec.errors import BackendUnavailable
+from cddrec.errors import BackendUnavailable, ModelFileError
 
 INSTALL = "pip install 'cddrec[gpu]' (tensorrt, cuda-python) on a machine with an NVIDIA GPU"
 
@@ -53,7 +53,7 @@ def cuda_call(cudart, result, what: str):
     if int(err.value if hasattr(err, "value") else err) != 0:
         name = cudart.cudaGetErrorName(err)[1]
         name = name.decode() if isinstance(name, bytes) else str(name)
-        raise RuntimeError(f"{what} failed: {name}")
+        raise BackendUnavailable(f"{what} failed: {name}")
     return values[0] if len(values) == 1 else (tuple(values) or None)
 
 
@@ -78,7 +78,7 @@ class TrtBackend:
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"{path}: TensorRT could not deserialize the engine (built by another TensorRT version?)")
+            raise ModelFileError(f"{path}: TensorRT could not deserialize the engine (built by another TensorRT version?)")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_in = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
@@ -123,7 +123,7 @@ class TrtBackend:
             outs[name] = out
             self.context.set_tensor_address(name, self._device(name, out.nbytes))
         if not self.context.execute_async_v3(int(stream)):
-            raise RuntimeError("TensorRT execution failed")
+            raise BackendUnavailable("TensorRT execution failed")
         for name, out in outs.items():
             cuda_call(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[name][0], out.nbytes, d2h, stream),
                       "cudaMemcpyAsync")

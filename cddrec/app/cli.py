@@ -336,7 +336,7 @@ def export_main(model, out, k, opset, fp16, stochastic, optimize, int8, int8_sco
 @click.option("--ray-actors", type=click.IntRange(min=1), default=None,
               help="actors, each with one model [default: one per CPU, at most one per shard]")
 @click.option("--ray-gpus", type=click.FloatRange(min=0), default=None,
-              help="GPUs per actor [default: 1 for ort-cuda and trt, else 0]")
+              help="GPUs per actor [default: 1 for the CUDA backends, else 0]")
 @data_options
 @friendly_errors
 def infer_main(model_path, input_path, output, k, batch_size, backend, threads, tf32, strict, output_format,
@@ -352,13 +352,17 @@ def infer_main(model_path, input_path, output, k, batch_size, backend, threads, 
     if ray_address:
         import time
 
+        if input_format == "log" or (user_col, item_col, time_col, sep) != ("user", "item", "timestamp", None):
+            raise click.UsageError("--ray serves request shards (JSONL or Parquet requests); interaction logs and "
+                                   "--user-col/--item-col/--time-col/--sep are for a single file without --ray")
+
         from cddrec.runtime.distributed import run_sharded
 
         t0 = time.perf_counter()
         stats, rows = run_sharded(model_path, input_path, output, ray_address=ray_address, actors=ray_actors,
                                   backend=backend, threads=threads or 1, gpus_per_actor=ray_gpus,
                                   out_fmt=output_format, k=k, batch_size=batch_size, strict=strict,
-                                  check_duplicates=not allow_duplicates)
+                                  check_duplicates=not allow_duplicates, tf32=tf32)
         stats.seconds = time.perf_counter() - t0
         click.echo(stats.summary() + f", shards {len(rows)}", err=True)
         bad = [r["errors"] for r in rows if r["errors"]]
