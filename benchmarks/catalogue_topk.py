@@ -21,7 +21,6 @@ synthetic table of ``--items`` rows (random normal, d of the model), batch ``--b
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import click
@@ -32,8 +31,11 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from cddrec.contract import MASK_SCORE
+from cddrec.parity import topk_overlap
+from cddrec.runtime.session import ort_session
 
 from .record import RESULTS_DIR, record
+from .timer import time_calls
 
 MS = "com.microsoft"
 
@@ -107,17 +109,13 @@ VARIANTS = [("exact", 0), ("fp16", 0), ("int8", 0), ("int8+rescore", 50), ("int8
 
 
 def sessions(d: int, k: int, threads: int, workdir: Path):
-    import onnxruntime as ort
-
     out = {}
     for variant, c in VARIANTS:
         label = f"{variant} {c}" if c else variant
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
+        path = workdir / f"{label.replace(' ', '_').replace('+', '_')}.onnx"
+        onnx.save(build(variant.split("+")[0], d, k, c), str(path))
         try:
-            out[label] = ort.InferenceSession(build(variant.split("+")[0], d, k, c).SerializeToString(), so,
-                                              providers=["CPUExecutionProvider"])
+            out[label] = ort_session(path, threads=threads)  # the serving session factory
         except Exception as e:  # noqa: BLE001 - a variant this ONNX Runtime cannot run is reported
             out[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     return out
@@ -190,17 +188,10 @@ def speed(items: int, d: int, batch: int, k: int, threads: int, min_seconds: flo
             out[name] = {"error": s}
             continue
         top = run_variant(s, feeds, users[0], excl[0])[0]
-        overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(top.tolist(), exact_top.tolist())]))
-        for i in range(1, 3):
-            run_variant(s, feeds, users[i], excl[i])
-        lat, t0 = [], time.perf_counter()
-        while len(lat) < 5 or time.perf_counter() - t0 < min_seconds:
-            t = time.perf_counter()
-            run_variant(s, feeds, users[len(lat) % 4], excl[len(lat) % 4])
-            lat.append(time.perf_counter() - t)
-        a = np.asarray(lat)
-        out[name] = {"p50_ms": float(np.median(a) * 1e3), "users_per_s": float(batch / a.mean()), "runs": len(a),
-                     "overlap_with_exact": overlap}
+        overlap = topk_overlap(top, exact_top)
+        t = time_calls(lambda i, s=s: run_variant(s, feeds, users[i % 4], excl[i % 4]), batch, warmup=2,
+                       min_runs=5, min_seconds=min_seconds)
+        out[name] = {"p50_ms": t.p50_ms, "users_per_s": t.users_per_s, "runs": t.runs, "overlap_with_exact": overlap}
         echo(f"  {name}: {out[name]}")
     base = out["exact"]["users_per_s"]
     for r in out.values():

@@ -17,7 +17,6 @@ threads and spinning.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import click
@@ -32,6 +31,7 @@ from cddrec.runtime.session import ort_session
 
 from .record import RESULTS_DIR, record
 from .sizes import random_model
+from .timer import time_calls
 
 SHOWN_OPS = ("MatMul", "Transpose", "Reshape", "Slice", "Add", "LayerNormalization", "Softmax", "Attention",
              "MultiHeadAttention", "SkipLayerNormalization", "BiasGelu", "MatMulInteger")
@@ -68,16 +68,15 @@ def make_graphs(tmp: Path, items: int) -> tuple[dict[str, Path], dict]:
 
 
 def timed(backends: dict, x: np.ndarray, rounds: int, runs: int) -> dict[str, float]:
-    """p50 ms per backend, round-robin over ``rounds`` rounds of ``runs`` calls each."""
-    lat: dict[str, list[float]] = {name: [] for name in backends}
+    """p50 ms per backend: the median of its per-round p50s, round-robin over ``rounds`` rounds of
+    ``runs`` calls each (the one timer, ``benchmarks.timer.time_calls``)."""
+    p50: dict[str, list[float]] = {name: [] for name in backends}
     for _ in range(rounds):
         for name, be in backends.items():
-            be.infer({"item_ids": x})
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                be.infer({"item_ids": x})
-                lat[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(v) * 1e3) for name, v in lat.items()}
+            t = time_calls(lambda i, be=be: be.infer({"item_ids": x}), len(x), warmup=1, min_runs=runs,
+                           min_seconds=0.0, max_runs=runs)
+            p50[name].append(t.p50_ms)
+    return {name: float(np.median(v)) for name, v in p50.items()}
 
 
 def run(items: int, threads: int, rounds: int, echo=print) -> dict:

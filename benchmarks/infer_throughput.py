@@ -27,6 +27,7 @@ import numpy as np
 
 from .record import RESULTS_DIR, record
 from .sizes import PAPER_ITEMS, random_model
+from .timer import time_calls
 
 # cddrec-infer with its own peak resident memory printed at exit (VmHWM starts afresh at exec;
 # ru_maxrss would include what the parent held when it forked)
@@ -85,13 +86,8 @@ def engine_alone(graph: str, backend: str, batch_size: int, threads: int, second
         for b, n in enumerate(lens):
             x[b, x.shape[1] - n:] = rng.integers(1, n_items + 1, size=n)
         feeds.append(x)
-    rec.backend.infer({"item_ids": feeds[0]})
-    t0, done, i = time.perf_counter(), 0, 0
-    while time.perf_counter() - t0 < seconds:
-        rec.backend.infer({"item_ids": feeds[i % len(feeds)]})
-        done += batch_size
-        i += 1
-    return done / (time.perf_counter() - t0)
+    return time_calls(lambda i: rec.backend.infer({"item_ids": feeds[i % len(feeds)]}), batch_size, warmup=1,
+                      min_runs=1, min_seconds=seconds).users_per_s
 
 
 class NullEngine:

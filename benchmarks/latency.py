@@ -33,6 +33,7 @@ import numpy as np
 
 from cddrec.contract import DEFAULT_K
 from cddrec.errors import BackendUnavailable
+from cddrec.io import atomic_path
 
 from .gpu_floor import floor_for, gpu_matmul_peak
 from .sizes import PAPER_ITEMS, random_model
@@ -304,7 +305,8 @@ def plot(res: dict, out_dir: Path, name: str) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         p = out_dir / f"{name}_{fname}.png"
-        fig.savefig(p, dpi=110)
+        with atomic_path(p) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         paths.append(str(p))
     return paths

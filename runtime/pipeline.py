@@ -18,6 +18,7 @@ users and a bounded number of padded ids).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -270,8 +271,11 @@ def run_file(rec: Recommender, input_path: str | Path, output_path: str | Path, 
             stats = serve(rec, blocks, writer, ErrorWriter(err), k=k, batch_size=batch_size, strict=strict,
                           check_duplicates=check_duplicates and fmt != "log", source=str(input_path),
                           progress=progress, max_history=max_history)
-        finally:
-            writer.close()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the run's own error is the one to report
+                writer.close()
+            raise
+        writer.close()
     if stats.bad:
         stats.errors_path = str(errors_path)
     else:
