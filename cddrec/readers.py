@@ -98,24 +98,9 @@ def read_interaction_table(path: str | Path, user_col: str = "user", item_col: s
 def _table_rows(path: Path, cols: list[str], sep: str | None) -> Iterator[tuple[int, list[str]]]:
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
-        if not path.exists():
-            raise DataError(f"{path}: no such file")
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file: {e}") from e
-        missing = [c for c in cols if c not in table.column_names]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; found {table.column_names} "
-                            "(set --user-col/--item-col/--time-col)")
-        columns = [table.column(c).to_pylist() for c in cols]
+        columns = parquet_log_columns(path, cols)
         for i, rec in enumerate(zip(*columns)):
-            yield i + 2, ["" if v is None else str(v) for v in rec]  # "line" = row + header
+            yield i + 2, list(rec)  # "line" = row + header
         return
     if sep is None:
         sep = "\t" if suffix == ".tsv" else ","
@@ -132,6 +117,34 @@ def _table_rows(path: Path, cols: list[str], sep: str | None) -> Iterator[tuple[
         if len(rec) != width:
             raise DataError(f"{path}:{lineno}: expected {width} fields as in the header, got {len(rec)}")
         yield lineno, [rec[i].strip() for i in idx]
+
+
+def parquet_log_columns(path: Path, cols: list[str]) -> list[list[str]]:
+    """The ``cols`` of a Parquet log as strings ("" for null); Arrow timestamp and date columns become
+    unix seconds, so a typed time column sorts as a number."""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        table = pq.read_table(path, columns=None)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+    missing = [c for c in cols if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {table.column_names} "
+                        "(set --user-col/--item-col/--time-col)")
+    out = []
+    for c in cols:
+        col = table.column(c)
+        if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+            col = pc.divide(col.cast(pa.timestamp("us")).cast(pa.int64()).cast(pa.float64()), 1e6)  # unix seconds
+        out.append(["" if v is None else str(v) for v in col.to_pylist()])
+    return out
 
 
 def column_indices(path: Path, header: list[str], cols: list[str]) -> tuple[list[int], int]:

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from cddrec.errors import DataError
-from cddrec.readers import column_indices
+from cddrec.readers import column_indices, parquet_log_columns
 from cddrec.vocab import typed_key
 
 from .codec import is_key
@@ -400,18 +400,9 @@ def read_log_block(path: Path, user_col: str = "user", item_col: str = "item", t
 def _log_rows(path: Path, cols: list[str], sep: str | None) -> tuple[list[int], list[list[str]], list[BadLine]]:
     """(line numbers, [user, item(, time)] strings, bad rows) of a log file."""
     if path.suffix.lower() in PARQUET_SUFFIXES:
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises many types
-            raise DataError(f"{path}: not a readable Parquet file: {e}") from e
-        missing = [c for c in cols if c not in table.column_names]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; found {table.column_names} "
-                            "(set --user-col/--item-col/--time-col)")
-        columns = [["" if v is None else str(v) for v in table.column(c).to_pylist()] for c in cols]
-        return list(range(2, table.num_rows + 2)), [list(r) for r in zip(*columns)], []
+        columns = parquet_log_columns(path, cols)
+        n = len(columns[0]) if columns else 0
+        return list(range(2, n + 2)), [list(r) for r in zip(*columns)], []
     if sep is None:
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
     bad: list[BadLine] = []

@@ -287,3 +287,23 @@ def test_merge_of_sorted_runs_equals_a_stable_sort():
         h, lines = _merge_sorted(a, la, b, lb)
         order = np.argsort(np.concatenate([a, b]), kind="stable")
         assert (h == np.concatenate([a, b])[order]).all() and (lines == np.concatenate([la, lb])[order]).all()
+
+
+def test_parquet_log_with_a_typed_timestamp_column(tmp_path, trained_tiny_onnx, tiny_data):
+    """An Arrow timestamp column sorts as time (it used to make every row a bad 'timestamp' row)."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = tiny_data.items.keys[:3]
+    t0 = dt.datetime(2024, 1, 1)
+    rows = [("u1", keys[2], t0 + dt.timedelta(days=2)), ("u1", keys[0], t0), ("u1", keys[1], t0 + dt.timedelta(days=1))]
+    pq.write_table(pa.table({"user": [r[0] for r in rows], "item": [r[1] for r in rows],
+                             "timestamp": pa.array([r[2] for r in rows], pa.timestamp("ms"))}), tmp_path / "log.parquet")
+    rec = Recommender.load(trained_tiny_onnx)
+    stats = run_batch(rec, tmp_path / "log.parquet", tmp_path / "out.jsonl")
+    assert stats.served == 1 and stats.bad == 0
+    got = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    want = rec.recommend([[keys[0], keys[1], keys[2]]])[0]
+    assert got[0]["items"] == want.items
