@@ -298,7 +298,11 @@ def read_parquet_blocks(path: Path, block_rows: int = BLOCK_ROWS) -> Iterator[Re
     """Requests from a Parquet file with ``user`` and list ``history`` columns; row N is line N."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]}); "
+                        "is --input-format right?") from None
     if "user" not in pf.schema_arrow.names:
         raise DataError(f"{path}: Parquet requests need a 'user' column; found {pf.schema_arrow.names}")
     utype = pf.schema_arrow.field("user").type
@@ -446,16 +450,15 @@ def _log_rows(path: Path, cols: list[str], sep: str | None) -> tuple[list[int], 
 
 # --------------------------------------------------------------------------- dispatch
 def input_format(path: Path, fmt: str | None) -> str:
-    """jsonl | parquet (requests) | log."""
-    if fmt == "log" or fmt == "jsonl":
-        if fmt == "log" or path.suffix.lower() not in PARQUET_SUFFIXES:
-            return fmt
+    """jsonl | parquet (requests) | log: as asked, else by the suffix (and a Parquet file's columns)."""
+    if fmt:
+        return fmt
     suffix = path.suffix.lower()
     if suffix in LOG_SUFFIXES:
         return "log"
     if suffix in PARQUET_SUFFIXES:
         return "parquet" if parquet_is_requests(path) else "log"
-    return fmt or "jsonl"
+    return "jsonl"
 
 
 def read_blocks(path: Path, fmt: str, log_options: dict | None = None, block_bytes: int = BLOCK_BYTES,
