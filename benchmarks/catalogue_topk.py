@@ -133,7 +133,7 @@ def quality(model_pt: str, data: str, k: int, threads: int, workdir: Path, echo=
     from cddrec.checkpoint import load_checkpoint
     from cddrec.data import eval_split, load_data
     from cddrec.export.onnx_export import export_model
-    from cddrec.runtime.backends import OrtBackend
+    from cddrec.runtime.backends import OrtCpu
     from cddrec.vocab import Vocab
 
     from .graph_quality import full_histories
@@ -142,7 +142,7 @@ def quality(model_pt: str, data: str, k: int, threads: int, workdir: Path, echo=
     ds = load_data(data, kcore=model.cfg.kcore, vocab=Vocab.from_dict(ckpt["vocab"]))
     split = eval_split(ds, "test", model.cfg.max_len)
     export_model(model_pt, workdir / "q.onnx", k=k)
-    be = OrtBackend(workdir / "q.onnx", threads=threads)
+    be = OrtCpu(workdir / "q.onnx", threads=threads)
     table = model.item_emb.weight.detach().float().numpy()  # (V, d)
     feeds = table_feeds(table)
     sess = sessions(table.shape[1], k, threads, workdir)

@@ -26,7 +26,7 @@ import onnx
 from cddrec.checkpoint import load_checkpoint
 from cddrec.export.fusion import DEFAULT_FUSIONS, FUSIONS
 from cddrec.export.onnx_export import build_graph, contract_for, export_model, op_counts
-from cddrec.runtime.backends import OrtBackend
+from cddrec.runtime.backends import OrtCpu
 from cddrec.runtime.session import ort_session
 
 from .record import RESULTS_DIR, record
@@ -84,7 +84,7 @@ def run(items: int, threads: int, rounds: int, echo=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="cddrec-fusion-") as tmp:
         graphs, fired = make_graphs(Path(tmp), items)
         ops = {name: op_counts(onnx.load(str(p))) for name, p in graphs.items()}
-        backends = {name: OrtBackend(p, threads=threads) for name, p in graphs.items()}
+        backends = {name: OrtCpu(p, threads=threads) for name, p in graphs.items()}
         p50 = {}
         for batch, runs in ((1, 200), (256, 4)):
             echo(f"batch {batch} ...")
@@ -95,7 +95,7 @@ def run(items: int, threads: int, rounds: int, echo=print) -> dict:
             for t in (1, 2):
                 for spin in (None, False):
                     opts[f"{graph.split(' (')[0]}, {t} thread(s), spinning {'default (on)' if spin is None else 'off'}"] \
-                        = OrtBackend(graphs[graph], threads=t, allow_spinning=spin)
+                        = OrtCpu(graphs[graph], threads=t, allow_spinning=spin)
         opt_p50 = timed(opts, rng.integers(1, items + 1, size=(1, 20)), rounds, 200)
     return {"items": items, "threads": threads, "rounds": rounds, "transformer_optimizer_fused": fired,
             "ops": ops, "p50_ms": {str(b): v for b, v in p50.items()}, "session_options_batch1_p50_ms": opt_p50}

@@ -115,7 +115,7 @@ def write_requests(path: Path, n: int, items: int, seed: int = 0, max_len: int =
 
 def run_infer(model: str, backend: str, requests: Path, out: Path, batch_size: int, n: int) -> dict:
     """The cddrec-infer command itself, timed from outside (load included)."""
-    cmd = [sys.executable, "-c", "from cddrec.app.cli import infer_main; infer_main()", "--model", model,
+    cmd = [sys.executable, "-m", "cddrec.app.infer", "--model", model,
            "--batch", str(requests), "--output", str(out), "--backend", backend, "--batch-size", str(batch_size),
            "--quiet", "--allow-duplicates"]
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
-from cddrec.runtime.backends import CUDA_BACKENDS  # always on the GPU; others there only when told
+from cddrec.runtime.backends import backend_class
 
 DTYPES = ("fp32", "tf32", "fp16")
 
@@ -81,12 +81,12 @@ def floor_for(backend: str, *, cpu_peak: Callable[[], float], gpu_peak: Callable
               device: str | None = None, fp16: bool = False, tf32: bool = False) -> Floor:
     """The floor ``backend`` is held against.
 
-    ``device`` is where the backend runs (default: "cuda" for ``CUDA_BACKENDS``, else "cpu"; pass
+    ``device`` is where the backend runs (default: the backend class's ``device``; pass
     "cuda" for the torch backends when they run on the GPU). ``fp16``: an fp16 graph, engine or
     autocast; ``tf32``: TF32 is on for its fp32 matmuls. ``cpu_peak()`` and ``gpu_peak(dtype)``
     measure (GFLOP/s); only the one needed is called.
     """
-    device = device or ("cuda" if backend in CUDA_BACKENDS else "cpu")
+    device = device or backend_class(backend).device
     if device.startswith("cuda"):
         precision = precision_for(fp16=fp16, tf32=tf32)
         return Floor("cuda", precision, float(gpu_peak(precision)))

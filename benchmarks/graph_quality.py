@@ -21,7 +21,7 @@ from cddrec.checkpoint import load_checkpoint
 from cddrec.data import EvalSplit, eval_split, left_pad, load_data
 from cddrec.export.onnx_export import export_model
 from cddrec.metrics import metrics_from_ranks
-from cddrec.runtime.backends import OrtBackend
+from cddrec.runtime.backends import OrtCpu
 from cddrec.vocab import Vocab
 
 from .record import RESULTS_DIR, record
@@ -41,7 +41,7 @@ def full_histories(split: EvalSplit, rows: np.ndarray) -> np.ndarray:
 
 def graph_ranks(graph: str | Path, split: EvalSplit, batch_size: int = 256, threads: int = 0) -> np.ndarray:
     """0-based rank of each target in the graph's top-K (K when absent): (U,)."""
-    be = OrtBackend(graph, threads=threads)
+    be = OrtCpu(graph, threads=threads)
     ranks = []
     for start in range(0, len(split), batch_size):
         rows = np.arange(start, min(start + batch_size, len(split)))

@@ -34,8 +34,8 @@ from .timer import time_calls
 CHILD = ("import atexit, sys\n"
          "from cddrec.benchmarks.latency import status_mb\n"
          "atexit.register(lambda: print(f'VmHWM_MB={status_mb(\"VmHWM\"):.1f}', file=sys.stderr))\n"
-         "from cddrec.app.cli import infer_main\n"
-         "infer_main()\n")
+         "from cddrec.app.infer import main\n"
+         "main()\n")
 
 
 PRESETS = {"paper": {"hidden_size": 128, "steps": 20, "max_len": 20, "heads": 4},
@@ -104,7 +104,7 @@ class NullEngine:
 
 def pipeline_alone(graph: str, src: Path, out: Path, batch_size: int) -> float:
     """users/s of cddrec-infer's pipeline (read, map, pad, decode, write, in-process) with ``NullEngine``."""
-    from cddrec.runtime.batch import run_batch
+    from cddrec.runtime.pipeline import run_batch
     from cddrec.runtime.recommender import Recommender
 
     rec = Recommender.load(graph, threads=1)

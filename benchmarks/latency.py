@@ -73,25 +73,25 @@ def matmul_peak(threads: int = 0, n: int = 2048, seconds: float = 1.0) -> float:
 # ------------------------------------------------------------------------- backends
 def make_backend(name: str, model_pt: str | None, graph: str | None, engine: str | None, k: int, threads: int):
     """A backend by name (``cddrec.runtime.backends``), on the file it reads."""
-    from cddrec.runtime.backends import GRAPH_BACKENDS, MODEL_BACKENDS, load_backend
+    from cddrec.runtime.backends import backend_class, load_backend
 
     label = name
     name, own_threads = split_backend(name)
     threads = own_threads or threads
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    if name in MODEL_BACKENDS and not model_pt:
-        raise BackendUnavailable(f"{name} needs the model file (model.pt), not only a graph")
-    if name == "trt" and not engine:
-        raise BackendUnavailable("trt needs an engine: install TensorRT (pip install tensorrt)")
     if name in GRAPH_VARIANTS:  # another graph of the same model (``graph`` is that graph), on ONNX Runtime CPU
         name = "ort-cpu"
-    path = model_pt if name in MODEL_BACKENDS else engine if name == "trt" else graph
-    if name not in MODEL_BACKENDS + GRAPH_BACKENDS + ("trt",):
-        path = model_pt or graph
+    reads = backend_class(name).reads
+    if reads == "model" and not model_pt:
+        raise BackendUnavailable(f"{name} needs the model file (model.pt), not only a graph")
+    if reads == "engine" and not engine:
+        raise BackendUnavailable(f"{name} needs an engine: install TensorRT (pip install tensorrt)")
+    if reads == "model":
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+    path = {"model": model_pt, "engine": engine, "graph": graph}[reads]
     be = load_backend(path, name, k=k, threads=threads)
     be.load_seconds = time.perf_counter() - t0
     be.name = label
@@ -213,7 +213,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
             echo(f"  {name}: skipped ({r['error']})")
         else:  # each backend against its own hardware's floor: the GPU's peak at the backend's precision
             base_name = split_backend(name)[0]
-            f = floor_for(base_name, cpu_peak=lambda: peak, gpu_peak=gpu_matmul_peak, fp16=base_name.endswith("fp16"))
+            f = floor_for("ort-cpu" if base_name in GRAPH_VARIANTS else base_name, cpu_peak=lambda: peak, gpu_peak=gpu_matmul_peak, fp16=base_name.endswith("fp16"))
             r["floor"] = {"device": f.device, "precision": f.precision, "matmul_peak_gflops": f.gflops,
                           "users_per_s": f.users_per_s(fl["total"])}
             for t in r["timings"]:

@@ -1,25 +1,32 @@
-"""Inference backends behind one protocol, so any two compare and any one serves.
+"""Inference backends behind one interface with a lifecycle, so any two compare and any one serves.
 
-A backend has a ``name``, the seconds it took to load (``load_seconds``), its ``input_names`` and
-``output_names``, and ``infer(feed) -> outputs``: ``feed`` maps input names to numpy arrays
-(``item_ids`` (B, S) int64, optionally ``noise`` (T, B, d) float32); outputs map ``top_items``
-(B, K) int64, ``top_scores`` (B, K) float32 and ``user_embedding`` (B, d) float32. A backend may
-also offer ``metadata()`` (the graph's metadata) or ``serving_info()`` (for model files).
+Every backend is a class with:
+
+- ``load(path, *, k, threads, **options)`` (classmethod): open a graph, an engine or a model file;
+- ``warmup()``: create sessions, capture graphs and run each shape it will serve once, so the
+  first live request does not pay for it; returns the seconds it took (``warmup_seconds``);
+- ``infer(feed) -> outputs``: ``feed`` maps the contract's input names to numpy arrays
+  (``item_ids`` (B, S) int64, optionally ``noise`` (T, B, d) float32); outputs map the contract's
+  output names: ``top_items`` (B, K) int64, ``top_scores`` (B, K) float32, ``user_embedding`` (B, d);
+- ``close()``: release sessions and device memory (also as a context manager).
+
+It declares ``contract`` (``cddrec.contract.GraphContract``: the names, K, L and precision it
+serves), ``name``, ``device`` ("cpu" | "cuda"), ``reads`` ("graph" | "engine" | "model") and
+``unavailable()``, why it cannot run on this machine (None when it can).
 
 Built in, torch-free: ``ort-cpu``, ``ort-cuda`` and ``ort-cuda-graph`` (ONNX Runtime on an
 exported graph; the last replays captured CUDA graphs per batch bucket) and ``trt`` (a TensorRT
-engine). The PyTorch backends (``torch``, the plain reference, and the
-faster ``torch-fast``, ``torch-compile``, ``torch-cuda``, ``torch-cuda-fp16``) live in ``cddrec.export.torch_backends``
-and are found by name, like third-party backends registered under the entry-point group
-``cddrec.backends``: this package never imports torch.
+engine). Other backends come from the entry-point group ``cddrec.backends``: this project's
+PyTorch backends (``torch``, ``torch-fast``, ``torch-compile``, ``torch-cuda``,
+``torch-cuda-fp16``, in ``cddrec.export.torch_serving``) are registered there by ``setup.py``, as a
+third-party package would register its own; this package never names them.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import ClassVar
 
 import numpy as np
 
@@ -27,74 +34,135 @@ from cddrec.contract import GraphContract
 from cddrec.errors import BackendUnavailable, ModelFileError
 
 from .buckets import DEFAULT_BUCKETS, check_buckets, run_bucketed
-from .session import import_ort, ort_session
+from .session import cuda_provider_available, import_ort, ort_session
 
-OUTPUT_NAMES = ("top_items", "top_scores", "user_embedding")
 ENTRY_POINT_GROUP = "cddrec.backends"
-# name -> "module:factory"; a factory is called as factory(path, k=..., threads=..., **options)
-BUILTIN = {
-    "ort-cpu": "cddrec.runtime.backends:OrtBackend.cpu",
-    "ort-cuda": "cddrec.runtime.backends:OrtBackend.cuda",
-    "ort-cuda-graph": "cddrec.runtime.backends:OrtBackend.cuda_graphs",
-    "trt": "cddrec.runtime.trt_backend:TrtBackend.load",
-    "torch": "cddrec.export.torch_backends:TorchReference",
-    "torch-fast": "cddrec.export.torch_backends:TorchFast",
-    "torch-compile": "cddrec.export.torch_backends:TorchCompiled",
-    "torch-cuda": "cddrec.export.torch_backends:TorchCuda",
-    "torch-cuda-fp16": "cddrec.export.torch_backends:TorchCuda.half",
-}
-GRAPH_BACKENDS = ("ort-cpu", "ort-cuda", "ort-cuda-graph")  # read an exported graph (.onnx)
-MODEL_BACKENDS = ("torch", "torch-fast", "torch-compile", "torch-cuda", "torch-cuda-fp16")  # read a model file
-CUDA_BACKENDS = ("ort-cuda", "ort-cuda-graph", "torch-cuda", "torch-cuda-fp16", "trt")  # always run on the GPU
+WARMUP_BATCHES = (1, 64)  # shapes a dynamic-shape backend runs once at load
 
 
-@runtime_checkable
-class Backend(Protocol):
-    name: str
-    load_seconds: float
-    input_names: list[str]
-    output_names: list[str]
+class BackendBase:
+    """What every backend shares: names from the contract, a default warm-up, close, context manager."""
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    name: ClassVar[str] = "backend"
+    device: ClassVar[str] = "cpu"
+    reads: ClassVar[str] = "graph"
+    contract: GraphContract
+    load_seconds: float = 0.0
+    warmup_seconds: float = 0.0
+
+    @classmethod
+    def load(cls, path: str | Path, *, k: int | None = None, threads: int = 0, **options) -> "BackendBase":
+        return cls(path, k=k, threads=threads, **options)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this backend cannot run here (a missing library or device), None when it can."""
+        return None
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.contract.input_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.contract.output_names
+
+    def warmup_feeds(self) -> list[dict[str, np.ndarray]]:
+        """Inputs of every shape this backend should have seen before serving (padding-only histories)."""
+        c = self.contract
+        feeds = []
+        for b in WARMUP_BATCHES:
+            feed = {"item_ids": np.zeros((b, c.max_len), dtype=np.int64)}
+            if c.stochastic:
+                feed["noise"] = np.zeros((c.steps, b, c.hidden), dtype=np.float32)
+            feeds.append(feed)
+        return feeds
+
+    def warmup(self) -> float:
+        t0 = time.perf_counter()
+        for feed in self.warmup_feeds():
+            self.infer(feed)
+        self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------ registry
+def _trt_class():
+    from .trt_backend import TrtBackend
+
+    return TrtBackend
+
+
+def _entry_points() -> dict:
+    from importlib.metadata import entry_points
+
+    try:
+        return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    except Exception:  # noqa: BLE001 - a broken third-party distribution must not break serving
+        return {}
 
 
 def available_backends() -> dict[str, str]:
-    """Every backend name this installation knows: the built-in ones and the entry points."""
-    names = dict(BUILTIN)
-    try:
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            names.setdefault(ep.name, ep.value)
-    except Exception:  # noqa: BLE001 - a broken third-party distribution must not break serving
-        pass
+    """Every backend name this installation knows -> where it comes from (built in, or an entry point)."""
+    names = {name: "cddrec.runtime" for name in BUILTIN}
+    for name, ep in _entry_points().items():
+        names.setdefault(name, ep.value)
     return names
 
 
-def _factory(target: str):
-    module, _, attr = target.partition(":")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+def backend_class(name: str) -> type:
+    """The class registered as ``name``; ``BackendUnavailable`` when its module cannot be imported."""
+    if name in BUILTIN:
+        target = BUILTIN[name]
+        return target() if not isinstance(target, type) else target
+    eps = _entry_points()
+    if name not in eps:
+        raise ValueError(f"backend must be one of {', '.join(sorted(available_backends()))}, got {name!r}")
+    try:
+        return eps[name].load()
+    except ImportError as e:
+        what = e.name or "a missing module"
+        hint = "pip install 'cddrec[train]'" if what.split(".")[0] in ("torch", "onnx") else str(e)
+        raise BackendUnavailable(f"backend {name!r} needs {what} ({hint})") from e
+
+
+def runnable_backends() -> list[str]:
+    """The backends this machine can run (their libraries import and their device is present)."""
+    out = []
+    for name in available_backends():
+        try:
+            if backend_class(name).unavailable() is None:
+                out.append(name)
+        except BackendUnavailable:
+            continue
+    return out
 
 
 def load_backend(path: str | Path, backend: str = "ort-cpu", *, k: int | None = None, threads: int = 0,
-                 **options) -> Backend:
+                 warmup: bool = False, **options) -> BackendBase:
     """Open ``path`` with the backend called ``backend``; ``k`` is used by backends that build their
-    graph from a model file (the exported graph's K is fixed)."""
-    names = available_backends()
-    if backend not in names:
-        raise ValueError(f"backend must be one of {', '.join(names)}, got {backend!r}")
-    try:
-        factory = _factory(names[backend])
-    except ImportError as e:
-        raise BackendUnavailable(f"backend {backend!r} needs {e.name or 'a missing module'} "
-                                 f"({'pip install torch' if (e.name or '').startswith('torch') else e})") from e
-    return factory(path, k=k, threads=threads, **options)
+    graph from a model file (an exported graph's K is fixed); ``warmup`` runs ``warmup()`` before returning."""
+    cls = backend_class(backend)
+    be = cls.load(path, k=k, threads=threads, **options)
+    if warmup:
+        be.warmup()
+    return be
 
 
-class OrtBackend:
+# ------------------------------------------------------------------------ ONNX Runtime
+class OrtBackend(BackendBase):
     """ONNX Runtime on an exported graph; on CUDA, inputs and outputs go through IO binding.
 
     Options: ``tf32`` (CUDA only; off by default: fp32 means fp32); ``cuda_graph=True`` (CUDA
@@ -105,8 +173,11 @@ class OrtBackend:
     Requests are padded up to the bucket (``cddrec.runtime.buckets``); rows with a longer history
     and graphs with a noise input run on the uncaptured session. ``buckets=`` without
     ``cuda_graph`` runs the same static-shape sessions uncaptured (on the CPU too: how the bucket
-    path is tested without a GPU).
+    path is tested without a GPU). Other options go to ``ort_session`` (``allow_spinning``,
+    ``level``, ``cuda_options``, ...).
     """
+
+    name = "ort-cpu"
 
     def __init__(self, path: str | Path, device: str = "cpu", threads: int = 0, *, cuda_graph: bool = False,
                  buckets=None, history: int | None = None, **session_kwargs):
@@ -114,35 +185,43 @@ class OrtBackend:
         if cuda_graph and device != "cuda":
             raise ValueError("cuda_graph=True needs device 'cuda' (ort-cuda)")
         self.name = f"ort-{device}" + ("-graph" if cuda_graph else "")
+        self.device = device
         t0 = time.perf_counter()
-        self._errors = ort.capi.onnxruntime_pybind11_state
+        self._ort, self._errors = ort, ort.capi.onnxruntime_pybind11_state
         self.path, self.threads, self.session_kwargs = path, threads, session_kwargs
         self.session = self._open(device)
+        self.contract = GraphContract.from_metadata(self.metadata(), path)
+        self._check_names()
         self.load_seconds = time.perf_counter() - t0
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.device = device
-        self._ort = ort
         self.cuda_graph = cuda_graph
         self.buckets: tuple[int, ...] | None = None
         self._static: dict[int, _StaticBucket] = {}
         if cuda_graph or buckets is not None:
-            contract = GraphContract.from_metadata(self.metadata(), path)
-            if contract.stochastic:
+            if self.contract.stochastic:
                 raise ValueError("captured/bucketed sessions serve deterministic graphs (this one takes noise)")
-            self.contract = contract
             self.buckets = check_buckets(DEFAULT_BUCKETS if buckets is None else buckets)
-            self.history = int(history or contract.max_len)
+            self.history = int(history or self.contract.max_len)
             if self.history < 1:
                 raise ValueError(f"history must be >= 1, got {history}")
 
+    def _check_names(self) -> None:
+        got_in = [i.name for i in self.session.get_inputs()]
+        got_out = [o.name for o in self.session.get_outputs()]
+        if got_in != self.contract.input_names or got_out != self.contract.output_names:
+            raise ModelFileError(f"{self.path}: the graph's inputs/outputs {got_in}/{got_out} are not the ones its "
+                                 f"cddrec metadata declares ({self.contract.input_names}/{self.contract.output_names});"
+                                 " re-export it with cddrec-export")
+
     def _open(self, device: str, **extra):
+        opts = {**self.session_kwargs, **extra}
+        if "cuda_options" in self.session_kwargs and "cuda_options" in extra:  # caller's options + this session's
+            opts["cuda_options"] = {**self.session_kwargs["cuda_options"], **extra["cuda_options"]}
         try:
-            return ort_session(self.path, device, threads=self.threads, **self.session_kwargs, **extra)
+            return ort_session(self.path, device, threads=self.threads, **opts)
         except tuple(getattr(self._errors, n) for n in ("Fail", "InvalidArgument", "InvalidProtobuf", "InvalidGraph",
                                                          "NoSuchFile", "NotImplemented", "RuntimeException", "EPFail")
                      if hasattr(self._errors, n)) as e:
-            if extra.get("cuda_options", {}).get("enable_cuda_graph"):
+            if (opts.get("cuda_options") or {}).get("enable_cuda_graph"):
                 raise BackendUnavailable(f"{self.path}: ONNX Runtime cannot capture this graph as a CUDA graph "
                                          f"({str(e).splitlines()[0][:300]})") from None
             hint = ("; it looks like a model file (model.pt): export it with cddrec-export, or serve it with "
@@ -150,36 +229,23 @@ class OrtBackend:
             raise ModelFileError(f"{self.path}: ONNX Runtime cannot load it as a graph "
                                  f"({str(e).splitlines()[0][:200]}){hint}") from None
 
-    @classmethod
-    def cpu(cls, path, *, k=None, threads: int = 0, **kwargs) -> "OrtBackend":
-        return cls(path, "cpu", threads, **kwargs)
-
-    @classmethod
-    def cuda(cls, path, *, k=None, threads: int = 0, **kwargs) -> "OrtBackend":
-        return cls(path, "cuda", threads, **kwargs)
-
-    @classmethod
-    def cuda_graphs(cls, path, *, k=None, threads: int = 0, **kwargs) -> "OrtBackend":
-        return cls(path, "cuda", threads, **{"cuda_graph": True, **kwargs})
-
     def metadata(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)
 
     def static_bucket(self, bucket: int) -> "_StaticBucket":
         """The static-shape session of ``bucket`` rows (created, and on CUDA captured, on first use)."""
         if bucket not in self._static:
-            cuda_options = dict(self.session_kwargs.get("cuda_options") or {})
+            extra: dict = {"dims": {"batch": bucket, "history": self.history}}
             if self.cuda_graph:
-                cuda_options["enable_cuda_graph"] = "1"
-            kwargs = {"cuda_options": cuda_options} if self.device == "cuda" else {}
-            sess = self._open(self.device, dims={"batch": bucket, "history": self.history}, **kwargs)
+                extra["cuda_options"] = {"enable_cuda_graph": "1"}
+            sess = self._open(self.device, **extra)
             self._static[bucket] = _StaticBucket(self._ort, sess, self.device, bucket, self.history, self.contract)
         return self._static[bucket]
 
-    def warmup(self) -> None:
-        """Create (and capture) every bucket now instead of at its first request."""
-        for b in self.buckets or ():
-            self.static_bucket(b).run(np.zeros((b, self.history), dtype=np.int64))
+    def warmup_feeds(self) -> list[dict[str, np.ndarray]]:
+        if self.buckets is None:
+            return super().warmup_feeds()
+        return [{"item_ids": np.zeros((b, self.history), dtype=np.int64)} for b in self.buckets]
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.buckets is not None:
@@ -189,17 +255,47 @@ class OrtBackend:
         return self._infer_dynamic(feed)
 
     def _infer_dynamic(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names_in, names_out = self.contract.input_names, self.contract.output_names
         if self.device == "cuda":
             binding = self.session.io_binding()
-            for name in self.input_names:
+            for name in names_in:
                 binding.bind_ortvalue_input(name, self._ort.OrtValue.ortvalue_from_numpy(
                     np.ascontiguousarray(feed[name]), "cuda", 0))
-            for name in self.output_names:
+            for name in names_out:
                 binding.bind_output(name, "cuda", 0)
             self.session.run_with_iobinding(binding)
-            return dict(zip(self.output_names, binding.copy_outputs_to_cpu()))
-        outs = self.session.run(self.output_names, {n: feed[n] for n in self.input_names})
-        return dict(zip(self.output_names, outs))
+            return dict(zip(names_out, binding.copy_outputs_to_cpu()))
+        outs = self.session.run(names_out, {n: feed[n] for n in names_in})
+        return dict(zip(names_out, outs))
+
+    def close(self) -> None:
+        self._static.clear()
+        self.session = None
+
+
+class OrtCpu(OrtBackend):
+    name = "ort-cpu"
+
+    def __init__(self, path, *, k=None, threads: int = 0, **kwargs):
+        super().__init__(path, "cpu", threads, **kwargs)
+
+
+class OrtCuda(OrtBackend):
+    name, device = "ort-cuda", "cuda"
+
+    def __init__(self, path, *, k=None, threads: int = 0, **kwargs):
+        super().__init__(path, "cuda", threads, **kwargs)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None if cuda_provider_available() else "onnxruntime-gpu with CUDA is not installed here"
+
+
+class OrtCudaGraph(OrtCuda):
+    name = "ort-cuda-graph"
+
+    def __init__(self, path, *, k=None, threads: int = 0, **kwargs):
+        OrtBackend.__init__(self, path, "cuda", threads, **{"cuda_graph": True, **kwargs})
 
 
 class _StaticBucket:
@@ -214,7 +310,7 @@ class _StaticBucket:
             [bucket if s == "batch" else int(s) for s in t.shape], np.dtype(t.dtype).type, device, 0)
             for t in contract.outputs}
         self.binding = session.io_binding()
-        self.binding.bind_ortvalue_input("item_ids", self.input)
+        self.binding.bind_ortvalue_input(contract.input_names[0], self.input)
         for name, value in self.outputs.items():
             self.binding.bind_ortvalue_output(name, value)
 
@@ -227,3 +323,7 @@ class _StaticBucket:
         # a CPU OrtValue's numpy() is a view of the bound buffer (the next run overwrites it): copy;
         # a CUDA one is copied to the host by numpy() itself
         return {name: (v.numpy().copy() if self.device == "cpu" else v.numpy()) for name, v in self.outputs.items()}
+
+
+# name -> class (or a function returning it, for modules that import optional libraries)
+BUILTIN = {"ort-cpu": OrtCpu, "ort-cuda": OrtCuda, "ort-cuda-graph": OrtCudaGraph, "trt": _trt_class}

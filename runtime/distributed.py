@@ -5,7 +5,7 @@
 Ray Data reads the shards (``read_binary_files``: a file, a directory or a glob of JSONL or
 Parquet request files); ``map_batches`` sends each shard to a pool of actors, each of which loads
 one :class:`Recommender` once (asking for ``gpus_per_actor`` GPUs, 1 by default for ort-cuda and
-trt) and serves the shard with the single-process pipeline (:func:`run_file`), so a shard's output
+trt) and serves the shard with the single-process pipeline (:func:`run_batch`), so a shard's output
 is exactly what ``cddrec-infer`` gives for that file alone. Every shard gets its own output,
 ``OUTDIR/<shard name>`` (suffix changed with ``--output-format``), and its own errors file whose
 line numbers are lines of that shard. Duplicate users are caught within a shard, not across
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from cddrec.errors import CDDRecError, DataError
 
-from .backends import CUDA_BACKENDS
+from .backends import backend_class
 from .pipeline import BatchStats, engine_options
 from .writers import output_format
 
@@ -64,7 +64,7 @@ class ShardServer:
         self.options, self.out_dir, self.out_fmt = options, Path(out_dir), out_fmt
 
     def __call__(self, batch: dict) -> dict:
-        from .pipeline import run_file
+        from .pipeline import run_batch
 
         rows: dict[str, list] = {k: [] for k in ("shard", "output", "errors", "lines", "served", "bad",
                                                  "unknown_items", "fallbacks", "seconds")}
@@ -74,7 +74,7 @@ class ShardServer:
                 local = Path(tmp) / Path(path).name  # same name, so the format follows the suffix
                 local.write_bytes(bytes(data))
                 fmt = self.out_fmt or output_format(out, None)
-                stats = run_file(self.rec, local, out, output_format_=fmt, **self.options)
+                stats = run_batch(self.rec, local, out, output_format=fmt, **self.options)
             for key in ("lines", "served", "bad", "unknown_items", "fallbacks", "seconds"):
                 rows[key].append(getattr(stats, key))
             rows["shard"].append(path)
@@ -109,7 +109,7 @@ def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str 
     if not Path(model).exists():
         raise DataError(f"{model}: no such model file")
     if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if backend in CUDA_BACKENDS else 0.0
+        gpus_per_actor = 1.0 if backend_class(backend).device == "cuda" else 0.0
     started = False
     if not ray.is_initialized():
         if ray_address == "local":

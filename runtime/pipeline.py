@@ -31,10 +31,11 @@ import pyarrow as pa
 from cddrec.errors import DataError
 from cddrec.io import atomic_path, refuse_overwrite_inputs
 
+from . import writers
 from .codec import Encoded, KeyMapper, TopK, encode_flat
 from .recommender import Recommender
 from .requests import RequestBlock, input_format, read_blocks
-from .writers import WRITERS, ErrorWriter, output_format, output_lock
+from .writers import WRITERS, ErrorWriter, output_lock
 
 
 class BadInput(DataError):
@@ -244,18 +245,19 @@ def check_paths(input_path: Path, output_path: Path) -> None:
         raise DataError(f"{output_path}: is a directory, expected an output file")
 
 
-def run_file(rec: Recommender, input_path: str | Path, output_path: str | Path, *, k: int | None = None,
-             batch_size: int = 256, strict: bool = False, output_format_: str | None = None,
-             in_format: str | None = None, check_duplicates: bool = True, progress: bool = False,
-             log_options: dict | None = None, block_bytes: int | None = None) -> BatchStats:
-    """Serve every request of ``input_path`` into ``output_path`` (temporary file, then rename)."""
+def run_batch(rec: Recommender, input_path: str | Path, output_path: str | Path, *, k: int | None = None,
+              batch_size: int = 256, strict: bool = False, output_format: str | None = None,
+              in_format: str | None = None, check_duplicates: bool = True, progress: bool = False,
+              log_options: dict | None = None, block_bytes: int | None = None) -> BatchStats:
+    """Serve every request of ``input_path`` into ``output_path`` (temporary file, then rename); returns
+    the counts. ``output_format`` jsonl | csv | parquet, by default from the output's suffix."""
     input_path, output_path = Path(input_path), Path(output_path)
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
     check_paths(input_path, output_path)
     k = rec.check_k(k)
     fmt = input_format(input_path, in_format)
-    out_fmt = output_format(output_path, output_format_)
+    out_fmt = writers.output_format(output_path, output_format)
     errors_path = output_path.with_name(output_path.name + ".errors.jsonl")
     kwargs = {} if block_bytes is None else {"block_bytes": block_bytes, "block_rows": max(1, block_bytes // 128)}
     blocks = read_blocks(input_path, fmt, log_options, **kwargs)

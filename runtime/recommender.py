@@ -13,7 +13,6 @@ training popularity top-k, flagged ``fallback: "popular"``. Torch-free: graphs a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -23,33 +22,21 @@ import numpy as np
 from cddrec.contract import MASK_SCORE, MAX_HISTORY, ServingInfo, serving_info
 from cddrec.errors import ModelFileError
 
-from .backends import Backend, load_backend
+from .backends import BackendBase, OrtBackend, load_backend
 from .codec import Encoded, KeyMapper, TopK, decode_rows, encode_histories, fill_popular, left_pad, popular_ids
 
 MAX_CELLS = 1 << 22  # padded ids per engine batch (32 MB of int64)
 
 
-def read_serving_info(path: str | Path, backend: Backend | None = None) -> ServingInfo:
-    """Contract, vocabulary and popularity of a graph (``.onnx``, from the backend's session when it
-    has one), of a TensorRT engine (its ``ENGINE.meta.json``), or of a model-file backend."""
+def read_serving_info(path: str | Path, backend: BackendBase | None = None) -> ServingInfo:
+    """Contract, vocabulary and popularity of what ``backend`` serves: from the model file for the torch
+    backends (``serving_info()``), else from the graph's (or engine's) metadata."""
     path = Path(path)
-    if backend is not None and hasattr(backend, "serving_info"):
+    if backend is None:
+        backend = OrtBackend(path, "cpu", 1, level="disable")
+    if hasattr(backend, "serving_info"):
         return backend.serving_info()
-    meta_json = path.with_name(path.name + ".meta.json")
-    if path.suffix != ".onnx" and meta_json.exists():
-        try:
-            meta = json.loads(meta_json.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFileError(f"{meta_json}: not readable engine metadata ({e})") from None
-    elif backend is not None and hasattr(backend, "metadata"):
-        meta = backend.metadata()
-    elif path.suffix != ".onnx":
-        raise ModelFileError(f"{meta_json}: missing; an engine's metadata is written beside it by cddrec-export --trt")
-    else:
-        from .backends import OrtBackend
-
-        meta = OrtBackend(path, "cpu", 1, level="disable").metadata()
-    return serving_info(meta, path)
+    return serving_info(backend.metadata(), path)
 
 
 @dataclass
@@ -61,21 +48,22 @@ class Recommendation:
 
 
 class Recommender:
-    def __init__(self, backend: Backend, info: ServingInfo, max_history: int | None = None, seed: int = 0):
+    def __init__(self, backend: BackendBase, info: ServingInfo, max_history: int | None = None, seed: int = 0):
         self.backend, self.info, self.max_history = backend, info, max_history
         self.mapper = KeyMapper(info.vocab)
         self.rng = np.random.default_rng(seed)  # the noise of a stochastic graph (sampled reverse chain)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "ort-cpu", *, threads: int = 0, k: int | None = None,
-             max_history: int | None = None, seed: int = 0, **options) -> "Recommender":
-        """Open a graph (ort-cpu, ort-cuda), an engine (trt) or a model file (torch backends)."""
+             max_history: int | None = None, seed: int = 0, warmup: bool = True, **options) -> "Recommender":
+        """Open a graph (ort-cpu, ort-cuda), an engine (trt) or a model file (torch backends), and warm
+        it up (``backend.warmup_seconds`` says how long that took) unless ``warmup=False``."""
         path = Path(path)
         if not path.exists():
             raise ModelFileError(f"{path}: no such file")
         if path.is_dir():
             raise ModelFileError(f"{path}: is a directory, expected a model file")
-        be = load_backend(path, backend, k=k, threads=threads, **options)
+        be = load_backend(path, backend, k=k, threads=threads, warmup=warmup, **options)
         if backend == "trt" and max_history is None:
             max_history = MAX_HISTORY  # TensorRT's profiles stop there
         return cls(be, read_serving_info(path, be), max_history, seed=seed)
@@ -83,6 +71,15 @@ class Recommender:
     @property
     def contract(self):
         return self.info.contract
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---------------------------------------------------------------- recommending
     def infer_encoded(self, enc: Encoded, k: int | None = None, batch_size: int = 256) -> TopK:

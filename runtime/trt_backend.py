@@ -12,12 +12,16 @@ engine declares (int64 ids stay int64 where the engine takes int64).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from cddrec.contract import GraphContract
 from cddrec.errors import BackendUnavailable, ModelFileError
+
+from .backends import BackendBase
 
 INSTALL = "pip install 'cddrec[gpu]' (tensorrt, cuda-python) on a machine with an NVIDIA GPU"
 
@@ -67,12 +71,28 @@ def require_gpu(cudart) -> int:
     return count
 
 
-class TrtBackend:
+def engine_metadata(path: str | Path) -> dict[str, str]:
+    """The graph metadata an engine carries beside it (``ENGINE.meta.json``, written by cddrec-export --trt)."""
+    path = Path(path)
+    meta_json = path.with_name(path.name + ".meta.json")
+    if not meta_json.exists():
+        raise ModelFileError(f"{meta_json}: missing; an engine's metadata is written beside it by cddrec-export --trt")
+    try:
+        return json.loads(meta_json.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{meta_json}: not readable engine metadata ({e})") from None
+
+
+class TrtBackend(BackendBase):
     """A serialized TensorRT engine (``.plan``); its metadata is ``ENGINE.meta.json``."""
 
-    def __init__(self, path: str | Path):
+    name, device, reads = "trt", "cuda", "engine"
+
+    def __init__(self, path: str | Path, *, k: int | None = None, threads: int = 0):
+        self._cudart = None
         trt, cudart = import_trt_runtime()
         require_gpu(cudart)
+        self.contract = GraphContract.from_metadata(engine_metadata(path), path)
         t0 = time.perf_counter()
         self._trt, self._cudart = trt, cudart
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -82,18 +102,27 @@ class TrtBackend:
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_in = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.input_names = [n for n in names if is_in[n]]
-        self.output_names = [n for n in names if not is_in[n]]
+        inputs, outputs = [n for n in names if is_in[n]], [n for n in names if not is_in[n]]
+        if sorted(inputs) != sorted(self.contract.input_names) or sorted(outputs) != sorted(self.contract.output_names):
+            raise ModelFileError(f"{path}: the engine's tensors {inputs}/{outputs} are not the ones its metadata declares "
+                                 f"({self.contract.input_names}/{self.contract.output_names}); rebuild it with "
+                                 "cddrec-export --trt")
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
         self.stream = cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self.load_seconds = time.perf_counter() - t0
-        self.name = "trt"
+        self.path = Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, *, k: int | None = None, threads: int = 0, **options) -> "TrtBackend":
-        """Registry factory: an engine's K is fixed and it runs on the GPU (``k``/``threads`` unused)."""
-        return cls(path, **options)
+    def unavailable(cls) -> str | None:
+        try:
+            import_trt_runtime()
+        except BackendUnavailable as e:
+            return str(e)
+        return None
+
+    def metadata(self) -> dict[str, str]:
+        return engine_metadata(self.path)
 
     def _device(self, name: str, nbytes: int) -> int:
         ptr, size = self._buffers.get(name, (0, 0))

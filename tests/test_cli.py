@@ -4,7 +4,8 @@ import math
 import yaml
 from click.testing import CliRunner
 
-from cddrec.app.cli import eval_main, train_main
+from cddrec.app.evaluate import main as eval_main
+from cddrec.app.train import main as train_main
 
 TINY = ["--hidden-size", "16", "--num-heads", "2", "--max-len", "8", "--steps", "4", "--batch-size", "16",
         "--epochs", "2", "--num-threads", "1", "--quiet"]
@@ -72,7 +73,8 @@ def test_clear_errors(tmp_path, tiny_data_file):
 
 
 def test_end_to_end_train_export_infer(tmp_path, tiny_data, tiny_data_file):
-    from cddrec.app.cli import export_main, infer_main
+    from cddrec.app.export import main as export_main
+    from cddrec.app.infer import main as infer_main
 
     runner = CliRunner()
     model, graph = tmp_path / "model.pt", tmp_path / "model.onnx"

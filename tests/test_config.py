@@ -4,7 +4,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from cddrec.app.cli import train_main
+from cddrec.app.train import main as train_main
 from cddrec.config import AUTO_RANK_MAX, CDDRecConfig, read_config_file
 from cddrec.errors import ConfigError
 

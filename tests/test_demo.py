@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 import cddrec.app.demo as demo
-from cddrec.app.cli import demo_main
+from cddrec.app.demo import main as demo_main
 
 
 def _fake_run(fail_after: str | None = None):

@@ -42,7 +42,7 @@ def test_every_graph_stores_the_item_table_once(tmp_path, tiny_cfg, options):
 
 
 def test_minimum_opset_is_checked(tmp_path, tiny_cfg):
-    from cddrec.app.cli import export_main
+    from cddrec.app.export import main as export_main
 
     path, _ = _ckpt(tmp_path / "m.pt", tiny_cfg)
     with pytest.raises(ExportError, match=f"needs opset {MIN_OPSET} or newer"):
@@ -70,7 +70,8 @@ def test_relative_tolerance_accepts_large_scores_and_rejects_a_wrong_graph(tmp_p
 
 
 def test_stochastic_graph_is_served_end_to_end(tmp_path, tiny_cfg):
-    from cddrec.app.cli import export_main, infer_main
+    from cddrec.app.export import main as export_main
+    from cddrec.app.infer import main as infer_main
 
     path, _ = _ckpt(tmp_path / "m.pt", tiny_cfg)
     graph = tmp_path / "s.onnx"
@@ -95,7 +96,7 @@ def test_stochastic_without_a_sampled_step_is_refused(tmp_path, tiny_cfg, varian
 
 
 def test_small_catalogue_clamps_k_and_says_so(tmp_path):
-    from cddrec.app.cli import export_main
+    from cddrec.app.export import main as export_main
     from cddrec.runtime.backends import load_backend
 
     cfg = CDDRecConfig(num_items=3, hidden_size=8, num_heads=2, max_len=4, steps=2)

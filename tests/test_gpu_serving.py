@@ -10,12 +10,14 @@ import torch
 
 from cddrec.contract import GraphContract
 from cddrec.errors import BackendUnavailable
-from cddrec.export.cuda_graphs import BucketedModule
 from cddrec.export.graph import UnrolledRecommender
+from cddrec.export.torch_cuda_graphs import BucketedModule
 from cddrec.inference import reference_scores
 from cddrec.parity import compare_topk
 from cddrec.runtime.backends import load_backend
 from cddrec.runtime.buckets import choose_bucket, fit_columns, fits_history, pad_rows, plan, run_bucketed
+
+OUTPUTS = ["top_items", "top_scores", "user_embedding"]
 
 BUCKETS = (1, 4, 16)
 
@@ -108,14 +110,14 @@ def test_bucketed_module_eager_path_matches_reference(trained_tiny):
 
     model, _ = load_checkpoint(trained_tiny)
     module = UnrolledRecommender(model, 10).eval()
-    runner = BucketedModule(module, module, "cpu", buckets=BUCKETS, history=9, capture=False)
+    runner = BucketedModule(module, module, "cpu", OUTPUTS, buckets=BUCKETS, history=9, capture=False)
     rng = np.random.default_rng(3)
     for B, S in ((2, 8), (20, 9), (6, 14)):
         ids = _left_padded(rng, B, S, model.cfg.num_items, rng.integers(1, S + 1, size=B))
         full, _ = reference_scores(model, torch.from_numpy(ids))
         _check_parity(runner(ids), full, 10)
     with pytest.raises(ValueError, match="CUDA"):
-        BucketedModule(module, module, "cpu", buckets=(2,), history=4, capture=True).bucket(2)
+        BucketedModule(module, module, "cpu", OUTPUTS, buckets=(2,), history=4, capture=True).bucket(2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
@@ -253,7 +255,7 @@ def test_torch_compile_on_cuda_model(tmp_path_factory):
 def test_infer_tf32_flag_only_for_ort_cuda(tmp_path, trained_tiny_onnx):
     from click.testing import CliRunner
 
-    from cddrec.app.cli import infer_main
+    from cddrec.app.infer import main as infer_main
 
     req = tmp_path / "r.jsonl"
     req.write_text('{"user": "a", "history": ["1"]}\n')

@@ -28,7 +28,7 @@ def test_serving_without_torch(tmp_path, trained_tiny_onnx, tiny_data):
         rec = Recommender.load({str(trained_tiny_onnx)!r}, backend="ort-cpu")
         r = rec.recommend([{tiny_data.items.decode(tiny_data.sequences[0].tolist())!r}], k=5)[0]
         assert len(r.items) == 5 and r.fallback is None, r
-        from cddrec.app.cli import infer_main
+        from cddrec.app.infer import main as infer_main
         infer_main(["--model", {str(trained_tiny_onnx)!r}, "--batch", {str(requests)!r}, "--output", {str(out)!r},
                     "--quiet"], standalone_mode=False)
         assert "torch" not in sys.modules or sys.modules["torch"] is None
@@ -55,7 +55,7 @@ def test_model_backends_say_what_is_missing_without_torch(trained_tiny):
 
 def test_training_commands_say_what_to_install_without_torch(trained_tiny):
     proc = run_without_torch(f"""
-        from cddrec.app.cli import export_main
+        from cddrec.app.export import main as export_main
         export_main([{str(trained_tiny)!r}, "-o", "/tmp/never-written.onnx"])
     """)
     assert proc.returncode == 1, proc.stderr[-2000:]

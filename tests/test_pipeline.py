@@ -11,10 +11,9 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cddrec.app.cli import infer_main
-from cddrec.runtime.batch import run_batch
+from cddrec.app.infer import main as infer_main
 from cddrec.runtime.codec import left_pad
-from cddrec.runtime.pipeline import SeenUsers
+from cddrec.runtime.pipeline import SeenUsers, run_batch
 from cddrec.runtime.recommender import Recommender
 from cddrec.runtime.writers import output_lock
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cddrec.app.cli import infer_main
-from cddrec.runtime.batch import run_batch
+from cddrec.app.infer import main as infer_main
+from cddrec.runtime.pipeline import run_batch
 from cddrec.runtime.recommender import Recommender
 
 pytest.importorskip("ray.data")

@@ -5,7 +5,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cddrec.app.cli import eval_main, train_main
+from cddrec.app.evaluate import main as eval_main
+from cddrec.app.train import main as train_main
 from cddrec.config import CDDRecConfig
 from cddrec.data import from_keys, load_data
 from cddrec.training import train

@@ -11,7 +11,9 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from cddrec.app.cli import eval_main, export_main, train_main
+from cddrec.app.evaluate import main as eval_main
+from cddrec.app.export import main as export_main
+from cddrec.app.train import main as train_main
 from cddrec.errors import OutputError
 from cddrec.io import atomic_write_text, json_dumps, refuse_overwrite_inputs
 
@@ -118,7 +120,7 @@ def test_failed_write_is_one_line_and_leaves_nothing(tmp_path, tiny_data_file):
     out = tmp_path / "m.pt"
     code = _script(f"""
         import resource, signal, sys
-        from cddrec.app.cli import train_main
+        from cddrec.app.train import main as train_main
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         train_main([{str(tiny_data_file)!r}, "--out", {str(out)!r}, "--epochs", "1", "--hidden-size", "16",
@@ -137,7 +139,7 @@ def test_failed_write_is_one_line_and_leaves_nothing(tmp_path, tiny_data_file):
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_train_interrupted_exit_code_and_no_files(tmp_path, tiny_data_file, sig, code):
     out = tmp_path / "m.pt"
-    cmd = [sys.executable, "-c", "from cddrec.app.cli import train_main; train_main()", str(tiny_data_file),
+    cmd = [sys.executable, "-c", "from cddrec.app.train import main; main()", str(tiny_data_file),
            "--out", str(out), "--epochs", "500", "--patience", "500", "--hidden-size", "16", "--num-heads", "2",
            "--max-len", "8", "--steps", "2", "--num-threads", "1", "--quiet"]
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)

@@ -6,7 +6,10 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from cddrec.app.cli import bench_main, demo_main, export_main, train_main
+from cddrec.app.bench import main as bench_main
+from cddrec.app.demo import main as demo_main
+from cddrec.app.export import main as export_main
+from cddrec.app.train import main as train_main
 from cddrec.errors import ModelFileError
 from cddrec.export.onnx_export import read_metadata, write_metadata
 

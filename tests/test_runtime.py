@@ -5,11 +5,12 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from cddrec.app.cli import eval_main, infer_main
+from cddrec.app.evaluate import main as eval_main
+from cddrec.app.infer import main as infer_main
 from cddrec.data import eval_split
 from cddrec.errors import BackendUnavailable, ModelFileError
 from cddrec.runtime.backends import load_backend
-from cddrec.runtime.batch import run_batch
+from cddrec.runtime.pipeline import run_batch
 from cddrec.runtime.recommender import Recommender
 
 

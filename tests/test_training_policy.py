@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 import cddrec.training as training
-from cddrec.app.cli import eval_main
+from cddrec.app.evaluate import main as eval_main
 from cddrec.checkpoint import load_checkpoint
 from cddrec.data import eval_split
 from cddrec.errors import NonFiniteError
@@ -127,7 +127,7 @@ def test_same_seed_same_model_on_two_threads(tmp_path, tiny_data, overrides):
 
 
 def test_cli_prints_progress_lines_without_a_terminal(tmp_path, tiny_data_file):
-    from cddrec.app.cli import train_main
+    from cddrec.app.train import main as train_main
 
     args = [str(tiny_data_file), "-o", str(tmp_path / "m.pt"), "--hidden-size", "16", "--num-heads", "2",
             "--max-len", "8", "--steps", "2", "--batch-size", "16", "--epochs", "1", "--num-threads", "1"]

@@ -173,7 +173,7 @@ def test_client_codec_bad_files(tmp_path):
 
 
 def test_cli_writes_repo_and_refuses_optimize(trained_tiny, tmp_path):
-    from cddrec.app.cli import export_main
+    from cddrec.app.export import main as export_main
 
     runner = CliRunner()
     res = runner.invoke(export_main, [str(trained_tiny), "-o", str(tmp_path / "m.onnx"), "--k", "5",

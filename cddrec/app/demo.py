@@ -1,8 +1,9 @@
 """``cddrec-demo``: the whole job on an embedded default, in about a minute.
 
-A seeded synthetic dataset with planted sequential structure (``data.make_synthetic``) is
-written to the demo folder, a small CDDRec is trained on it under a time budget, and the test
-split is evaluated with full ranking beside a most-popular baseline.
+A seeded synthetic dataset with planted sequential structure (``cddrec.synthetic``) is written
+to the demo folder, a small CDDRec is trained on it under a time budget, the test split is
+evaluated with full ranking beside a most-popular baseline, and the model is exported, served
+with the batch pipeline and timed. It lives in the app layer because it drives every wing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import click
+
 from cddrec.config import CDDRecConfig
 from cddrec.data import eval_split
 from cddrec.errors import ConfigError
@@ -20,6 +23,8 @@ from cddrec.evaluation import evaluate, evaluate_popularity, format_table
 from cddrec.io import current_umask
 from cddrec.synthetic import make_synthetic, write_sequence_file
 from cddrec.training import train
+
+from .options import CONTEXT, friendly_errors, option
 
 DEMO_CONFIG = dict(hidden_size=64, num_heads=2, max_len=20, steps=10, beta_T=0.04, batch_size=128,
                    epochs=40, patience=5)
@@ -33,7 +38,7 @@ def run_demo(out_dir: str | Path, minutes: float = 1.0, seed: int = 0,
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise ConfigError(f"{out_dir} already exists and is not empty (an earlier demo run?); "
-                          "use --force to replace it or --out another folder")
+                          "use --force to replace it or --output another folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     work.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: the folder gets what mkdir would give
@@ -79,7 +84,7 @@ def _run_demo(out_dir: Path, final_dir: Path, minutes: float, seed: int, echo: C
 
     # export -> serve the test histories -> a short speed table
     from cddrec.export.onnx_export import export_model
-    from cddrec.runtime.batch import run_batch
+    from cddrec.runtime.pipeline import run_batch
     from cddrec.runtime.recommender import Recommender
 
     graph = out_dir / "model.onnx"
@@ -116,3 +121,20 @@ def quick_speed(model_path: Path, graph: Path, L: int, num_items: int, seconds: 
             t = time_backend(be, pool, warmup=2, min_runs=5, min_seconds=seconds)
             rows.append({"backend": name, "batch": b, "p50 ms": round(t.p50_ms, 2), "users/s": round(t.users_per_s)})
     return rows
+
+
+@click.command(context_settings=CONTEXT)
+@option("--output", "-o", "out_dir", default="cddrec-demo", show_default=True, type=click.Path(file_okay=False),
+        hidden_aliases=("--out",), help="folder for the demo's data, model, graph and recommendations")
+@option("--minutes", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+        help="training time budget")
+@option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="seed of the data and the training")
+@option("--force", is_flag=True, help="replace an earlier demo run in the folder")
+@friendly_errors
+def main(out_dir, minutes, seed, force):
+    """Train, evaluate, export and serve CDDRec on a seeded synthetic dataset with planted sequential structure."""
+    run_demo(out_dir, minutes=minutes, seed=seed, echo=click.echo, force=force)
+
+
+if __name__ == "__main__":
+    main()

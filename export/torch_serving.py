@@ -1,4 +1,4 @@
-"""PyTorch backends from a model file, behind the runtime's ``Backend`` protocol.
+"""PyTorch backends from a model file, behind the runtime's backend interface (the torch side of serving).
 
 - ``torch``: the plain reference (eager, Python loop over the T steps, every position decoded,
   keys/values projected at every step): what every fast path is checked against.
@@ -6,12 +6,13 @@
 - ``torch-compile``: ``torch.compile`` of the unrolled graph module (the exported graph's math),
   on the model's device (CUDA when present).
 - ``torch-cuda`` / ``torch-cuda-fp16``: CUDA-graph replay of the unrolled module, one captured
-  graph per batch bucket (``cddrec.export.cuda_graphs``); options ``fp16`` (Linear weights stored
+  graph per batch bucket (``cddrec.export.torch_cuda_graphs``); options ``fp16`` (Linear weights stored
   in fp16, as the ``--fp16`` graph), ``compile`` (a ``torch.compile`` mode), ``cuda_graph``,
   ``buckets``, ``history``. CUDA only: elsewhere ``BackendUnavailable``.
 
-They are found by name through ``cddrec.runtime.backends.load_backend`` (the runtime itself
-never imports torch). Each reads its K from the caller (default ``DEFAULT_K``) and offers
+They are registered under the entry-point group ``cddrec.backends`` by ``setup.py`` and found by
+name through ``cddrec.runtime.backends.load_backend`` (the runtime itself never imports torch or
+names these classes). Each reads its K from the caller (default ``DEFAULT_K``) and offers
 ``serving_info()`` from the model file, so ``Recommender`` serves a model.pt like a graph.
 """
 
@@ -28,19 +29,20 @@ from cddrec.checkpoint import load_checkpoint
 from cddrec.contract import DEFAULT_K, POPULAR_TOPK, ServingInfo
 from cddrec.errors import BackendUnavailable
 from cddrec.inference import popular_topk, reference_topk
+from cddrec.runtime.backends import BackendBase
 from cddrec.vocab import Vocab
 
-from .cuda_graphs import BucketedModule
 from .graph import UnrolledRecommender
 from .onnx_export import contract_for
+from .torch_cuda_graphs import BucketedModule, to_host
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class _TorchBackend:
-    name = "torch"
+class _TorchBackend(BackendBase):
+    name, reads = "torch", "model"
 
     def __init__(self, path: str | Path, *, k: int | None = None, threads: int = 0, device: str | None = None):
         if threads > 0:
@@ -51,8 +53,6 @@ class _TorchBackend:
         self.model.to(self.device)
         self.contract = contract_for(self.model, min(k or DEFAULT_K, self.model.cfg.num_items))
         self.k = self.contract.k
-        self.input_names = ["item_ids"]
-        self.output_names = ["top_items", "top_scores", "user_embedding"]
         self.setup()
         self.load_seconds = time.perf_counter() - t0
 
@@ -72,9 +72,8 @@ class _TorchBackend:
         noise = feed.get("noise")
         noise = None if noise is None else torch.from_numpy(np.ascontiguousarray(noise)).to(self.device)
         with torch.no_grad():
-            items, scores, user = self.run(ids, noise)
-        return {"top_items": items.cpu().numpy(), "top_scores": scores.float().cpu().numpy(),
-                "user_embedding": user.float().cpu().numpy()}
+            outs = self.run(ids, noise)
+        return to_host(outs, self.contract.output_names)
 
 
 class TorchReference(_TorchBackend):
@@ -115,7 +114,11 @@ class TorchCuda(_TorchBackend):
     capture); any other mode is compiled, then captured per bucket by ``BucketedModule``.
     """
 
-    name = "torch-cuda"
+    name, device = "torch-cuda", "cuda"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None if torch.cuda.is_available() else "PyTorch sees no CUDA GPU"
 
     def __init__(self, path: str | Path, *, k: int | None = None, threads: int = 0, device: str | None = None,
                  fp16: bool = False, compile: str | None = None, cuda_graph: bool = True, buckets=None,
@@ -129,13 +132,8 @@ class TorchCuda(_TorchBackend):
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
         self.fp16, self.compile_mode, self.cuda_graph = fp16, compile, cuda_graph
         self.buckets, self.history = buckets, history
-        if fp16:
-            self.name = "torch-cuda-fp16"
         super().__init__(path, k=k, threads=threads, device=device)
 
-    @classmethod
-    def half(cls, path, **kwargs) -> "TorchCuda":
-        return cls(path, **{"fp16": True, **kwargs})
 
     def setup(self) -> None:
         self.contract = dataclasses.replace(self.contract, fp16=self.fp16)
@@ -144,14 +142,27 @@ class TorchCuda(_TorchBackend):
         if self.compile_mode is not None:
             fn = torch.compile(self.module, mode=self.compile_mode, dynamic=False)
             capture = capture and self.compile_mode != "reduce-overhead"  # that mode captures by itself
-        self.runner = BucketedModule(fn, self.module, self.device, buckets=self.buckets,
+        self.runner = BucketedModule(fn, self.module, self.device, self.contract.output_names, buckets=self.buckets,
                                      history=self.history or self.contract.max_len, capture=capture)
 
-    def warmup(self) -> None:
+    def warmup(self) -> float:
         """Capture every bucket now instead of at its first request."""
+        t0 = time.perf_counter()
         self.runner.warmup()
+        self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if feed.get("noise") is not None:
             raise ValueError(f"{self.name} serves the deterministic chain; the noise input is not supported")
         return self.runner(feed["item_ids"])
+
+
+class TorchCudaHalf(TorchCuda):
+    """``torch-cuda`` with Linear weights stored in fp16 (as the ``--fp16`` graph)."""
+
+    name = "torch-cuda-fp16"
+
+    def __init__(self, path: str | Path, **kwargs):
+        super().__init__(path, **{"fp16": True, **kwargs})
+

@@ -19,14 +19,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cddrec.runtime.backends import OUTPUT_NAMES
 from cddrec.runtime.buckets import DEFAULT_BUCKETS, check_buckets, run_bucketed
 
 
-def _to_host(outs) -> dict[str, np.ndarray]:
-    """(top_items, top_scores, user_embedding) tensors -> host arrays of their own (int64, fp32, fp32)."""
+def to_host(outs, names: list[str]) -> dict[str, np.ndarray]:
+    """Output tensors (top_items, top_scores, user_embedding) -> host arrays of their own under the
+    contract's ``names`` (int64 stays int64, everything else fp32)."""
     host = {}
-    for name, t in zip(OUTPUT_NAMES, outs):
+    for name, t in zip(names, outs):
         t = t if t.dtype == torch.int64 else t.float()
         host[name] = t.cpu().numpy().copy() if t.device.type == "cpu" else t.cpu().numpy()
     return host
@@ -35,8 +35,9 @@ def _to_host(outs) -> dict[str, np.ndarray]:
 class StaticBucket:
     """One bucket of ``bucket`` rows by ``history`` columns on ``device``: captured or eager."""
 
-    def __init__(self, fn: Callable, bucket: int, history: int, device: torch.device, capture: bool, warmup: int = 3):
-        self.fn, self.shape = fn, (bucket, history)
+    def __init__(self, fn: Callable, names: list[str], bucket: int, history: int, device: torch.device, capture: bool,
+                 warmup: int = 3):
+        self.fn, self.names, self.shape = fn, names, (bucket, history)
         self.input = torch.zeros((bucket, history), dtype=torch.int64, device=device)  # (P, H), allocated once
         self.graph = None
         self.outputs = None
@@ -60,18 +61,18 @@ class StaticBucket:
         self.input.copy_(torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)))
         if self.graph is not None:
             self.graph.replay()
-            return _to_host(self.outputs)
+            return to_host(self.outputs, self.names)
         with torch.no_grad():
-            return _to_host(self.fn(self.input))
+            return to_host(self.fn(self.input), self.names)
 
 
 class BucketedModule:
     """``ids`` (B, S) numpy -> outputs: rows padded into buckets run ``fn`` on static buffers (captured
     when ``capture``); rows longer than ``history`` run ``eager`` (the uncaptured path)."""
 
-    def __init__(self, fn: Callable, eager: Callable, device: str | torch.device, *, buckets=None, history: int,
-                 capture: bool = True):
-        self.fn, self.eager, self.device, self.capture = fn, eager, torch.device(device), capture
+    def __init__(self, fn: Callable, eager: Callable, device: str | torch.device, names: list[str], *, buckets=None,
+                 history: int, capture: bool = True):
+        self.fn, self.eager, self.device, self.names, self.capture = fn, eager, torch.device(device), names, capture
         self.buckets = check_buckets(DEFAULT_BUCKETS if buckets is None else buckets)
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
@@ -80,7 +81,7 @@ class BucketedModule:
 
     def bucket(self, size: int) -> StaticBucket:
         if size not in self._static:
-            self._static[size] = StaticBucket(self.fn, size, self.history, self.device, self.capture)
+            self._static[size] = StaticBucket(self.fn, self.names, size, self.history, self.device, self.capture)
         return self._static[size]
 
     def warmup(self) -> None:
@@ -89,7 +90,7 @@ class BucketedModule:
 
     def _uncaptured(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            return _to_host(self.eager(torch.from_numpy(np.ascontiguousarray(ids)).to(self.device)))
+            return to_host(self.eager(torch.from_numpy(np.ascontiguousarray(ids)).to(self.device)), self.names)
 
     def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         return run_bucketed(np.asarray(ids, dtype=np.int64), self.buckets, self.history,

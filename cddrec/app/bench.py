@@ -1,0 +1,78 @@
+"""``cddrec-bench``: latency and throughput per backend and batch size, against the hardware's roofline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cddrec.contract import DEFAULT_K
+
+from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, int_list, k_option, option, threads_option
+
+
+@click.command(context_settings=CONTEXT)
+@option("--model", default="random", show_default=True,
+        help="model.pt, model.onnx, or 'random' (random weights of the given size)")
+@option("--backends", default=None,
+        help="comma-separated backends (NAME or NAME:tN for N threads) [default: those this machine can run]")
+@option("--batch-sizes", default="1,8,64,256,1024", show_default=True, help="comma-separated batch sizes")
+@option("--items", default=None, type=POSITIVE, help="catalogue size of the random model [default: the paper's 12,101]")
+@k_option(DEFAULT_K)
+@threads_option()
+@option("--min-seconds", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+        help="timed seconds per backend and batch size")
+@option("--catalogue-sizes", default="", help="also measure item tables of these sizes, e.g. 10000,100000,1000000")
+@option("--catalogue-backends", default="ort-cpu", show_default=True,
+        help="backends measured at each --catalogue-sizes size")
+@option("--catalogue-batch", default=256, show_default=True, type=POSITIVE,
+        help="batch size of the catalogue measurements")
+@option("--output", "-o", "out_dir", default="cddrec-bench", show_default=True, type=click.Path(file_okay=False),
+        hidden_aliases=("--out",), help="folder for the JSON, markdown and plots")
+@option("--name", default="bench", show_default=True, help="file name stem of the results")
+@friendly_errors
+def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
+         catalogue_batch, out_dir, name):
+    """Latency percentiles and throughput per backend and batch size, against the roofline."""
+    from cddrec.benchmarks.latency import GRAPH_VARIANTS, bench_table, catalogue_scaling, plot, run_bench, split_backend
+    from cddrec.benchmarks.record import record
+    from cddrec.benchmarks.sizes import PAPER_ITEMS
+    from cddrec.runtime.backends import available_backends, runnable_backends
+
+    names = [b.strip() for b in (backends or ",".join(runnable_backends())).split(",") if b.strip()]
+    known = set(available_backends()) | set(GRAPH_VARIANTS)
+    try:
+        unknown = sorted({split_backend(n)[0] for n in names} - known)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    if unknown:
+        raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(sorted(known))}")
+    res = run_bench(model, names, int_list(batch_sizes), items=items or PAPER_ITEMS, k=k, threads=threads,
+                    min_seconds=min_seconds, echo=echo_err)
+    table = bench_table(res)
+    if catalogue_sizes:
+        rows = catalogue_scaling(int_list(catalogue_sizes), [b.strip() for b in catalogue_backends.split(",")],
+                                 batch=catalogue_batch, k=k, threads=threads, echo=echo_err)
+        res["catalogue_scaling"] = rows
+        table += "\n\n" + catalogue_table(rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res["plots"] = plot(res, out, name)
+    jpath, mpath = record(name, res, table, out, title="cddrec-bench")
+    click.echo(table)
+    click.echo(f"\nwrote {jpath}, {mpath}" + (f", {', '.join(res['plots'])}" if res["plots"] else ""))
+
+
+def catalogue_table(rows: list[dict]) -> str:
+    def cell(r, key, fmt):
+        return "-" if r.get(key) is None else format(r[key], fmt)
+
+    return ("Catalogue scaling (random weights, exact top-k):\n\n| items | backend | batch | users/s | p50 ms | "
+            "peak RSS MB | roofline users/s |\n|---|---|---|---|---|---|---|\n" + "\n".join(
+                f"| {r['items']:,} | {r['backend']} | {r['batch']} | {cell(r, 'users_per_s', ',.0f')} | "
+                f"{cell(r, 'p50_ms', '.2f')} | {cell(r, 'peak_rss_mb', '.0f')} | "
+                f"{cell(r, 'floor_users_per_s', ',.0f')} |" for r in rows))
+
+
+if __name__ == "__main__":
+    main()

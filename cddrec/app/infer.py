@@ -1,0 +1,84 @@
+"""``cddrec-infer``: top-k recommendations for a file of histories (or many shards on Ray), keys in and out."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from cddrec.runtime.backends import available_backends
+
+from .options import CONTEXT, data_kwargs, data_options, echo_err, friendly_errors, k_option, option, threads_option
+
+
+@click.command(context_settings=CONTEXT)
+@option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+        help="exported graph (.onnx), TensorRT engine (with --backend trt) or model.pt (--backend torch)")
+@option("--batch", "input_path", required=True, type=click.Path(),
+        help="requests: JSONL {\"user\": key, \"history\": [item keys]}, Parquet requests or a "
+             "CSV/TSV/Parquet log; with --ray, a file, directory or glob of JSONL/Parquet shards")
+@option("--output", "-o", required=True, type=click.Path(), hidden_aliases=("--out",),
+        help="recommendations file ('-' for stdout); with --ray, a directory (one output per shard)")
+@k_option(None, "items per user [default: the graph's K]")
+@option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="users per engine call")
+@option("--backend", type=click.Choice(sorted(available_backends())), default="ort-cpu", show_default=True,
+        help="engine that runs the graph (torch backends read model.pt and need the [train] extra)")
+@threads_option()
+@option("--tf32", is_flag=True, help="ort-cuda/ort-cuda-graph: allow TF32 matmuls (faster, not fp32 parity)")
+@option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
+@option("--output-format", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
+        help="[default: from the output suffix: .csv, .parquet/.pq, else jsonl]")
+@option("--input-format", type=click.Choice(["jsonl", "parquet", "log"]), default=None,
+        help="[default: log for .csv/.tsv and Parquet without a list column 'history', "
+             "parquet (requests) for Parquet with one, else jsonl]")
+@option("--allow-duplicates", is_flag=True, help="do not check for repeated users (saves memory)")
+@option("--quiet", is_flag=True, help="no progress bar")
+@option("--ray", "ray_address", default=None,
+        help="serve shards on Ray Data: 'local' (start Ray here), 'auto' or a cluster address")
+@option("--ray-actors", type=click.IntRange(min=1), default=None,
+        help="actors, each with one model [default: one per CPU, at most one per shard]")
+@option("--ray-gpus", type=click.FloatRange(min=0), default=None,
+        help="GPUs per actor [default: 1 for the CUDA backends, else 0]")
+@data_options
+@friendly_errors
+def main(model_path, input_path, output, k, batch_size, backend, threads, tf32, strict, output_format,
+         input_format, allow_duplicates, quiet, ray_address, ray_actors, ray_gpus, user_col, item_col, time_col, sep):
+    """Batched top-k recommendations for a file of user histories, original item keys in and out."""
+    from cddrec.runtime.pipeline import engine_options, run_batch
+    from cddrec.runtime.recommender import Recommender
+
+    if tf32 and backend not in ("ort-cuda", "ort-cuda-graph"):
+        raise click.BadParameter(f"--tf32 applies to ort-cuda and ort-cuda-graph, not {backend}", param_hint="--tf32")
+    if ray_address:
+        if input_format == "log" or (user_col, item_col, time_col, sep) != ("user", "item", "timestamp", None):
+            raise click.UsageError("--ray serves request shards (JSONL or Parquet requests); interaction logs and "
+                                   "--user-col/--item-col/--time-col/--sep are for a single file without --ray")
+        from cddrec.runtime.distributed import run_sharded
+
+        t0 = time.perf_counter()
+        stats, rows = run_sharded(model_path, input_path, output, ray_address=ray_address, actors=ray_actors,
+                                  backend=backend, threads=threads or 1, gpus_per_actor=ray_gpus,
+                                  out_fmt=output_format, k=k, batch_size=batch_size, strict=strict,
+                                  check_duplicates=not allow_duplicates, tf32=tf32)
+        stats.seconds = time.perf_counter() - t0
+        echo_err(stats.summary() + f", shards {len(rows)}")
+        bad = [r["errors"] for r in rows if r["errors"]]
+        echo_err(f"wrote {len(rows)} outputs to {output}" + (f"; bad lines in {len(bad)} errors files" if bad else ""))
+        if stats.bad and not stats.served:
+            sys.exit(3)
+        return
+
+    rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **engine_options(backend, tf32))
+    stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
+                      output_format=output_format, in_format=input_format, check_duplicates=not allow_duplicates,
+                      progress=not quiet and sys.stderr.isatty(),
+                      log_options=data_kwargs(user_col, item_col, time_col, sep))
+    echo_err(stats.summary())
+    echo_err(f"wrote {output}" + (f"; bad lines in {stats.errors_path}" if stats.errors_path else ""))
+    if stats.bad and not stats.served:
+        sys.exit(3)  # finished, but every line was bad
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""What every command shares: the error policy, one option vocabulary, and small parsers.
+
+One vocabulary across the commands (``cddrec-train``, ``-eval``, ``-export``, ``-infer``,
+``-serve``, ``-bench``, ``-demo``):
+
+=====================  ==========================================================
+``-o/--output``        the file (or folder) the command writes
+``--threads``          CPU threads (0 = every core, at most ``MAX_THREADS_PER_CORE`` x cores)
+``--k``                items per user
+``--batch-size``       users per engine call (serving) or training windows per step
+``--eval-batch-size``  users per evaluation batch
+``--device``           auto | cpu | cuda | cuda:N (``auto``: CUDA when present)
+=====================  ==========================================================
+
+Spellings of earlier releases (``--out``, ``--num-threads``, ``--topk``, ``--batch-size`` of
+``cddrec-eval``) are accepted for one release and hidden from ``--help``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from cddrec.errors import CDDRecError
+from cddrec.io import install_signal_cleanup
+
+CONTEXT = {"max_content_width": 110, "help_option_names": ["-h", "--help"]}
+TRAIN_MODULES = ("torch", "onnx", "onnxscript")  # what the [train] extra brings
+POSITIVE = click.IntRange(min=1)
+MAX_THREADS_PER_CORE = 4
+
+
+class Option(click.Option):
+    """An option with spellings kept for one release (``hidden_aliases``): accepted, not shown in --help."""
+
+    def __init__(self, *args, hidden_aliases: tuple[str, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases = tuple(hidden_aliases)
+
+    def get_help_record(self, ctx):
+        shown, self.opts = self.opts, [o for o in self.opts if o not in self.hidden_aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
+
+
+def option(*names: str, hidden_aliases: tuple[str, ...] = (), **kwargs):
+    """``click.option`` whose ``hidden_aliases`` (old spellings) are accepted but not listed in --help."""
+    return click.option(*names, *hidden_aliases, cls=Option, hidden_aliases=hidden_aliases, **kwargs)
+
+
+def friendly_errors(fn):
+    """Expected errors (bad data, bad model files, bad settings, unwritable outputs) become one-line
+    messages (exit 1); SIGINT/SIGTERM exit 130/143 after removing temporary files (docs/reliability.md)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        install_signal_cleanup()
+        try:
+            return fn(*args, **kwargs)
+        except (CDDRecError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+        except ModuleNotFoundError as e:  # a serving-only install has no torch/onnx: say what to install
+            if (e.name or "").split(".")[0] not in TRAIN_MODULES:
+                raise
+            raise click.ClickException(f"this command needs {e.name.split('.')[0]}, which a serving-only install "
+                                       "lacks: pip install 'cddrec[train]' (cddrec-infer and cddrec-serve serve "
+                                       "graphs without it)") from e
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}") from e
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------ the vocabulary
+def max_threads() -> int:
+    return MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+
+
+def threads_option(default: int = 0, help_: str = "CPU threads (0 = every core)"):
+    return option("--threads", type=click.IntRange(0, max_threads()), default=default, show_default=True,
+                  help=f"{help_}; at most {MAX_THREADS_PER_CORE} x the cores ({max_threads()})")
+
+
+def k_option(default: int | None, help_: str = "items per user", **kwargs):
+    return option("--k", type=POSITIVE, default=default, show_default=default is not None, help=help_, **kwargs)
+
+
+def device_option(default: str = "auto"):
+    return option("--device", default=default, show_default=True,
+                  help="auto (CUDA when present, else the CPU) | cpu | cuda | cuda:N")
+
+
+def data_options(fn):
+    """Columns of CSV/TSV/Parquet interaction logs (training, evaluation and cddrec-infer alike)."""
+    opts = [
+        option("--user-col", default="user", show_default=True, help="user column of CSV/TSV/Parquet logs"),
+        option("--item-col", default="item", show_default=True, help="item column of logs"),
+        option("--time-col", default="timestamp", show_default=True,
+               help="timestamp column of logs ('' = file order is time order)"),
+        option("--sep", default=None, help="CSV field separator [default: ',' or tab for .tsv]"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def data_kwargs(user_col, item_col, time_col, sep) -> dict:
+    return {"user_col": user_col, "item_col": item_col, "time_col": time_col or None, "sep": sep}
+
+
+def int_list(s: str) -> list[int]:
+    """``"1,8,64"`` -> [1, 8, 64]: comma-separated integers >= 1, else a usage error."""
+    try:
+        values = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {s!r}") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected comma-separated integers >= 1, got {s!r}")
+    return values
+
+
+def echo_err(message: str) -> None:
+    click.echo(message, err=True)

@@ -1,0 +1,96 @@
+"""``cddrec-train``: train CDDRec on a sequence file or an interaction log.
+
+Also ``python -m cddrec.app.train`` (and under ``torchrun``)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, fields
+
+import click
+
+from cddrec.config import CDDRecConfig, click_type, default_of, preset_for, read_config_file
+from cddrec.io import refuse_overwrite_inputs
+
+from .options import CONTEXT, data_kwargs, data_options, echo_err, friendly_errors, option, threads_option
+
+SKIP_FIELDS = {"num_items", "extra", "num_threads"}  # set from the data, free-form, or --threads
+
+
+def config_options(fn):
+    """One option per config field (``hidden_size`` -> ``--hidden-size``), default: unset.
+
+    Types, ranges and choices come from the field declarations (``cddrec.config.click_type``),
+    the same declarations the config checks file values against."""
+    for f in reversed(fields(CDDRecConfig)):
+        if f.name in SKIP_FIELDS:
+            continue
+        flag = f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "") + f" [default: {default_of(f)}]"
+        if isinstance(default_of(f), bool):
+            fn = click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=help_)(fn)
+        else:
+            fn = click.option(f"--{flag}", f.name, type=click_type(f.name), default=None, help=help_)(fn)
+    return fn
+
+
+def build_config(data: str | None, config_file: str | None, preset: bool, overrides: dict) -> CDDRecConfig:
+    """Defaults <- dataset preset <- config file <- command-line flags."""
+    values: dict = {}
+    if preset and data:
+        values.update(preset_for(data))
+    if config_file:
+        values.update(read_config_file(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return CDDRecConfig(**values)
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("data", type=click.Path(dir_okay=False))
+@option("--output", "-o", default="model.pt", show_default=True, type=click.Path(dir_okay=False),
+        hidden_aliases=("--out",), help="model file to write (the best model by validation)")
+@option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+        help="YAML or JSON file of config fields; flags override it")
+@option("--preset/--no-preset", default=True, show_default=True,
+        help="apply the paper's per-dataset settings when DATA is one of its four Amazon files")
+@option("--resume", is_flag=True, help="continue from OUTPUT.resume.pt")
+@option("--quiet", is_flag=True, help="no progress bar or progress lines")
+@option("--progress-every", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+        help="seconds between progress lines when stderr is not a terminal (logs, CI, nohup)")
+@option("--summary-json", type=click.Path(dir_okay=False), help="write the training summary here")
+@threads_option(default=None, help_="CPU threads for training and validation [default: the config's, 0 = every core]")
+@option("--num-threads", "num_threads_alias", type=click.IntRange(min=0), default=None, hidden=True)
+@data_options
+@config_options
+@friendly_errors
+def main(data, output, config_file, preset, resume, quiet, progress_every, summary_json, threads, num_threads_alias,
+         user_col, item_col, time_col, sep, **overrides):
+    """Train CDDRec on DATA (`user item item ...` lines, or a CSV/TSV/Parquet log)."""
+    from cddrec.data import load_data
+    from cddrec.io import atomic_write_json
+    from cddrec.training import train
+
+    refuse_overwrite_inputs({"--output": output, "--summary-json": summary_json, "resume file": f"{output}.resume.pt"},
+                            {"DATA": data, "--config": config_file})
+    overrides["num_threads"] = threads if threads is not None else num_threads_alias
+    cfg = build_config(data, config_file, preset, overrides)
+    explicit_kcore = overrides.get("kcore") is not None or (config_file and "kcore" in read_config_file(config_file))
+    ds = load_data(data, kcore=cfg.kcore if explicit_kcore else None, **data_kwargs(user_col, item_col, time_col, sep))
+    f = ds.filtered
+    echo_err(f"{data}: " + (f"k-core {f['kcore']} removed {f['users_removed']} users, {f['items_removed']} items, "
+                            f"{f['interactions_removed']} interactions" if f["kcore"] > 1 else
+                            "no k-core filter (a sequence file; --kcore N to filter)")
+             + f"; {f['users_under_3_items']} users with fewer than 3 items skipped; {len(ds.users)} users, "
+             f"{ds.num_items} items, {ds.num_interactions} interactions")
+    tty = sys.stderr.isatty()
+    summary = train(cfg, ds, output, resume=resume, progress=not quiet and tty,
+                    progress_every=0.0 if quiet or tty else progress_every, log=echo_err)
+    click.echo(f"wrote {output}: best epoch {summary['best_epoch']}, valid "
+               + " ".join(f"{k} {summary['best_valid'].get(k, float('nan')):.4f}" for k in ("R@10", "N@10", "MRR")))
+    if summary_json:
+        atomic_write_json(summary_json, {"model": str(output), "config": asdict(cfg.replace(num_items=ds.num_items)),
+                                         **summary})
+
+
+if __name__ == "__main__":
+    main()
