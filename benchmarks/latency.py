@@ -213,7 +213,8 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
             echo(f"  {name}: skipped ({r['error']})")
         else:  # each backend against its own hardware's floor: the GPU's peak at the backend's precision
             base_name = split_backend(name)[0]
-            f = floor_for("ort-cpu" if base_name in GRAPH_VARIANTS else base_name, cpu_peak=lambda: peak, gpu_peak=gpu_matmul_peak, fp16=base_name.endswith("fp16"))
+            f = floor_for("ort-cpu" if base_name in GRAPH_VARIANTS else base_name, cpu_peak=lambda: peak,
+                          gpu_peak=gpu_matmul_peak, fp16=base_name.endswith("fp16"))
             r["floor"] = {"device": f.device, "precision": f.precision, "matmul_peak_gflops": f.gflops,
                           "users_per_s": f.users_per_s(fl["total"])}
             for t in r["timings"]:
