@@ -70,7 +70,8 @@ def command_line() -> str:
 
 def dirty_commits(doc: dict) -> list[str]:
     """The commits of a record (its own and its runs') that carry ``+dirty``: uncommitted changes."""
-    commits = [doc.get("commit")] + [r.get("commit") for r in doc.get("runs") or [] if isinstance(r, dict)]
+    runs = doc.get("runs") if isinstance(doc.get("runs"), list) else []  # quality records hold their runs
+    commits = [doc.get("commit")] + [r.get("commit") for r in runs if isinstance(r, dict)]
     return sorted({c for c in commits if isinstance(c, str) and c.endswith("+dirty")})
 
 

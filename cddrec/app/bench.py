@@ -35,8 +35,15 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, int_list, k_o
 def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
          catalogue_batch, out_dir, name):
     """Latency percentiles and throughput per backend and batch size, against the roofline."""
-    from cddrec.benchmarks.latency import (GRAPH_VARIANTS, bench_table, catalogue_scaling, default_backends, plot,
-                                           run_bench, split_backend)
+    from cddrec.benchmarks.latency import (
+        GRAPH_VARIANTS,
+        bench_table,
+        catalogue_scaling,
+        default_backends,
+        plot,
+        run_bench,
+        split_backend,
+    )
     from cddrec.benchmarks.record import record
     from cddrec.benchmarks.sizes import PAPER_ITEMS
     from cddrec.runtime.backends import available_backends
