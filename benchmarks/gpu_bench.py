@@ -33,7 +33,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .record import record
+from .record import cell, record
 from .sizes import PAPER_ITEMS, random_model
 
 TARGETS = {"batch1_p50_ms": 0.3, "users_per_s_at_4096": 2_000_000, "infer_users_per_s": 400_000}
@@ -146,17 +146,13 @@ def table(rep: dict) -> str:
                 continue
             for t in r["timings"]:
                 lines.append(f"| {r['backend']} ({label}) | {t['batch']} | {t['p50_ms']:.3f} | {t['p99_ms']:.3f} | "
-                             f"{t['users_per_s']:,.0f} | {_share(t.get('share_of_roofline'))} |")
+                             f"{t['users_per_s']:,.0f} | {cell(t.get('share_of_roofline'), '.3f')} |")
     for r in rep.get("infer", []):
         lines.append(f"\ncddrec-infer {r['backend']} batch {r['batch_size']}: {r['requests']:,} requests in "
                      f"{r['seconds']:.1f} s = {r['users_per_s_wall']:,.0f} users/s (rc {r['rc']})")
     s = rep.get("summary", {})
     lines.append("\nTargets: " + json.dumps(s))
     return "\n".join(lines)
-
-
-def _share(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def summarize(rep: dict) -> dict:

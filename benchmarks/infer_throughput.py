@@ -32,7 +32,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .record import RESULTS_DIR, record
+from .record import RESULTS_DIR, cell, record
 from .sizes import PAPER_ITEMS, random_model
 from .timer import time_calls
 
@@ -138,10 +138,6 @@ def run_infer(graph: str, req: Path, out: Path, batch_size: int, backend: str, t
             "summary": [ln for ln in proc.stderr.splitlines() if ln.startswith("served")][-1]}
 
 
-def _cell(x: float | None, fmt: str) -> str:
-    return "-" if x is None else format(x, fmt)
-
-
 def tables(rows: list[dict]) -> str:
     """The whole command's figures, then the in-process ceilings in a table of their own."""
     whole = ["cddrec-infer, the whole command (a child process: start-up, loading, reading, serving, writing):", "",
@@ -156,9 +152,9 @@ def tables(rows: list[dict]) -> str:
             "| preset | format | backend | batch | engine alone users/s (ceiling) | pipeline alone users/s (ceiling) | "
             "whole command / engine ceiling |", "|---|---|---|---|---|---|---|"]
     ceil += [f"| {r['preset']} | {r['format']} | {r['backend']} | {r['batch_size']} | "
-             f"{_cell(r.get('ceiling_engine_users_per_s'), ',.0f')} | "
-             f"{_cell(r.get('ceiling_pipeline_users_per_s'), ',.0f')} | "
-             f"{_cell(r.get('whole_command_over_engine_ceiling'), '.0%')} |" for r in rows]
+             f"{cell(r.get('ceiling_engine_users_per_s'), ',.0f')} | "
+             f"{cell(r.get('ceiling_pipeline_users_per_s'), ',.0f')} | "
+             f"{cell(r.get('whole_command_over_engine_ceiling'), '.0%')} |" for r in rows]
     return "\n".join(whole + [""] + ceil + [""] + [f"`{r['summary']}`" for r in rows])
 
 

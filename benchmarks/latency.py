@@ -41,6 +41,7 @@ from cddrec.contract import DEFAULT_K
 from cddrec.errors import BackendUnavailable
 from cddrec.io import atomic_path
 
+from .record import cell
 from .roofline import GraphPrecision, cpu_int8_features, matmul_peak, precision_of, roofline_for
 from .sizes import PAPER_ITEMS, random_model
 from .timer import Timing, time_calls
@@ -133,7 +134,8 @@ def served_precision(be) -> tuple[str, GraphPrecision]:
     precision from its contract (``roofline.precision_of``), TF32 from its own option."""
     device = str(getattr(be, "device", None) or type(be).device)
     device = "cuda" if device.startswith("cuda") else device
-    return device, precision_of(be.contract, device, tf32=bool(getattr(be, "tf32", False)))
+    tf32 = getattr(be, "tf32", False) or getattr(be, "session_kwargs", {}).get("tf32", False)  # torch / ONNX Runtime
+    return device, precision_of(be.contract, device, tf32=bool(tf32))
 
 
 def _worker(q, name, model_pt, graph, engine, k, threads, batch_sizes, L, V, warmup, min_runs, min_seconds, seed):
@@ -178,9 +180,13 @@ def model_config(model_pt: str | None, graph: str | None):
         from cddrec.checkpoint import read_checkpoint
 
         return CDDRecConfig.from_dict(read_checkpoint(model_pt)["config"])
-    from cddrec.runtime.session import graph_metadata
+    from cddrec.errors import ModelFileError
+    from cddrec.runtime.recommender import read_serving_info
 
-    return CDDRecConfig.from_dict(json.loads(graph_metadata(graph)["config"]))
+    config = read_serving_info(graph).contract.extra.get("config")  # a ModelFileError for a missing or bad graph
+    if config is None:
+        raise ModelFileError(f"{graph}: its metadata holds no model config (re-export it with cddrec-export)")
+    return CDDRecConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
 
 
 def export_graphs(model_pt: str, bases: set[str], batch_sizes: list[int], k: int, tmp: Path, trt_fp16: bool):
@@ -259,7 +265,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
         p for r in results for p in r.pop("_peaks", [])]}
     return {"config": {"d": d, "L": L, "T": T, "items": V - 2, "k": k, "layers": layers, "threads": threads,
                        "cuda": any(r.get("roofline", {}).get("device") == "cuda" for r in results)},
-            "roofline": "best-case users/s = measured matmul peak / FLOPs per user (a ceiling, not a floor)",
+            "roofline_definition": "best-case users/s = measured matmul peak / FLOPs per user (a ceiling, not a floor)",
             "cpu_fp32_peak_gflops": cpu_fp32.gflops, "roofline_users_per_s": cpu_fp32.gflops * 1e9 / fl["total"],
             "peaks": [p.as_dict() for _, p in sorted(peaks.items())], "cpu_int8": cpu_int8_features(),
             "flops_per_user": fl, "flops_per_user_by_operand": by_operand, "flops_per_user_plain_reference": fl_plain,
@@ -272,10 +278,6 @@ def _has_tensorrt() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
 
 
 def roofline_lines(res: dict) -> list[str]:
@@ -306,7 +308,7 @@ def bench_table(res: dict) -> str:
         for t in r["timings"]:
             rows.append(f"| {r['backend']} | {r['roofline']['precision']} | {t['batch']} | {t['p50_ms']:.3f} | "
                         f"{t['p90_ms']:.3f} | {t['p99_ms']:.3f} | {t['users_per_s']:,.0f} | "
-                        f"{_ratio(t.get('speedup_vs_torch'))} | {_ratio(t.get('share_of_roofline'))} | "
+                        f"{cell(t.get('speedup_vs_torch'), '.2f')} | {cell(t.get('share_of_roofline'), '.2f')} | "
                         f"{r['load_seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
     c = res["config"]
     fl = res["flops_per_user"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import subprocess
@@ -12,6 +13,13 @@ from pathlib import Path
 from cddrec.io import atomic_write_json, atomic_write_text
 
 RESULTS_DIR = Path("benchmarks") / "results"
+
+
+def cell(value: float | None, fmt: str) -> str:
+    """A table cell: ``value`` formatted, or '-' where it is missing (None or NaN), never "nan"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
 
 
 def git_commit() -> str:

@@ -11,7 +11,7 @@ import pytest
 from cddrec.benchmarks.infer_throughput import tables as infer_tables
 from cddrec.benchmarks.latency import bench_table, default_backends, time_backend
 from cddrec.benchmarks.quality import PAPER, summarize
-from cddrec.benchmarks.record import dirty_commits, record
+from cddrec.benchmarks.record import cell, dirty_commits, record
 from cddrec.config import CDDRecConfig
 from cddrec.flops import flops_per_user
 
@@ -73,6 +73,11 @@ def test_record_writes_json_and_table(tmp_path):
     assert "cddrec-bench --test" in m.read_text()
 
 
+def test_missing_values_are_dashes_never_nan():
+    assert [cell(None, ".2f"), cell(float("nan"), ",.0f"), cell(1234.5, ",.0f"), cell(0.5, ".0%")] == \
+        ["-", "-", "1,234", "50%"]
+
+
 def test_record_marks_a_dirty_tree(tmp_path):
     meta = {"command": "x", "commit": "abc+dirty", "machine": {"cpu": "c", "cores": 1}, "date": "d"}
     _, m = record("d", {"runs": []}, "table", tmp_path, meta=meta)
@@ -91,6 +96,18 @@ def test_default_backends_are_the_runnable_ones_that_read_the_model():
     graph = default_backends("m.onnx")
     assert "ort-cpu" in graph and set(graph) <= set(runnable)
     assert all(backend_class(n).reads == "graph" for n in graph) and "torch" not in graph
+
+
+def test_bench_of_a_missing_or_bad_graph_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from cddrec.app.bench import main
+
+    (tmp_path / "bad.onnx").write_text("not a graph")
+    for name in ("missing.onnx", "bad.onnx"):
+        r = CliRunner().invoke(main, ["--model", str(tmp_path / name), "-o", str(tmp_path / "out")])
+        assert r.exit_code == 1 and f"{name}: ONNX Runtime cannot load it as a graph" in r.output, r.output
+    assert not (tmp_path / "out").exists()
 
 
 def blocked_torch(tmp_path: Path) -> dict:

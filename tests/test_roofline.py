@@ -138,6 +138,9 @@ def test_a_backend_is_held_against_its_contract_not_its_name():
     assert served_precision(Loaded("ort-cuda-fp16", "cpu", contract()))[1].label == "fp32"
     assert served_precision(Loaded("ort-cpu", "cuda:0", contract(fp16=True))) == ("cuda", GraphPrecision("fp16", "fp16",
                                                                                                         "fp16"))
+    tf32 = Loaded("ort-cuda", "cuda", contract())
+    tf32.session_kwargs = {"tf32": True}  # ONNX Runtime's CUDA provider with TF32 on (OrtBackend's option)
+    assert served_precision(tf32)[1].label == "tf32"
     int8 = contract(settings={"int8": True}, min_overlap=0.8)
     assert served_precision(Loaded("ort-cpu", "cpu", int8))[1].label == "int8+fp32"
 
