@@ -34,7 +34,7 @@ from cddrec.contract import MASK_SCORE
 from cddrec.parity import topk_overlap
 from cddrec.runtime.session import ort_session
 
-from .record import RESULTS_DIR, record
+from .record import RESULTS_DIR, cell, record
 from .timer import time_calls
 
 MS = "com.microsoft"
@@ -210,12 +210,13 @@ def make_table(q: dict, s: dict) -> str:
             rows.append(f"| {name} | - | - | - | - | - | - | not run: {r['error']} |")
             continue
         rows.append(f"| {name} | {r['R@10']:.4f} | {r['MRR@10']:.4f} | {(r['R@10'] - ex) / ex * 100:+.2f}% | "
-                    f"{r['same_topk_as_exact']:.3f} | {sp.get('users_per_s', float('nan')):,.0f} | "
-                    f"{sp.get('x_exact', float('nan')):.2f} | {sp.get('p50_ms', float('nan')):.1f} | "
-                    f"{sp.get('overlap_with_exact', float('nan')):.3f} |")
+                    f"{r['same_topk_as_exact']:.3f} | {cell(sp.get('users_per_s'), ',.0f')} | "
+                    f"{cell(sp.get('x_exact'), '.2f')} | {cell(sp.get('p50_ms'), '.1f')} | "
+                    f"{cell(sp.get('overlap_with_exact'), '.3f')} |")
+    same = q["variants"]["exact"].get("same_as_graph")
     rows += ["", f"Quality: {q['dataset']} test split, {q['users']:,} users, the real catalogue of {q['items']:,} items, "
              "user embeddings from the model's fp32 graph (its exact top-10 equals the exact variant's in "
-             f"{q['variants']['exact'].get('same_as_graph', float('nan')) * 100:.1f}% of positions). "
+             f"{cell(None if same is None else same * 100, '.1f')}% of positions). "
              f"Speed: a random table of {s['items']:,} x {s['d']} items, batch {s['batch']}, ONNX Runtime CPU."]
     return "\n".join(rows)
 

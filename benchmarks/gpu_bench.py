@@ -10,7 +10,8 @@ paper-size random model, and ``cddrec-infer`` end to end.
    beyond ties, within ``contract.tolerance_on(device)``);
 3. speed: ``cddrec-bench``'s ``run_bench`` (one spawned process per backend) on the model file
    (torch-cuda, torch-cuda-fp16, ort-cuda, ort-cuda-graph on the fp32 graph) and on the fp16
-   graph (ort-cuda, ort-cuda-graph), with the GPU floor when ``benchmarks/gpu_floor.py`` exists;
+   graph (ort-cuda, ort-cuda-graph), each against its roofline (the GPU's measured peak at the
+   graph's precision: ``benchmarks/roofline.py``);
 4. ``cddrec-infer`` (the command itself, in a subprocess) on generated JSONL requests.
 
 Targets (issue 12): batch-1 p50 <= 0.3 ms (best backend), >= 2,000,000 users/s at batch >= 4096
@@ -32,7 +33,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .record import record
+from .record import cell, record
 from .sizes import PAPER_ITEMS, random_model
 
 TARGETS = {"batch1_p50_ms": 0.3, "users_per_s_at_4096": 2_000_000, "infer_users_per_s": 400_000}
@@ -137,7 +138,7 @@ def table(rep: dict) -> str:
         for b, p in v["batches"].items():
             lines.append(f"| {name} | {b} | {p['max_abs_diff']:.2e} | {p['tolerance']:.2e} | {p['overlap']:.4f} | "
                          f"{p['topk_mismatches']} | {p['ok']} |")
-    lines += ["", "| backend (file) | batch | p50 ms | p99 ms | users/s | share of GPU floor |", "|---|---|---|---|---|---|"]
+    lines += ["", "| backend (file) | batch | p50 ms | p99 ms | users/s | share of roofline |", "|---|---|---|---|---|---|"]
     for label, res in rep.get("bench", {}).items():
         for r in res.get("results", []):
             if "error" in r:
@@ -145,7 +146,7 @@ def table(rep: dict) -> str:
                 continue
             for t in r["timings"]:
                 lines.append(f"| {r['backend']} ({label}) | {t['batch']} | {t['p50_ms']:.3f} | {t['p99_ms']:.3f} | "
-                             f"{t['users_per_s']:,.0f} | {t.get('share_of_floor', float('nan')):.3f} |")
+                             f"{t['users_per_s']:,.0f} | {cell(t.get('share_of_roofline'), '.3f')} |")
     for r in rep.get("infer", []):
         lines.append(f"\ncddrec-infer {r['backend']} batch {r['batch_size']}: {r['requests']:,} requests in "
                      f"{r['seconds']:.1f} s = {r['users_per_s_wall']:,.0f} users/s (rc {r['rc']})")

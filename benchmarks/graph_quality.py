@@ -66,9 +66,15 @@ def graph_quality(model_pt: str, data: str, split_name: str = "test", threads: i
             echo(f"{name}: {rows[name]['metrics']}")
     base = rows["fp32"]["metrics"]
     for r in rows.values():
-        r["relative"] = {k: (r["metrics"][k] - base[k]) / base[k] if base[k] else float("nan") for k in KEYS}
+        r["relative"] = {k: (r["metrics"][k] - base[k]) / base[k] if base[k] else None for k in KEYS}
     return {"dataset": Path(data).stem, "split": split_name, "users": len(split), "model": str(model_pt),
             "items": model.cfg.num_items, "graphs": rows}
+
+
+def rel(r: dict, key: str) -> str:
+    """A relative change in percent, '-' where the fp32 graph's metric is 0."""
+    value = r["relative"][key]
+    return "-" if value is None else f"{value * 100:+.2f}%"
 
 
 def table(res: dict) -> str:
@@ -78,7 +84,7 @@ def table(res: dict) -> str:
         diff = " / ".join(f"{v:.1e}" for v in r["max_abs_diff"].values())
         overlap = " / ".join(f"{v:.3f}" for v in r["topk_overlap"].values()) or "exact (ids identical beyond ties)"
         lines.append(f"| {name} | " + " | ".join(f"{r['metrics'][k]:.4f}" for k in KEYS)
-                     + f" | {r['relative']['R@10'] * 100:+.2f}% | {r['relative']['MRR@40'] * 100:+.2f}% | {diff} | "
+                     + f" | {rel(r, 'R@10')} | {rel(r, 'MRR@40')} | {diff} | "
                      f"{overlap} |")
     lines += ["", f"{res['dataset']} {res['split']} split, {res['users']:,} users, {res['items']:,} items; graphs "
               "exported from the same model file with k=40 and served by ONNX Runtime CPU with every earlier item "

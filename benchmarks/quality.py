@@ -80,33 +80,101 @@ def run_one(data, path: Path, recipe: str, seed: int, time_budget: float, extra:
             "stop_reason": summary["stop_reason"], "seconds_per_epoch": summary["seconds_per_epoch"]}
 
 
+OWN_BASELINE = "sasrec-ce"  # the project's own baseline: the encoder alone, trained the same way
+
+
+def objective(cfg: dict) -> str:
+    """What a recorded run's config trains, in words (loss, InfoNCE, Eq. 4 sampling, diffusion)."""
+    loss, div = cfg.get("loss", "ce"), cfg.get("cd_divergence", "kl")
+    if not cfg.get("decoder", True):
+        return "SASRec encoder, " + ("full-catalogue softmax CE" if loss == "ce" else
+                                     "binary CE on dot-product logits with one sampled negative")
+    rank = {"ce": "full-catalogue softmax CE", "cd": f"the paper's cross-divergence (Eq. 5, {div})"}.get(loss, loss)
+    where = {"last": "at the last step", "all": "at every step"}.get(cfg.get("rank_steps"), "at every step while N*T "
+                                                                                          "is small (auto)")
+    lam = cfg.get("lam", 0.0)
+    return (f"{rank} {where}; " + (f"InfoNCE lambda {lam:g}" if lam else "no InfoNCE (lambda 0)") + "; "
+            + ("Eq. 4 sampling" if cfg.get("denoising") else "no Eq. 4 sampling")
+            + ("" if cfg.get("diffusion", True) else "; clean targets (no diffusion)"))
+
+
+def _stats(rs: list[dict], key: str) -> tuple[float, float | None]:
+    """Mean and sample std (None for one seed) of a test metric (the paper's MRR is our MRR@40)."""
+    v = np.array([r["test"]["MRR@40" if key == "MRR" else key] for r in rs])
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def versus(a: list[dict], b: list[dict]) -> dict[str, list[str]]:
+    """Metrics where runs ``a`` are above, level with (within the larger std; one seed each: equal to
+    4 decimals) or below runs ``b``."""
+    out: dict[str, list[str]] = {"above": [], "level": [], "below": []}
+    for k in KEYS:
+        (ma, sa), (mb, sb) = _stats(a, k), _stats(b, k)
+        noise = max(sa or 0.0, sb or 0.0)
+        level = abs(ma - mb) <= noise if noise else round(ma, 4) == round(mb, 4)
+        out["level" if level else "above" if ma > mb else "below"].append(k)
+    return out
+
+
+def _verdict(name: str, other: str, v: dict[str, list[str]], note: str = "") -> str:
+    said = [f"{word} on {', '.join(v[key])}" for key, word in (("above", "above"), ("level", "level with"),
+                                                               ("below", "below")) if v[key]]
+    return f"{name} against {other}" + (f" ({note})" if note else "") + ": " + "; ".join(said) + "."
+
+
+def _seeds(rs: list) -> str:
+    return f"{len(rs)} seed" + ("s" if len(rs) > 1 else "")
+
+
+def _row(name: str, rs: list[dict]) -> str:
+    def cell(key: str) -> str:
+        m, sd = _stats(rs, key)
+        return f"{m:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+
+    full = np.mean([r["test"]["MRR"] for r in rs])
+    ch = np.mean([r["test"]["AvgChange@40"] for r in rs])
+    mins = np.mean([r["train_seconds"] for r in rs]) / 60
+    return (f"| {name} | {len(rs)} | " + " | ".join(cell(k) for k in KEYS)
+            + f" | {full:.4f} | {ch:.2f} | {mins:.1f} |")
+
+
 def summarize(dataset: str, runs: list[dict]) -> str:
-    lines = ["| model | seeds | " + " | ".join(KEYS) + " | MRR (full) | Avg.Change@40 | train min |",
-             "|---|---|" + "---|" * (len(KEYS) + 3)]
-    for name, ref in (("paper CDDRec", PAPER.get(dataset)), ("paper SASRec", PAPER_SASREC.get(dataset))):
-        if ref:
-            lines.append(f"| {name} | - | " + " | ".join(f"{ref[k]:.4f}" for k in KEYS) + " | - | - | - |")
+    """The quality table: the project's own runs first (CDDRec recipes, then SASRec-CE trained the same
+    way, seeds and std), the verdict against SASRec-CE and the objective each recipe trains, then the
+    paper's Table 2 and the verdict against it."""
+    header = ["| model | seeds | " + " | ".join(KEYS) + " | MRR (full) | Avg.Change@40 | train min |",
+              "|---|---|" + "---|" * (len(KEYS) + 3)]
     by: dict[str, list[dict]] = {}
     for r in runs:
         by.setdefault(r["recipe"], []).append(r)
-    for recipe, rs in by.items():
-        def cell(key: str, rs: list = rs) -> str:
-            src = "MRR@40" if key == "MRR" else key
-            v = np.array([r["test"][src] for r in rs])
-            return f"{v.mean():.4f}" + (f" ± {v.std(ddof=1):.4f}" if len(v) > 1 else "")
-        full = np.mean([r["test"]["MRR"] for r in rs])
-        ch = np.mean([r["test"]["AvgChange@40"] for r in rs])
-        mins = np.mean([r["train_seconds"] for r in rs]) / 60
-        lines.append(f"| {recipe} | {len(rs)} | " + " | ".join(cell(k) for k in KEYS)
-                     + f" | {full:.4f} | {ch:.2f} | {mins:.1f} |")
-    paper = PAPER.get(dataset)
-    for recipe in ("cddrec", "cddrec-last"):
-        if paper and recipe in by:
-            got = {k: np.mean([r["test"]["MRR@40" if k == "MRR" else k] for r in by[recipe]]) for k in KEYS}
-            miss = [k for k in KEYS if got[k] < paper[k]]
-            lines.append("")
-            lines.append(f"{recipe} vs the paper's CDDRec: " + ("at or above on every metric." if not miss else
-                                                                 f"below the paper on {', '.join(miss)}."))
+    ours = [n for n in ("cddrec", "cddrec-last", "cddrec-all") if n in by]  # the default recipe and its rank-step forms
+    order = ours + [OWN_BASELINE] * (OWN_BASELINE in by) + [n for n in by if n not in ours and n != OWN_BASELINE]
+    lines = ["Trained here, the same way (same data, preset, time budget and early stopping on the validation "
+             "split; mean ± sample std over seeds):", "", *header, *(_row(n, by[n]) for n in order), ""]
+    if OWN_BASELINE in by:
+        base = by[OWN_BASELINE]
+        for n in ours:
+            note = (f"{_seeds(by[n])} and {_seeds(base)}; level = within the larger std" if len(by[n]) > 1 or
+                    len(base) > 1 else "one seed each: no spread measured, small differences may be noise")
+            lines.append(_verdict(n, f"{OWN_BASELINE} trained the same way", versus(by[n], base), note))
+        lines.append("")
+    lines += ["Objective of each recipe (from its recorded config):", ""]
+    lines += [f"- {n}: {objective(by[n][0].get('config', {}))}" for n in order]
+    lines += ["", "Why the default (cddrec; cddrec/config.py: loss ce, lam 0, denoising off) is not the paper's "
+              "objective: in the tuning runs on Office (office_tuning.md) the exact-KL cross-divergence of Eq. 5 did "
+              "not learn to rank and its dot-product form trailed a full-catalogue softmax CE; with CE, the InfoNCE "
+              "terms (Eq. 6-7) measured neutral at 1.7x the epoch time and Eq. 4 sampling measured harmful (valid "
+              "N@10 -0.0043). The paper's objective is the recipe cddrec-paper-objective.", ""]
+    paper, paper_sas = PAPER.get(dataset), PAPER_SASREC.get(dataset)
+    if paper:
+        lines += ["The paper's Table 2 (its own training and budget, not re-run here):", "", *header]
+        for name, ref in (("paper CDDRec", paper), ("paper SASRec", paper_sas)):
+            if ref:
+                lines.append(f"| {name} | - | " + " | ".join(f"{ref[k]:.4f}" for k in KEYS) + " | - | - | - |")
+        lines.append("")
+        for n in ours:
+            v = versus(by[n], [{"test": {**paper, "MRR@40": paper["MRR"]}}])
+            lines.append(_verdict(n, "the paper's CDDRec", v))
     staged = {recipe: rs for recipe, rs in by.items() if rs[0].get("stages")}
     if staged:
         lines += ["", "Denoising stages (paper Sect. 4.1, Fig. 2): the ranking from the state after each reverse step "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import subprocess
@@ -12,6 +13,13 @@ from pathlib import Path
 from cddrec.io import atomic_write_json, atomic_write_text
 
 RESULTS_DIR = Path("benchmarks") / "results"
+
+
+def cell(value: float | None, fmt: str) -> str:
+    """A table cell: ``value`` formatted, or '-' where it is missing (None or NaN), never "nan"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, fmt)
 
 
 def git_commit() -> str:
@@ -68,6 +76,22 @@ def command_line() -> str:
     return " ".join([head] + sys.argv[1:])
 
 
+def dirty_commits(doc: dict) -> list[str]:
+    """The commits of a record (its own and its runs') that carry ``+dirty``: uncommitted changes."""
+    runs = doc.get("runs") if isinstance(doc.get("runs"), list) else []  # quality records hold their runs
+    commits = [doc.get("commit")] + [r.get("commit") for r in runs if isinstance(r, dict)]
+    return sorted({c for c in commits if isinstance(c, str) and c.endswith("+dirty")})
+
+
+def dirty_note(doc: dict) -> str | None:
+    """The line a result's markdown opens with when it was recorded from a tree with uncommitted changes."""
+    dirty = dirty_commits(doc)
+    if not dirty:
+        return None
+    return ("> Recorded from a working tree with uncommitted changes (" + ", ".join(f"`{c}`" for c in dirty)
+            + "): the code that produced these figures is that commit plus edits that were never committed.")
+
+
 def record(name: str, payload: dict, table: str, out_dir: str | Path = RESULTS_DIR, command: str | None = None,
            title: str | None = None, meta: dict | None = None) -> tuple[Path, Path]:
     """Write ``NAME.json`` and ``NAME.md`` under ``out_dir``; both carry command, machine, commit, date.
@@ -80,7 +104,8 @@ def record(name: str, payload: dict, table: str, out_dir: str | Path = RESULTS_D
     jpath, mpath = out_dir / f"{name}.json", out_dir / f"{name}.md"
     atomic_write_json(jpath, doc)
     m = meta["machine"]
-    md = [f"# {title or name}", "",
+    note = dirty_note(doc)
+    md = [f"# {title or name}", "", *([note, ""] if note else []),
           f"- command: `{meta['command']}`",
           f"- commit: `{meta['commit']}`, date {meta['date']}",
           f"- machine: {m.get('cpu')}, {m.get('cores')} cores" + (f", GPU {m['gpu']}" if m.get("gpu") else "")

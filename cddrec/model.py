@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import CDDRecConfig
 from .diffusion import GaussianDiffusion
+from .flops import flops_per_user  # torch-free (cddrec/flops.py): benchmarks count FLOPs without torch
 
 NEG_INF = -1e4  # masked attention logit: finite, so fp16-safe and never NaN on all-padding rows
 
@@ -273,21 +274,3 @@ class CDDRec(nn.Module):
     def flops_per_user(self, plain: bool = False) -> dict[str, float]:
         """FLOPs of one user's recommendation (see ``flops_per_user``)."""
         return flops_per_user(self.cfg, plain)
-
-
-def flops_per_user(cfg: CDDRecConfig, plain: bool = False) -> dict[str, float]:
-    """Multiply-adds x 2 per user, by part. ``plain``: the reference decodes all L positions and
-    projects keys/values at every step; otherwise one position and one projection (the exported
-    graph and the hoisted path). Scoring covers the whole item table (V = N + 2 rows)."""
-    d, L, V = cfg.hidden_size, cfg.max_len, cfg.num_rows
-    T = cfg.decoder_steps
-    enc = cfg.num_layers * L * (8 * d * d + 16 * d * d + 4 * L * d)  # QKVO, FFN (4d), attention scores + mix
-    kv = 4 * L * d * d  # decoder key/value projections of the history
-    step = 4 * d * d + 4 * L * d  # query + output projections, attention over L keys
-    if plain:
-        dec, kv_once = T * (kv + L * step), 0
-    else:
-        dec, kv_once = T * step, (kv if T else 0)
-    out = {"encoder": float(enc), "decoder_kv": float(kv_once), "decoder_steps": float(dec), "scoring": 2.0 * d * V}
-    out["total"] = float(sum(out.values()))
-    return out

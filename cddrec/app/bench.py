@@ -15,7 +15,8 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, int_list, k_o
 @option("--model", default="random", show_default=True,
         help="model.pt, model.onnx, or 'random' (random weights of the given size)")
 @option("--backends", default=None,
-        help="comma-separated backends (NAME or NAME:tN for N threads) [default: those this machine can run]")
+        help="comma-separated backends (NAME or NAME:tN for N threads) [default: those this machine can run "
+             "that read --model]")
 @option("--batch-sizes", default="1,8,64,256,1024", show_default=True, help="comma-separated batch sizes")
 @option("--items", default=None, type=POSITIVE, help="catalogue size of the random model [default: the paper's 12,101]")
 @k_option(DEFAULT_K)
@@ -34,12 +35,20 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, int_list, k_o
 def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
          catalogue_batch, out_dir, name):
     """Latency percentiles and throughput per backend and batch size, against the roofline."""
-    from cddrec.benchmarks.latency import GRAPH_VARIANTS, bench_table, catalogue_scaling, plot, run_bench, split_backend
+    from cddrec.benchmarks.latency import (
+        GRAPH_VARIANTS,
+        bench_table,
+        catalogue_scaling,
+        default_backends,
+        plot,
+        run_bench,
+        split_backend,
+    )
     from cddrec.benchmarks.record import record
     from cddrec.benchmarks.sizes import PAPER_ITEMS
-    from cddrec.runtime.backends import available_backends, runnable_backends
+    from cddrec.runtime.backends import available_backends
 
-    names = [b.strip() for b in (backends or ",".join(runnable_backends())).split(",") if b.strip()]
+    names = [b.strip() for b in (backends or ",".join(default_backends(model))).split(",") if b.strip()]
     known = set(available_backends()) | set(GRAPH_VARIANTS)
     try:
         unknown = sorted({split_backend(n)[0] for n in names} - known)
@@ -68,10 +77,10 @@ def catalogue_table(rows: list[dict]) -> str:
         return "-" if r.get(key) is None else format(r[key], fmt)
 
     return ("Catalogue scaling (random weights, exact top-k):\n\n| items | backend | batch | users/s | p50 ms | "
-            "peak RSS MB | roofline users/s |\n|---|---|---|---|---|---|---|\n" + "\n".join(
+            "peak RSS MB | roofline users/s (best case) |\n|---|---|---|---|---|---|---|\n" + "\n".join(
                 f"| {r['items']:,} | {r['backend']} | {r['batch']} | {cell(r, 'users_per_s', ',.0f')} | "
                 f"{cell(r, 'p50_ms', '.2f')} | {cell(r, 'peak_rss_mb', '.0f')} | "
-                f"{cell(r, 'floor_users_per_s', ',.0f')} |" for r in rows))
+                f"{cell(r, 'roofline_users_per_s', ',.0f')} |" for r in rows))
 
 
 if __name__ == "__main__":
