@@ -189,7 +189,7 @@ def main(out_dir, device, items, hidden, steps, batch_sizes, parity_batches, sec
     import torch
 
     from cddrec.checkpoint import load_checkpoint
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, export_model
 
     from .latency import run_bench
 
@@ -219,7 +219,7 @@ def main(out_dir, device, items, hidden, steps, batch_sizes, parity_batches, sec
     graph, graph16 = str(tmp / "model.onnx"), str(tmp / "model_fp16.onnx")
     rep["export"] = {}
     for path, fp16 in ((graph, False), (graph16, True)):
-        r = export_model(model_pt, path, k=10, fp16=fp16)
+        r = export_model(model_pt, path, ExportOptions(k=10, fp16=fp16))
         rep["export"]["fp16" if fp16 else "fp32"] = {"validated_on": r.validated_on, "parity": r.parity,
                                                      "parity_cuda": r.parity_cuda, "ops": sum(r.ops.values())}
     model, _ = load_checkpoint(model_pt)

@@ -160,7 +160,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
 
     from cddrec.checkpoint import read_checkpoint
     from cddrec.config import CDDRecConfig
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, TensorRTOptions, export_model
     from cddrec.model import flops_per_user
     from cddrec.runtime.session import graph_metadata
 
@@ -183,15 +183,16 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     if needs_graph and graph is None:
         t0 = time.perf_counter()
         trt_path = str(tmp / "model.plan") if "trt" in backends and _has_tensorrt() else None
-        export_model(model_pt, tmp / "model.onnx", k=k, trt_engine=trt_path, trt_fp16=trt_fp16,
-                     trt_max_batch=max(batch_sizes), trt_opt_batch=min(256, max(batch_sizes)))
+        trt = TensorRTOptions(trt_path, fp16=trt_fp16, max_batch=max(batch_sizes),
+                              opt_batch=min(256, max(batch_sizes))) if trt_path else None
+        export_model(model_pt, tmp / "model.onnx", ExportOptions(k=k), trt)
         export_seconds = time.perf_counter() - t0
         graph, engine = str(tmp / "model.onnx"), trt_path
     graphs, variants = {}, {}
     for variant in sorted(bases & set(GRAPH_VARIANTS)):
         if model_pt:  # the same model, exported and validated as that graph
             path = tmp / f"model-{variant}.onnx"
-            report = export_model(model_pt, path, k=k, **GRAPH_VARIANTS[variant])
+            report = export_model(model_pt, path, ExportOptions(k=k, **GRAPH_VARIANTS[variant]))
             graphs[variant] = str(path)
             variants[variant] = {"ops": sum(report.ops_optimized.values()), "ops_standard": sum(report.ops.values()),
                                  "max_abs_diff": report.max_abs_diff, "topk_overlap": report.topk_overlap,

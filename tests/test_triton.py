@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 
 from cddrec.errors import ExportError
-from cddrec.export.onnx_export import export_model
+from cddrec.export.onnx_export import ExportOptions, export_model
 from cddrec.export.triton import model_config_pb2, write_triton_repo
 from cddrec.io import current_umask
 from cddrec.runtime.triton_client import ClientFileError, TritonClientCodec
@@ -119,7 +119,7 @@ def test_contrib_op_graph_refused_for_tensorrt(trained_tiny_optimized_onnx, tmp_
 
 def test_stochastic_graph_needs_no_batching(trained_tiny, tmp_path):
     graph = tmp_path / "sto.onnx"
-    export_model(trained_tiny, graph, k=5, stochastic=True)
+    export_model(trained_tiny, graph, ExportOptions(k=5, stochastic=True))
     with pytest.raises(ExportError, match="--triton-max-batch 0"):
         write_triton_repo(graph, tmp_path / "repo", max_batch=64)
     repo = write_triton_repo(graph, tmp_path / "repo", max_batch=0)
