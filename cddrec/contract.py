@@ -40,6 +40,9 @@ FORBIDDEN_OPS = ("Loop", "Scan", "If", "RandomNormal", "RandomNormalLike", "Rand
                  "Multinomial", "Bernoulli", "Dropout")
 
 KINDS = ("deterministic", "stochastic")
+# what each static axis of the tensors is, for messages
+_SIZE_LETTERS = {("top_items", 1): "K", ("top_scores", 1): "K", ("user_embedding", 1): "d", ("noise", 0): "T",
+                 ("noise", 2): "d"}
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,8 @@ class GraphContract:
                 continue
             for axis, (want, got) in enumerate(zip(spec.shape, shape)):
                 if isinstance(want, int) and (isinstance(got, int) or exact_sizes) and got != want:
-                    problems.append(f"{name} axis {axis} is {got!r}, not {want}")
+                    letter = _SIZE_LETTERS.get((name, axis))
+                    problems.append(f"{name} axis {axis} is {got!r}, not {letter + '=' if letter else ''}{want}")
                 elif isinstance(want, str) and isinstance(got, int):
                     problems.append(f"{name} axis {axis} ({want}) is fixed at {got}, not dynamic")
                 elif isinstance(want, str) and axis_names and got != want:
@@ -283,6 +287,14 @@ class MetadataError(ModelFileError):
         self.field = field
 
 
+def check_distinct_keys(vocab: Vocab, source: str | Path) -> None:
+    """Refuse a vocabulary that repeats a key: two ids would be served under one key."""
+    if len(vocab.index) != len(vocab):
+        seen: set = set()
+        dup = next(k for k in vocab.keys if k in seen or seen.add(k))
+        raise MetadataError(f"{source}: the vocabulary repeats the item key {dup!r}: keys must be distinct", "vocab")
+
+
 def vocab_file_name(meta: dict[str, str], source: str | Path) -> str:
     """The metadata's ``vocab_file``: a plain file name beside the graph (no folder, no '..', not
     absolute), so a graph cannot make serving open any other file."""
@@ -315,10 +327,7 @@ def serving_info(meta: dict[str, str], source: str | Path, vocab_doc: dict | Non
     if len(vocab) != contract.num_items:
         raise MetadataError(f"{source}: the vocabulary has {len(vocab)} keys but the graph scores "
                             f"{contract.num_items} items", "vocab")
-    if len(vocab.index) != len(vocab):
-        seen: set = set()
-        dup = next(k for k in vocab.keys if k in seen or seen.add(k))
-        raise MetadataError(f"{source}: the vocabulary repeats the item key {dup!r}: keys must be distinct", "vocab")
+    check_distinct_keys(vocab, source)
     popular = _json(meta, "popular_topk", source, [])
     if not isinstance(popular, list) or not all(isinstance(p, list) and len(p) == 2 for p in popular):
         raise MetadataError(f"{source}: metadata 'popular_topk' must be a list of [item key, count] pairs",

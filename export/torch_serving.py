@@ -163,9 +163,9 @@ class TorchCompiled(_BucketedTorch):
 
     def setup(self) -> None:
         self.module = UnrolledRecommender(self.model, self.k).eval().to(self.device)
-        buckets = check_buckets(DEFAULT_BUCKETS if self.buckets is None else self.buckets)
-        fn = compiled(self.module, self.mode, self.compile_backend, len(buckets))
-        self.runner = BucketedModule(fn, self.module, self.device, self.contract.output_names, buckets=buckets,
+        self.buckets = check_buckets(DEFAULT_BUCKETS if self.buckets is None else self.buckets)
+        fn = compiled(self.module, self.mode, self.compile_backend, len(self.buckets))
+        self.runner = BucketedModule(fn, self.module, self.device, self.contract.output_names, buckets=self.buckets,
                                      history=self.history or self.contract.max_len,
                                      capture=False)
 
@@ -200,11 +200,11 @@ class TorchCuda(_BucketedTorch):
     def setup(self) -> None:
         self.contract = dataclasses.replace(self.contract, fp16=self.fp16)
         self.module = UnrolledRecommender(self.model, self.k, fp16=self.fp16).eval().to(self.device)
-        buckets = check_buckets(DEFAULT_BUCKETS if self.buckets is None else self.buckets)
+        self.buckets = check_buckets(DEFAULT_BUCKETS if self.buckets is None else self.buckets)
         fn = self.module
         if self.compile_mode is not None:
-            fn = compiled(self.module, self.compile_mode, "inductor", len(buckets))
-        self.runner = BucketedModule(fn, self.module, self.device, self.contract.output_names, buckets=buckets,
+            fn = compiled(self.module, self.compile_mode, "inductor", len(self.buckets))
+        self.runner = BucketedModule(fn, self.module, self.device, self.contract.output_names, buckets=self.buckets,
                                      history=self.history or self.contract.max_len,
                                      capture=manual_capture(self.cuda_graph, self.compile_mode))
 

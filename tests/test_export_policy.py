@@ -193,7 +193,7 @@ def test_validation_checks_axes_dtypes_and_sizes_not_only_names(tmp_path, tiny_c
         p.graph.output[2].type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
 
     for edit, message in ((rename_axis, "item_ids axis 0 is named 's42', not 'batch'"),
-                          (wrong_k, "top_items axis 1 is 11, not 10"),
+                          (wrong_k, "top_items axis 1 is 11, not K=10"),
                           (wrong_dtype, "user_embedding is float64, not float32")):
         bad = _edit(tmp_path / "m.onnx", tmp_path / f"{edit.__name__}.onnx", edit)
         with pytest.raises(ExportError, match=message):

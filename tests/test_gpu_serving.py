@@ -4,6 +4,8 @@ ort-cuda-graph / torch-cuda parity against the fp32 reference on fresh random hi
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -352,6 +354,21 @@ def test_recommender_load_warms_every_bucket(trained_tiny_onnx):
     assert rec.backend.warmup_seconds > 0 and rec.backend.load_seconds > 0
     cold = Recommender.load(trained_tiny_onnx, "ort-cpu", buckets=BUCKETS, warmup=False)
     assert not cold.backend._static
+    assert rec.startup_line().startswith("ort-cpu: loaded in ") and "warm-up" in rec.startup_line()
+
+
+def test_infer_says_how_long_loading_and_warm_up_took(trained_tiny_onnx, tmp_path):
+    from click.testing import CliRunner
+
+    from cddrec.app.infer import main as infer_main
+
+    req = tmp_path / "r.jsonl"
+    req.write_text('{"user": "a", "history": ["1"]}\n')
+    r = CliRunner().invoke(infer_main, ["--model", str(trained_tiny_onnx), "--batch", str(req), "-o",
+                                        str(tmp_path / "o.jsonl"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.startswith("ort-cpu: loaded in"))
+    assert re.fullmatch(r"ort-cpu: loaded in \d+\.\d\d s, warm-up \d+\.\d\d s", line), line
 
 
 def test_infer_tf32_flag_only_for_ort_cuda(tmp_path, trained_tiny_onnx):
@@ -364,3 +381,48 @@ def test_infer_tf32_flag_only_for_ort_cuda(tmp_path, trained_tiny_onnx):
     res = CliRunner().invoke(infer_main, ["--model", str(trained_tiny_onnx), "--batch", str(req), "--output",
                                           str(tmp_path / "o.jsonl"), "--backend", "ort-cpu", "--tf32"])
     assert res.exit_code != 0 and "--tf32 applies to ort-cuda" in res.output
+
+
+def test_gpu_check_parity_dry_run_on_cpu(trained_tiny, trained_tiny_onnx, tmp_path):
+    """The GPU check's parity step (benchmarks/gpu_bench.check_parity) on its CPU variants: the code
+    that runs first on a lent GPU, through the one parity loop, passes here."""
+    from cddrec.benchmarks.gpu_bench import check_parity
+    from cddrec.checkpoint import load_checkpoint
+    from cddrec.export.onnx_export import ExportOptions, export_model
+
+    graph16 = tmp_path / "m16.onnx"
+    export_model(trained_tiny, graph16, ExportOptions(k=10, fp16=True))
+    model, _ = load_checkpoint(trained_tiny)
+    out = check_parity(model, contract_for(model, 10), "cpu", str(trained_tiny_onnx), str(graph16), str(trained_tiny),
+                       [1, 9])
+    assert set(out) == {"ort-cpu", "ort-cpu-buckets", "ort-cpu-fp16-graph", "torch-fast"}
+    for name, v in out.items():
+        assert "error" not in v and v["ok"], (name, v)
+        assert set(v["batches"]) == {"1", "9"} and v["exact_ids"] == ("fp16" not in name)
+
+
+def test_caller_cuda_options_and_the_capture_options_both_reach_the_provider(trained_tiny_onnx, monkeypatch):
+    """Issue 21 item 4: a caller's ``cuda_options`` and the captured session's own
+    (``enable_cuda_graph``) used to collide (a TypeError); both must reach ``providers_for``."""
+    import cddrec.runtime.backends as backends
+    import cddrec.runtime.session as session
+
+    seen = []
+
+    def providers(device, *, tf32=False, cuda_options=None):  # CUDA asked for, the CPU provider given
+        seen.append((device, dict(cuda_options or {})))
+        return ["CPUExecutionProvider"]
+
+    class Bucket:  # device buffers need a GPU; the session options are what is checked here
+        def __init__(self, ort, session, device, bucket, history, contract):
+            self.session = session
+
+    monkeypatch.setattr(session, "providers_for", providers)
+    monkeypatch.setattr(backends, "cuda_provider_available", lambda: True)
+    monkeypatch.setattr(backends, "_StaticBucket", Bucket)
+    caller = {"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}
+    be = load_backend(trained_tiny_onnx, "ort-cuda-graph", buckets=(1, 4), cuda_options=caller, warmup=False)
+    assert seen == [("cuda", caller)]
+    be.static_bucket(4)
+    assert seen[-1] == ("cuda", {**caller, "enable_cuda_graph": "1"})
+    assert be.session_kwargs["cuda_options"] == caller  # the caller's dict is not changed
