@@ -118,7 +118,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 def check_compile_mode(mode: str | None) -> None:
     if mode is not None and mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {COMPILE_MODES}, got {mode!r}")
+        raise ValueError(f"the torch.compile mode must be one of {COMPILE_MODES}, got {mode!r}")
 
 
 def inductor_captures(mode: str | None) -> bool:
@@ -140,7 +140,8 @@ def compiled(module: torch.nn.Module, mode: str | None, backend: str, shapes: in
     import torch._dynamo
 
     cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, shapes)
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # its name before 2.6
+    setattr(cfg, limit, max(getattr(cfg, limit), shapes))
     return torch.compile(module, mode=None if mode == "default" else mode, backend=backend, dynamic=False)
 
 

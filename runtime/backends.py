@@ -174,7 +174,10 @@ class OrtBackend(BackendBase):
     and graphs with a noise input run on the uncaptured session. ``buckets=`` without
     ``cuda_graph`` runs the same static-shape sessions uncaptured (on the CPU too: how the bucket
     path is tested without a GPU). Other options go to ``ort_session`` (``allow_spinning``,
-    ``level``, ``cuda_options``, ...).
+    ``level``, ``cuda_options``, ...), merged with a session's own (``merge_options``). Loading
+    checks the graph's inputs and outputs against its metadata (names, dtypes, sizes; with
+    buckets also the names of the axes the static sessions fix) and refuses a mismatch in one line.
+    ``warmup()`` (called by ``Recommender.load``) creates, and on CUDA captures, every bucket.
     """
 
     name = "ort-cpu"

@@ -198,3 +198,11 @@ def test_validation_checks_axes_dtypes_and_sizes_not_only_names(tmp_path, tiny_c
         bad = _edit(tmp_path / "m.onnx", tmp_path / f"{edit.__name__}.onnx", edit)
         with pytest.raises(ExportError, match=message):
             validate_graph(bad, model, contract)
+    # serving: a graph whose axes carry other names loads, but not for static-shape buckets, which
+    # fix batch and history by name (the override would silently do nothing)
+    from cddrec.errors import ModelFileError
+    from cddrec.runtime.backends import load_backend
+
+    load_backend(tmp_path / "rename_axis.onnx", "ort-cpu")
+    with pytest.raises(ModelFileError, match="axis 0 is named 's42', not 'batch'"):
+        load_backend(tmp_path / "rename_axis.onnx", "ort-cpu", buckets=(1, 4))

@@ -82,3 +82,27 @@ def test_no_gpu_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     with pytest.raises(BackendUnavailable, match="needs a CUDA GPU: cudaGetDeviceCount failed: cudaError"):
         TrtBackend.load(tmp_path / "m.plan")
+
+
+def test_engine_metadata_keeps_the_vocabulary_beside_the_engine(trained_tiny, tmp_path):
+    """``vocab_file`` is a plain file name beside what it describes: an engine written in another
+    folder gets a copy of the sidecar there (it used to get an absolute path)."""
+    import json
+
+    from cddrec.contract import serving_info
+    from cddrec.export.tensorrt import write_engine_meta
+    from cddrec.runtime.trt_backend import engine_metadata
+
+    graph = tmp_path / "g" / "m.onnx"
+    export_model(trained_tiny, graph, ExportOptions(k=5, vocab_sidecar=True))
+    engine = tmp_path / "engines" / "m.plan"
+    engine.parent.mkdir()
+    write_engine_meta(graph, engine)
+    meta = engine_metadata(engine)
+    assert meta["vocab_file"] == "m.vocab.json"
+    assert (engine.parent / "m.vocab.json").read_bytes() == (graph.parent / "m.vocab.json").read_bytes()
+    info = serving_info(meta, engine)
+    assert info.vocab.keys == json.loads((graph.parent / "m.vocab.json").read_text())["keys"]
+    (engine.parent / "m.vocab.json").write_text('{"keys": ["someone else\'s"]}')
+    with pytest.raises(ExportError, match="exists and is not the vocabulary"):
+        write_engine_meta(graph, engine)
