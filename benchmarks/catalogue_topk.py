@@ -132,7 +132,7 @@ def quality(model_pt: str, data: str, k: int, threads: int, workdir: Path, echo=
     """Recall of each variant on the real split and catalogue, against the exact top-k."""
     from cddrec.checkpoint import load_checkpoint
     from cddrec.data import eval_split, load_data
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, export_model
     from cddrec.runtime.backends import OrtCpu
     from cddrec.vocab import Vocab
 
@@ -141,7 +141,7 @@ def quality(model_pt: str, data: str, k: int, threads: int, workdir: Path, echo=
     model, ckpt = load_checkpoint(model_pt)
     ds = load_data(data, kcore=model.cfg.kcore, vocab=Vocab.from_dict(ckpt["vocab"]))
     split = eval_split(ds, "test", model.cfg.max_len)
-    export_model(model_pt, workdir / "q.onnx", k=k)
+    export_model(model_pt, workdir / "q.onnx", ExportOptions(k=k))
     be = OrtCpu(workdir / "q.onnx", threads=threads)
     table = model.item_emb.weight.detach().float().numpy()  # (V, d)
     feeds = table_feeds(table)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from cddrec.export.onnx_export import export_model
+from cddrec.export.onnx_export import ExportOptions, export_model
 from cddrec.runtime.session import ort_session
 
 from .record import RESULTS_DIR, record
@@ -27,7 +27,7 @@ def measure(steps: list[int], items: int, optimize: bool, workdir: Path) -> list
     for T in steps:
         pt = random_model(workdir / f"T{T}.pt", items, steps=T)
         out = workdir / f"T{T}.onnx"
-        rep = export_model(pt, out, k=10, optimize=optimize)
+        rep = export_model(pt, out, ExportOptions(k=10, optimize=optimize))
         sessions = []
         for _ in range(5):
             t0 = time.perf_counter()

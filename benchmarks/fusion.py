@@ -25,7 +25,7 @@ import onnx
 
 from cddrec.checkpoint import load_checkpoint
 from cddrec.export.fusion import DEFAULT_FUSIONS, FUSIONS
-from cddrec.export.onnx_export import build_graph, contract_for, export_model, op_counts
+from cddrec.export.onnx_export import ExportOptions, build_graph, contract_for, export_model, op_counts
 from cddrec.runtime.backends import OrtCpu
 from cddrec.runtime.session import ort_session
 
@@ -42,7 +42,7 @@ def make_graphs(tmp: Path, items: int) -> tuple[dict[str, Path], dict]:
     model, _ = load_checkpoint(pt)
     spec = contract_for(model, 10)
     graphs = {"standard": tmp / "standard.onnx"}
-    export_model(pt, graphs["standard"], k=10)
+    export_model(pt, graphs["standard"], ExportOptions(k=10))
     graphs["ORT offline (extended)"] = tmp / "ort_offline.onnx"
     ort_session(graphs["standard"], level="extended", optimized_path=graphs["ORT offline (extended)"])
     fired = {}
@@ -61,9 +61,9 @@ def make_graphs(tmp: Path, items: int) -> tuple[dict[str, Path], dict]:
         graphs[f"fused: {f} only"] = tmp / f"fused_{f}.onnx"
         build_graph(model, graphs[f"fused: {f} only"], spec, fusions=(f,))
     graphs["fused (default: " + ", ".join(DEFAULT_FUSIONS) + ")"] = tmp / "fused.onnx"
-    export_model(pt, tmp / "fused.onnx", k=10, optimize=True)  # validated
+    export_model(pt, tmp / "fused.onnx", ExportOptions(k=10, optimize=True))  # validated
     graphs["int8"] = tmp / "int8.onnx"
-    export_model(pt, graphs["int8"], k=10, int8=True)
+    export_model(pt, graphs["int8"], ExportOptions(k=10, int8=True))
     return graphs, fired
 
 

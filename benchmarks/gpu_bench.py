@@ -6,8 +6,8 @@ paper-size random model, and ``cddrec-infer`` end to end.
 1. export: the fp32 and the fp16 graph (``export_model``; validation runs ort-cuda too when CUDA
    is present: ``parity_cuda`` of each report);
 2. parity: every serving variant against the plain fp32 PyTorch reference (CPU) on fresh random
-   histories, through the one comparator (max score difference, top-10 overlap, mismatches
-   beyond ties, within ``contract.tolerance_on(device)``);
+   histories, through the one parity loop (``cddrec.parity.compare_runners``: max score
+   difference, top-10 overlap, mismatches beyond ties, under ``contract.parity_rule(device)``);
 3. speed: ``cddrec-bench``'s ``run_bench`` (one spawned process per backend) on the model file
    (torch-cuda, torch-cuda-fp16, ort-cuda, ort-cuda-graph on the fp32 graph) and on the fp16
    graph (ort-cuda, ort-cuda-graph), each against its roofline (the GPU's measured peak at the
@@ -60,39 +60,39 @@ def histories(rng, batch: int, length: int, items: int) -> np.ndarray:
 
 def check_parity(model, contract, device: str, graph: str, graph16: str, model_pt: str, batches: list[int],
                  seed: int = 7) -> dict:
-    """Every variant against the fp32 reference on fresh random histories (same inputs for all)."""
+    """Every variant against the fp32 reference on fresh random histories (the same feeds and the
+    same reference scores for all), through the one parity loop (``compare_runners``), each under
+    its graph's rule on ``device`` (``parity_rule``: the fp16 variants are judged as fp16 graphs).
+    Each feed runs twice: the first call captures where there is a graph to capture."""
     import torch
 
-    from cddrec.inference import reference_scores
-    from cddrec.parity import compare_topk
+    from cddrec.inference import reference_runner
+    from cddrec.parity import compare_runners
     from cddrec.runtime.backends import load_backend
 
     rng = np.random.default_rng(seed)
-    L, N, k = contract.max_len, contract.num_items, contract.k
-    cases = []
-    for b in batches:
-        ids = histories(rng, b, L, N)
-        full, _ = reference_scores(model, torch.from_numpy(ids))  # (B, V) fp32 on the CPU
-        top = full.topk(k, dim=1)
-        cases.append((b, ids, full.numpy(), top.indices.numpy(), top.values.numpy()))
+    feeds = {str(b): {"item_ids": histories(rng, b, contract.max_len, contract.num_items)} for b in batches}
+    with torch.no_grad():
+        reference = reference_runner(model)
+        refs = {label: reference(feed) for label, feed in feeds.items()}  # (B, V) fp32 on the model's device
     out = {}
     for name, (backend, path, options) in variants(device, graph, graph16, model_pt).items():
         try:
-            be = load_backend(path, backend, k=k, **options)
-            fp16 = "fp16" in name
-            tf32 = bool(options.get("tf32"))
-            rtol, atol = dataclasses.replace(contract, fp16=fp16).tolerance_on(device)
-            rows = {}
-            for b, ids, full, ref_items, ref_scores in cases:
-                for _ in range(2):  # the first call captures where there is a graph to capture
-                    got = be.infer({"item_ids": ids})
-                p = compare_topk(got["top_items"], got["top_scores"], ref_items, ref_scores, full, rtol=rtol, atol=atol)
-                rows[str(b)] = {**p.as_dict(), "top10_overlap": p.overlap}
-            out[name] = {"backend": backend, "file": Path(path).name, "options": {k_: list(v) if isinstance(v, tuple)
-                                                                                   else v for k_, v in options.items()},
-                         "declared": {"rtol": rtol, "atol": atol}, "tf32": tf32, "batches": rows}
+            be = load_backend(path, backend, k=contract.k, warmup=True, **options)
         except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
             out[name] = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()[-600:]}
+            continue
+        rule = dataclasses.replace(contract, fp16="fp16" in name).parity_rule(device)
+        parity = compare_runners({name: be.infer}, refs, feeds, runs=2, keep_going=True, **rule)
+        be.close()
+        if parity.errors:
+            out[name] = {"error": parity.errors[name]}
+            continue
+        out[name] = {"backend": backend, "file": Path(path).name,
+                     "options": {k_: list(v) if isinstance(v, tuple) else v for k_, v in options.items()},
+                     "declared": {"rtol": rule["rtol"], "atol": rule["atol"]}, "exact_ids": rule["exact_ids"],
+                     "tf32": bool(options.get("tf32")), "ok": parity.ok,
+                     "batches": {b: p.as_dict() for b, p in parity.results[name].items()}}
     return out
 
 
@@ -190,7 +190,7 @@ def main(out_dir, device, items, hidden, steps, batch_sizes, parity_batches, sec
     import torch
 
     from cddrec.checkpoint import load_checkpoint
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, export_model
 
     from .latency import run_bench
 
@@ -220,7 +220,7 @@ def main(out_dir, device, items, hidden, steps, batch_sizes, parity_batches, sec
     graph, graph16 = str(tmp / "model.onnx"), str(tmp / "model_fp16.onnx")
     rep["export"] = {}
     for path, fp16 in ((graph, False), (graph16, True)):
-        r = export_model(model_pt, path, k=10, fp16=fp16)
+        r = export_model(model_pt, path, ExportOptions(k=10, fp16=fp16))
         rep["export"]["fp16" if fp16 else "fp32"] = {"validated_on": r.validated_on, "parity": r.parity,
                                                      "parity_cuda": r.parity_cuda, "ops": sum(r.ops.values())}
     model, _ = load_checkpoint(model_pt)

@@ -19,7 +19,7 @@ import numpy as np
 
 from cddrec.checkpoint import load_checkpoint
 from cddrec.data import EvalSplit, eval_split, left_pad, load_data
-from cddrec.export.onnx_export import export_model
+from cddrec.export.onnx_export import ExportOptions, export_model
 from cddrec.metrics import metrics_from_ranks
 from cddrec.runtime.backends import OrtCpu
 from cddrec.vocab import Vocab
@@ -59,7 +59,7 @@ def graph_quality(model_pt: str, data: str, split_name: str = "test", threads: i
     with tempfile.TemporaryDirectory(prefix="cddrec-gq-") as tmp:
         for name, opts in GRAPHS.items():
             path = Path(tmp) / f"{len(rows)}.onnx"
-            rep = export_model(model_pt, path, k=TOPK, **opts)
+            rep = export_model(model_pt, path, ExportOptions(k=TOPK, **opts))
             metrics = metrics_from_ranks(graph_ranks(path, split, threads=threads))
             rows[name] = {"metrics": {k: metrics[k] for k in KEYS}, "max_abs_diff": rep.max_abs_diff,
                           "topk_overlap": rep.topk_overlap, "int8": rep.int8}

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 import cddrec.export.onnx_export as onnx_export
-from cddrec.export.onnx_export import export_model
+from cddrec.export.onnx_export import ExportOptions, export_model
 from cddrec.runtime.session import ort_session
 
 from .record import RESULTS_DIR, record
@@ -41,7 +41,7 @@ def main(items, hidden, steps, name, out_dir):
         V = items + 2
         for mode, options in MODES.items():
             path = Path(tmp) / "g.onnx"
-            rep = export_model(ckpt, path, k=10, vocab_sidecar=True, **options)
+            rep = export_model(ckpt, path, ExportOptions(k=10, vocab_sidecar=True, **options))
             proto = onnx.load(str(path))
             copies = sum(int(np.prod(i.dims)) == V * hidden for i in proto.graph.initializer)
             rows.append({"mode": mode, "graph_mb": rep.graph_bytes / 1e6, "table_mb": V * hidden * 4 / 1e6,
@@ -50,11 +50,11 @@ def main(items, hidden, steps, name, out_dir):
         # serving speed of the one-table graph (Gemm transB) against the former two-table graph
         # (MatMul on a transposed copy), same weights, timed interleaved at batch 256 on ORT CPU
         one, two = Path(tmp) / "one.onnx", Path(tmp) / "two.onnx"
-        export_model(ckpt, one, k=10, vocab_sidecar=True)
+        export_model(ckpt, one, ExportOptions(k=10, vocab_sidecar=True))
         keep = onnx_export.one_item_table
         onnx_export.one_item_table = lambda proto: False
         try:
-            export_model(ckpt, two, k=10, vocab_sidecar=True)
+            export_model(ckpt, two, ExportOptions(k=10, vocab_sidecar=True))
         finally:
             onnx_export.one_item_table = keep
         rng = np.random.default_rng(0)

@@ -171,7 +171,7 @@ def tables(rows: list[dict]) -> str:
 @click.option("--name", default=None, help="results file stem [default: infer_throughput_PRESET]")
 @click.option("--out", "out_dir", default=str(RESULTS_DIR), show_default=True)
 def main(lines, preset, formats, graph, items, batch_size, backend, threads, engine_seconds, name, out_dir):
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, export_model
     from cddrec.runtime.recommender import read_serving_info
 
     fmts = [f.strip() for f in formats.split(",") if f.strip()]
@@ -179,7 +179,7 @@ def main(lines, preset, formats, graph, items, batch_size, backend, threads, eng
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if graph is None:
-            export_model(random_model(tmp / "m.pt", items, **PRESETS[preset]), tmp / "m.onnx", k=10)
+            export_model(random_model(tmp / "m.pt", items, **PRESETS[preset]), tmp / "m.onnx", ExportOptions(k=10))
             graph = str(tmp / "m.onnx")
         keys = read_serving_info(graph).vocab.keys
         req = tmp / "requests.jsonl"

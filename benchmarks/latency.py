@@ -191,20 +191,21 @@ def model_config(model_pt: str | None, graph: str | None):
 
 def export_graphs(model_pt: str, bases: set[str], batch_sizes: list[int], k: int, tmp: Path, trt_fp16: bool):
     """The graph (and TensorRT engine) of ``model_pt`` and the variant graphs the backends need."""
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, TensorRTOptions, export_model
 
     graph = engine = export_seconds = None
     if bases & {"ort-cpu", "ort-cuda", "ort-cuda-graph", "trt"}:
         t0 = time.perf_counter()
         engine = str(tmp / "model.plan") if "trt" in bases and _has_tensorrt() else None
-        export_model(model_pt, tmp / "model.onnx", k=k, trt_engine=engine, trt_fp16=trt_fp16,
-                     trt_max_batch=max(batch_sizes), trt_opt_batch=min(256, max(batch_sizes)))
+        trt = TensorRTOptions(engine, fp16=trt_fp16, max_batch=max(batch_sizes),
+                              opt_batch=min(256, max(batch_sizes))) if engine else None
+        export_model(model_pt, tmp / "model.onnx", ExportOptions(k=k), trt)
         export_seconds = time.perf_counter() - t0
         graph = str(tmp / "model.onnx")
     graphs, variants = {}, {}
     for variant in sorted(bases & set(GRAPH_VARIANTS)):  # the same model, exported and validated as that graph
         path = tmp / f"model-{variant}.onnx"
-        report = export_model(model_pt, path, k=k, **GRAPH_VARIANTS[variant])
+        report = export_model(model_pt, path, ExportOptions(k=k, **GRAPH_VARIANTS[variant]))
         graphs[variant] = str(path)
         variants[variant] = {"ops": sum(report.ops_optimized.values()), "ops_standard": sum(report.ops.values()),
                              "max_abs_diff": report.max_abs_diff, "topk_overlap": report.topk_overlap,

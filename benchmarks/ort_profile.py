@@ -20,7 +20,7 @@ import numpy as np
 
 from cddrec.checkpoint import load_checkpoint
 from cddrec.contract import DEFAULT_K
-from cddrec.export.onnx_export import export_model
+from cddrec.export.onnx_export import ExportOptions, export_model
 from cddrec.runtime.session import ort_session
 
 from .record import RESULTS_DIR, record
@@ -55,7 +55,7 @@ def main(items, batch, runs, threads, out_dir):
         model, _ = load_checkpoint(random_model(tmp / "r.pt", items))
         cfg = model.cfg
         d, L, T = cfg.hidden_size, cfg.max_len, cfg.decoder_steps
-        export_model(tmp / "r.pt", tmp / "m.onnx", k=DEFAULT_K)
+        export_model(tmp / "r.pt", tmp / "m.onnx", ExportOptions(k=DEFAULT_K))
         res = profile_graph(tmp / "m.onnx", batch, runs, items, L, threads, tmp)
     flops = model.flops_per_user()["total"] * batch
     res.update({"items": items, "flops_per_run": flops, "matmul_peak_gflops": matmul_peak("cpu", "fp32", threads).gflops,

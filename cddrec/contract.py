@@ -40,6 +40,9 @@ FORBIDDEN_OPS = ("Loop", "Scan", "If", "RandomNormal", "RandomNormalLike", "Rand
                  "Multinomial", "Bernoulli", "Dropout")
 
 KINDS = ("deterministic", "stochastic")
+# what each static axis of the tensors is, for messages
+_SIZE_LETTERS = {("top_items", 1): "K", ("top_scores", 1): "K", ("user_embedding", 1): "d", ("noise", 0): "T",
+                 ("noise", 2): "d"}
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,47 @@ class GraphContract:
         g_rtol, g_atol = max(rtol, 1e-4), max(atol, 5e-4)
         return (self.gpu_rtol if self.gpu_rtol is not None else g_rtol,
                 self.gpu_atol if self.gpu_atol is not None else g_atol)
+
+    def parity_rule(self, device: str = "cpu") -> dict:
+        """The verdict options of this graph on ``device`` for ``cddrec.parity.compare_runners``:
+        ``rtol``/``atol`` (``tolerance_on``), ``min_overlap`` (approximate graphs are judged by
+        top-k overlap) and ``exact_ids`` (an fp16 graph is judged by its scores: ids that swap within
+        twice the tolerance are not errors)."""
+        rtol, atol = self.tolerance_on(device)
+        return {"rtol": rtol, "atol": atol, "min_overlap": self.min_overlap, "exact_ids": not self.fp16}
+
+    def io_problems(self, inputs: list[tuple], outputs: list[tuple], *, axis_names: bool = True,
+                    exact_sizes: bool = True) -> list[str]:
+        """What differs between a graph's declared inputs/outputs and the contract's, one phrase each
+        (empty: they agree). ``inputs``/``outputs``: ``[(name, dtype, shape)]`` as the graph declares
+        them, dtype a numpy dtype name, each axis an int (static), a str (a symbolic axis) or None.
+
+        Always checked: names in order, dtypes, ranks, static sizes the graph declares, and that
+        dynamic axes are not fixed. ``axis_names``: dynamic axes carry the contract's names (which
+        static-shape sessions fix by name). ``exact_sizes``: static axes are declared as numbers,
+        not symbols. Export checks everything; loading a graph checks names, dtypes and sizes
+        (graphs of earlier exporters left some sizes symbolic), plus ``axis_names`` where
+        sessions fix axes by name."""
+        got_names = ([n for n, _, _ in inputs], [n for n, _, _ in outputs])
+        if got_names != (self.input_names, self.output_names):
+            return [f"inputs/outputs {got_names[0]}/{got_names[1]} are not the contract's "
+                    f"{self.input_names}/{self.output_names}"]
+        problems = []
+        for spec, (name, dtype, shape) in zip(self.inputs + self.outputs, list(inputs) + list(outputs)):
+            if dtype != spec.dtype:
+                problems.append(f"{name} is {dtype}, not {spec.dtype}")
+            if shape is None or len(shape) != len(spec.shape):
+                problems.append(f"{name} has shape {None if shape is None else list(shape)}, not {list(spec.shape)}")
+                continue
+            for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+                if isinstance(want, int) and (isinstance(got, int) or exact_sizes) and got != want:
+                    letter = _SIZE_LETTERS.get((name, axis))
+                    problems.append(f"{name} axis {axis} is {got!r}, not {letter + '=' if letter else ''}{want}")
+                elif isinstance(want, str) and isinstance(got, int):
+                    problems.append(f"{name} axis {axis} ({want}) is fixed at {got}, not dynamic")
+                elif isinstance(want, str) and axis_names and got != want:
+                    problems.append(f"{name} axis {axis} is named {got!r}, not {want!r}")
+        return problems
 
     def check_k(self, k: int | None) -> int:
         """``k`` items per user, at most the graph's K (None: K); a graph of every item (K = N) serves
@@ -234,33 +278,75 @@ class ServingInfo:
         return self.contract.max_len
 
 
-def serving_info(meta: dict[str, str], source: str | Path) -> ServingInfo:
-    """Contract, vocabulary (inline or the sidecar beside ``source``) and popularity of a graph's metadata."""
+class MetadataError(ModelFileError):
+    """Graph metadata serving cannot use; ``field`` names the entry at fault ("vocab", "vocab_file",
+    "popular_topk"), so an exporter can name the cause in the model file instead."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def check_distinct_keys(vocab: Vocab, source: str | Path) -> None:
+    """Refuse a vocabulary that repeats a key: two ids would be served under one key."""
+    if len(vocab.index) != len(vocab):
+        seen: set = set()
+        dup = next(k for k in vocab.keys if k in seen or seen.add(k))
+        raise MetadataError(f"{source}: the vocabulary repeats the item key {dup!r}: keys must be distinct", "vocab")
+
+
+def vocab_file_name(meta: dict[str, str], source: str | Path) -> str:
+    """The metadata's ``vocab_file``: a plain file name beside the graph (no folder, no '..', not
+    absolute), so a graph cannot make serving open any other file."""
+    name = meta["vocab_file"]
+    plain = (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+             and "\0" not in name and not Path(name).is_absolute() and Path(name).name == name)
+    if not plain:
+        raise MetadataError(f"{source}: metadata 'vocab_file' must be the name of a file beside the graph, got {name!r}",
+                            "vocab_file")
+    return name
+
+
+def serving_info(meta: dict[str, str], source: str | Path, vocab_doc: dict | None = None) -> ServingInfo:
+    """Contract, vocabulary (inline or the sidecar beside ``source``) and popularity of a graph's
+    metadata, checked as serving needs them: the one reader of serving info, used by serving
+    (``Recommender``, the Triton repository writer) and by export, which checks the metadata it is
+    about to write (``vocab_doc``: the sidecar's content, not written yet). A ``MetadataError``
+    (one line, naming ``source``) otherwise."""
     contract = GraphContract.from_metadata(meta, source)
     source = Path(source)
-    if "vocab" in meta:
-        vocab_doc = _json(meta, "vocab", source, None)
-    elif "vocab_file" in meta:
-        side = source.parent / meta["vocab_file"]
-        if not side.exists():
-            raise ModelFileError(f"{source}: its item vocabulary {side} is missing (keep it beside the graph)")
-        try:
-            vocab_doc = json.loads(side.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFileError(f"{side}: not a readable vocabulary file ({e})") from None
-    else:
-        raise ModelFileError(f"{source}: cddrec metadata has no item vocabulary")
+    if vocab_doc is None:
+        vocab_doc = _vocab_doc(meta, source)
     try:
         vocab = Vocab.from_dict(vocab_doc)
+        if not all(isinstance(k, str) for k in vocab.keys):
+            raise TypeError("keys")
     except (KeyError, TypeError, AttributeError):
-        raise ModelFileError(f"{source}: the item vocabulary is not {{'keys': [...], 'key_type': ...}}") from None
+        raise MetadataError(f"{source}: the item vocabulary is not {{'keys': [...], 'key_type': ...}}",
+                            "vocab") from None
     if len(vocab) != contract.num_items:
-        raise ModelFileError(f"{source}: the vocabulary has {len(vocab)} keys but the graph scores "
-                             f"{contract.num_items} items")
+        raise MetadataError(f"{source}: the vocabulary has {len(vocab)} keys but the graph scores "
+                            f"{contract.num_items} items", "vocab")
+    check_distinct_keys(vocab, source)
     popular = _json(meta, "popular_topk", source, [])
     if not isinstance(popular, list) or not all(isinstance(p, list) and len(p) == 2 for p in popular):
-        raise ModelFileError(f"{source}: metadata 'popular_topk' must be a list of [item key, count] pairs")
+        raise MetadataError(f"{source}: metadata 'popular_topk' must be a list of [item key, count] pairs",
+                            "popular_topk")
     if len(popular) < min(contract.k, contract.num_items):
-        raise ModelFileError(f"{source}: metadata 'popular_topk' has {len(popular)} entries, fewer than K={contract.k}; "
-                             "re-export the model")
+        raise MetadataError(f"{source}: metadata 'popular_topk' has {len(popular)} entries, fewer than K={contract.k}; "
+                            "re-export the model", "popular_topk")
     return ServingInfo(contract, vocab, popular)
+
+
+def _vocab_doc(meta: dict[str, str], source: Path):
+    if "vocab" in meta:
+        return _json(meta, "vocab", source, None)
+    if "vocab_file" not in meta:
+        raise MetadataError(f"{source}: cddrec metadata has no item vocabulary", "vocab")
+    side = source.parent / vocab_file_name(meta, source)
+    if not side.exists():
+        raise MetadataError(f"{source}: its item vocabulary {side} is missing (keep it beside the graph)", "vocab_file")
+    try:
+        return json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MetadataError(f"{side}: not a readable vocabulary file ({e})", "vocab_file") from None

@@ -35,13 +35,27 @@ def fit_history(item_ids: torch.Tensor, L: int) -> torch.Tensor:
     return F.pad(item_ids, (L, 0))[:, -L:]
 
 
-def exclude_items(scores: torch.Tensor, excluded: torch.Tensor, num_items: int, value: float) -> torch.Tensor:
+def always_excluded(num_items: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(2,) int64 ids every ranking excludes: the padding row 0 and the mask token N + 1.
+
+    Made on ``device`` by a device-side fill (``arange``), never from host data: a host-to-device
+    copy inside a forward pass breaks CUDA-graph capture (cudaErrorStreamCaptureUnsupported). The
+    serving modules keep it as a buffer (``UnrolledRecommender.always_excluded``) and pass it in."""
+    return torch.arange(2, device=device) * (num_items + 1)  # [0, N + 1]
+
+
+def exclude_items(scores: torch.Tensor, excluded: torch.Tensor, num_items: int, value: float,
+                  always: torch.Tensor | None = None) -> torch.Tensor:
     """The masking rule: ``value`` at every id of ``excluded`` (B, S) (0 entries are padding), at
     the padding row 0 and at the mask token N + 1 of ``scores`` (B, V); one scatter, out of place.
 
-    Evaluation passes -inf (a seen item can never tie the target); serving passes ``MASK_SCORE``,
-    finite and fp16-safe, so TopK never sees -inf and an all-padding history gives no NaN."""
-    static = torch.tensor([0, num_items + 1], device=excluded.device).expand(excluded.shape[0], 2)  # (B, 2)
+    ``always`` (2,): those two ids (``always_excluded``), a buffer of the calling module; without it
+    they are made on the device of ``excluded``. Evaluation passes -inf (a seen item can never tie
+    the target); serving passes ``MASK_SCORE``, finite and fp16-safe, so TopK never sees -inf and
+    an all-padding history gives no NaN."""
+    if always is None:
+        always = always_excluded(num_items, excluded.device)
+    static = always.expand(excluded.shape[0], 2)  # (B, 2)
     return scores.scatter(1, torch.cat([excluded, static], dim=1), value)  # (B, V)
 
 
@@ -66,6 +80,21 @@ def reference_topk(model: CDDRec, item_ids: torch.Tensor, k: int, noise: torch.T
     scores, user = reference_scores(model, item_ids, noise, plain)
     top = scores.topk(k, dim=1)
     return top.indices, top.values, user
+
+
+def reference_runner(model: CDDRec):
+    """The reference as a parity runner's counterpart (``cddrec.parity.compare_runners``): a feed
+    {"item_ids" (B, S) int64 [, "noise" (T, B, d)]} of numpy arrays -> the masked fp32 scores of
+    every item (B, V), numpy, from the plain eager model on the model's device."""
+    device = next(model.parameters()).device
+
+    def scores(feed: dict) -> np.ndarray:
+        ids = torch.as_tensor(np.asarray(feed["item_ids"]), dtype=torch.int64, device=device)
+        noise = feed.get("noise")
+        noise = None if noise is None else torch.as_tensor(np.asarray(noise), device=device)
+        return reference_scores(model, ids, noise)[0].cpu().numpy()  # (B, V)
+
+    return scores
 
 
 def popular_topk(popularity, vocab, k: int) -> list:

@@ -70,7 +70,8 @@ class TwoStageTopK(nn.Module):
         user = self.inner(item_ids, noise)[2] if noise is not None else self.inner(item_ids)[2]  # (B, d)
         approx = Int8Scores.apply(user, self.table_q_t, self.scale)  # (B, V)
         item_ids = valid_ids(item_ids, self.inner.model.cfg.num_items)  # (B, S): invalid ids are padding
-        approx = exclude_items(approx, item_ids, self.inner.model.cfg.num_items, MASK_SCORE)  # the masking rule
+        approx = exclude_items(approx, item_ids, self.inner.model.cfg.num_items, MASK_SCORE,
+                               self.inner.always_excluded)  # the masking rule: (B, V)
         cand_scores, cand = torch.topk(approx, self.C, dim=1)  # (B, C)
         table = self.inner.model.item_emb.weight  # (V, d): the one fp32 copy in the graph
         exact = (table[cand] @ user.unsqueeze(-1)).squeeze(-1)  # (B, C, d) @ (B, d, 1) -> (B, C)

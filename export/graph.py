@@ -7,6 +7,11 @@ own ``reverse`` (the one implementation of the step); its Python loop over the s
 unrolled when traced, so the graph has no Loop op and no random op: the stochastic graph takes
 its noise as an input. Masking is ``cddrec.inference.exclude_items``, the one masking rule.
 
+The forward pass makes no tensor from host data: constants are registered buffers (the step
+queries, the two always-excluded ids), so ``.to(device)`` moves them and CUDA-graph capture,
+which forbids host-to-device copies, records the whole forward (``tests/test_gpu_serving.py``
+traces it for ``lift_fresh``/host copies).
+
 Letters: B batch, S history given, L model length, d hidden, T steps, V = N + 2 rows, K top-k.
 """
 
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cddrec.contract import MASK_SCORE
-from cddrec.inference import exclude_items, fit_history, valid_ids
+from cddrec.inference import always_excluded, exclude_items, fit_history, valid_ids
 from cddrec.model import CDDRec
 
 
@@ -56,6 +61,8 @@ class UnrolledRecommender(nn.Module):
         model = model.eval()
         self.model = half_linears(model) if fp16 else model
         self.k, self.stochastic = k, stochastic
+        # ids 0 and N + 1, excluded from every ranking: a buffer, not a tensor made in forward
+        self.register_buffer("always_excluded", always_excluded(cfg.num_items), persistent=False)  # (2,)
         if self.model.decoder is not None:  # W_Q e_t + b_Q: constants of the graph, not computed in it
             with torch.no_grad():
                 self.register_buffer("step_q", self.model.decoder.step_queries().detach().clone())  # (T, d)
@@ -75,6 +82,6 @@ class UnrolledRecommender(nn.Module):
         masking rule on the (valid) history (B, S), top-k."""
         m = self.model
         scores = m.scores(user.float())  # (B, V)
-        scores = exclude_items(scores, item_ids, m.cfg.num_items, MASK_SCORE)  # history, padding, mask token
+        scores = exclude_items(scores, item_ids, m.cfg.num_items, MASK_SCORE, self.always_excluded)  # (B, V)
         top_scores, top_items = torch.topk(scores, self.k, dim=1)
         return top_items, top_scores, user

@@ -2,12 +2,16 @@
 
 ``contract_for`` declares the graph (``cddrec.contract.GraphContract``); ``build_graph`` traces
 ``UnrolledRecommender`` to ONNX under it; ``validate_graph`` checks a graph file against the
-contract and the PyTorch reference through the serving session factory and the one comparator;
-``export_model`` does both, writing to a temporary file renamed only when validation passes.
+contract (names, dtypes, axes, static sizes) and the PyTorch reference through the serving
+backend and the one parity loop (``cddrec.parity.compare_runners``); ``export_model`` does both
+under an ``ExportOptions`` (and, for an engine, ``TensorRTOptions``), checks the metadata it
+writes with serving's own reader (``cddrec.contract.serving_info``), and writes to a temporary
+file renamed only when validation passes.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -31,13 +35,16 @@ from cddrec.contract import (
     POPULAR_TOPK,
     VOCAB_INLINE_MAX,
     GraphContract,
+    MetadataError,
+    serving_info,
 )
 from cddrec.errors import ExportError
-from cddrec.inference import popular_topk, reference_scores
+from cddrec.inference import popular_topk, reference_runner
 from cddrec.io import atomic_path, atomic_write_json
 from cddrec.model import CDDRec
-from cddrec.parity import compare_topk
-from cddrec.runtime.session import cuda_provider_available, ort_session
+from cddrec.parity import compare_runners
+from cddrec.runtime.backends import OrtBackend
+from cddrec.runtime.session import cuda_provider_available
 from cddrec.vocab import Vocab
 
 from .fusion import DEFAULT_FUSIONS, MS_DOMAIN
@@ -72,6 +79,65 @@ class ExportReport:
         """Per validation batch size, the mean top-k overlap of an approximate graph (int8, two-stage)."""
         approximate = self.contract.get("min_overlap") is not None
         return {b: p["overlap"] for b, p in self.parity.items()} if approximate else {}
+
+
+EXPORTERS = ("torchscript", "dynamo")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What graph ``export_model`` writes (the options of ``cddrec-export``)."""
+
+    k: int = DEFAULT_K  # top-k items the graph returns (clamped to the catalogue)
+    opset: int = DEFAULT_OPSET
+    exporter: str = "torchscript"  # "torchscript" (the tracer) or "dynamo" (torch.export, opset >= 18)
+    fp16: bool = False  # fp16 matmuls; LayerNorm, softmax, scoring and TopK stay fp32
+    stochastic: bool = False  # a noise input (T, batch, d): the sampled reverse chain
+    optimize: bool = False  # the fused graph (ONNX Runtime contrib ops, ``export/fusion.py``)
+    int8: bool = False  # MatMuls dynamically quantized (``export/quantize.py``)
+    int8_scoring: bool = False  # with int8: the scoring MatMul too
+    rescore: int = 0  # C > 0: the two-stage top-k (int8 candidates, C rescored in fp32)
+    vocab_sidecar: bool | None = None  # vocabulary beside the graph; None: when over VOCAB_INLINE_MAX keys
+    validate: bool = True
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot work whatever the model (before anything is read or written)."""
+        if self.k < 1:
+            raise ExportError(f"--k {self.k} must be >= 1")
+        if self.exporter not in EXPORTERS:
+            raise ExportError(f"exporter must be one of {EXPORTERS}, got {self.exporter!r}")
+        if self.opset < MIN_OPSET:
+            raise ExportError(f"--opset {self.opset}: the graph needs opset {MIN_OPSET} or newer (Trilu for the "
+                              "causal mask)")
+        if self.exporter == "dynamo" and self.opset < DYNAMO_MIN_OPSET:
+            raise ExportError(f"--opset {self.opset}: the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or newer; "
+                              f"use --opset {DYNAMO_MIN_OPSET} or --exporter torchscript")
+        if (self.optimize or self.int8 or self.rescore) and self.fp16:
+            raise ExportError("--optimize, --int8 and --rescore write fp32 ONNX Runtime graphs: not with --fp16")
+        if self.int8_scoring and not self.int8:
+            raise ExportError("--int8-scoring quantizes the scoring MatMul of an --int8 graph: add --int8")
+        if self.rescore < 0:
+            raise ExportError(f"--rescore {self.rescore} must be >= 0")
+
+    @property
+    def approximate(self) -> bool:
+        """int8 and two-stage graphs: validated by top-k overlap, not by score tolerance."""
+        return self.int8 or bool(self.rescore)
+
+    @property
+    def ort_only(self) -> bool:
+        """Graphs with ONNX Runtime contrib or quantized ops (not for TensorRT)."""
+        return self.optimize or self.int8 or bool(self.rescore)
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """A TensorRT engine built from the exported graph (``cddrec-export --trt``)."""
+
+    engine: str | Path  # where the engine is written (its metadata goes to ENGINE.meta.json)
+    fp16: bool = False  # an fp16 engine: needs an fp16 graph (ExportOptions.fp16)
+    max_batch: int = 1024  # largest batch of the optimization profile
+    opt_batch: int = 256  # batch the profile is tuned for
 
 
 def contract_for(model: CDDRec, k: int = DEFAULT_K, *, stochastic: bool = False, fp16: bool = False,
@@ -143,7 +209,7 @@ def build_graph(model: CDDRec, path: str | Path, contract: GraphContract, export
                     if name in contract.input_names}
             prog = torch.onnx.export(module, args, input_names=contract.input_names,
                                      output_names=contract.output_names, dynamic_shapes=dims,
-                                     opset_version=contract.opset, dynamo=True)
+                                     opset_version=contract.opset, dynamo=True, verbose=False)
             prog.save(str(path))
         else:
             raise ExportError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
@@ -151,8 +217,57 @@ def build_graph(model: CDDRec, path: str | Path, contract: GraphContract, export
     written = graph_opset(proto)
     if written != contract.opset:
         raise ExportError(f"the {exporter} exporter wrote opset {written}, not the requested {contract.opset}")
-    if one_item_table(proto):
+    conformed = conform_io(proto, contract)
+    if one_item_table(proto) or conformed:
         onnx.save(proto, str(path))
+
+
+def graph_io(proto: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
+    """A graph's inputs and outputs as ``[(name, numpy dtype name, shape)]`` (axes: int, the name of
+    a dynamic axis, or None), the form ``GraphContract.io_problems`` checks."""
+    def spec(vi):
+        t = vi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "undefined"
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim] \
+            if t.HasField("shape") else None
+        return vi.name, dtype, dims
+
+    return [spec(v) for v in proto.graph.input], [spec(v) for v in proto.graph.output]
+
+
+def conform_io(proto: onnx.ModelProto, contract: GraphContract) -> bool:
+    """Declare the graph's inputs and outputs with the contract's axis names and sizes, in place.
+
+    Dynamic axes get the contract's names (``batch``, ``history``): the dynamo exporter names them
+    after its shape symbols (``s42``, ``s64``), and then nothing that fixes axes by name works (ONNX
+    Runtime's free-dimension overrides of the static-shape sessions of ``ort-cuda-graph`` silently
+    do nothing; Triton's TensorRT profile cannot be written). Each such symbol is renamed
+    everywhere it appears (inputs, outputs, value_info, and inside expressions such as ``s64 + 8``).
+    A static axis the exporter left symbolic (``TopKtop_scores_dim_1`` for K after the two-stage
+    top-k) is declared with the contract's size; validation then runs the graph and checks the
+    real shapes. Returns whether anything changed."""
+    ins, outs = graph_io(proto)
+    rename: dict[str, str] = {}
+    changed = False
+    for spec, vi, (_, _, shape) in zip(contract.inputs + contract.outputs,
+                                       list(proto.graph.input) + list(proto.graph.output), ins + outs):
+        if shape is None or len(shape) != len(spec.shape):
+            continue  # validation names the mismatch
+        for axis, (want, got) in enumerate(zip(spec.shape, shape)):
+            if isinstance(want, str) and isinstance(got, str) and got != want:
+                if rename.setdefault(got, want) != want:
+                    raise ExportError(f"the exporter gave one symbol {got!r} to the axes {rename[got]!r} and {want!r}")
+            elif isinstance(want, int) and not isinstance(got, int):
+                vi.type.tensor_type.shape.dim[axis].dim_value = want  # clears the dim_param
+                changed = True
+    if not rename:
+        return changed
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+    for vi in list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param"):
+                d.dim_param = pattern.sub(lambda m: rename[m.group(1)], d.dim_param)
+    return True
 
 
 def graph_opset(proto: onnx.ModelProto) -> int:
@@ -237,13 +352,14 @@ def validate_graph(path: str | Path, model: CDDRec, contract: GraphContract, rep
                    seed: int = 1234, devices: tuple[str, ...] | None = None) -> ExportReport:
     """Check a graph file against its contract and the PyTorch reference; raise ExportError if not.
 
-    ONNX checker; no Loop/Scan/If and no random op; the serving ONNX Runtime session on each of
-    ``devices`` (default: the CPU, and CUDA (TF32 off) when ``cuda_available()``); fresh random
-    histories at each validation batch size: top_scores within the contract's tolerance of the
-    fp32 reference on the CPU (``contract.tolerance_on(device)``) and top_items identical except
-    where the reference scores tie (``cddrec.parity.compare_topk``). An approximate graph (int8,
-    two-stage top-k: ``contract.min_overlap`` set) reports the same figures and must reach that
-    mean top-k overlap with the reference instead.
+    ONNX checker; no Loop/Scan/If and no random op; inputs and outputs as the contract declares
+    them (names, dtypes, static sizes, named dynamic axes: ``GraphContract.io_problems``); the
+    serving backend (``OrtBackend``, as ``ort-cpu``/``ort-cuda`` open it) on each of ``devices``
+    (default: the CPU, and CUDA (TF32 off) when ``cuda_available()``) against the fp32 reference on
+    fresh random histories at each validation batch size, through the one parity loop
+    (``compare_runners``) under the contract's rule (``parity_rule(device)``): scores within
+    ``tolerance_on(device)`` and ids identical beyond ties (fp16: scores only); an approximate
+    graph (int8, two-stage top-k: ``contract.min_overlap`` set) must reach that mean top-k overlap.
     """
     report = report or ExportReport(path=str(path), contract=asdict(contract))
     try:
@@ -255,139 +371,148 @@ def validate_graph(path: str | Path, model: CDDRec, contract: GraphContract, rep
     bad = sorted(set(report.ops) & set(FORBIDDEN_OPS))
     if bad:
         raise ExportError(f"graph contains forbidden ops {bad} (the steps must be unrolled, no random ops)")
-    names_in = [i.name for i in proto.graph.input]
-    names_out = [o.name for o in proto.graph.output]
-    if names_in != contract.input_names or names_out != contract.output_names:
-        raise ExportError(f"graph inputs/outputs {names_in}/{names_out} differ from the contract "
-                          f"{contract.input_names}/{contract.output_names}")
+    problems = contract.io_problems(*graph_io(proto))
+    if problems:
+        raise ExportError(f"the graph's inputs/outputs differ from the contract: {'; '.join(problems)}")
     devices = devices if devices is not None else (("cpu", "cuda") if cuda_available() else ("cpu",))
+    feeds = {str(b): {n: v.numpy() for n, v in example_inputs(model, contract, batch=b, seed=seed + i).items()}
+             for i, b in enumerate(contract.validate_batches)}
+    reference = reference_runner(model)
+    refs = {label: reference(feed) for label, feed in feeds.items()}  # (B, V) each, shared by the devices
     mismatches = 0
     for device in devices:
         t0 = time.perf_counter()
-        sess = ort_session(path, device)
+        backend = OrtBackend(path, device)
         if device == "cpu":
             report.session_seconds = round(time.perf_counter() - t0, 4)
-        rtol, atol = contract.tolerance_on(device)
-        parity = report.parity if device == "cpu" else report.parity_cuda
-        for i, batch in enumerate(contract.validate_batches):
-            feed = example_inputs(model, contract, batch=batch, seed=seed + i)
-            full, _ = reference_scores(model, feed["item_ids"], feed.get("noise"))  # (B, V)
-            ref_scores, ref_items = full.topk(contract.k, dim=1)
-            items, scores, _ = sess.run(contract.output_names, {n: v.numpy() for n, v in feed.items()})
-            p = compare_topk(items, scores, ref_items.numpy(), ref_scores.numpy(), full.numpy(), rtol=rtol, atol=atol)
-            if contract.min_overlap is not None:  # approximate: the verdict is the declared overlap
-                p.ok = p.overlap >= contract.min_overlap
-            parity[str(batch)] = p.as_dict()
-            mismatches += p.topk_mismatches
-            if contract.min_overlap is not None:
-                if not p.ok:
-                    raise ExportError(f"approximate graph, {device}, batch {batch}: top-{contract.k} overlap with the "
-                                      f"fp32 reference {p.overlap:.3f} is below {contract.min_overlap} "
-                                      f"(max |score difference| {p.max_abs_diff:.3g})")
-                continue
-            if not p.max_abs_diff <= p.tolerance:
-                raise ExportError(f"{device}, batch {batch}: max |score difference| {p.max_abs_diff:.3g} exceeds "
-                                  f"{p.tolerance:.3g}")
+        try:
+            parity = compare_runners({device: backend.infer}, refs, feeds, **contract.parity_rule(device))
+        finally:
+            backend.close()
+        (report.parity if device == "cpu" else report.parity_cuda).update(
+            {b: p.as_dict() for b, p in parity.results[device].items()})
+        mismatches += parity.topk_mismatches
+        if not parity.ok:
+            kind = "approximate graph, " if contract.min_overlap is not None else ""
+            raise ExportError(kind + parity.failures()[0])
         report.validated_on.append(device)
     report.topk_mismatches = mismatches
-    if mismatches and not contract.fp16 and contract.min_overlap is None:
-        raise ExportError(f"{mismatches} top-k ids differ from the reference beyond exact ties")
     return report
 
 
-def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K, opset: int = DEFAULT_OPSET,
-                 fp16: bool = False, stochastic: bool = False, optimize: bool = False, exporter: str = "torchscript",
-                 vocab_sidecar: bool | None = None, trt_engine: str | Path | None = None,
-                 trt_fp16: bool = False, trt_max_batch: int = 1024, trt_opt_batch: int = 256,
-                 validate: bool = True, int8: bool = False, int8_scoring: bool = False,
-                 rescore: int = 0) -> ExportReport:
-    """Export a model file to a validated ONNX graph (and optionally a TensorRT engine).
+def check_request(model: CDDRec, options: ExportOptions, trt: TensorRTOptions | None, triton=None) -> int:
+    """Refuse what this model cannot be exported as, before anything is written; returns K (the
+    requested k clamped to the catalogue)."""
+    if triton is not None:
+        triton.check(optimize=options.optimize)
+    if options.stochastic and model.steps < 2:
+        raise ExportError("--stochastic needs a model with a decoder and T >= 2: the last reverse step is its mean "
+                          f"(no noise), so this model (T={model.steps}) has no sampled step; export it without "
+                          "--stochastic")
+    k = min(options.k, model.cfg.num_items)  # a small catalogue: K is clamped (report.k_requested says so)
+    if options.rescore and not k <= options.rescore:
+        raise ExportError(f"--rescore {options.rescore} must be at least --k {k}")
+    if trt is not None:
+        from .tensorrt import check_trt_request
 
-    ``optimize``: the fused graph with ONNX Runtime contrib ops (``export/fusion.py``), for
+        # before anything is written; the int8 and two-stage graphs are ONNX Runtime graphs too
+        check_trt_request(k, optimize=options.ort_only, fp16=options.fp16, trt_fp16=trt.fp16)
+    return k
+
+
+def check_servable(meta: dict[str, str], out: Path, vocab: Vocab, sidecar: bool, checkpoint, ckpt: dict) -> None:
+    """Read the metadata about to be written with serving's own reader (``serving_info``), so a graph
+    serving would refuse is refused here, with its cause in the model file."""
+    try:
+        serving_info(meta, out, vocab_doc=vocab.to_dict() if sidecar else None)
+    except MetadataError as e:
+        cfg_items = int(meta["num_items"])
+        if e.field == "popular_topk" and ckpt.get("popularity") is None:
+            cause = ("has no item popularity counts, which serving needs for users with no known item; save the model "
+                     "with its popularity (cddrec-train does)")
+        elif e.field == "vocab" and len(vocab) != cfg_items:
+            cause = (f"has a vocabulary of {len(vocab)} item keys but its model scores {cfg_items} items: serving could "
+                     "not map the graph's ids back to keys; save the model with the vocabulary it was trained on")
+        else:
+            cause = f"would give a graph serving refuses ({e})"
+        raise ExportError(f"{checkpoint}: the model file {cause}") from None
+
+
+def export_model(checkpoint: str | Path, out: str | Path, options: ExportOptions = ExportOptions(),
+                 trt: TensorRTOptions | None = None, triton=None) -> ExportReport:
+    """Export a model file to a validated ONNX graph (and, with ``trt``, a TensorRT engine; with
+    ``triton``, a ``cddrec.export.triton.TritonOptions``, a Triton model folder).
+
+    ``options.optimize``: the fused graph with ONNX Runtime contrib ops (``export/fusion.py``), for
     ONNX Runtime only. ``int8``: MatMuls dynamically quantized (``export/quantize.py``; the
     scoring MatMul too with ``int8_scoring``; of the fused graph with ``optimize``). ``rescore`` C:
     the two-stage top-k (``export/catalogue.py``: int8 candidates, the top C rescored exactly).
     int8 and two-stage graphs are approximate: validated by top-k overlap (``APPROX_MIN_OVERLAP``)."""
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset}: the graph needs opset {MIN_OPSET} or newer (Trilu for the causal mask)")
-    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
-        raise ExportError(f"--opset {opset}: the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or newer; "
-                          f"use --opset {DYNAMO_MIN_OPSET} or --exporter torchscript")
+    o = options
     model, ckpt = load_checkpoint(checkpoint)
-    cfg = model.cfg
-    if k < 1:
-        raise ExportError(f"--k {k} must be >= 1")
-    if stochastic and model.steps < 2:
-        raise ExportError("--stochastic needs a model with a decoder and T >= 2: the last reverse step is its mean "
-                          f"(no noise), so this model (T={model.steps}) has no sampled step; export it without "
-                          "--stochastic")
-    k_asked = k
-    k = min(k, cfg.num_items)  # a small catalogue: K is clamped to the rankable items (report.k_requested says so)
-    if (optimize or int8 or rescore) and fp16:
-        raise ExportError("--optimize, --int8 and --rescore write fp32 ONNX Runtime graphs: not with --fp16")
-    if rescore and not k <= rescore:
-        raise ExportError(f"--rescore {rescore} must be at least --k {k}")
-    if trt_engine:
-        from .tensorrt import check_trt_request
-
-        # before anything is written; the int8 and two-stage graphs are ONNX Runtime graphs too
-        check_trt_request(k, optimize=optimize or int8 or bool(rescore), fp16=fp16, trt_fp16=trt_fp16)
+    k = check_request(model, o, trt, triton)
     out = Path(out)
     vocab = Vocab.from_dict(ckpt["vocab"])
-    if vocab_sidecar is None:
-        vocab_sidecar = len(vocab) > VOCAB_INLINE_MAX
+    sidecar = len(vocab) > VOCAB_INLINE_MAX if o.vocab_sidecar is None else o.vocab_sidecar
     extra = {
         "weights_sha256": weights_checksum(model),
         "popular_topk": popular_topk(ckpt.get("popularity"), vocab, max(k, POPULAR_TOPK)),
-        "export_settings": {"opset": opset, "fp16": fp16, "stochastic": stochastic, "optimize": optimize,
-                            "int8": int8, "int8_scoring": int8_scoring, "rescore": rescore, "exporter": exporter,
-                            "torch": torch.__version__, "cddrec": __version__,
+        "export_settings": {"opset": o.opset, "fp16": o.fp16, "stochastic": o.stochastic, "optimize": o.optimize,
+                            "int8": o.int8, "int8_scoring": o.int8_scoring, "rescore": o.rescore,
+                            "exporter": o.exporter, "torch": torch.__version__, "cddrec": __version__,
                             "mask_score": MASK_SCORE, "source": str(checkpoint)},
         "config": ckpt["config"],
+        **({"vocab_file": out.with_suffix(".vocab.json").name} if sidecar else {"vocab": vocab.to_dict()}),
     }
-    if vocab_sidecar:
-        extra["vocab_file"] = out.with_suffix(".vocab.json").name
-    else:
-        extra["vocab"] = vocab.to_dict()
-    contract = GraphContract(**{**asdict(contract_for(model, k, stochastic=stochastic, fp16=fp16, opset=opset,
-                                                      min_overlap=APPROX_MIN_OVERLAP if int8 or rescore else None)),
+    contract = GraphContract(**{**asdict(contract_for(model, k, stochastic=o.stochastic, fp16=o.fp16, opset=o.opset,
+                                                      min_overlap=APPROX_MIN_OVERLAP if o.approximate else None)),
                                 "extra": extra})
-    report = ExportReport(path=str(out), contract={k_: v for k_, v in asdict(contract).items() if k_ != "extra"},
-                          k_requested=k_asked if k_asked != k else None)
     meta = contract.to_metadata()
-    t0 = time.perf_counter()
+    check_servable(meta, out, vocab, sidecar, checkpoint, ckpt)
+    report = ExportReport(path=str(out), contract={k_: v for k_, v in asdict(contract).items() if k_ != "extra"},
+                          k_requested=o.k if o.k != k else None)
     with atomic_path(out) as tmp:
-        if optimize or rescore:  # the standard graph's op counts, then the fused or two-stage graph in its place
-            build_graph(model, tmp, contract, exporter)
-            report.ops = op_counts(onnx.load(str(tmp)))
-        build_graph(model, tmp, contract, exporter, fusions=DEFAULT_FUSIONS if optimize else None, rescore=rescore)
-        if int8:
-            from .quantize import quantize_graph
-
-            report.ops = report.ops or op_counts(onnx.load(str(tmp)))  # counts before quantization
-            fp32 = tmp.with_name(tmp.name + ".fp32")
-            try:
-                tmp.replace(fp32)
-                report.int8 = quantize_graph(fp32, tmp, cfg.num_rows, quantize_scoring=int8_scoring)
-            finally:
-                fp32.unlink(missing_ok=True)
-        write_metadata(tmp, meta)
-        if optimize or int8 or rescore:
-            report.ops_optimized = op_counts(onnx.load(str(tmp)))
-        report.export_seconds = round(time.perf_counter() - t0, 3)
-        if validate:
+        write_graph(model, tmp, contract, meta, o, report)
+        if o.validate:
             ops_before = report.ops
             validate_graph(tmp, model, contract, report)
-            if optimize or int8 or rescore:
+            if o.ort_only:
                 report.ops_optimized, report.ops = report.ops, ops_before
         report.graph_bytes = tmp.stat().st_size
-        if vocab_sidecar:
-            sidecar = out.with_suffix(".vocab.json")
-            atomic_write_json(sidecar, vocab.to_dict())
-            report.vocab_sidecar = str(sidecar)
-    if trt_engine:
+        if sidecar:
+            path = out.with_suffix(".vocab.json")
+            atomic_write_json(path, vocab.to_dict())
+            report.vocab_sidecar = str(path)
+    if trt is not None:
         from .tensorrt import build_engine
 
-        build_engine(out, trt_engine, contract, fp16=trt_fp16, max_batch=trt_max_batch, opt_batch=trt_opt_batch)
-        report.trt_engine = str(trt_engine)
+        build_engine(out, trt.engine, contract, fp16=trt.fp16, max_batch=trt.max_batch, opt_batch=trt.opt_batch)
+        report.trt_engine = str(trt.engine)
+    if triton is not None:
+        report.triton_repo = str(triton.write(out, fp16=o.fp16).model_dir)
     return report
+
+
+def write_graph(model: CDDRec, tmp: Path, contract: GraphContract, meta: dict[str, str], o: ExportOptions,
+                report: ExportReport) -> None:
+    """Trace the graph ``o`` asks for to ``tmp`` (fused, two-stage, quantized) with its metadata;
+    ``report`` gets the op counts (standard graph, and after optimization) and the export time."""
+    t0 = time.perf_counter()
+    if o.optimize or o.rescore:  # the standard graph's op counts, then the fused or two-stage graph in its place
+        build_graph(model, tmp, contract, o.exporter)
+        report.ops = op_counts(onnx.load(str(tmp)))
+    build_graph(model, tmp, contract, o.exporter, fusions=DEFAULT_FUSIONS if o.optimize else None, rescore=o.rescore)
+    if o.int8:
+        from .quantize import quantize_graph
+
+        report.ops = report.ops or op_counts(onnx.load(str(tmp)))  # counts before quantization
+        fp32 = tmp.with_name(tmp.name + ".fp32")
+        try:
+            tmp.replace(fp32)
+            report.int8 = quantize_graph(fp32, tmp, model.cfg.num_rows, quantize_scoring=o.int8_scoring)
+        finally:
+            fp32.unlink(missing_ok=True)
+    write_metadata(tmp, meta)
+    if o.ort_only:
+        report.ops_optimized = op_counts(onnx.load(str(tmp)))
+    report.export_seconds = round(time.perf_counter() - t0, 3)

@@ -23,9 +23,10 @@ the ``tensorrt`` package the functions raise ``TensorRTUnavailable`` with what t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from cddrec.contract import MAX_HISTORY, TRT_MAX_K, GraphContract
+from cddrec.contract import MAX_HISTORY, TRT_MAX_K, GraphContract, vocab_file_name
 from cddrec.errors import BackendUnavailable, ExportError
 from cddrec.io import atomic_path, atomic_write_json
 
@@ -125,12 +126,21 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, contract: Graph
 
 
 def write_engine_meta(onnx_path: str | Path, engine_path: str | Path) -> Path:
-    """Copy the graph's metadata to ``ENGINE.meta.json`` (engines carry none)."""
+    """Copy the graph's metadata to ``ENGINE.meta.json`` (engines carry none), and its vocabulary
+    sidecar beside the engine when the engine is written in another folder (``vocab_file`` is a
+    plain file name beside what it describes)."""
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-    if "vocab_file" in meta:  # the sidecar sits beside the graph: point at it from the engine's folder
-        meta["vocab_file"] = str(Path(onnx_path).with_name(meta["vocab_file"]).resolve())
+    if "vocab_file" in meta:  # a file name beside the graph, and beside the engine too: copied when elsewhere
+        side = Path(onnx_path).with_name(vocab_file_name(meta, onnx_path))
+        beside_engine = Path(engine_path).with_name(side.name)
+        if beside_engine.resolve() != side.resolve():
+            if beside_engine.exists() and beside_engine.read_bytes() != side.read_bytes():
+                raise ExportError(f"{beside_engine} exists and is not the vocabulary of {onnx_path}: the engine needs "
+                                  "its vocabulary beside it; write the engine in another folder")
+            with atomic_path(beside_engine) as tmp:
+                shutil.copyfile(side, tmp)
     out = Path(engine_path).with_name(Path(engine_path).name + ".meta.json")
     atomic_write_json(out, meta)
     return out

@@ -4,8 +4,11 @@ A bucket owns a static input buffer (P, H) int64 on the device, allocated once. 
 ``capture=True`` the module is warmed up on a side stream, then captured with
 ``torch.cuda.graph`` (PyTorch's "whole-network capture" recipe); a request copies its padded ids
 into the static buffer and replays the graph, whose outputs live in static buffers too. With
-``capture=False`` the same bucket runs the module eagerly on the same static buffer: how the
-bucket logic is tested on a machine without a GPU. Each graph keeps its own memory pool,
+``capture=False`` the same bucket runs the module uncaptured on the same static buffer: how
+``torch-compile`` serves (one compiled static shape per bucket) and how the bucket logic is
+tested on a machine without a GPU. ``warmup()`` prepares every bucket: captured buckets are
+captured, the others run their module ``WARMUP_RUNS`` times (compiling it, and recording
+inductor's own CUDA graphs in the modes that make them). Each graph keeps its own memory pool,
 because buckets replay in any order. Padding, chunking and the uncaptured path for long
 histories are ``cddrec.runtime.buckets`` (pure numpy, shared with ``ort-cuda-graph``).
 
@@ -20,6 +23,8 @@ import numpy as np
 import torch
 
 from cddrec.runtime.buckets import DEFAULT_BUCKETS, check_buckets, run_bucketed
+
+WARMUP_RUNS = 3  # runs before a capture, and of an uncaptured bucket at warm-up
 
 
 def to_host(outs, names: list[str]) -> dict[str, np.ndarray]:
@@ -36,7 +41,7 @@ class StaticBucket:
     """One bucket of ``bucket`` rows by ``history`` columns on ``device``: captured or eager."""
 
     def __init__(self, fn: Callable, names: list[str], bucket: int, history: int, device: torch.device, capture: bool,
-                 warmup: int = 3):
+                 warmup: int = WARMUP_RUNS):
         self.fn, self.names, self.shape = fn, names, (bucket, history)
         self.input = torch.zeros((bucket, history), dtype=torch.int64, device=device)  # (P, H), allocated once
         self.graph = None
@@ -53,6 +58,14 @@ class StaticBucket:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph), torch.no_grad():
                 self.outputs = fn(self.input)  # (P, K), (P, K), (P, d): static, rewritten by each replay
+
+    def warm(self, runs: int = WARMUP_RUNS) -> None:
+        """Run an uncaptured bucket on its (padding-only) input: compiles happen here, not at the
+        first request (a captured bucket was warmed before its capture)."""
+        if self.graph is None:
+            with torch.no_grad():
+                for _ in range(runs):
+                    self.fn(self.input)
 
     def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs of ``ids`` (P, H) int64 as host arrays of their own."""
@@ -85,8 +98,9 @@ class BucketedModule:
         return self._static[size]
 
     def warmup(self) -> None:
+        """Every bucket made (captured) and run before the first request."""
         for b in self.buckets:
-            self.bucket(b)
+            self.bucket(b).warm()
 
     def _uncaptured(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():

@@ -4,7 +4,8 @@
   keys/values projected at every step): what every fast path is checked against.
 - ``torch-fast``: eager, on the model's hoisted last-position path.
 - ``torch-compile``: ``torch.compile`` of the unrolled graph module (the exported graph's math),
-  on the model's device (CUDA when present).
+  on the model's device (CUDA when present), one static shape per batch bucket, compiled at
+  warm-up (options ``buckets``, ``history``, ``mode``, ``compile_backend``).
 - ``torch-cuda`` / ``torch-cuda-fp16``: CUDA-graph replay of the unrolled module, one captured
   graph per batch bucket (``cddrec.export.torch_cuda_graphs``); options ``fp16`` (Linear weights stored
   in fp16, as the ``--fp16`` graph), ``compile`` (a ``torch.compile`` mode), ``cuda_graph``,
@@ -30,6 +31,7 @@ from cddrec.contract import DEFAULT_K, POPULAR_TOPK, ServingInfo
 from cddrec.errors import BackendUnavailable
 from cddrec.inference import popular_topk, reference_topk
 from cddrec.runtime.backends import BackendBase
+from cddrec.runtime.buckets import DEFAULT_BUCKETS, check_buckets
 from cddrec.vocab import Vocab
 
 from .graph import UnrolledRecommender
@@ -76,6 +78,26 @@ class _TorchBackend(BackendBase):
         return to_host(outs, self.contract.output_names)
 
 
+class _BucketedTorch(_TorchBackend):
+    """A torch backend serving through ``BucketedModule``: requests padded into batch buckets of
+    (P, ``history``) ids (``cddrec.runtime.buckets``, as ``ort-cuda-graph``), so the served module
+    sees the bucket shapes only; rows with a longer history run the plain module (uncaptured,
+    uncompiled). ``warmup()`` prepares every bucket (compiles, captures) before the first request."""
+
+    runner: BucketedModule
+
+    def warmup(self) -> float:
+        t0 = time.perf_counter()
+        self.runner.warmup()
+        self.warmup_seconds = time.perf_counter() - t0
+        return self.warmup_seconds
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if feed.get("noise") is not None:
+            raise ValueError(f"{self.name} serves the deterministic chain; the noise input is not supported")
+        return self.runner(feed["item_ids"])
+
+
 class TorchReference(_TorchBackend):
     """The plain eager reference."""
 
@@ -91,27 +113,70 @@ class TorchFast(_TorchBackend):
         return reference_topk(self.model, ids, self.k, noise, plain=False)
 
 
-class TorchCompiled(_TorchBackend):
-    """``torch.compile`` of the unrolled graph module (hoisted, last position, masking, top-k)."""
-
-    name = "torch-compile"
-
-    def setup(self) -> None:
-        module = UnrolledRecommender(self.model, self.k).eval().to(self.device)
-        self.module = torch.compile(module, dynamic=False)
-
-    def run(self, ids, noise):
-        return self.module(ids)
-
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-class TorchCuda(_TorchBackend):
+def check_compile_mode(mode: str | None) -> None:
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"the torch.compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+
+
+def inductor_captures(mode: str | None) -> bool:
+    """Whether ``torch.compile(mode=mode)`` captures CUDA graphs itself (inductor's
+    ``triton.cudagraphs``: on for "reduce-overhead" and "max-autotune"), so nobody may capture it
+    again: a capture inside a capture fails."""
+    if mode is None:
+        return False
+    import torch._inductor
+
+    default = bool(torch._inductor.config.triton.cudagraphs)
+    return bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs", default))
+
+
+def compiled(module: torch.nn.Module, mode: str | None, backend: str, shapes: int):
+    """``torch.compile`` with static shapes (``dynamic=False``): one graph per bucket shape, and a
+    recompile limit that holds all ``shapes`` of them (dynamo's default, 8, would otherwise make
+    the ninth bucket fall back to eager without a word)."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # its name before 2.6
+    setattr(cfg, limit, max(getattr(cfg, limit), shapes))
+    return torch.compile(module, mode=None if mode == "default" else mode, backend=backend, dynamic=False)
+
+
+class TorchCompiled(_BucketedTorch):
+    """``torch.compile`` of the unrolled graph module (hoisted, last position, masking, top-k), one
+    static shape per batch bucket, compiled at warm-up (``warmup()``, which ``Recommender.load``
+    calls): a request of any width is padded to (bucket, ``history``) ids, so serving never
+    recompiles (``dynamic=False`` on raw requests recompiled for every new width until dynamo's
+    limit, then ran eagerly). Options: ``buckets`` (default ``DEFAULT_BUCKETS``), ``history``
+    (default L), ``mode`` (a ``torch.compile`` mode), ``compile_backend`` (default "inductor")."""
+
+    name = "torch-compile"
+
+    def __init__(self, path: str | Path, *, k: int | None = None, threads: int = 0, device: str | None = None,
+                 buckets=None, history: int | None = None, mode: str | None = None,
+                 compile_backend: str = "inductor"):
+        check_compile_mode(mode)
+        self.buckets, self.history, self.mode, self.compile_backend = buckets, history, mode, compile_backend
+        super().__init__(path, k=k, threads=threads, device=device)
+
+    def setup(self) -> None:
+        self.module = UnrolledRecommender(self.model, self.k).eval().to(self.device)
+        self.buckets = check_buckets(DEFAULT_BUCKETS if self.buckets is None else self.buckets)
+        fn = compiled(self.module, self.mode, self.compile_backend, len(self.buckets))
+        self.runner = BucketedModule(fn, self.module, self.device, self.contract.output_names, buckets=self.buckets,
+                                     history=self.history or self.contract.max_len,
+                                     capture=False)
+
+
+class TorchCuda(_BucketedTorch):
     """CUDA-graph replay of the unrolled module per batch bucket; optionally fp16 weights and torch.compile.
 
-    ``compile="reduce-overhead"`` lets torch.compile capture its own CUDA graphs (no manual
-    capture); any other mode is compiled, then captured per bucket by ``BucketedModule``.
+    A ``compile`` mode that captures CUDA graphs itself ("reduce-overhead", "max-autotune":
+    ``inductor_captures``) is not captured again by ``BucketedModule``; any other mode is
+    compiled, then captured per bucket.
     """
 
     name, device = "torch-cuda", "cuda"
@@ -128,34 +193,27 @@ class TorchCuda(_TorchBackend):
             raise BackendUnavailable(f"{self.name} needs a CUDA GPU (torch.cuda.is_available() is "
                                      f"{torch.cuda.is_available()}, device {device!r}); on the CPU use torch-fast "
                                      "or torch-compile, or ort-cpu on an exported graph")
-        if compile is not None and compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {compile!r}")
+        check_compile_mode(compile)
         self.fp16, self.compile_mode, self.cuda_graph = fp16, compile, cuda_graph
         self.buckets, self.history = buckets, history
         super().__init__(path, k=k, threads=threads, device=device)
 
-
     def setup(self) -> None:
         self.contract = dataclasses.replace(self.contract, fp16=self.fp16)
         self.module = UnrolledRecommender(self.model, self.k, fp16=self.fp16).eval().to(self.device)
-        fn, capture = self.module, self.cuda_graph
+        self.buckets = check_buckets(DEFAULT_BUCKETS if self.buckets is None else self.buckets)
+        fn = self.module
         if self.compile_mode is not None:
-            fn = torch.compile(self.module, mode=self.compile_mode, dynamic=False)
-            capture = capture and self.compile_mode != "reduce-overhead"  # that mode captures by itself
+            fn = compiled(self.module, self.compile_mode, "inductor", len(self.buckets))
         self.runner = BucketedModule(fn, self.module, self.device, self.contract.output_names, buckets=self.buckets,
-                                     history=self.history or self.contract.max_len, capture=capture)
+                                     history=self.history or self.contract.max_len,
+                                     capture=manual_capture(self.cuda_graph, self.compile_mode))
 
-    def warmup(self) -> float:
-        """Capture every bucket now instead of at its first request."""
-        t0 = time.perf_counter()
-        self.runner.warmup()
-        self.warmup_seconds = time.perf_counter() - t0
-        return self.warmup_seconds
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if feed.get("noise") is not None:
-            raise ValueError(f"{self.name} serves the deterministic chain; the noise input is not supported")
-        return self.runner(feed["item_ids"])
+def manual_capture(cuda_graph: bool, compile_mode: str | None) -> bool:
+    """Whether ``BucketedModule`` captures each bucket itself: asked for, and torch.compile does not
+    capture already (``inductor_captures``)."""
+    return cuda_graph and not inductor_captures(compile_mode)
 
 
 class TorchCudaHalf(TorchCuda):

@@ -28,32 +28,47 @@ documented:
   #168), so neither is written. ONNX Runtime replays a captured graph on the input and output
   addresses it was captured with; check the outputs on a GPU before turning this on.
 
+- ``version_policy: { specific { versions: 1 } }``: the server serves the version written and no
+  other, whatever else a model folder ever held.
+
 ``vocab.json`` beside ``config.pbtxt`` is what a client needs: the item vocabulary (keys <-> ids),
 the popularity top-k for histories with no known item, K, L and the tensor names; it is read by
-``cddrec.runtime.triton_client.TritonClientCodec``.
+``cddrec.runtime.triton_client.TritonClientCodec`` (the format is its ``FORMAT``). The graph's
+metadata is read through ``cddrec.contract.serving_info``, serving's own reader.
+
+The model folder is written as one unit: everything goes into a temporary folder beside it,
+renamed into place at the end. An existing non-empty model folder is refused unless
+``force=True`` (``cddrec-export --force``), which replaces it whole: no version, vocabulary or
+config of an earlier export survives next to the new one (Triton's default policy, "latest",
+would otherwise serve a stale graph of a higher version while clients map keys with the new
+vocabulary).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
-from cddrec.contract import MASK_SCORE, MAX_HISTORY
-from cddrec.errors import ExportError
-from cddrec.io import atomic_path, atomic_write_json, atomic_write_text
+from cddrec.contract import MASK_SCORE, MAX_HISTORY, serving_info
+from cddrec.errors import ExportError, ModelFileError, OutputError
+from cddrec.io import current_umask, json_dumps
+from cddrec.runtime.triton_client import FORMAT as CLIENT_FORMAT
 
 from .tensorrt import nonstandard_ops
 
-CLIENT_FORMAT = "cddrec-triton-client"
 CLIENT_FORMAT_VERSION = 1
 SIDECAR_NAME = "vocab.json"
 PRECISIONS = ("FP32", "FP16")
+VERSION = 1  # the one model version a repository folder holds
 
 # ONNX element type -> Triton data type (model_configuration.md, "Datatypes")
 _TRITON_TYPES = {
@@ -145,24 +160,18 @@ def _profile_shapes(inputs: list, batch: tuple[int, int, int], history: tuple[in
 
 
 def read_client_info(graph: Path, proto: onnx.ModelProto) -> dict:
-    """What a client needs from the graph's metadata: vocabulary, popularity top-k, K, L."""
+    """What a client needs from the graph's metadata (vocabulary, popularity top-k, K, L), read and
+    checked by serving's own reader, ``cddrec.contract.serving_info``."""
     meta = {p.key: p.value for p in proto.metadata_props}
-    if "cddrec_format_version" not in meta:
-        raise ExportError(f"{graph}: not a cddrec export (no cddrec metadata); export a model with cddrec-export")
-    if "vocab" in meta:
-        vocab = json.loads(meta["vocab"])
-    elif "vocab_file" in meta:
-        side = graph.parent / meta["vocab_file"]
-        if not side.exists():
-            raise ExportError(f"{graph}: its item vocabulary {side} is missing (keep it beside the graph)")
-        vocab = json.loads(side.read_text())
-    else:
-        raise ExportError(f"{graph}: cddrec metadata has no item vocabulary")
-    settings = json.loads(meta.get("export_settings", "{}"))
-    return {"K": int(meta["K"]), "L": int(meta["L"]), "kind": meta.get("graph_kind", "deterministic"),
-            "vocab": {"keys": list(vocab["keys"]), "key_type": vocab.get("key_type", "str")},
-            "popular_topk": json.loads(meta.get("popular_topk", "[]")),
-            "mask_score": settings.get("mask_score", MASK_SCORE)}
+    try:
+        info = serving_info(meta, graph)
+        settings = json.loads(meta.get("export_settings") or "{}")
+    except ModelFileError as e:
+        raise ExportError(str(e)) from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{graph}: metadata 'export_settings' is not valid JSON ({e.msg})") from None
+    return {"K": info.K, "L": info.L, "kind": info.contract.kind, "vocab": info.vocab.to_dict(),
+            "popular_topk": info.popular, "mask_score": settings.get("mask_score", MASK_SCORE)}
 
 
 def build_model_config(proto: onnx.ModelProto, graph: Path, name: str, *, gpu: bool = True, max_batch: int = 1024,
@@ -199,6 +208,7 @@ def build_model_config(proto: onnx.ModelProto, graph: Path, name: str, *, gpu: b
             raise ExportError(f"preferred batch sizes {list(sizes)} must lie in 1..max_batch_size ({max_batch})")
         cfg.dynamic_batching.preferred_batch_size.extend(sorted(set(sizes)))
         cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    cfg.version_policy.specific.versions.append(VERSION)  # this version and no other, ever
     kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
     cfg.instance_group.add(kind=kind, count=1)
     if gpu and tensorrt:
@@ -218,18 +228,108 @@ def build_model_config(proto: onnx.ModelProto, graph: Path, name: str, *, gpu: b
     return cfg
 
 
+@dataclass(frozen=True)
+class TritonOptions:
+    """A Triton model repository written beside the exported graph (``cddrec-export --triton-repo``)."""
+
+    repo: str | Path  # the repository folder; the model folder is REPO/NAME
+    name: str = "cddrec"
+    gpu: bool = True  # instance group KIND_GPU (else KIND_CPU)
+    max_batch: int = 1024  # max_batch_size (0: no batching)
+    tensorrt: bool = True  # the onnxruntime backend's TensorRT accelerator on GPU
+    cuda_graphs: bool = False  # CUDA graphs through that accelerator (trt_cuda_graph_enable)
+    opt_batch: int = 256  # the TensorRT profile's opt batch, and a preferred batch size
+    precision: str | None = None  # TensorRT precision_mode; None: the graph's (FP16 for an --fp16 graph)
+    force: bool = False  # replace an existing model folder whole
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if self.max_batch < 0:
+            raise ExportError(f"--triton-max-batch must be >= 0 (0: no batching), got {self.max_batch}")
+        if self.cuda_graphs and not (self.gpu and self.tensorrt):
+            raise ExportError("--triton-cuda-graphs works through the TensorRT accelerator on GPU: not with "
+                              "--triton-cpu or --triton-no-trt")
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.repo) / self.name
+
+    def check(self, optimize: bool) -> Path:
+        """Refuse before anything is written: a contrib-op graph (``optimize``) for the TensorRT
+        accelerator, or an existing model folder without ``force``. Returns the model folder."""
+        if optimize and self.gpu and self.tensorrt:
+            raise ExportError("--triton-repo with the TensorRT accelerator needs a standard-op graph: drop --optimize "
+                              "(or add --triton-cpu or --triton-no-trt)")
+        return model_folder(self.repo, self.name, self.force)
+
+    def write(self, graph: str | Path, fp16: bool = False) -> "TritonRepo":
+        return write_triton_repo(graph, self.repo, self.name, gpu=self.gpu, max_batch=self.max_batch,
+                                 force=self.force, tensorrt=self.tensorrt, cuda_graphs=self.cuda_graphs,
+                                 opt_batch=self.opt_batch, precision=self.precision or ("FP16" if fp16 else "FP32"))
+
+
+def check_name(name: str) -> None:
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise ExportError(f"--triton-name must be a plain folder name, got {name!r}")
+
+
+def model_folder(repo_dir: str | Path, name: str, force: bool = False) -> Path:
+    """``REPO/NAME``, checked before anything is written: an existing model folder that is not
+    empty is refused unless ``force`` (it is then replaced whole)."""
+    check_name(name)
+    model_dir = Path(repo_dir) / name
+    if model_dir.exists() and not model_dir.is_dir():
+        raise ExportError(f"{model_dir}: exists and is not a folder")
+    if model_dir.is_dir() and any(model_dir.iterdir()) and not force:
+        held = sorted(p.name for p in model_dir.iterdir())
+        raise ExportError(f"{model_dir}: the Triton model folder exists (holding {', '.join(held[:5])}"
+                          f"{', ...' if len(held) > 5 else ''}); add --force to replace it whole")
+    return model_dir
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path):
+    """Yield a new empty folder beside ``target``; on success it replaces ``target`` (renamed into
+    place; an existing ``target`` is renamed aside first and removed after). On failure nothing
+    changes and the staged folder is removed. OS errors become an ``OutputError`` naming ``target``."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write: {e.strerror or e}") from None
+    try:
+        yield stage
+        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp's 0o700 would hide it from the server's user
+        old = None
+        if target.exists() or target.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.rename(target, old / target.name)
+        try:
+            os.rename(stage, target)
+        except OSError:
+            if old is not None:
+                os.rename(old / target.name, target)  # put the previous folder back
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write: {e.strerror or e}; nothing was written") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def write_triton_repo(graph_path: str | Path, repo_dir: str | Path, name: str = "cddrec", *, gpu: bool = True,
-                      max_batch: int = 1024, **config_options) -> TritonRepo:
-    """Write ``REPO/NAME/config.pbtxt``, ``REPO/NAME/1/model.onnx`` (a copy of the graph) and
-    ``REPO/NAME/vocab.json`` (the client's sidecar), each atomically.
+                      max_batch: int = 1024, force: bool = False, **config_options) -> TritonRepo:
+    """Write the model folder ``REPO/NAME`` as one unit: ``config.pbtxt``, ``1/model.onnx`` (a copy
+    of the graph) and ``vocab.json`` (the client's sidecar), staged beside it and renamed into place.
 
     ``graph_path`` is an exported and validated cddrec graph; ``config_options`` go to
     ``build_model_config`` (``preferred_batch``, ``max_queue_delay_us``, ``tensorrt``,
     ``precision``, ``cuda_graphs``, ``workspace_bytes``, ``engine_cache``, ``opt_batch``, ...).
+    A non-empty ``REPO/NAME`` is refused unless ``force``, which replaces it whole.
     """
     graph = Path(graph_path)
-    if not name or "/" in name or name in (".", ".."):
-        raise ExportError(f"--triton-name must be a plain folder name, got {name!r}")
+    model_dir = model_folder(repo_dir, name, force)
     proto = onnx.load(str(graph), load_external_data=False)
     info = read_client_info(graph, proto)
     if info["kind"] == "stochastic" and max_batch > 0:
@@ -239,16 +339,14 @@ def write_triton_repo(graph_path: str | Path, repo_dir: str | Path, name: str = 
     cfg = build_model_config(proto, graph, name, gpu=gpu, max_batch=max_batch, **config_options)
     from google.protobuf import text_format
 
-    model_dir = Path(repo_dir) / name
-    out_graph = model_dir / "1" / "model.onnx"
-    with atomic_path(out_graph) as tmp:
-        shutil.copyfile(graph, tmp)
-    sidecar = model_dir / SIDECAR_NAME
-    atomic_write_json(sidecar, {
-        "format": CLIENT_FORMAT, "version": CLIENT_FORMAT_VERSION, "model_name": name,
-        "input": proto.graph.input[0].name, "outputs": [o.name for o in proto.graph.output],
-        "max_batch_size": max_batch, "K": info["K"], "L": info["L"], "max_history": MAX_HISTORY,
-        "mask_score": info["mask_score"], "vocab": info["vocab"], "popular_topk": info["popular_topk"]})
-    config = model_dir / "config.pbtxt"
-    atomic_write_text(config, text_format.MessageToString(cfg))  # last: a repo with a config is complete
-    return TritonRepo(model_dir, config, out_graph, sidecar)
+    sidecar = {"format": CLIENT_FORMAT, "version": CLIENT_FORMAT_VERSION, "model_name": name,
+               "input": proto.graph.input[0].name, "outputs": [o.name for o in proto.graph.output],
+               "max_batch_size": max_batch, "K": info["K"], "L": info["L"], "max_history": MAX_HISTORY,
+               "mask_score": info["mask_score"], "vocab": info["vocab"], "popular_topk": info["popular_topk"]}
+    with staged_folder(model_dir) as stage:
+        (stage / str(VERSION)).mkdir()
+        shutil.copyfile(graph, stage / str(VERSION) / "model.onnx")
+        (stage / SIDECAR_NAME).write_text(json_dumps(sidecar), encoding="utf-8")
+        (stage / "config.pbtxt").write_text(text_format.MessageToString(cfg), encoding="utf-8")
+    return TritonRepo(model_dir, model_dir / "config.pbtxt", model_dir / str(VERSION) / "model.onnx",
+                      model_dir / SIDECAR_NAME)

@@ -34,7 +34,7 @@ from cddrec.contract import GraphContract
 from cddrec.errors import BackendUnavailable, ModelFileError
 
 from .buckets import DEFAULT_BUCKETS, check_buckets, run_bucketed
-from .session import cuda_provider_available, import_ort, ort_session
+from .session import cuda_provider_available, import_ort, ort_session, session_io
 
 ENTRY_POINT_GROUP = "cddrec.backends"
 WARMUP_BATCHES = (1, 64)  # shapes a dynamic-shape backend runs once at load
@@ -174,7 +174,10 @@ class OrtBackend(BackendBase):
     and graphs with a noise input run on the uncaptured session. ``buckets=`` without
     ``cuda_graph`` runs the same static-shape sessions uncaptured (on the CPU too: how the bucket
     path is tested without a GPU). Other options go to ``ort_session`` (``allow_spinning``,
-    ``level``, ``cuda_options``, ...).
+    ``level``, ``cuda_options``, ...), merged with a session's own (``merge_options``). Loading
+    checks the graph's inputs and outputs against its metadata (names, dtypes, sizes; with
+    buckets also the names of the axes the static sessions fix) and refuses a mismatch in one line.
+    ``warmup()`` (called by ``Recommender.load``) creates, and on CUDA captures, every bucket.
     """
 
     name = "ort-cpu"
@@ -191,12 +194,13 @@ class OrtBackend(BackendBase):
         self.path, self.threads, self.session_kwargs = path, threads, session_kwargs
         self.session = self._open(device)
         self.contract = GraphContract.from_metadata(self.metadata(), path)
-        self._check_names()
+        bucketed = cuda_graph or buckets is not None
+        self._check_io(axis_names=bucketed)
         self.load_seconds = time.perf_counter() - t0
         self.cuda_graph = cuda_graph
         self.buckets: tuple[int, ...] | None = None
         self._static: dict[int, _StaticBucket] = {}
-        if cuda_graph or buckets is not None:
+        if bucketed:
             if self.contract.stochastic:
                 raise ValueError("captured/bucketed sessions serve deterministic graphs (this one takes noise)")
             self.buckets = check_buckets(DEFAULT_BUCKETS if buckets is None else buckets)
@@ -204,18 +208,17 @@ class OrtBackend(BackendBase):
             if self.history < 1:
                 raise ValueError(f"history must be >= 1, got {history}")
 
-    def _check_names(self) -> None:
-        got_in = [i.name for i in self.session.get_inputs()]
-        got_out = [o.name for o in self.session.get_outputs()]
-        if got_in != self.contract.input_names or got_out != self.contract.output_names:
-            raise ModelFileError(f"{self.path}: the graph's inputs/outputs {got_in}/{got_out} are not the ones its "
-                                 f"cddrec metadata declares ({self.contract.input_names}/{self.contract.output_names});"
-                                 " re-export it with cddrec-export")
+    def _check_io(self, axis_names: bool) -> None:
+        """The graph's inputs/outputs are the ones its cddrec metadata declares (names, dtypes, static
+        sizes); with ``axis_names`` (static-shape sessions fix the axes by name) also the names of
+        its dynamic axes. A ``ModelFileError`` of one line otherwise."""
+        problems = self.contract.io_problems(*session_io(self.session), axis_names=axis_names, exact_sizes=False)
+        if problems:
+            raise ModelFileError(f"{self.path}: the graph does not match its cddrec metadata: {'; '.join(problems[:3])}"
+                                 "; re-export it with cddrec-export")
 
     def _open(self, device: str, **extra):
-        opts = {**self.session_kwargs, **extra}
-        if "cuda_options" in self.session_kwargs and "cuda_options" in extra:  # caller's options + this session's
-            opts["cuda_options"] = {**self.session_kwargs["cuda_options"], **extra["cuda_options"]}
+        opts = merge_options(self.session_kwargs, extra)
         try:
             return ort_session(self.path, device, threads=self.threads, **opts)
         except tuple(getattr(self._errors, n) for n in ("Fail", "InvalidArgument", "InvalidProtobuf", "InvalidGraph",
@@ -271,6 +274,19 @@ class OrtBackend(BackendBase):
     def close(self) -> None:
         self._static.clear()
         self.session = None
+
+
+def merge_options(caller: dict, own: dict) -> dict:
+    """The caller's session options with a session's own on top; options that are dicts
+    (``cuda_options``, ``dims``) are merged key by key, so neither side's entries are lost and no
+    option reaches ``ort_session`` twice."""
+    opts = dict(caller)
+    for key, value in own.items():
+        if isinstance(value, dict) and isinstance(opts.get(key), dict):
+            opts[key] = {**opts[key], **value}
+        else:
+            opts[key] = value
+    return opts
 
 
 class OrtCpu(OrtBackend):

@@ -72,6 +72,12 @@ class Recommender:
     def contract(self):
         return self.info.contract
 
+    def startup_line(self) -> str:
+        """How long opening the model and warming the backend up took (printed by cddrec-infer)."""
+        be = self.backend
+        return (f"{be.name}: loaded in {be.load_seconds:.2f} s, warm-up {be.warmup_seconds:.2f} s"
+                + (f" ({len(be.buckets)} batch buckets)" if getattr(be, "buckets", None) else ""))
+
     def close(self) -> None:
         self.backend.close()
 

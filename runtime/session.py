@@ -83,6 +83,21 @@ def ort_session(path: str | Path, device: str = "cpu", *, threads: int = 0, leve
     return ort.InferenceSession(str(path), so, providers=providers_for(device, tf32=tf32, cuda_options=cuda_options))
 
 
+# ONNX Runtime's type strings -> numpy dtype names
+_ORT_TYPES = {"tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(float)": "float32",
+              "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(bool)": "bool",
+              "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bfloat16)": "bfloat16"}
+
+
+def session_io(session) -> tuple[list[tuple], list[tuple]]:
+    """A session's inputs and outputs as ``[(name, numpy dtype name, shape)]`` (axes: int, or the
+    name of a dynamic axis, or None), the form ``GraphContract.io_problems`` checks."""
+    def specs(args):
+        return [(a.name, _ORT_TYPES.get(a.type, a.type), list(a.shape) if a.shape is not None else None) for a in args]
+
+    return specs(session.get_inputs()), specs(session.get_outputs())
+
+
 def graph_metadata(path: str | Path) -> dict[str, str]:
     """The custom metadata of a graph, read by ONNX Runtime itself (no onnx, no torch)."""
     return dict(ort_session(path, threads=1, level="disable").get_modelmeta().custom_metadata_map)

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cddrec.contract import MASK_SCORE
+from cddrec.contract import MASK_SCORE, check_distinct_keys
 from cddrec.errors import ModelFileError
 from cddrec.vocab import Vocab
 
@@ -72,11 +72,16 @@ class TritonClientCodec:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ClientFileError(f"{path}: not a cddrec Triton client file (expected \"format\": \"{FORMAT}\")")
         try:
-            return cls(list(map(str, d["vocab"]["keys"])), d["vocab"].get("key_type", "str"), list(d["popular_topk"]),
-                       int(d["K"]), int(d["L"]), int(d["max_history"]), float(d.get("mask_score", MASK_SCORE)),
-                       str(d.get("model_name", "cddrec")), str(d.get("input", "item_ids")))
+            codec = cls(list(map(str, d["vocab"]["keys"])), d["vocab"].get("key_type", "str"), list(d["popular_topk"]),
+                        int(d["K"]), int(d["L"]), int(d["max_history"]), float(d.get("mask_score", MASK_SCORE)),
+                        str(d.get("model_name", "cddrec")), str(d.get("input", "item_ids")))
         except (KeyError, TypeError, ValueError) as e:
             raise ClientFileError(f"{path}: missing or malformed field {e}") from e
+        try:
+            check_distinct_keys(Vocab(codec.keys, codec.key_type), path)
+        except ModelFileError as e:
+            raise ClientFileError(str(e)) from None
+        return codec
 
     def encode(self, histories: Sequence[Sequence], width: int | None = None) -> EncodedBatch:
         """Left-padded ids (M, S) of the histories with a known item, S = max(width or L, longest)."""

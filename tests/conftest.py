@@ -103,18 +103,18 @@ def trained_tiny(tmp_path_factory, tiny_data):
 
 @pytest.fixture(scope="session")
 def trained_tiny_onnx(trained_tiny):
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, export_model
 
     out = trained_tiny.with_name("model.onnx")
-    export_model(trained_tiny, out, k=10)
+    export_model(trained_tiny, out, ExportOptions(k=10))
     return out
 
 
 @pytest.fixture(scope="session")
 def trained_tiny_optimized_onnx(trained_tiny):
     """The same model exported with --optimize: holds ONNX Runtime contrib ops (Attention, MultiHeadAttention, BiasGelu)."""
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, export_model
 
     out = trained_tiny.with_name("model_opt.onnx")
-    export_model(trained_tiny, out, k=10, optimize=True)
+    export_model(trained_tiny, out, ExportOptions(k=10, optimize=True))
     return out

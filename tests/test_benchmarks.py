@@ -146,9 +146,9 @@ def test_bench_of_a_graph_runs_without_torch(tmp_path, trained_tiny_onnx):
 
 def test_bench_of_an_int8_graph_is_held_against_the_int8_peak(tmp_path, trained_tiny):
     from cddrec.benchmarks.latency import run_bench
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, export_model
 
-    export_model(trained_tiny, tmp_path / "q.onnx", k=10, int8=True)
+    export_model(trained_tiny, tmp_path / "q.onnx", ExportOptions(k=10, int8=True))
     res = run_bench(str(tmp_path / "q.onnx"), ["ort-cpu", "ort-cpu-int8"], [2], threads=1, min_runs=2,
                     min_seconds=0.01, workdir=tmp_path, echo=lambda m: None)
     ort, variant = res["results"]

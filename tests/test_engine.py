@@ -10,10 +10,11 @@ from cddrec.contract import APPROX_MIN_OVERLAP
 from cddrec.errors import ExportError
 from cddrec.export.fusion import FUSIONS, FusedRecommender
 from cddrec.export.graph import UnrolledRecommender
-from cddrec.export.onnx_export import export_model
-from cddrec.inference import reference_topk
+from cddrec.export.onnx_export import ExportOptions, export_model
+from cddrec.inference import reference_runner, reference_topk
 from cddrec.model import CDDRec
-from cddrec.parity import topk_overlap
+from cddrec.parity import compare_runners, topk_overlap
+from cddrec.runtime.backends import load_backend
 from cddrec.runtime.session import ort_session
 from cddrec.vocab import Vocab
 
@@ -56,24 +57,24 @@ def test_fused_module_equals_unrolled_in_torch(tiny_cfg, make_histories, open_ga
 @pytest.mark.parametrize("norm", ["rezero", "post"])
 def test_fused_graph_parity_on_fresh_random_histories(tmp_path, tiny_cfg, make_histories, norm):
     ckpt = _ckpt(tmp_path, tiny_cfg.replace(decoder_norm=norm))
-    rep = export_model(ckpt, tmp_path / "f.onnx", k=10, optimize=True)
+    rep = export_model(ckpt, tmp_path / "f.onnx", ExportOptions(k=10, optimize=True))
     ops = {n.op_type for n in onnx.load(str(tmp_path / "f.onnx")).graph.node}
     assert {"Attention", "MultiHeadAttention", "BiasGelu"} <= ops  # contrib ops in the one graph
     assert sum(rep.ops_optimized.values()) < sum(rep.ops.values())
     model, _ = load_checkpoint(ckpt)
-    sess = ort_session(tmp_path / "f.onnx")
-    for batch, S in ((1, 3), (5, 8), (40, 20)):  # fresh inputs, not those used at export
-        ids = make_histories(50, batch, S, seed=200 + batch)
-        items, scores, user = _run(sess, ids)
-        ref_items, ref_scores, ref_user = reference_topk(model, ids, 10)
-        assert np.abs(scores - ref_scores.numpy()).max() <= 1e-4
-        assert np.abs(user - ref_user.numpy()).max() <= 1e-4
-        assert (items == ref_items.numpy()).all()
+    be = load_backend(tmp_path / "f.onnx", "ort-cpu")
+    feeds = {f"{b}x{s}": {"item_ids": make_histories(50, b, s, seed=200 + b).numpy()}  # fresh, not the export's
+             for b, s in ((1, 3), (5, 8), (40, 20))}
+    parity = compare_runners({"fused": be.infer}, reference_runner(model), feeds, **be.contract.parity_rule("cpu"))
+    assert parity.ok, parity.failures()
+    user = be.infer(feeds["40x20"])["user_embedding"]
+    assert np.abs(user - reference_topk(model, torch.from_numpy(feeds["40x20"]["item_ids"]), 10)[2].numpy()).max() \
+        <= be.contract.tolerance[1]
 
 
 def test_fused_stochastic_graph_matches_given_the_noise(tmp_path, tiny_cfg, make_histories):
     ckpt = _ckpt(tmp_path, tiny_cfg)
-    export_model(ckpt, tmp_path / "s.onnx", k=10, optimize=True, stochastic=True)
+    export_model(ckpt, tmp_path / "s.onnx", ExportOptions(k=10, optimize=True, stochastic=True))
     model, _ = load_checkpoint(ckpt)
     ids = make_histories(50, 6, 8, seed=9)
     noise = torch.randn(model.steps, 6, 16, generator=torch.Generator().manual_seed(4))
@@ -83,19 +84,21 @@ def test_fused_stochastic_graph_matches_given_the_noise(tmp_path, tiny_cfg, make
 
 
 def _approximate_parity(ckpt, graph, ids):
-    """An approximate graph on fresh histories against the plain reference: the declared top-k overlap
-    and scores not far off. Returns (ids, items, scores) of the graph."""
+    """An approximate graph on fresh histories against the plain reference under its contract's rule
+    (the declared top-k overlap). Returns the graph's top items."""
     model, _ = load_checkpoint(ckpt)
-    items, scores, _ = _run(ort_session(graph), ids)
-    ref_items, ref_scores, _ = reference_topk(model, ids, 10)
-    assert topk_overlap(items, ref_items.numpy()) >= APPROX_MIN_OVERLAP
-    assert np.abs(scores - ref_scores.numpy()).max() < 0.5
-    return ids, items, scores
+    be = load_backend(graph, "ort-cpu")
+    assert be.contract.min_overlap == APPROX_MIN_OVERLAP
+    feed = {"item_ids": ids.numpy()}
+    parity = compare_runners({"approximate": be.infer}, reference_runner(model), {str(len(ids)): feed},
+                             **be.contract.parity_rule("cpu"))
+    assert parity.ok, parity.failures()
+    return be.infer(feed)["top_items"]
 
 
 def test_int8_graph_parity_is_reported_and_holds_on_fresh_histories(tmp_path, tiny_cfg, make_histories):
     ckpt = _ckpt(tmp_path, tiny_cfg.replace(hidden_size=32, num_items=300))
-    rep = export_model(ckpt, tmp_path / "q.onnx", k=10, int8=True)
+    rep = export_model(ckpt, tmp_path / "q.onnx", ExportOptions(k=10, int8=True))
     proto = onnx.load(str(tmp_path / "q.onnx"))
     ops = [n.op_type for n in proto.graph.node]
     assert rep.int8["matmuls_int8"] > 0 and ops.count("MatMulInteger") == rep.int8["matmuls_int8"]
@@ -103,7 +106,8 @@ def test_int8_graph_parity_is_reported_and_holds_on_fresh_histories(tmp_path, ti
     assert set(rep.topk_overlap) == set(rep.max_abs_diff) == {"1", "7", "64"}
     assert min(rep.topk_overlap.values()) >= APPROX_MIN_OVERLAP
     assert 0 < max(rep.max_abs_diff.values()) < 0.5  # not exact, and not far
-    ids, items, _ = _approximate_parity(ckpt, tmp_path / "q.onnx", make_histories(300, 50, 12, seed=77))
+    ids = make_histories(300, 50, 12, seed=77)
+    items = _approximate_parity(ckpt, tmp_path / "q.onnx", ids)
     for b in range(50):  # masking is unchanged by quantization
         assert not set(items[b].tolist()) & (set(ids[b].tolist()) | {0, 301})
 
@@ -112,7 +116,7 @@ def test_int8_validation_rejects_a_wrong_graph(tmp_path, tiny_cfg):
     from cddrec.export.onnx_export import contract_for, validate_graph
 
     ckpt = _ckpt(tmp_path, tiny_cfg)
-    export_model(ckpt, tmp_path / "q.onnx", k=10, int8=True)
+    export_model(ckpt, tmp_path / "q.onnx", ExportOptions(k=10, int8=True))
     torch.manual_seed(99)
     other = CDDRec(tiny_cfg).eval()
     with torch.no_grad():
@@ -124,7 +128,7 @@ def test_int8_validation_rejects_a_wrong_graph(tmp_path, tiny_cfg):
 def test_engine_options_conflict(tmp_path, tiny_cfg):
     ckpt = _ckpt(tmp_path, tiny_cfg)
     with pytest.raises(ExportError, match="fp32 ONNX Runtime graphs: not with --fp16"):
-        export_model(ckpt, tmp_path / "x.onnx", optimize=True, fp16=True)
+        export_model(ckpt, tmp_path / "x.onnx", ExportOptions(optimize=True, fp16=True))
     with pytest.raises(ValueError, match="unknown fusions"):
         FusedRecommender(load_checkpoint(ckpt)[0], 5, fusions=("nope",))
     assert not (tmp_path / "x.onnx").exists()
@@ -172,7 +176,7 @@ def test_graph_quality_ranks_targets(tmp_path, trained_tiny, tiny_data):
     from cddrec.data import eval_split
     from cddrec.evaluation import evaluate
 
-    export_model(trained_tiny, tmp_path / "g.onnx", k=40)
+    export_model(trained_tiny, tmp_path / "g.onnx", ExportOptions(k=40))
     model, _ = load_checkpoint(trained_tiny)
     split = eval_split(tiny_data, "test", model.cfg.max_len)
     hist = full_histories(split, np.arange(3))
@@ -185,7 +189,7 @@ def test_graph_quality_ranks_targets(tmp_path, trained_tiny, tiny_data):
 
 def test_two_stage_topk_graph_returns_exact_scores(tmp_path, tiny_cfg, make_histories):
     ckpt = _ckpt(tmp_path, tiny_cfg.replace(num_items=400, hidden_size=32))
-    rep = export_model(ckpt, tmp_path / "r.onnx", k=10, rescore=30)
+    rep = export_model(ckpt, tmp_path / "r.onnx", ExportOptions(k=10, rescore=30))
     ops = [n.op_type for n in onnx.load(str(tmp_path / "r.onnx")).graph.node]
     assert "DynamicQuantizeMatMul" in ops and ops.count("TopK") == 2  # the exact full-table TopK is gone
     assert min(rep.topk_overlap.values()) >= APPROX_MIN_OVERLAP
@@ -204,7 +208,7 @@ def test_two_stage_topk_graph_returns_exact_scores(tmp_path, tiny_cfg, make_hist
     for b in range(40):
         assert not set(items[b].tolist()) & (set(ids[b].tolist()) | {0, 401})
     with pytest.raises(ExportError, match="at least --k"):
-        export_model(ckpt, tmp_path / "x.onnx", k=10, rescore=5)
+        export_model(ckpt, tmp_path / "x.onnx", ExportOptions(k=10, rescore=5))
 
 
 def test_int8_scores_emulation_matches_ort(tmp_path):
@@ -243,7 +247,7 @@ def test_bench_runs_graph_variants_of_one_model(tmp_path, tiny_cfg):
 
 def test_fused_int8_graph_parity_on_fresh_histories(tmp_path, tiny_cfg, make_histories):
     ckpt = _ckpt(tmp_path, tiny_cfg.replace(hidden_size=32, num_items=300))
-    rep = export_model(ckpt, tmp_path / "fq.onnx", k=10, optimize=True, int8=True)
+    rep = export_model(ckpt, tmp_path / "fq.onnx", ExportOptions(k=10, optimize=True, int8=True))
     ops = {n.op_type for n in onnx.load(str(tmp_path / "fq.onnx")).graph.node}
     assert {"Attention", "MultiHeadAttention", "MatMulInteger"} <= ops
     assert min(rep.topk_overlap.values()) >= APPROX_MIN_OVERLAP

@@ -165,15 +165,22 @@ def test_missing_backend_library_message(trained_tiny_onnx):
 
 
 @pytest.mark.gpu
-def test_ort_cuda_matches_cpu(trained_tiny_onnx, make_histories):
+def test_ort_cuda_matches_the_reference(trained_tiny, trained_tiny_onnx, make_histories):
+    """ort-cuda and ort-cpu against the fp32 reference, each under the graph's rule for its device."""
     import onnxruntime
+
+    from cddrec.checkpoint import load_checkpoint
+    from cddrec.inference import reference_runner
+    from cddrec.parity import compare_runners
 
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime-gpu not installed")
-    ids = make_histories(40, 64, 8, seed=1).numpy()
-    a = load_backend(trained_tiny_onnx, "ort-cuda").infer({"item_ids": ids})
-    b = load_backend(trained_tiny_onnx, "ort-cpu").infer({"item_ids": ids})
-    assert np.abs(a["top_scores"] - b["top_scores"]).max() <= 1e-3
+    model, _ = load_checkpoint(trained_tiny)
+    feeds = {str(b): {"item_ids": make_histories(40, b, 8, seed=b).numpy()} for b in (1, 64)}
+    for backend, device in (("ort-cuda", "cuda"), ("ort-cpu", "cpu")):
+        be = load_backend(trained_tiny_onnx, backend)
+        parity = compare_runners({backend: be.infer}, reference_runner(model), feeds, **be.contract.parity_rule(device))
+        assert parity.ok, parity.failures()
 
 
 def test_k_above_a_small_catalogue_is_clamped(tmp_path, tiny_cfg):
@@ -181,14 +188,14 @@ def test_k_above_a_small_catalogue_is_clamped(tmp_path, tiny_cfg):
     import torch
 
     from cddrec.checkpoint import save_checkpoint
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, export_model
     from cddrec.model import CDDRec
     from cddrec.vocab import Vocab
 
     torch.manual_seed(0)
     model = CDDRec(tiny_cfg.replace(num_items=3)).eval()
     save_checkpoint(tmp_path / "m.pt", model, Vocab.build(["a", "b", "c"]), torch.ones(5, dtype=torch.long))
-    export_model(tmp_path / "m.pt", tmp_path / "m.onnx", k=10)
+    export_model(tmp_path / "m.pt", tmp_path / "m.onnx", ExportOptions(k=10))
     for path, backend in ((tmp_path / "m.pt", "torch"), (tmp_path / "m.onnx", "ort-cpu")):
         rec = Recommender.load(path, backend=backend, k=10)
         out = rec.recommend([["a"], ["zzz"]], k=10)

@@ -12,7 +12,7 @@ import types
 import pytest
 
 from cddrec.errors import BackendUnavailable, ExportError
-from cddrec.export.onnx_export import export_model
+from cddrec.export.onnx_export import ExportOptions, TensorRTOptions, export_model
 from cddrec.export.tensorrt import build_engine, check_trt_graph, check_trt_request
 from cddrec.runtime.backends import load_backend
 from cddrec.runtime.trt_backend import TrtBackend, import_cudart
@@ -43,9 +43,9 @@ def test_optimized_graph_refused_before_tensorrt(trained_tiny_optimized_onnx, tr
 def test_trt_export_requests_refused_before_writing(trained_tiny, tmp_path):
     out = tmp_path / "m.onnx"
     with pytest.raises(ExportError, match="standard-op graph.*MultiHeadAttention"):
-        export_model(trained_tiny, out, k=10, optimize=True, trt_engine=tmp_path / "m.plan")
+        export_model(trained_tiny, out, ExportOptions(k=10, optimize=True), TensorRTOptions(tmp_path / "m.plan"))
     with pytest.raises(ExportError, match="--trt-fp16 needs --fp16"):
-        export_model(trained_tiny, out, k=10, trt_engine=tmp_path / "m.plan", trt_fp16=True)
+        export_model(trained_tiny, out, ExportOptions(k=10), TensorRTOptions(tmp_path / "m.plan", fp16=True))
     with pytest.raises(ExportError, match="TopK limit"):
         check_trt_request(4000, optimize=False, fp16=False, trt_fp16=False)
     assert not out.exists() and not (tmp_path / "m.plan").exists()
@@ -54,7 +54,7 @@ def test_trt_export_requests_refused_before_writing(trained_tiny, tmp_path):
 def test_missing_tensorrt_is_a_clear_error(trained_tiny, tmp_path, monkeypatch):
     hide(monkeypatch, "tensorrt")
     with pytest.raises(RuntimeError, match="TensorRT is not installed: pip install"):
-        export_model(trained_tiny, tmp_path / "m.onnx", k=10, trt_engine=tmp_path / "m.plan")
+        export_model(trained_tiny, tmp_path / "m.onnx", ExportOptions(k=10), TensorRTOptions(tmp_path / "m.plan"))
     assert not (tmp_path / "m.onnx").exists()
     hide(monkeypatch, *CUDA_MODULES)
     with pytest.raises(BackendUnavailable, match="needs tensorrt and cuda-python: pip install 'cddrec\\[gpu\\]'"):
@@ -82,3 +82,27 @@ def test_no_gpu_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     with pytest.raises(BackendUnavailable, match="needs a CUDA GPU: cudaGetDeviceCount failed: cudaError"):
         TrtBackend.load(tmp_path / "m.plan")
+
+
+def test_engine_metadata_keeps_the_vocabulary_beside_the_engine(trained_tiny, tmp_path):
+    """``vocab_file`` is a plain file name beside what it describes: an engine written in another
+    folder gets a copy of the sidecar there (it used to get an absolute path)."""
+    import json
+
+    from cddrec.contract import serving_info
+    from cddrec.export.tensorrt import write_engine_meta
+    from cddrec.runtime.trt_backend import engine_metadata
+
+    graph = tmp_path / "g" / "m.onnx"
+    export_model(trained_tiny, graph, ExportOptions(k=5, vocab_sidecar=True))
+    engine = tmp_path / "engines" / "m.plan"
+    engine.parent.mkdir()
+    write_engine_meta(graph, engine)
+    meta = engine_metadata(engine)
+    assert meta["vocab_file"] == "m.vocab.json"
+    assert (engine.parent / "m.vocab.json").read_bytes() == (graph.parent / "m.vocab.json").read_bytes()
+    info = serving_info(meta, engine)
+    assert info.vocab.keys == json.loads((graph.parent / "m.vocab.json").read_text())["keys"]
+    (engine.parent / "m.vocab.json").write_text('{"keys": ["someone else\'s"]}')
+    with pytest.raises(ExportError, match="exists and is not the vocabulary"):
+        write_engine_meta(graph, engine)

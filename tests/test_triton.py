@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from google.protobuf import text_format
 
-from cddrec.errors import ExportError
-from cddrec.export.onnx_export import export_model
+from cddrec.errors import ExportError, OutputError
+from cddrec.export.onnx_export import ExportOptions, export_model
 from cddrec.export.triton import model_config_pb2, write_triton_repo
 from cddrec.io import current_umask
 from cddrec.runtime.triton_client import ClientFileError, TritonClientCodec
@@ -119,7 +119,7 @@ def test_contrib_op_graph_refused_for_tensorrt(trained_tiny_optimized_onnx, tmp_
 
 def test_stochastic_graph_needs_no_batching(trained_tiny, tmp_path):
     graph = tmp_path / "sto.onnx"
-    export_model(trained_tiny, graph, k=5, stochastic=True)
+    export_model(trained_tiny, graph, ExportOptions(k=5, stochastic=True))
     with pytest.raises(ExportError, match="--triton-max-batch 0"):
         write_triton_repo(graph, tmp_path / "repo", max_batch=64)
     repo = write_triton_repo(graph, tmp_path / "repo", max_batch=0)
@@ -188,3 +188,71 @@ def test_cli_writes_repo_and_refuses_optimize(trained_tiny, tmp_path):
                                       "--triton-repo", str(tmp_path / "repo2")])
     assert res.exit_code != 0 and "standard-op graph" in res.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_client_codec_refuses_duplicate_keys(trained_tiny_onnx, tmp_path):
+    repo = write_triton_repo(trained_tiny_onnx, tmp_path)
+    doc = json.loads(repo.sidecar.read_text())
+    doc["vocab"]["keys"][2] = doc["vocab"]["keys"][0]
+    repo.sidecar.write_text(json.dumps(doc))
+    with pytest.raises(ClientFileError, match="repeats the item key"):
+        TritonClientCodec.load(repo.sidecar)
+
+
+def test_one_client_format_and_one_metadata_reader(trained_tiny_onnx, tmp_path, monkeypatch):
+    """Issue 18: the writer wrote its own copy of the client format string and re-read the graph's
+    metadata with less validation than serving; both now come from one place."""
+    import cddrec.export.triton as triton
+    from cddrec.runtime import triton_client
+
+    repo = write_triton_repo(trained_tiny_onnx, tmp_path / "a")
+    assert json.loads(repo.sidecar.read_text())["format"] == triton_client.FORMAT
+    calls = []
+    real = triton.serving_info
+    monkeypatch.setattr(triton, "serving_info", lambda meta, source: calls.append(source) or real(meta, source))
+    write_triton_repo(trained_tiny_onnx, tmp_path / "b")
+    assert calls == [trained_tiny_onnx]
+
+
+def test_stale_version_is_refused_then_replaced_whole_with_force(trained_tiny, trained_tiny_onnx, tmp_path):
+    """Issue 19 item 3: a re-export into a model folder left version 2 (another graph) beside the new
+    version 1 and vocab.json; Triton's default policy would serve version 2 with the new vocabulary."""
+    from cddrec.app.export import main as export_main
+
+    stale = tmp_path / "trepo" / "cddrec" / "2"
+    stale.mkdir(parents=True)
+    (stale / "model.onnx").write_bytes(b"another graph")
+    graph = tmp_path / "m.onnx"
+    args = [str(trained_tiny), "-o", str(graph), "--k", "5", "--triton-repo", str(tmp_path / "trepo"), "--triton-cpu"]
+    r = CliRunner().invoke(export_main, args)
+    assert r.exit_code == 1 and "model folder exists" in r.output and "--force" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert not graph.exists()  # refused before anything was written
+    assert (stale / "model.onnx").read_bytes() == b"another graph"
+
+    r = CliRunner().invoke(export_main, args + ["--force"])
+    assert r.exit_code == 0, r.output
+    model_dir = tmp_path / "trepo" / "cddrec"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["1", "config.pbtxt", "vocab.json"]  # version 2 is gone
+    assert (model_dir / "1" / "model.onnx").read_bytes() == graph.read_bytes()
+    cfg, _ = parse_config(model_dir / "config.pbtxt")
+    assert list(cfg.version_policy.specific.versions) == [1]
+    assert not [p for p in (tmp_path / "trepo").iterdir() if p.name.startswith(".")]  # no staging folder left
+    r = CliRunner().invoke(export_main, [str(trained_tiny), "-o", str(tmp_path / "x.onnx"), "--force"])
+    assert r.exit_code == 2 and "--force replaces a Triton model folder" in r.output
+
+
+def test_failed_repository_write_keeps_the_old_folder(trained_tiny_onnx, tmp_path, monkeypatch):
+    import cddrec.export.triton as triton
+
+    repo = write_triton_repo(trained_tiny_onnx, tmp_path)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in repo.model_dir.rglob("*") if p.is_file()}
+
+    def broken(src, dst, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(triton.shutil, "copyfile", broken)
+    with pytest.raises(OutputError, match="No space left on device"):
+        write_triton_repo(trained_tiny_onnx, tmp_path, force=True)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in repo.model_dir.rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["cddrec"]

@@ -83,12 +83,12 @@ def _run_demo(out_dir: Path, final_dir: Path, minutes: float, seed: int, echo: C
     echo(format_table(rows, keys))
 
     # export -> serve the test histories -> a short speed table
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, export_model
     from cddrec.runtime.pipeline import run_batch
     from cddrec.runtime.recommender import Recommender
 
     graph = out_dir / "model.onnx"
-    rep = export_model(model_path, graph, k=10)
+    rep = export_model(model_path, graph, ExportOptions(k=10))
     echo(f"\nexported {final_dir / graph.name}: {sum(rep.ops.values())} ops, validated against PyTorch "
          f"(max |score diff| {max(rep.max_abs_diff.values()):.1e})")
     requests = out_dir / "requests.jsonl"

@@ -49,42 +49,37 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, k_option, opt
         help="the onnxruntime backend's TensorRT accelerator on GPU (FP16 with --fp16 or --trt-fp16)")
 @option("--triton-cuda-graphs", is_flag=True,
         help="CUDA graphs through the TensorRT accelerator (trt_cuda_graph_enable)")
+@option("--force", is_flag=True,
+        help="replace an existing Triton model folder (REPO/NAME) whole [default: refuse it]")
 @option("--no-validate", is_flag=True, help="skip validation (not recommended)")
 @option("--json", "as_json", is_flag=True, help="print the export report as JSON")
 @friendly_errors
 def main(model, output, k, opset, fp16, stochastic, optimize, int8, int8_scoring, rescore, exporter, vocab_sidecar,
          trt_engine, trt_fp16, trt_max_batch, trt_opt_batch, triton_repo, triton_name, triton_cpu,
-         triton_max_batch, triton_trt, triton_cuda_graphs, no_validate, as_json):
+         triton_max_batch, triton_trt, triton_cuda_graphs, force, no_validate, as_json):
     """Export MODEL (model.pt) to one ONNX graph: encoder, T unrolled denoising steps, scoring,
     seen-item masking and top-k; validated against PyTorch before it is kept."""
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, TensorRTOptions, export_model
+    from cddrec.export.triton import TritonOptions
 
     if Path(model).suffix.lower() == ".onnx":
         raise click.UsageError(f"{model} is an exported graph; cddrec-export takes the model file cddrec-train "
                                "wrote (model.pt)")
-    if int8_scoring and not int8:
-        raise click.UsageError("--int8-scoring quantizes the scoring MatMul of an --int8 graph: add --int8")
+    if force and not triton_repo:
+        raise click.UsageError("--force replaces a Triton model folder: use it with --triton-repo")
     out = output or str(Path(model).with_suffix(".onnx"))
     refuse_overwrite_inputs({"--output": out, "--trt": trt_engine,
                              "vocabulary file": Path(out).with_suffix(".vocab.json") if vocab_sidecar else None},
                             {"MODEL": model})
-    if triton_repo and optimize and triton_trt and not triton_cpu:
-        raise click.UsageError("--triton-repo with the TensorRT accelerator needs a standard-op graph: drop --optimize "
-                               "(or add --triton-cpu or --triton-no-trt)")
-    if triton_repo and triton_cuda_graphs and (triton_cpu or not triton_trt):
-        raise click.UsageError("--triton-cuda-graphs works through the TensorRT accelerator on GPU: "
-                               "not with --triton-cpu or --triton-no-trt")
-    rep = export_model(model, out, k=k, opset=opset, fp16=fp16, stochastic=stochastic, optimize=optimize,
-                       exporter=exporter, vocab_sidecar=vocab_sidecar, trt_engine=trt_engine, trt_fp16=trt_fp16,
-                       trt_max_batch=trt_max_batch, trt_opt_batch=trt_opt_batch, validate=not no_validate,
-                       int8=int8, int8_scoring=int8_scoring, rescore=rescore)
-    if triton_repo:
-        from cddrec.export.triton import write_triton_repo
-
-        repo = write_triton_repo(out, triton_repo, triton_name, gpu=not triton_cpu, max_batch=triton_max_batch,
-                                 tensorrt=triton_trt, precision="FP16" if fp16 or trt_fp16 else "FP32",
-                                 cuda_graphs=triton_cuda_graphs, opt_batch=trt_opt_batch)
-        rep.triton_repo = str(repo.model_dir)
+    options = ExportOptions(k=k, opset=opset, exporter=exporter, fp16=fp16, stochastic=stochastic, optimize=optimize,
+                            int8=int8, int8_scoring=int8_scoring, rescore=rescore, vocab_sidecar=vocab_sidecar,
+                            validate=not no_validate)
+    trt = TensorRTOptions(trt_engine, fp16=trt_fp16, max_batch=trt_max_batch, opt_batch=trt_opt_batch) \
+        if trt_engine else None
+    triton = TritonOptions(triton_repo, triton_name, gpu=not triton_cpu, max_batch=triton_max_batch,
+                           tensorrt=triton_trt, cuda_graphs=triton_cuda_graphs, opt_batch=trt_opt_batch,
+                           force=force) if triton_repo else None
+    rep = export_model(model, out, options, trt, triton)
     if rep.k_requested:
         echo_err(f"note: --k {rep.k_requested} exceeds the {rep.contract['num_items']} items of the catalogue; "
                  f"the graph returns K={rep.contract['k']}")

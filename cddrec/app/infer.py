@@ -70,6 +70,7 @@ def main(model_path, input_path, output, k, batch_size, backend, threads, tf32, 
         return
 
     rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **engine_options(backend, tf32))
+    echo_err(rec.startup_line())
     stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
                       output_format=output_format, in_format=input_format, check_duplicates=not allow_duplicates,
                       progress=not quiet and sys.stderr.isatty(),
