@@ -159,7 +159,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     import torch
 
     from cddrec.checkpoint import read_checkpoint
-    from cddrec.config import CDDRecConfig
+    from cddrec.config import ModelConfig
     from cddrec.export.onnx_export import export_model
     from cddrec.model import flops_per_user
     from cddrec.runtime.session import graph_metadata
@@ -174,8 +174,8 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
     else:
         model_pt = model
     # the model's own config: from the model file, or the one every export stores in its metadata
-    cfg = CDDRecConfig.from_dict(read_checkpoint(model_pt)["config"] if model_pt else
-                                 json.loads(graph_metadata(graph)["config"]))
+    cfg = ModelConfig.pick(read_checkpoint(model_pt)["model_config"] if model_pt else
+                           json.loads(graph_metadata(graph)["config"]))  # pick: also an earlier release's flat config
     d, L, V, T, layers = cfg.hidden_size, cfg.max_len, cfg.num_rows, cfg.decoder_steps, cfg.num_layers
     bases = {split_backend(b)[0] for b in backends}
     needs_graph = bool(bases & {"ort-cpu", "ort-cuda", "ort-cuda-graph", "trt"})

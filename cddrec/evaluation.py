@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .data import MIN_SEQUENCE, EvalSplit, SequenceData, eval_split, eval_split_from_keys, from_keys, read_keys
+from .data import MIN_SEQUENCE, EvalSplit, eval_split_from_keys, from_keys, read_keys
 from .errors import DataError, NonFiniteError
 from .inference import exclude_items
 from .io import atomic_open
@@ -93,7 +93,8 @@ def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: 
         tgt = torch.as_tensor(split.targets[rows], device=device)
         seen = split.seen(rows)  # (B, S)
         e_s, bias = model.encode(hist)
-        final, states = model.reverse(e_s, bias, last_only=True, return_all=stages)
+        final, states = model.diffusion.reverse(model.decoder, e_s, bias, last_only=True,
+                                                return_all=stages)  # (B, 1, d)
         per_state = states if stages else [final]
         for j, x in enumerate(per_state):
             raw = model.scores(x[:, 0])  # (B, V)
@@ -149,10 +150,6 @@ def write_topk(path: str, users: list[str], result: EvalResult, vocab: Vocab) ->
             f.write(json.dumps(line) + "\n")
             n += 1
     return n
-
-
-def evaluate_data(model: CDDRec, data: SequenceData, split: str = "test", **kwargs) -> EvalResult:
-    return evaluate(model, eval_split(data, split, model.cfg.max_len), **kwargs)
 
 
 def evaluate_file(model: CDDRec, vocab: Vocab, path: str | Path, split: str = "test", *, read_options: dict | None = None,

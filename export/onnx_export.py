@@ -343,7 +343,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, k: int = DEFAULT_K,
                             "int8": int8, "int8_scoring": int8_scoring, "rescore": rescore, "exporter": exporter,
                             "torch": torch.__version__, "cddrec": __version__,
                             "mask_score": MASK_SCORE, "source": str(checkpoint)},
-        "config": ckpt["config"],
+        "config": ckpt["model_config"],  # the model config: what the graph was built from
     }
     if vocab_sidecar:
         extra["vocab_file"] = out.with_suffix(".vocab.json").name

@@ -5,10 +5,10 @@ import numpy as np
 from cddrec.benchmarks.latency import bench_table, time_backend
 from cddrec.benchmarks.quality import PAPER, summarize
 from cddrec.benchmarks.record import record
-from cddrec.config import CDDRecConfig
+from cddrec.config import ModelConfig
 from cddrec.model import flops_per_user
 
-SMALL = CDDRecConfig(num_items=10, hidden_size=8, max_len=4, steps=2, num_heads=2)
+SMALL = ModelConfig(num_items=10, hidden_size=8, max_len=4, steps=2, num_heads=2)
 
 
 class Sleepy:
