@@ -155,10 +155,11 @@ def test_first_training_line_says_the_threads(tmp_path, tiny_configs, tiny_data,
     import os
 
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    lines = []
     try:
-        s = train(*tiny_configs(epochs=1, threads=0), tiny_data, tmp_path / "m.pt", progress=False, log=lines.append)
+        trainer = training.Trainer(*tiny_configs(threads=0, device="cpu"), tiny_data, tmp_path / "m.pt", progress=False)
+        line = trainer.start_line()
     finally:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     cores = len(os.sched_getaffinity(0))
-    assert s["threads"] == cores and f"with {cores} CPU thread" in lines[0] and "(auto:" in lines[0]
+    assert trainer.threads == cores and line.startswith(f"training on cpu with {cores} CPU thread")
+    assert f"(auto: {cores} cores, 0 busy" in line
