@@ -139,7 +139,7 @@ def quality(model_pt: str, data: str, k: int, threads: int, workdir: Path, echo=
     from .graph_quality import full_histories
 
     model, ckpt = load_checkpoint(model_pt)
-    ds = load_data(data, kcore=model.cfg.kcore, vocab=Vocab.from_dict(ckpt["vocab"]))
+    ds = load_data(data, kcore=ckpt["train_config"]["kcore"], vocab=Vocab.from_dict(ckpt["vocab"]))
     split = eval_split(ds, "test", model.cfg.max_len)
     export_model(model_pt, workdir / "q.onnx", ExportOptions(k=k))
     be = OrtCpu(workdir / "q.onnx", threads=threads)
@@ -246,7 +246,7 @@ def main(model_pt, data, items, batch, threads, min_seconds, name, out_dir):
 def _dim(model_pt: str) -> int:
     from cddrec.checkpoint import read_checkpoint
 
-    return int(read_checkpoint(model_pt)["config"]["hidden_size"])
+    return int(read_checkpoint(model_pt)["model_config"]["hidden_size"])
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def graph_ranks(graph: str | Path, split: EvalSplit, batch_size: int = 256, thre
 
 def graph_quality(model_pt: str, data: str, split_name: str = "test", threads: int = 0, echo=print) -> dict:
     model, ckpt = load_checkpoint(model_pt)
-    ds = load_data(data, kcore=model.cfg.kcore, vocab=Vocab.from_dict(ckpt["vocab"]))
+    ds = load_data(data, kcore=ckpt["train_config"]["kcore"], vocab=Vocab.from_dict(ckpt["vocab"]))
     split = eval_split(ds, split_name, model.cfg.max_len)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="cddrec-gq-") as tmp:

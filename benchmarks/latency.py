@@ -174,19 +174,20 @@ def run_isolated(name: str, **kwargs) -> dict:
 # ---------------------------------------------------------------------------- the run
 def model_config(model_pt: str | None, graph: str | None):
     """The model's own config: from the model file, or the one every export stores in its metadata."""
-    from cddrec.config import CDDRecConfig
+    from cddrec.config import ModelConfig
 
     if model_pt:
         from cddrec.checkpoint import read_checkpoint
 
-        return CDDRecConfig.from_dict(read_checkpoint(model_pt)["config"])
+        return ModelConfig.from_dict(read_checkpoint(model_pt)["model_config"])
     from cddrec.errors import ModelFileError
     from cddrec.runtime.recommender import read_serving_info
 
     config = read_serving_info(graph).contract.extra.get("config")  # a ModelFileError for a missing or bad graph
     if config is None:
         raise ModelFileError(f"{graph}: its metadata holds no model config (re-export it with cddrec-export)")
-    return CDDRecConfig.from_dict(json.loads(config) if isinstance(config, str) else config)
+    # pick: the model config of this release's graphs, or the flat config of an earlier release's
+    return ModelConfig.pick(json.loads(config) if isinstance(config, str) else config)
 
 
 def export_graphs(model_pt: str, bases: set[str], batch_sizes: list[int], k: int, tmp: Path, trt_fp16: bool):

@@ -22,7 +22,7 @@ import click
 import numpy as np
 
 from cddrec.checkpoint import load_checkpoint
-from cddrec.config import CDDRecConfig, preset_for
+from cddrec.config import from_flat, preset_for, to_flat
 from cddrec.data import eval_split, load_data
 from cddrec.evaluation import evaluate
 from cddrec.training import train
@@ -49,7 +49,7 @@ KEYS = ("R@1", "R@5", "R@10", "N@5", "N@10", "MRR")
 
 # Recipes: overrides of the config defaults (after the dataset preset).
 RECIPES: dict[str, dict] = {
-    "cddrec": {},  # the default recipe (CDDRecConfig defaults; rank_steps auto)
+    "cddrec": {},  # the default recipe (the configs' defaults; rank_steps auto)
     # The ranking loss at the last step only / at every step: on 12k-item catalogues the
     # full-catalogue CE at all T steps costs 7-12x the epoch time (train_cost.md); ``auto`` picks by N*T.
     "cddrec-last": {"rank_steps": "last"},
@@ -65,15 +65,15 @@ RECIPES: dict[str, dict] = {
 
 
 def run_one(data, path: Path, recipe: str, seed: int, time_budget: float, extra: dict) -> dict:
-    cfg = CDDRecConfig(**{**preset_for(path), **RECIPES[recipe], **extra, "seed": seed, "time_budget": time_budget})
+    configs = from_flat({**preset_for(path), **RECIPES[recipe], **extra, "seed": seed, "time_budget": time_budget})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / "model.pt"
-        summary = train(cfg, data, model_path, progress=False, log=lambda m: click.echo(f"  {m}", err=True))
+        summary = train(*configs, data, model_path, progress=False, log=lambda m: click.echo(f"  {m}", err=True))
         model, _ = load_checkpoint(model_path)
-    res = evaluate(model, eval_split(data, "test", cfg.max_len), stages=model.decoder is not None)
+    res = evaluate(model, eval_split(data, "test", model.cfg.max_len), stages=model.decoder is not None)
     return {"recipe": recipe, "seed": seed, "command": command_line(), "commit": git_commit(),
-            "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
+            "config": {k: v for k, v in to_flat(*configs).items() if k != "extra"},
             "test": res.metrics, "valid": summary["best_valid"], "stages": res.stages,
             "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"],
             "train_seconds": summary["train_seconds"], "seconds": time.perf_counter() - t0,

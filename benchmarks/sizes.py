@@ -14,13 +14,13 @@ def random_model(path: str | Path, items: int = PAPER_ITEMS, hidden_size: int = 
     import torch
 
     from cddrec.checkpoint import save_checkpoint
-    from cddrec.config import CDDRecConfig
+    from cddrec.config import ModelConfig
     from cddrec.model import CDDRec
     from cddrec.vocab import Vocab
 
     torch.manual_seed(seed)
-    cfg = CDDRecConfig(num_items=items, hidden_size=hidden_size, steps=steps, max_len=max_len, num_heads=heads,
-                       decoder=decoder)
+    cfg = ModelConfig(num_items=items, hidden_size=hidden_size, steps=steps, max_len=max_len, num_heads=heads,
+                      decoder=decoder)
     model = CDDRec(cfg).eval()
     save_checkpoint(path, model, Vocab.build(str(i) for i in range(items)), torch.ones(cfg.num_rows, dtype=torch.long))
     return Path(path)

@@ -20,7 +20,7 @@ import click
 import torch
 
 from cddrec.batches import TrainBatches
-from cddrec.config import AUTO_RANK_MAX, CDDRecConfig, preset_for
+from cddrec.config import AUTO_RANK_MAX, ModelConfig, TrainConfig, from_flat, preset_for
 from cddrec.data import load_data
 from cddrec.losses import objective
 from cddrec.model import CDDRec
@@ -29,23 +29,24 @@ from cddrec.training import set_seed
 from .record import RESULTS_DIR, record
 
 
-def time_variants(cfgs: dict[str, CDDRecConfig], data, batches: int, warmup: int = 2) -> dict[str, dict]:
-    """Seconds per training batch of each config, the variants interleaved batch by batch (same batches,
-    so load changes on a shared machine hit every variant alike)."""
+def time_variants(cfgs: dict[str, tuple[ModelConfig, TrainConfig]], data, batches: int,
+                  warmup: int = 2) -> dict[str, dict]:
+    """Seconds per training batch of each (model, train) config pair, the variants interleaved batch by batch
+    (same batches, so load changes on a shared machine hit every variant alike)."""
     models, opts = {}, {}
-    for name, cfg in cfgs.items():
-        set_seed(cfg.seed)
-        models[name] = CDDRec(cfg).train()
-        opts[name] = torch.optim.Adam(models[name].parameters(), lr=cfg.lr)
-    first = next(iter(cfgs.values()))
-    it = TrainBatches(data, first.max_len, first.batch_size, seed=first.seed)
+    for name, (model_cfg, train_cfg) in cfgs.items():
+        set_seed(train_cfg.seed)
+        models[name] = CDDRec(model_cfg).train()
+        opts[name] = torch.optim.Adam(models[name].parameters(), lr=train_cfg.lr)
+    first_model, first_train = next(iter(cfgs.values()))
+    it = TrainBatches(data, first_model.max_len, first_train.batch_size, seed=first_train.seed)
     times: dict[str, list[float]] = {name: [] for name in cfgs}
     for i, batch in enumerate(it):
         if i >= warmup + batches:
             break
         for name in cfgs:
             t0 = time.perf_counter()
-            loss, _ = objective(models[name], batch)
+            loss, _ = objective(models[name], batch, cfgs[name][1])
             opts[name].zero_grad(set_to_none=True)
             loss.backward()
             opts[name].step()
@@ -78,11 +79,11 @@ def main(data_dir, datasets, batches, threads, name, out_dir):
             loaded[ds] = load_data(path)
         data = loaded[ds]
         base = {**preset_for(path), **({"steps": int(steps)} if steps else {}), "num_items": data.num_items}
-        cfgs = {v: CDDRecConfig(**base, rank_steps=v) for v in ("last", "all")}
+        cfgs = {v: from_flat({**base, "rank_steps": v})[:2] for v in ("last", "all")}  # (model, train) configs
         for variant, timing in time_variants(cfgs, data, batches).items():
-            cfg = cfgs[variant]
-            r = {"dataset": ds, "rank_steps": variant, "N": data.num_items, "T": cfg.steps,
-                 "NxT": data.num_items * cfg.steps, **timing}
+            steps = cfgs[variant][0].steps
+            r = {"dataset": ds, "rank_steps": variant, "N": data.num_items, "T": steps,
+                 "NxT": data.num_items * steps, **timing}
             rows.append(r)
             click.echo(f"{ds} {variant}: {r['seconds_per_batch']:.3f} s/batch, ~{r['epoch_seconds_est']:.0f} s/epoch "
                        f"({r['batches_per_epoch']} batches)", err=True)

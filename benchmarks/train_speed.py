@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from cddrec.config import CDDRecConfig, preset_for
+from cddrec.config import from_flat, preset_for
 from cddrec.data import eval_split, load_data
 from cddrec.evaluation import evaluate
 from cddrec.model import CDDRec
@@ -43,12 +43,13 @@ def main(data_dir, dataset, epochs, variants, out_dir):
     data = load_data(path)
     rows = []
     for name in [v.strip() for v in variants.split(",")]:
-        cfg = CDDRecConfig(**{**preset_for(path), **VARIANTS[name], "epochs": epochs, "patience": epochs + 1})
+        model_cfg, train_cfg, run_cfg = from_flat({**preset_for(path), **VARIANTS[name], "epochs": epochs,
+                                                   "patience": epochs + 1})
         with tempfile.TemporaryDirectory() as tmp:
-            s = train(cfg, data, Path(tmp) / "m.pt", progress=False, log=lambda m: None)
-        model = CDDRec(cfg.replace(num_items=data.num_items)).eval()
+            s = train(model_cfg, train_cfg, run_cfg, data, Path(tmp) / "m.pt", progress=False, log=lambda m: None)
+        model = CDDRec(model_cfg.replace(num_items=data.num_items)).eval()
         t0 = time.perf_counter()
-        evaluate(model, eval_split(data, "valid", cfg.max_len))
+        evaluate(model, eval_split(data, "valid", model_cfg.max_len))
         secs = [h["seconds"] for h in s["history"]]
         rows.append({"variant": name, "overrides": VARIANTS[name], "seconds_per_epoch": sum(secs) / len(secs),
                      "epoch_seconds": secs, "validation_seconds": time.perf_counter() - t0,

@@ -1,19 +1,20 @@
 """cddrec: train CDDRec (conditional denoising diffusion for sequential recommendation) and serve it fast.
 
 Importing ``cddrec`` loads nothing heavy: serving (``cddrec.runtime``) runs without PyTorch.
-``cddrec.CDDRecConfig`` and ``cddrec.CDDRec`` are loaded on first use.
+``cddrec.ModelConfig``, ``cddrec.TrainConfig``, ``cddrec.RunConfig`` and ``cddrec.CDDRec`` are loaded
+on first use.
 """
 
 __version__ = "0.2.0"
 
-__all__ = ["CDDRecConfig", "CDDRec", "__version__"]
+__all__ = ["ModelConfig", "TrainConfig", "RunConfig", "CDDRec", "__version__"]
 
 
 def __getattr__(name: str):
-    if name == "CDDRecConfig":
-        from .config import CDDRecConfig
+    if name in ("ModelConfig", "TrainConfig", "RunConfig"):
+        from . import config
 
-        return CDDRecConfig
+        return getattr(config, name)
     if name == "CDDRec":
         from .model import CDDRec
 

@@ -3,14 +3,19 @@
 A model file is a plain dict saved with ``torch.save`` and read with
 ``torch.load(..., weights_only=True)``::
 
-    {"format": "cddrec", "format_version": 1,
-     "config": asdict(CDDRecConfig), "model": state_dict,
+    {"format": "cddrec", "format_version": 2,
+     "model_config": asdict(ModelConfig),   # what the graph needs: the model is rebuilt from it alone
+     "train_config": asdict(TrainConfig),   # objective, optimiser, seed, selection metric, k-core
+     "run_config": asdict(RunConfig),       # epochs, patience, budget, device, threads of the run that wrote it
+     "model": state_dict,
      "vocab": {"keys": [...], "key_type": "int"|"str"},
      "popularity": LongTensor (V,)  # training interaction counts, the cold-start fallback
      "best_valid": {...}, "best_epoch": int, "data": {"fingerprint", "source", "stats"},
      "history": [...], "created": str}
 
-It holds everything export and inference need: the model is rebuilt from ``config`` alone.
+Version 1 (cddrec 0.2.0) stored the three configs as one flat ``"config"`` dict; ``read_checkpoint``
+still reads it, splitting that dict into the three (``upgrade``), so existing model files load,
+export and serve.
 """
 
 from __future__ import annotations
@@ -20,13 +25,12 @@ import hashlib
 import io
 import pickle
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .config import CDDRecConfig
-from .errors import CheckpointError
+from .config import ModelConfig, RunConfig, TrainConfig, from_flat
+from .errors import CheckpointError, ConfigError
 from .io import atomic_open
 from .model import CDDRec
 from .vocab import Vocab
@@ -34,17 +38,21 @@ from .vocab import Vocab
 # what torch.load raises on a file that is not a (safe) model file
 UNREADABLE = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError)
 FORMAT = "cddrec"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: one flat "config" dict, split on reading
 
 
 def save_checkpoint(path: str | Path, model: CDDRec, vocab: Vocab, popularity: torch.Tensor,
-                    **meta) -> None:
-    """Write a model file atomically (temporary file, then rename)."""
+                    train_cfg: TrainConfig | None = None, run_cfg: RunConfig | None = None, **meta) -> None:
+    """Write a model file atomically (temporary file, then rename). The model config is the model's own;
+    ``train_cfg`` and ``run_cfg`` default to the defaults (a model not trained by ``train``: random weights)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": asdict(model.cfg),
+        "model_config": model.cfg.to_dict(),
+        "train_config": (train_cfg or TrainConfig()).to_dict(),
+        "run_config": (run_cfg or RunConfig()).to_dict(),
         "model": state,
         "vocab": vocab.to_dict(),
         "popularity": torch.as_tensor(popularity, dtype=torch.int64).cpu(),
@@ -86,18 +94,31 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cddrec model file (no 'format': 'cddrec' entry)")
     version = ckpt.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: model file format version {version}, this cddrec reads "
-                              f"version {FORMAT_VERSION}; retrain or use a matching cddrec")
-    for key in ("config", "model", "vocab"):
+                              f"versions {', '.join(map(str, READABLE_VERSIONS))}; retrain or use a matching cddrec")
+    for key in ("config" if version == 1 else "model_config", "model", "vocab"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: model file has no {key!r} entry")
+    if version == 1:
+        try:
+            return upgrade(ckpt)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: a version-1 model file with an unreadable 'config': {e}") from None
     return ckpt
 
 
+def upgrade(ckpt: dict) -> dict:
+    """A version-1 model file's dict with its flat ``config`` split into ``model_config``,
+    ``train_config`` and ``run_config`` (values checked); ``format_version`` stays 1 (what was read)."""
+    out = {k: v for k, v in ckpt.items() if k != "config"}
+    model_cfg, train_cfg, run_cfg = from_flat(ckpt["config"])
+    out.update(model_config=model_cfg.to_dict(), train_config=train_cfg.to_dict(), run_config=run_cfg.to_dict())
+    return out
+
+
 def model_from_checkpoint(ckpt: dict) -> CDDRec:
-    cfg = CDDRecConfig.from_dict(ckpt["config"])
-    model = CDDRec(cfg)
+    model = CDDRec(ModelConfig.from_dict(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model

@@ -1,18 +1,25 @@
-"""One dataclass holds every setting of a CDDRec run: data, model, objective, training.
+"""The settings of a CDDRec run, one dataclass per concern (nanoGPT style).
 
-A checkpoint stores ``asdict(config)``; a model is rebuilt from that dict alone.
-Every field is also a command-line option of ``cddrec-train`` (``hidden_size`` ->
-``--hidden-size``) and a key of a ``--config`` YAML or JSON file.
+- ``ModelConfig``: what the graph needs (sizes, decoder, schedule); a model is rebuilt from it alone.
+- ``TrainConfig``: what else determines the trained weights (objective, optimiser, seed, model
+  selection, the k-core filter); ``--resume`` refuses a run whose train or model config differs.
+- ``RunConfig``: how this run executes and when it stops (epochs, patience, time budget, device,
+  threads, evaluation batch); free to change between ``--resume`` calls.
+
+A model file stores the three separately (``cddrec.checkpoint``). Field names are unique across the
+three, so every field is also a command-line option of ``cddrec-train`` (``hidden_size`` ->
+``--hidden-size``) and a key of a flat ``--config`` YAML or JSON file (``from_flat`` splits it).
 
 Each field declares its type (the annotation) and its range or choices (``_f(..., min=, max=,
-choices=)``) once: ``CDDRecConfig`` converts every value to the declared type and checks the
-range (``coerce``), and ``cddrec-train``'s options are derived from the same declaration
+choices=)``) once: a config converts every value to the declared type and checks the range
+(``coerce``), and ``cddrec-train``'s options are derived from the same declaration
 (``click.IntRange`` / ``FloatRange`` / ``Choice``). A wrong value is a one-line ``ConfigError``
 naming the field and what was expected. Torch-free.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -47,13 +54,63 @@ SEED_MAX = 2**32 - 1  # numpy's seed range
 AUTO_RANK_MAX = 100_000
 
 
+class _Config:
+    """What the three configs share: every value converted to its declared type and range-checked on
+    construction (``coerce``), then the checks that involve more than one field (``validate``)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that involve more than one field (each field's own type and range: ``coerce``)."""
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes`` applied (checked like any construction)."""
+        unknown = sorted(set(changes) - set(self.names()))
+        if unknown:
+            raise ConfigError(f"{type(self).__name__} has no field {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The config of exactly these fields; an unknown key is a ``ConfigError`` naming it."""
+        unknown = sorted(set(d) - set(cls.names()))
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def pick(cls, flat: dict):
+        """This config's fields out of a flat dict of any configs' fields (a version-1 model file, the
+        metadata of a graph exported by an earlier release); other keys are ignored."""
+        return cls(**{k: v for k, v in renamed(flat).items() if k in cls.names()})
+
+    def differences(self, other) -> list[str]:
+        """'field (X saved, Y now)' for every field whose value differs from ``other``'s (the saved config)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k} ({theirs[k]!r} saved, {mine[k]!r} now)" for k in mine if mine[k] != theirs[k]]
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid config: {msg}")
+
+
 @dataclass
-class CDDRecConfig:
-    # ---- data ------------------------------------------------------------------------
+class ModelConfig(_Config):
+    """What the graph needs: a model is rebuilt from this config alone (and its weights)."""
+
     num_items: int = _f(0, "N, set from the data: item ids are 1..N, 0 pads, N+1 is the mask token", min=0)
     max_len: int = _f(20, "L, the most recent L items of a history are used", min=1)
-    kcore: int = _f(5, "k-core filter applied to interaction logs (users and items with >= k)", min=1)
-    # ---- model -----------------------------------------------------------------------
     hidden_size: int = _f(128, "d, embedding and hidden size", min=1)
     num_layers: int = _f(1, "SASRec encoder blocks", min=1)
     num_heads: int = _f(4, "attention heads (encoder and decoder)", min=1)
@@ -68,6 +125,29 @@ class CDDRecConfig:
                        max_open=True)
     beta_T: float = _f(0.002, "last beta of the schedule (released code default; presets set it per dataset)",
                        min=0.0, max=1.0, min_open=True, max_open=True)
+
+    def validate(self) -> None:
+        _require(self.hidden_size % self.num_heads == 0,
+                 f"hidden_size ({self.hidden_size}) must be a positive multiple of num_heads ({self.num_heads})")
+        _require(self.beta_1 <= self.beta_T, f"need 0 < beta_1 <= beta_T < 1, got {self.beta_1}, {self.beta_T}")
+
+    @property
+    def num_rows(self) -> int:
+        """V = N + 2 rows of the item table: padding 0, items 1..N, mask token N+1."""
+        return self.num_items + 2
+
+    @property
+    def decoder_steps(self) -> int:
+        """Denoising steps the model runs: T, or 0 for the plain SASRec baseline (no decoder)."""
+        return self.steps if self.decoder else 0
+
+
+@dataclass
+class TrainConfig(_Config):
+    """What determines the trained weights besides the model: objective, optimiser, seed, selection, data filter.
+
+    ``--resume`` refuses a run whose ``TrainConfig`` (or ``ModelConfig``) differs from the saved one."""
+
     # ---- objective -------------------------------------------------------------------
     loss: str = _f("ce", "\"ce\": full-catalogue softmax; \"cd\": the paper's cross-divergence (Eq. 5)",
                    choices=LOSSES)
@@ -82,71 +162,72 @@ class CDDRecConfig:
     infonce_cosine: bool = _f(True, "cosine similarity in InfoNCE (released code); False: raw dot (Eq. 6)")
     diffusion: bool = _f(True, "ablation \"-Diffusion\": False uses clean target embeddings")
     denoising: bool = _f(False, "sample x_hat_t by Eq. 4 in training (False = Table 3 \"-Denoising\", measured better)")
-    # ---- training --------------------------------------------------------------------
-    epochs: int = _f(200, "maximum training epochs", min=1)
-    batch_size: int = _f(128, "training windows per batch (>= 2: InfoNCE needs in-batch negatives)", min=2)
+    # ---- optimiser -------------------------------------------------------------------
     lr: float = _f(1e-3, "Adam learning rate", min=0.0, min_open=True)
     weight_decay: float = _f(0.0, "Adam weight decay", min=0.0)
-    patience: int = _f(10, "epochs without validation improvement before stopping", min=1)
-    valid_metric: str = _f("N@10", "validation metric for early stopping and model selection", choices=VALID_METRICS)
-    time_budget: float = _f(0.0, "minutes of training; 0 = no limit", min=0.0)
+    batch_size: int = _f(128, "training windows per batch (>= 2: InfoNCE needs in-batch negatives)", min=2)
+    # ---- seed, model selection, data ---------------------------------------------------
     seed: int = _f(42, "random seed (batches, negatives, augmentation, init)", min=0, max=SEED_MAX)
+    valid_metric: str = _f("N@10", "validation metric for early stopping and model selection", choices=VALID_METRICS)
+    kcore: int = _f(5, "k-core filter applied to interaction logs (users and items with >= k)", min=1)
+
+    def rank_last_only(self, model: ModelConfig) -> bool:
+        """Whether the ranking term is applied at the last step only (``rank_steps``, ``auto`` resolved by N*T)."""
+        if self.rank_steps == "auto":
+            return model.num_items * model.steps > AUTO_RANK_MAX
+        return self.rank_steps == "last"
+
+
+@dataclass
+class RunConfig(_Config):
+    """How this run executes and when it stops: free to change between ``--resume`` calls."""
+
+    epochs: int = _f(200, "maximum training epochs", min=1)
+    patience: int = _f(10, "epochs without validation improvement before stopping", min=1)
+    time_budget: float = _f(0.0, "minutes of training; 0 = no limit", min=0.0)
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    num_threads: int = _f(0, "CPU threads; 0 = all cores", min=0)
+    threads: int = _f(0, "CPU threads; 0 = auto: the cores not already busy (CPU affinity minus the 1-minute "
+                      "load average, at least 1)", min=0)
     eval_batch_size: int = _f(512, "users per evaluation batch", min=1)
     extra: dict = field(default_factory=dict, metadata={"help": "free-form notes carried into the checkpoint"})
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, coerce(f.name, getattr(self, f.name)))
-        self.validate()
 
-    def validate(self) -> None:
-        """Checks that involve more than one field (each field's own type and range: ``coerce``)."""
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"invalid config: {msg}")
-
-        need(self.hidden_size % self.num_heads == 0,
-             f"hidden_size ({self.hidden_size}) must be a positive multiple of num_heads ({self.num_heads})")
-        need(self.beta_1 <= self.beta_T, f"need 0 < beta_1 <= beta_T < 1, got {self.beta_1}, {self.beta_T}")
-
-    @property
-    def num_rows(self) -> int:
-        """V = N + 2 rows of the item table: padding 0, items 1..N, mask token N+1."""
-        return self.num_items + 2
-
-    @property
-    def mask_id(self) -> int:
-        return self.num_items + 1
-
-    @property
-    def decoder_steps(self) -> int:
-        """Denoising steps the model runs: T, or 0 for the plain SASRec baseline (no decoder)."""
-        return self.steps if self.decoder else 0
-
-    @property
-    def rank_last_only(self) -> bool:
-        """Whether the ranking term is applied at the last step only (``rank_steps``, ``auto`` resolved)."""
-        if self.rank_steps == "auto":
-            return self.num_items * self.steps > AUTO_RANK_MAX
-        return self.rank_steps == "last"
-
-    def replace(self, **changes: Any) -> "CDDRecConfig":
-        d = asdict(self)
-        d.update(changes)
-        return CDDRecConfig(**d)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CDDRecConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**d)
+CONFIGS = (ModelConfig, TrainConfig, RunConfig)
+# spellings of earlier releases, accepted in config files and version-1 model files for one release
+OLD_NAMES = {"num_threads": "threads"}
 
 
-FIELDS: dict[str, Field] = {f.name: f for f in fields(CDDRecConfig)}
+def renamed(values: dict) -> dict:
+    """``values`` with old field names (``OLD_NAMES``) under their new names; both at once is an error."""
+    out = dict(values)
+    for old, new in OLD_NAMES.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"config keys {old!r} and {new!r} are the same field ({old!r} is its old name): "
+                                  f"give {new!r} only")
+            out[new] = out.pop(old)
+    return out
+
+
+def from_flat(values: dict) -> tuple[ModelConfig, TrainConfig, RunConfig]:
+    """Flat field values (defaults <- preset <- --config file <- flags, or a version-1 model file's
+    ``config``) split into the three configs; an unknown key is a ``ConfigError`` naming it."""
+    values = renamed(values)
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+    return tuple(cls(**{k: v for k, v in values.items() if k in cls.names()}) for cls in CONFIGS)  # type: ignore
+
+
+def to_flat(*configs: _Config) -> dict[str, Any]:
+    """The flat dict of several configs' fields (the inverse of ``from_flat``: results files, summaries)."""
+    out: dict[str, Any] = {}
+    for c in configs:
+        out.update(c.to_dict())
+    return out
+
+
+FIELDS: dict[str, Field] = {f.name: f for cls in CONFIGS for f in fields(cls)}
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
@@ -265,7 +346,8 @@ def preset_for(data_path: str | Path) -> dict[str, Any]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read config overrides from a YAML (.yaml/.yml) or JSON file, each value converted to its field's type."""
+    """Read config overrides from a YAML (.yaml/.yml) or JSON file of flat field keys (of any of the three
+    configs), each value converted to its field's type; old names (``num_threads``) are read as the new ones."""
     path = Path(path)
     text = path.read_text()
     if path.suffix.lower() in (".yaml", ".yml"):
@@ -284,7 +366,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    try:
+        data = renamed({str(k).replace("-", "_"): v for k, v in data.items()})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     unknown = sorted(set(data) - set(field_names()))
     if unknown:
         raise ConfigError(f"{path}: unknown config keys: {', '.join(unknown)}")

@@ -1,4 +1,5 @@
-"""The diffusion schedule (paper section 3.1, 3.3), as improved-diffusion's GaussianDiffusion.
+"""The diffusion process (paper section 3.1, 3.3), as improved-diffusion's GaussianDiffusion: the
+noise schedule, the forward noising q(x_t | x_0) and the reverse chain that the decoder drives.
 
 Indexing: diffusion indices t = 0..T, where x_0 is the clean target item embedding and
 x_1..x_T are ever noisier; beta_1..beta_T rise linearly from ``beta_1`` to ``beta_T``.
@@ -9,17 +10,30 @@ The reverse chain runs T decoder steps t = T-1, ..., 0. Step t generates x_hat_t
 x_hat_{t+1}; its target is the posterior q(x_t | x_{t+1}, x_0), whose variance is
 beta_hat_{t+1} (Eq. 4's noise scale), which is 0 at t = 0: the last step adds no noise.
 
-Letters: B batch, L positions, d hidden size.
+Letters: B batch, L positions, Q query positions (L, or 1 for the last position only), n flat
+rows of the (B, L) grid, d hidden size, H heads, h = d / H, T steps.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from .model import DenoisingDecoder
+
 
 class GaussianDiffusion(nn.Module):
-    """Linear-beta schedule with the coefficients of q(x_t | x_0) and q(x_{t-1} | x_t, x_0)."""
+    """Linear-beta schedule with the coefficients of q(x_t | x_0) and q(x_{t-1} | x_t, x_0), the forward
+    noising (``q_sample``), the per-step KL of the objective (``step_kl``) and the reverse chain (``reverse``).
+
+    Buffers (float32, length T + 1, non-persistent: recomputed from the config, never in a model
+    file): ``sqrt_alphas_cumprod``, ``sqrt_one_minus_alphas_cumprod`` (Eq. 1-2),
+    ``posterior_mean_coef1``/``2`` (the posterior mean), ``posterior_std`` (Eq. 4's noise scale) and
+    ``posterior_variance_clipped`` (the KL's variance).
+    """
 
     def __init__(self, steps: int, beta_1: float, beta_T: float):
         super().__init__()
@@ -44,15 +58,10 @@ class GaussianDiffusion(nn.Module):
         post_var_clipped = torch.cat([post_var[:1], clip.view(1), post_var[2:]])
         post_var_clipped[0] = clip
         buffers = {
-            "betas": betas,
-            "alphas_cumprod": ab,
-            "alphas_cumprod_prev": ab_prev,
             "sqrt_alphas_cumprod": ab.sqrt(),
             "sqrt_one_minus_alphas_cumprod": one_minus.clamp_min(0).sqrt(),
-            "posterior_variance": post_var,
-            "posterior_variance_clipped": post_var_clipped,
-            "posterior_log_variance_clipped": post_var_clipped.log(),
             "posterior_std": post_var.sqrt(),
+            "posterior_variance_clipped": post_var_clipped,
             "posterior_mean_coef1": c1,
             "posterior_mean_coef2": c2,
         }
@@ -89,3 +98,64 @@ class GaussianDiffusion(nn.Module):
         else:
             mu_q = x0
         return (mu_q - mean_pred).pow(2).sum(-1) / (2.0 * self.posterior_variance_clipped[t + 1])
+
+    def reverse(self, decoder: DenoisingDecoder | None, e_s: torch.Tensor, bias: torch.Tensor, *,
+                rows: torch.Tensor | None = None, last_only: bool = False, hoist: bool = True,
+                sample: bool = False, noise: torch.Tensor | None = None, return_all: bool = False,
+                step_q: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the T-step reverse chain of ``decoder`` from x_hat_T = e_s (B, L, d), bias (B, 1, L, L).
+
+        Step t = T-1..0 computes the mean mu_t = decoder(x_hat_{t+1}, t, e_s) and the next state
+        x_hat_t = mu_t (deterministic) or mu_t + sqrt(beta_hat_{t+1}) eps (``sample``, Eq. 4);
+        ``noise`` (T, B, Q, d), indexed by step t, makes sampling explicit and reproducible.
+        ``step_q`` (T, d): precomputed ``decoder.step_queries()`` (the graph's constant).
+
+        The plain reference decodes every position and projects the history to keys and values and
+        the step embedding to its query at every step (``hoist=False``). The fast paths, tested
+        against it, project once (``hoist``, the default), decode only the last position
+        (``last_only``, Q = 1), or only the flat positions ``rows`` (n,) of the (B, L) grid (states
+        (n, d)); training decodes just the positions that have a target this way. Without a decoder
+        (the SASRec baseline) the start state is the result.
+
+        Returns the final state (B, Q, d) or (n, d) and, with ``return_all``, the states of every
+        step ordered t = T-1, ..., 0 (``[x]`` without a decoder).
+        """
+        B, L, d = e_s.shape
+        if rows is not None:
+            x = e_s.reshape(B * L, d)[rows]  # (n, d)
+        elif last_only:
+            x, bias = e_s[:, -1:], bias[:, :, -1:]  # (B, 1, d), (B, 1, 1, L)
+        else:
+            x = e_s  # (B, L, d)
+        if decoder is None:
+            return x, [x]
+        kv = decoder.attn.memory(e_s) if hoist else None  # (B, H, h, L), (B, H, L, h)
+        if hoist and step_q is None:
+            step_q = decoder.step_queries()  # (T, d), once for the T steps
+        elif not hoist:
+            step_q = None
+        states = []
+        for t in self.timesteps():  # unrolled when traced
+            k, v = kv if kv is not None else decoder.attn.memory(e_s)
+            mu = decoder(x, t, k, v, bias, rows, step_q)  # same shape as x
+            x = self.p_sample(mu, t, sample, noise[t] if noise is not None and t > 0 else None)
+            if return_all:
+                states.append(x)
+        return x, states
+
+    def timesteps(self) -> range:
+        """The decoder steps in the order the reverse chain runs them: t = T-1, ..., 0."""
+        return range(self.steps - 1, -1, -1)
+
+    def p_sample(self, mu: torch.Tensor, t: int, sample: bool = False,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The state after decoder step t from its mean ``mu``: mu + sqrt(beta_hat_{t+1}) eps with the
+        given ``noise`` or, with ``sample``, fresh noise (Eq. 4); else mu. The last step (t = 0) adds
+        no noise (its std is 0)."""
+        if t == 0:
+            return mu
+        if noise is not None:
+            return mu + self.step_std(t) * noise
+        if sample:
+            return mu + self.step_std(t) * torch.randn_like(mu)
+        return mu

@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from .data import MIN_SEQUENCE, EvalSplit, SequenceData, eval_split, eval_split_from_keys, from_keys, read_keys
+from .data import MIN_SEQUENCE, EvalSplit, eval_split_from_keys, from_keys, read_keys
 from .errors import DataError, NonFiniteError
 from .inference import exclude_items
 from .io import atomic_open
@@ -71,57 +71,44 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: bool = False,
              keep_topk: int = 0, progress: bool = False) -> EvalResult:
-    """Full-ranking metrics of ``model`` on ``split`` (deterministic reverse chain).
+    """Full-ranking metrics of ``model`` on ``split`` (deterministic reverse chain); with ``stages``, also
+    of the state after every reverse step; with ``keep_topk``, each user's top items.
 
     Non-finite scores (a diverged model: NaN ranks would count as hits) raise ``NonFiniteError``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    N = model.cfg.num_items
-    ranks, changes, tops, top_s = [], [], [], []
-    stage_ranks: list[list[np.ndarray]] = []
+    stage_ranks: list[list[np.ndarray]] = []  # [stage][batch] (B,): the last stage is the final state
     stage_changes: list[list[np.ndarray]] = []
+    tops, top_s = [], []
     batches = range(0, len(split), batch_size)
     if progress:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=f"eval {split.split}", unit="batch", leave=False)
-    k_top = min(max(TOPK, keep_topk), N)
+    k_top = min(max(TOPK, keep_topk), model.cfg.num_items)
     for start in batches:
         rows = np.arange(start, min(start + batch_size, len(split)))
         hist = torch.as_tensor(split.histories[rows], device=device)
         tgt = torch.as_tensor(split.targets[rows], device=device)
-        seen = split.seen(rows)  # (B, S)
-        e_s, bias = model.encode(hist)
-        final, states = model.reverse(e_s, bias, last_only=True, return_all=stages)
-        per_state = states if stages else [final]
-        for j, x in enumerate(per_state):
-            raw = model.scores(x[:, 0])  # (B, V)
-            if not bool(torch.isfinite(raw).all()):
-                bad = int((~torch.isfinite(raw)).any(1).sum())
-                raise NonFiniteError(f"the model's scores are not finite (NaN or inf) for {bad} of {len(raw)} users; "
-                                     "its weights are not finite (a diverged training run?): no metrics computed")
-            scores = mask_scores(raw, N, seen)  # (B, V)
-            r = target_ranks(scores, tgt).cpu().numpy().astype(np.float64)
-            r[split.targets[rows] == 0] = np.inf  # a target unknown to the model (id 0) is a miss
-            top = scores.topk(k_top, dim=1)
-            ch = avg_change(top.values[:, :TOPK]).cpu().numpy()
-            if stages:
-                if len(stage_ranks) <= j:
-                    stage_ranks.append([])
-                    stage_changes.append([])
-                stage_ranks[j].append(r)
-                stage_changes[j].append(ch)
-            if j == len(per_state) - 1:
-                ranks.append(r)
-                changes.append(ch)
-                if keep_topk:
-                    tops.append(top.indices[:, :keep_topk].cpu().numpy())
-                    top_s.append(top.values[:, :keep_topk].float().cpu().numpy())
+        known, seen = split.targets[rows] > 0, split.seen(rows)  # (B,), (B, S)
+        e_s, bias = model.encode(hist)  # (B, L, d), (B, 1, L, L)
+        final, states = model.diffusion.reverse(model.decoder, e_s, bias, last_only=True,
+                                                return_all=stages)  # (B, 1, d)
+        for j, x in enumerate(states if stages else [final]):
+            r, ch, top = rank_state(model, x[:, 0], tgt, known, seen, k_top)
+            if j == len(stage_ranks):
+                stage_ranks.append([])
+                stage_changes.append([])
+            stage_ranks[j].append(r)
+            stage_changes[j].append(ch)
+        if keep_topk:  # of the final state
+            tops.append(top.indices[:, :keep_topk].cpu().numpy())
+            top_s.append(top.values[:, :keep_topk].float().cpu().numpy())
     model.train(was_training)
-    all_ranks = np.concatenate(ranks) if ranks else np.zeros(0)
+    all_ranks = np.concatenate(stage_ranks[-1]) if stage_ranks else np.zeros(0)
     metrics = metrics_from_ranks(all_ranks)
-    metrics["AvgChange@40"] = float(np.mean(np.concatenate(changes))) if changes else math.nan
+    metrics["AvgChange@40"] = float(np.mean(np.concatenate(stage_changes[-1]))) if stage_changes else math.nan
     metrics["users"] = int(len(all_ranks))
     result = EvalResult(metrics, users=split.users)
     if stages:
@@ -137,6 +124,23 @@ def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: 
     return result
 
 
+def rank_state(model: CDDRec, user: torch.Tensor, targets: torch.Tensor, known: np.ndarray, seen: np.ndarray,
+               k_top: int) -> tuple[np.ndarray, np.ndarray, torch.return_types.topk]:
+    """Rank the targets (B,) by the scores of the user embeddings (B, d), seen items (B, S) excluded:
+    0-based ranks (B,) float64 (inf where the target is unknown to the model: ``known`` False), Eq. 9's
+    change (B,) and the top ``k_top`` items. Non-finite scores raise ``NonFiniteError``."""
+    raw = model.scores(user)  # (B, V)
+    if not bool(torch.isfinite(raw).all()):
+        bad = int((~torch.isfinite(raw)).any(1).sum())
+        raise NonFiniteError(f"the model's scores are not finite (NaN or inf) for {bad} of {len(raw)} users; "
+                             "its weights are not finite (a diverged training run?): no metrics computed")
+    scores = mask_scores(raw, model.cfg.num_items, seen)  # (B, V)
+    r = target_ranks(scores, targets).cpu().numpy().astype(np.float64)
+    r[~known] = np.inf  # a target unknown to the model (id 0) is a miss
+    top = scores.topk(k_top, dim=1)
+    return r, avg_change(top.values[:, :TOPK]).cpu().numpy(), top
+
+
 def write_topk(path: str, users: list[str], result: EvalResult, vocab: Vocab) -> int:
     """JSONL lines ``{"user": key, "items": [item keys], "scores": [...]}`` (atomic). Each list is cut
     where the rankable items end: masked entries (padding, mask token, seen items, -inf) are never items."""
@@ -149,10 +153,6 @@ def write_topk(path: str, users: list[str], result: EvalResult, vocab: Vocab) ->
             f.write(json.dumps(line) + "\n")
             n += 1
     return n
-
-
-def evaluate_data(model: CDDRec, data: SequenceData, split: str = "test", **kwargs) -> EvalResult:
-    return evaluate(model, eval_split(data, split, model.cfg.max_len), **kwargs)
 
 
 def evaluate_file(model: CDDRec, vocab: Vocab, path: str | Path, split: str = "test", *, read_options: dict | None = None,

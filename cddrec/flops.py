@@ -3,7 +3,7 @@
 The count a roofline divides a measured matmul peak by (``cddrec.benchmarks.roofline``), and the
 one ``CDDRec.flops_per_user`` reports. Multiply-adds x 2. ``cfg`` is any object with
 ``hidden_size`` (d), ``max_len`` (L), ``num_rows`` (V = N + 2), ``decoder_steps`` (T, 0 without
-a decoder) and ``num_layers``: a ``CDDRecConfig`` or the config stored in a graph's metadata.
+a decoder) and ``num_layers``: a ``ModelConfig`` or the config stored in a graph's metadata.
 """
 
 from __future__ import annotations

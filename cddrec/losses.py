@@ -4,7 +4,7 @@
 
 L_rank^t is the cross-divergence of Eq. 5 (``loss="cd"``) or a full-catalogue softmax
 cross-entropy (``loss="ce"``), at every step (``rank_steps="all"``) or at the last step only
-(``rank_steps="last"``; ``"auto"`` picks by N*T, ``CDDRecConfig.rank_last_only``). L_in (Eq. 6)
+(``rank_steps="last"``; ``"auto"`` picks by N*T, ``TrainConfig.rank_last_only``). L_in (Eq. 6)
 and L_cross (Eq. 7) are exact InfoNCE terms over the batch at every step.
 
 Letters: B batch, L positions, n valid (non-padding) target positions in the batch,
@@ -16,40 +16,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import CDDRecConfig
+from .config import TrainConfig
 from .model import CDDRec
 
 
-def info_nce(anchor: torch.Tensor, positive: torch.Tensor, tau: float, cosine: bool = True) -> torch.Tensor:
+def info_nce(anchor: torch.Tensor, positive: torch.Tensor, tau: float, cosine: bool = True,
+             mask: torch.Tensor | None = None) -> torch.Tensor:
     """Exact InfoNCE of Eq. 6/7, averaged over rows: anchor, positive (n, d) -> scalar.
 
     -log exp(a_i.p_i/tau) / (sum_j exp(a_i.p_j/tau) + sum_{j != i} exp(a_i.a_j/tau))
 
     One (n, 2n) matmul against [positives; anchors] and a fused cross-entropy whose label is
-    the positive's column; the anchor's own column is masked with -inf.
+    the positive's column; the anchor's own column is masked with -inf (``mask``: ``self_mask(n,
+    anchor)``, made once by a caller that calls this at every step with the same n).
     """
     if cosine:
         anchor, positive = F.normalize(anchor, dim=-1), F.normalize(positive, dim=-1)
     n = anchor.shape[0]
     keys = torch.cat([positive, anchor])  # (2n, d)
-    logits = torch.addmm(_self_mask(n, anchor), anchor / tau, keys.t())  # (n, 2n)
+    if mask is None:
+        mask = self_mask(n, anchor)
+    logits = torch.addmm(mask, anchor / tau, keys.t())  # (n, 2n)
     return F.cross_entropy(logits, torch.arange(n, device=anchor.device))
 
 
-_MASK_CACHE: dict = {}
-
-
-def _self_mask(n: int, like: torch.Tensor) -> torch.Tensor:
+def self_mask(n: int, like: torch.Tensor) -> torch.Tensor:
     """(n, 2n) additive mask, -inf at column n + i of row i (an anchor is not its own negative).
 
-    Added inside the matmul (addmm), so it costs no extra pass; cached across the T steps."""
-    key = (n, like.device, like.dtype)
-    mask = _MASK_CACHE.get(key)
-    if mask is None:
-        mask = torch.zeros(n, 2 * n, device=like.device, dtype=like.dtype)
-        mask[:, n:].diagonal().fill_(float("-inf"))
-        _MASK_CACHE.clear()
-        _MASK_CACHE[key] = mask
+    Added inside the matmul (addmm), so it costs no extra pass."""
+    mask = torch.zeros(n, 2 * n, device=like.device, dtype=like.dtype)
+    mask[:, n:].diagonal().fill_(float("-inf"))
     return mask
 
 
@@ -58,9 +54,9 @@ def cross_divergence(pos_div: torch.Tensor, neg_div: torch.Tensor) -> torch.Tens
     return (F.softplus(pos_div) + F.softplus(-neg_div)).mean()
 
 
-def objective(model: CDDRec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The full training loss of one batch, and its parts (floats) for logging."""
-    cfg: CDDRecConfig = model.cfg
+def objective(model: CDDRec, batch: dict[str, torch.Tensor],
+              cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The full training loss of one batch under ``cfg``'s objective, and its parts (floats) for logging."""
     diff = model.diffusion
     inputs, targets, negatives = batch["input_ids"], batch["targets"], batch["negatives"]
     valid = targets > 0  # (B, L)
@@ -69,19 +65,20 @@ def objective(model: CDDRec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     rows = valid.flatten().nonzero().squeeze(1)  # (n,) flat (B, L) positions with a target
     last = (rows % L == L - 1).nonzero().squeeze(1)  # entries of ``rows`` at the last position
     e_s, bias = model.encode(inputs)  # (B, L, d)
-    _, states = model.reverse(e_s, bias, rows=rows, sample=cfg.denoising, return_all=True)
+    _, states = diff.reverse(model.decoder, e_s, bias, rows=rows, sample=cfg.denoising, return_all=True)
     use_infonce = cfg.lam > 0 and model.decoder is not None
     if use_infonce:
         e_aug, bias_aug = model.encode(batch["aug_ids"])
-        _, aug_states = model.reverse(e_aug, bias_aug, last_only=True, sample=cfg.denoising,
-                                      return_all=True)
+        _, aug_states = diff.reverse(model.decoder, e_aug, bias_aug, last_only=True, sample=cfg.denoising,
+                                     return_all=True)
         aug_owner = rows[last] // L  # the user of each last-position row
+        in_mask, cross_mask = self_mask(len(rows), e_s), self_mask(len(last), e_s)  # the same at every step
+    rank_last_only = cfg.rank_last_only(model.cfg)
 
     table = model.item_emb.weight  # (V, d)
     x0 = F.embedding(targets[valid], table)  # (n, d) clean target embeddings
     x0_neg = F.embedding(negatives[valid], table)  # (n, d)
-    catalogue = table[1:cfg.num_items + 1]  # (N, d): scoring excludes padding and mask rows
-    ce_labels = targets[valid] - 1
+    ce_labels = targets[valid] - 1  # (n,) rows of the catalogue
 
     total = torch.zeros((), device=e_s.device)
     zero = torch.zeros((), device=e_s.device)
@@ -91,25 +88,17 @@ def objective(model: CDDRec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
         t = T - 1 - i  # decoder step of this state
         w = 1.0 / (t + 1)
         pred = x_hat  # (n, d) generated preference (sampled, Eq. 4)
-        if t > 0 and cfg.rank_last_only:
+        if t > 0 and rank_last_only:
             rank = torch.zeros((), device=pred.device)
-        elif cfg.loss == "ce":
-            rank = F.cross_entropy(pred @ catalogue.t(), ce_labels)  # (n, N) logits
-        elif cfg.cd_divergence == "kl" and model.decoder is not None:
-            # KL between the posterior q(x_t | x_{t+1}, x_0) and N(x_hat_t, beta_hat I), with
-            # x_hat_t sampled by Eq. 4 ("we sample both ... according to Eq. 2 and Eq. 4")
-            rank = cross_divergence(diff.step_kl(pred, x0, t, cfg.diffusion),
-                                    diff.step_kl(pred, x0_neg, t, cfg.diffusion))
-        else:  # "dot": the released code's logit, -D = <x_hat, x_t>
-            pos_t = diff.q_sample(x0, t) if cfg.diffusion else x0
-            neg_t = diff.q_sample(x0_neg, t) if cfg.diffusion else x0_neg
-            rank = cross_divergence(-(pred * pos_t).sum(-1), -(pred * neg_t).sum(-1))
+        else:
+            rank = rank_term(model, cfg, pred, t, x0, x0_neg, ce_labels)
         loss_t = rank
         parts["rank"] = parts["rank"] + w * rank.detach()
         if use_infonce:
             target_t = diff.q_sample(x0, t) if cfg.diffusion else x0  # x_t ~ q(x_t | x_0), Eq. 2
-            l_in = info_nce(pred, target_t, cfg.temperature, cfg.infonce_cosine)
-            l_cross = info_nce(pred[last], aug_states[i][aug_owner, 0], cfg.temperature, cfg.infonce_cosine)
+            l_in = info_nce(pred, target_t, cfg.temperature, cfg.infonce_cosine, in_mask)
+            l_cross = info_nce(pred[last], aug_states[i][aug_owner, 0], cfg.temperature, cfg.infonce_cosine,
+                               cross_mask)
             loss_t = loss_t + cfg.lam * (l_in + l_cross)
             parts["in"] = parts["in"] + w * l_in.detach()
             parts["cross"] = parts["cross"] + w * l_cross.detach()
@@ -117,3 +106,21 @@ def objective(model: CDDRec, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     parts["loss"] = total.detach()
     values = torch.stack(list(parts.values())).tolist()
     return total, dict(zip(parts, values))
+
+
+def rank_term(model: CDDRec, cfg: TrainConfig, pred: torch.Tensor, t: int, x0: torch.Tensor, x0_neg: torch.Tensor,
+              ce_labels: torch.Tensor) -> torch.Tensor:
+    """L_rank^t of the generated preferences ``pred`` (n, d) of step t: the full-catalogue softmax
+    (``ce``, labels (n,)) or Eq. 5's cross-divergence against the targets x0 and negatives x0_neg (n, d)."""
+    diff = model.diffusion
+    if cfg.loss == "ce":
+        catalogue = model.item_emb.weight[1:model.cfg.num_items + 1]  # (N, d): no padding or mask rows
+        return F.cross_entropy(pred @ catalogue.t(), ce_labels)  # (n, N) logits
+    if cfg.cd_divergence == "kl" and model.decoder is not None:
+        # KL between the posterior q(x_t | x_{t+1}, x_0) and N(x_hat_t, beta_hat I), with
+        # x_hat_t sampled by Eq. 4 ("we sample both ... according to Eq. 2 and Eq. 4")
+        return cross_divergence(diff.step_kl(pred, x0, t, cfg.diffusion), diff.step_kl(pred, x0_neg, t, cfg.diffusion))
+    # "dot": the released code's logit, -D = <x_hat, x_t>
+    pos_t = diff.q_sample(x0, t) if cfg.diffusion else x0
+    neg_t = diff.q_sample(x0_neg, t) if cfg.diffusion else x0_neg
+    return cross_divergence(-(pred * pos_t).sum(-1), -(pred * neg_t).sum(-1))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CDDRecConfig
+from .config import ModelConfig
 from .diffusion import GaussianDiffusion
 from .flops import flops_per_user  # torch-free (cddrec/flops.py): benchmarks count FLOPs without torch
 
@@ -150,7 +150,10 @@ class DenoisingDecoder(nn.Module):
 
 
 class CDDRec(nn.Module):
-    def __init__(self, cfg: CDDRecConfig):
+    """The network: SASRec encoder, denoising decoder (None for the SASRec baseline) and the diffusion
+    process that runs the decoder's reverse chain; built from its ``ModelConfig`` alone."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.num_items < 1:
             raise ValueError("config.num_items must be set (>= 1) before building a model")
@@ -192,69 +195,21 @@ class CDDRec(nn.Module):
             x = block(x, bias)
         return x, bias
 
-    # ------------------------------------------------------------- reverse chain
-    def reverse(self, e_s: torch.Tensor, bias: torch.Tensor, *, rows: torch.Tensor | None = None,
-                last_only: bool = False, hoist: bool = True, sample: bool = False,
-                noise: torch.Tensor | None = None, return_all: bool = False,
-                step_q: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Run the T-step reverse chain from x_hat_T = e_s.
-
-        Step t = T-1..0 computes the mean mu_t = decoder(x_hat_{t+1}, t, e_s) and the next
-        state x_hat_t = mu_t (deterministic) or mu_t + sqrt(beta_hat_{t+1}) eps (``sample``,
-        Eq. 4); ``noise`` (T, B, Q, d), indexed by step t, makes sampling explicit and
-        reproducible. ``step_q`` (T, d): precomputed ``decoder.step_queries()`` (the graph's constant).
-
-        The plain reference decodes every position and projects the history to keys and values
-        and the step embedding to its query at every step (``hoist=False``). The fast paths,
-        tested against it, project once (``hoist``, the default), decode only the last position
-        (``last_only``, Q = 1), or only the flat positions ``rows`` (n,) of the (B, L) grid
-        (states (n, d)); training decodes just the positions that have a target this way.
-
-        Returns the final state (B, Q, d) and, with ``return_all``, the states of every step
-        ordered t = T-1, ..., 0.
-        """
-        B, L, d = e_s.shape
-        if rows is not None:
-            x = e_s.reshape(B * L, d)[rows]  # (n, d)
-        elif last_only:
-            x, bias = e_s[:, -1:], bias[:, :, -1:]  # (B, 1, d), (B, 1, 1, L)
-        else:
-            x = e_s
-        if self.decoder is None:
-            return x, [x]
-        kv = self.decoder.attn.memory(e_s) if hoist else None  # (B, H, h, L), (B, H, L, h)
-        if hoist and step_q is None:
-            step_q = self.decoder.step_queries()  # (T, d), once for the T steps
-        elif not hoist:
-            step_q = None
-        states = []
-        for t in reversed(range(self.cfg.steps)):  # unrolled when traced
-            k, v = kv if kv is not None else self.decoder.attn.memory(e_s)
-            mu = self.decoder(x, t, k, v, bias, rows, step_q)
-            if noise is not None and t > 0:  # the last step adds no noise (its std is 0)
-                x = mu + self.diffusion.step_std(t) * noise[t]
-            elif sample and t > 0:
-                x = mu + self.diffusion.step_std(t) * torch.randn_like(mu)
-            else:
-                x = mu
-            if return_all:
-                states.append(x)
-        return x, states
-
     def user_embedding(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None,
                        plain: bool = False) -> torch.Tensor:
         """Preference x_hat_0 at the last position (B, d): deterministic, or with explicit ``noise``
         (T, B, d). ``plain`` runs the plain reference (every position, keys and values projected at
         every step) instead of the hoisted last-position path; both give the same result."""
-        e_s, bias = self.encode(item_ids)
+        e_s, bias = self.encode(item_ids)  # (B, L, d), (B, 1, L, L)
         if not plain:
-            x, _ = self.reverse(e_s, bias, last_only=True, noise=None if noise is None else noise.unsqueeze(2))
+            x, _ = self.diffusion.reverse(self.decoder, e_s, bias, last_only=True,
+                                          noise=None if noise is None else noise.unsqueeze(2))  # (B, 1, d)
             return x[:, 0]
         if noise is not None:  # positions do not interact in the decoder: noise the last one only
-            full = noise.new_zeros(noise.shape[0], noise.shape[1], item_ids.shape[1], noise.shape[2])
+            full = noise.new_zeros(noise.shape[0], noise.shape[1], item_ids.shape[1], noise.shape[2])  # (T, B, L, d)
             full[:, :, -1] = noise
             noise = full
-        x, _ = self.reverse(e_s, bias, hoist=False, noise=noise)
+        x, _ = self.diffusion.reverse(self.decoder, e_s, bias, hoist=False, noise=noise)  # (B, L, d)
         return x[:, -1]
 
     def scores(self, user_emb: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,16 @@
 """Training: Adam, validation each epoch, early stopping, checkpoints, resume.
 
-``out`` (model.pt) always holds the best model so far (by ``config.valid_metric`` on the
-validation split); ``out.resume.pt`` holds the last epoch's weights, optimizer and random
-states so ``--resume`` continues exactly where training stopped.
+``out`` (model.pt) always holds the best model so far (by ``TrainConfig.valid_metric`` on the
+validation split); ``out.resume.pt`` holds the last epoch's weights, optimizer and random states so
+``--resume`` continues exactly where training stopped.
+
+The pieces, each replaceable on its own:
+
+- ``Trainer``: the setup (``__init__``), ``resume``, the epoch loop (``fit``), one epoch
+  (``train_epoch``, whose optimiser update is ``step``), ``validate``, and the two writes
+  (``save_best``, ``save_resume``), which a multi-process run guards by rank.
+- ``TrainState``: what a resumed run continues from (saved in the resume file).
+- ``StopPolicy``: the divergence, early-stopping and time-budget decisions, one per epoch.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -20,12 +28,14 @@ import torch
 
 from .batches import TrainBatches
 from .checkpoint import UNREADABLE, save_checkpoint, save_torch
-from .config import CDDRecConfig
+from .config import ModelConfig, RunConfig, TrainConfig, from_flat
 from .data import SequenceData, eval_split
 from .errors import CheckpointError, ConfigError, NonFiniteError
 from .evaluation import evaluate
 from .losses import objective
 from .model import CDDRec
+
+RESUME_VERSION = 2  # 1 (cddrec 0.2.0): one flat "config" dict, split on reading
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -43,8 +53,31 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(n: int) -> None:
-    torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
+def auto_threads() -> tuple[int, str]:
+    """Threads for ``threads: 0`` (auto), and how they were chosen: the cores this process may run on
+    (CPU affinity) minus the cores already busy (the 1-minute load average, rounded), at least 1.
+
+    Every core on a machine that other processes keep busy oversubscribes it: a training run measured
+    0.2 batches/s on all cores against 0.9 on one core under the same load (issue 19). The load
+    average is the machine's (a container sees its host's), and a process that has just been
+    computing counts itself."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average (Windows)
+        return cores, f"auto: {cores} cores"
+    busy = min(cores, int(load + 0.5))
+    return max(1, cores - busy), f"auto: {cores} cores, {busy} busy (1-minute load {load:.2f})"
+
+
+def set_threads(n: int) -> tuple[int, str]:
+    """Set torch's CPU threads to ``n`` (0: ``auto_threads``); returns the number and how it was chosen."""
+    n, how = auto_threads() if n <= 0 else (n, "--threads")
+    torch.set_num_threads(n)
+    return n, how
 
 
 def resume_path(out: str | Path) -> Path:
@@ -52,181 +85,305 @@ def resume_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".resume.pt")
 
 
-def train(cfg: CDDRecConfig, data: SequenceData, out: str | Path, *, resume: bool = False,
-          progress: bool = True, progress_every: float = 0.0, log: Callable[[str], None] = print) -> dict:
-    """Train on ``data`` and write the best model to ``out``. Returns a summary dict.
+@dataclass
+class TrainState:
+    """What a resumed run continues from (saved in the resume file, with the weights and random states)."""
+
+    epoch: int = -1  # the last epoch run: complete, or partial when ``partial`` is set
+    best: float = -1.0  # best validation score so far
+    best_epoch: int = -1
+    bad_epochs: int = 0  # complete epochs since the last improvement
+    history: list[dict] = field(default_factory=list)  # one row per epoch
+    best_valid: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    partial: dict | None = None  # an epoch a time budget interrupted: order, batches done, loss so far, seconds
+
+    @property
+    def next_epoch(self) -> int:
+        return self.epoch if self.partial else self.epoch + 1
+
+
+@dataclass
+class EpochResult:
+    """One call's share of an epoch: the batches it ran, and why it ended early if it did."""
+
+    epoch: int
+    batches: int = 0  # done in this epoch, including those before a resume
+    loss_sum: float = 0.0
+    prior_seconds: float = 0.0  # seconds of this epoch before a resume
+    seconds: float = 0.0  # seconds of this call
+    out_of_time: bool = False
+    diverged: str | None = None
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.batches, 1)
+
+
+@dataclass
+class StopPolicy:
+    """When training stops: a non-finite loss, score or weight (divergence), ``patience`` epochs without
+    a gain in ``metric``, the time budget (minutes, 0 = none), or the epoch limit (the default reason).
+
+    The decisions are made once per epoch, so a multi-process run can make them on one rank and
+    broadcast the reason."""
+
+    metric: str
+    patience: int
+    budget_minutes: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def out_of_time(self) -> bool:
+        return bool(self.budget_minutes) and time.perf_counter() - self.started > self.budget_minutes * 60.0
+
+    def observe(self, state: TrainState, epoch: int, metrics: dict, partial: bool) -> bool:
+        """Record an epoch's validation ``metrics``; True when it improved on the best. A partial epoch
+        (cut by the time budget) does not count against patience."""
+        improved = metrics[self.metric] > state.best
+        if improved:
+            state.best, state.best_epoch, state.best_valid = metrics[self.metric], epoch, dict(metrics)
+            if not partial:
+                state.bad_epochs = 0
+        elif not partial:
+            state.bad_epochs += 1
+        return improved
+
+    def diverged(self, state: TrainState, what: str, out: str | Path) -> str:
+        """The stop reason of a diverged epoch (nothing of it is saved); ``NonFiniteError`` when no finite
+        model was ever saved."""
+        if state.best_epoch < 0:
+            raise NonFiniteError(f"training diverged ({what}) before any finite model was saved; "
+                                 "nothing written: try a smaller --lr")
+        return (f"diverged ({what}); nothing of this epoch was saved, {out} keeps the best finite model "
+                f"(epoch {state.best_epoch}); try a smaller --lr")
+
+    def after_epoch(self, state: TrainState, epoch: int, partial: bool) -> str | None:
+        """The reason to stop after a recorded epoch, or None to go on."""
+        if partial:
+            return f"time budget ({self.budget_minutes:g} min) inside epoch {epoch}; --resume continues it"
+        if self.out_of_time():
+            return f"time budget ({self.budget_minutes:g} min)"
+        if state.bad_epochs >= self.patience:
+            return f"early stopping (no {self.metric} gain for {self.patience} epochs)"
+        return None
+
+
+class Trainer:
+    """Trains a CDDRec on ``data`` and writes the best model to ``out`` (see the module docstring).
 
     ``progress``: a tqdm bar per epoch (a terminal); ``progress_every`` > 0: a progress line through
     ``log`` every that many seconds (logs, CI, nohup), so a long epoch is not silent.
-
-    Divergence policy: a non-finite training loss stops training before that step is applied, and a
-    non-finite validation score or weight stops it before anything is saved; ``out`` keeps the last
-    finite best model and ``out.resume.pt`` the last finite epoch (the summary's ``stop_reason``
-    starts with "diverged"). If no finite model was ever saved, ``NonFiniteError`` is raised.
-
-    ``time_budget`` limits the training time of this call. A budget stop inside an epoch records the
-    epoch as partial (its batches done); ``--resume`` continues that epoch's remaining batches with
-    the same permutation and random state, so the result equals an uninterrupted run.
     """
-    cfg = cfg.replace(num_items=data.num_items)
-    set_seed(cfg.seed)
-    set_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
-    batches = TrainBatches(data, cfg.max_len, cfg.batch_size, seed=cfg.seed)
-    valid = eval_split(data, "valid", cfg.max_len)
-    model = CDDRec(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    popularity = torch.from_numpy(data.popularity("train"))
-    meta_data = {"fingerprint": data.fingerprint(), "source": data.source, "stats": data.stats()}
-    history: list[dict] = []
-    start_epoch, best, best_epoch, bad_epochs, train_seconds = 0, -1.0, -1, 0, 0.0
-    best_valid: dict = {}
-    partial: dict | None = None  # an epoch a time budget interrupted: order, batches done, loss so far
 
-    rpath = resume_path(out)
-    if resume:
-        state = _load_resume(rpath, cfg, meta_data["fingerprint"])
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        best, best_epoch = state["best"], state["best_epoch"]
-        bad_epochs, history, best_valid = state["bad_epochs"], state["history"], state["best_valid"]
-        train_seconds = state["train_seconds"]
-        batches.rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        partial = state.get("partial")
-        start_epoch = state["epoch"] if partial else state["epoch"] + 1
-        where = f"epoch {start_epoch}" + (f" batch {partial['batches']}" if partial else "")
-        log(f"resumed from {rpath} at {where} (best {cfg.valid_metric} {best:.4f})")
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, run_cfg: RunConfig, data: SequenceData,
+                 out: str | Path, *, progress: bool = True, progress_every: float = 0.0,
+                 log: Callable[[str], None] = print):
+        self.model_cfg = model_cfg.replace(num_items=data.num_items)
+        self.train_cfg, self.run_cfg = train_cfg, run_cfg
+        self.data, self.out, self.log = data, out, log
+        self.progress, self.progress_every = progress, progress_every
+        set_seed(train_cfg.seed)
+        self.threads, self.threads_how = set_threads(run_cfg.threads)
+        self.device = resolve_device(run_cfg.device)
+        self.batches = TrainBatches(data, self.model_cfg.max_len, train_cfg.batch_size, seed=train_cfg.seed)
+        self.valid = eval_split(data, "valid", self.model_cfg.max_len)
+        self.model = CDDRec(self.model_cfg).to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        self.popularity = torch.from_numpy(data.popularity("train"))
+        self.data_meta = {"fingerprint": data.fingerprint(), "source": data.source, "stats": data.stats()}
+        self.state = TrainState()
+        self.stop = StopPolicy(train_cfg.valid_metric, run_cfg.patience, run_cfg.time_budget)
 
-    log(f"training on {device}: {data.stats()} | {len(batches.windows)} windows, "
-        f"{batches.num_targets} targets, {len(batches)} batches/epoch, {model.num_parameters():,} parameters | "
-        f"ranking loss at {'the last step' if cfg.rank_last_only else 'every step'} (rank_steps {cfg.rank_steps})")
-    budget = cfg.time_budget * 60.0
-    session_t0 = time.perf_counter()
-    stop_reason = "epochs"
-    n_total = len(batches)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        """Train from ``state.next_epoch`` until the stop policy or the epoch limit says stop; the summary."""
+        self.log(self.start_line())
+        self.stop.start()
+        reason = "epochs"
+        for epoch in range(self.state.next_epoch, self.run_cfg.epochs):
+            result = self.train_epoch(epoch)
+            metrics = self.validate(result)
+            if result.diverged is not None:
+                reason = self.stop.diverged(self.state, result.diverged, self.out)
+                break
+            improved = self.record(result, metrics)
+            if improved:
+                self.save_best()
+            tag = f" (partial: {result.batches}/{len(self.batches)} batches)" if result.out_of_time else ""
+            self.log(f"epoch {epoch:3d} | loss {result.loss:.4f} | {result.seconds:6.1f}s | valid R@10 "
+                     f"{metrics['R@10']:.4f} N@10 {metrics['N@10']:.4f} MRR {metrics['MRR']:.4f}"
+                     f"{' *' if improved else ''}{tag}")
+            self.save_resume()
+            stop = self.stop.after_epoch(self.state, epoch, result.out_of_time)
+            if stop is not None:
+                reason = stop
+                break
+        s = self.state
+        self.log(f"stopped: {reason}; best epoch {s.best_epoch} valid {self.train_cfg.valid_metric} {s.best:.4f}")
+        return {"best_epoch": s.best_epoch, "best_valid": s.best_valid, "epochs_run": len(s.history),
+                "train_seconds": round(s.train_seconds, 1), "stop_reason": reason, "history": s.history,
+                "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in s.history])), 2) if s.history else None,
+                "threads": self.threads}
+
+    def start_line(self) -> str:
+        b = self.batches
+        rank = "the last step" if self.train_cfg.rank_last_only(self.model_cfg) else "every step"
+        return (f"training on {self.device} with {self.threads} CPU thread{'s' if self.threads > 1 else ''} "
+                f"({self.threads_how}): {self.data.stats()} | {len(b.windows)} windows, {b.num_targets} targets, "
+                f"{len(b)} batches/epoch, {self.model.num_parameters():,} parameters | ranking loss at {rank} "
+                f"(rank_steps {self.train_cfg.rank_steps})")
+
+    def train_epoch(self, epoch: int) -> EpochResult:
+        """One epoch of optimiser steps (the rest of the partial epoch a time budget cut, when resuming one).
+        It ends early on a non-finite loss, before that step is applied, or when the time budget runs out."""
+        self.model.train()
+        partial, self.state.partial = self.state.partial, None
+        r = EpochResult(epoch)
+        if partial:
+            r.batches, r.loss_sum, r.prior_seconds = partial["batches"], partial["loss_sum"], partial["seconds"]
+            if self.state.history and self.state.history[-1].get("partial"):
+                self.state.history.pop()  # the interrupted epoch's row is replaced by the whole epoch's
+        done0, total = r.batches, len(self.batches)
         t0 = last_line = time.perf_counter()
-        done0 = partial["batches"] if partial else 0
-        loss_sum = partial["loss_sum"] if partial else 0.0
-        prior_seconds = partial["seconds"] if partial else 0.0
-        it = batches.epoch(order=partial["order"].numpy() if partial else None, start=done0)
-        if partial and history and history[-1].get("partial"):
-            history.pop()  # the interrupted epoch's row is replaced by the whole epoch's
-        partial = None
-        if progress:
+        it = self.batches.epoch(order=partial["order"].numpy() if partial else None, start=done0)
+        if self.progress:
             from tqdm import tqdm
 
-            it = tqdm(it, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
-                      initial=done0, total=n_total)
-        n_batches, out_of_time, diverged = done0, False, None
+            it = tqdm(it, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True, initial=done0,
+                      total=total)
         for batch in it:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss, parts = objective(model, batch)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            loss, parts = objective(self.model, batch, self.train_cfg)
             if not math.isfinite(parts["loss"]):
-                diverged = f"loss {parts['loss']} at epoch {epoch} batch {n_batches}"
+                r.diverged = f"loss {parts['loss']} at epoch {epoch} batch {r.batches}"
                 break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += parts["loss"]
-            n_batches += 1
+            self.step(loss)
+            r.loss_sum += parts["loss"]
+            r.batches += 1
             now = time.perf_counter()
-            if progress:
+            if self.progress:
                 it.set_postfix(loss=f"{parts['loss']:.3f}")
-            elif progress_every and now - last_line >= progress_every:
-                rate = (n_batches - done0) / (now - t0)
-                log(f"epoch {epoch} | batch {n_batches}/{n_total} | loss {loss_sum / n_batches:.4f} | "
-                    f"{rate:.2f} batches/s | ETA {(n_total - n_batches) / rate:.0f}s")
+            elif self.progress_every and now - last_line >= self.progress_every:
+                rate = (r.batches - done0) / (now - t0)
+                self.log(f"epoch {epoch} | batch {r.batches}/{total} | loss {r.loss:.4f} | {rate:.2f} batches/s | "
+                         f"ETA {(total - r.batches) / rate:.0f}s")
                 last_line = now
-            if budget and now - session_t0 > budget and n_batches < n_total:
-                out_of_time = True
+            if r.batches < total and self.stop.out_of_time():
+                r.out_of_time = True
                 break
-        epoch_seconds = time.perf_counter() - t0
-        train_seconds += epoch_seconds
-        if diverged is None and not _finite_weights(model):
-            diverged = f"non-finite weights after epoch {epoch}"
-        if diverged is None:
-            try:
-                m = evaluate(model, valid, batch_size=cfg.eval_batch_size).metrics
-            except NonFiniteError:
-                m = None
-            if m is None or not math.isfinite(m[cfg.valid_metric]):
-                diverged = f"non-finite validation scores after epoch {epoch}"
-        if diverged is not None:
-            stop_reason = (f"diverged ({diverged}); nothing of this epoch was saved, {out} keeps the best finite "
-                           f"model (epoch {best_epoch}); try a smaller --lr")
-            if best_epoch < 0:
-                raise NonFiniteError(f"training diverged ({diverged}) before any finite model was saved; "
-                                     "nothing written: try a smaller --lr")
-            break
-        score = m[cfg.valid_metric]
-        row = {"epoch": epoch, "loss": loss_sum / max(n_batches, 1), "seconds": round(prior_seconds + epoch_seconds, 2),
-               "batches": n_batches, **{k: round(v, 5) for k, v in m.items() if k != "users"}}
-        if out_of_time:
+        r.seconds = time.perf_counter() - t0
+        self.state.train_seconds += r.seconds
+        return r
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One optimiser update from a batch's loss."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def validate(self, result: EpochResult) -> dict | None:
+        """Validation metrics after an epoch, or None with ``result.diverged`` set when the weights or the
+        validation scores are not finite (or the epoch already diverged)."""
+        if result.diverged is None and not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            result.diverged = f"non-finite weights after epoch {result.epoch}"
+        if result.diverged is not None:
+            return None
+        try:
+            metrics = evaluate(self.model, self.valid, batch_size=self.run_cfg.eval_batch_size).metrics
+        except NonFiniteError:
+            metrics = None
+        if metrics is None or not math.isfinite(metrics[self.train_cfg.valid_metric]):
+            result.diverged = f"non-finite validation scores after epoch {result.epoch}"
+            return None
+        return metrics
+
+    def record(self, r: EpochResult, metrics: dict) -> bool:
+        """Add the epoch's row to the history (and the partial epoch to resume, if cut); True if it improved."""
+        s = self.state
+        row = {"epoch": r.epoch, "loss": r.loss, "seconds": round(r.prior_seconds + r.seconds, 2),
+               "batches": r.batches, **{k: round(v, 5) for k, v in metrics.items() if k != "users"}}
+        if r.out_of_time:
             row["partial"] = True
-            partial = {"order": torch.from_numpy(batches.order), "batches": n_batches, "loss_sum": loss_sum,
-                       "seconds": prior_seconds + epoch_seconds}
-        history.append(row)
-        improved = score > best
-        if improved:
-            best, best_epoch, best_valid = score, epoch, dict(m)
-            if not out_of_time:
-                bad_epochs = 0
-            save_checkpoint(out, model, data.items, popularity, best_valid=best_valid, best_epoch=epoch,
-                            data=meta_data, history=history, split="valid")
-        elif not out_of_time:  # a partial epoch does not count against patience
-            bad_epochs += 1
-        tag = f" (partial: {n_batches}/{n_total} batches)" if out_of_time else ""
-        log(f"epoch {epoch:3d} | loss {row['loss']:.4f} | {epoch_seconds:6.1f}s | valid R@10 {m['R@10']:.4f} "
-            f"N@10 {m['N@10']:.4f} MRR {m['MRR']:.4f}{' *' if improved else ''}{tag}")
-        _save_resume(rpath, model, opt, epoch, best, best_epoch, bad_epochs, history, best_valid,
-                     train_seconds, batches, cfg, meta_data["fingerprint"], partial)
-        if out_of_time:
-            stop_reason = f"time budget ({cfg.time_budget:g} min) inside epoch {epoch}; --resume continues it"
-            break
-        if budget and time.perf_counter() - session_t0 > budget:
-            stop_reason = f"time budget ({cfg.time_budget:g} min)"
-            break
-        if bad_epochs >= cfg.patience:
-            stop_reason = f"early stopping (no {cfg.valid_metric} gain for {cfg.patience} epochs)"
-            break
-    log(f"stopped: {stop_reason}; best epoch {best_epoch} valid {cfg.valid_metric} {best:.4f}")
-    return {"best_epoch": best_epoch, "best_valid": best_valid, "epochs_run": len(history),
-            "train_seconds": round(train_seconds, 1), "stop_reason": stop_reason, "history": history,
-            "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 2) if history else None}
+            s.partial = {"order": torch.from_numpy(self.batches.order), "batches": r.batches, "loss_sum": r.loss_sum,
+                         "seconds": r.prior_seconds + r.seconds}
+        s.epoch = r.epoch
+        s.history.append(row)
+        return self.stop.observe(s, r.epoch, metrics, r.out_of_time)
+
+    # ------------------------------------------------------------------ files
+    def save_best(self) -> None:
+        """Write the model file (``out``): the best model so far."""
+        s = self.state
+        save_checkpoint(self.out, self.model, self.data.items, self.popularity, self.train_cfg, self.run_cfg,
+                        best_valid=s.best_valid, best_epoch=s.best_epoch, data=self.data_meta, history=s.history,
+                        split="valid")
+
+    def save_resume(self) -> None:
+        """Write the resume file: the last epoch's weights, optimizer, random states and ``TrainState``."""
+        state = {"format_version": RESUME_VERSION, "model_config": self.model_cfg.to_dict(),
+                 "train_config": self.train_cfg.to_dict(), "run_config": self.run_cfg.to_dict(),
+                 "fingerprint": self.data_meta["fingerprint"],
+                 "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                 "optimizer": self.opt.state_dict(), "numpy_rng": self.batches.rng.bit_generator.state,
+                 "torch_rng": torch.get_rng_state(), **asdict(self.state)}
+        save_torch(resume_path(self.out), state)
+
+    def resume(self) -> None:
+        """Continue from the resume file: the same model and train configs and data, or a one-line error."""
+        path = resume_path(self.out)
+        saved = read_resume(path)
+        diffs = (self.model_cfg.differences(ModelConfig.from_dict(saved["model_config"]))
+                 + self.train_cfg.differences(TrainConfig.from_dict(saved["train_config"])))
+        if diffs:
+            raise CheckpointError(f"{path}: resume state was trained with other settings: {'; '.join(diffs)}")
+        if saved.get("fingerprint") != self.data_meta["fingerprint"]:
+            raise CheckpointError(f"{path}: resume state was trained on other data (fingerprint differs)")
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.state = TrainState(**{f.name: saved.get(f.name) for f in fields(TrainState)})
+        self.batches.rng.bit_generator.state = saved["numpy_rng"]
+        torch.set_rng_state(saved["torch_rng"])
+        s = self.state
+        where = f"epoch {s.next_epoch}" + (f" batch {s.partial['batches']}" if s.partial else "")
+        self.log(f"resumed from {path} at {where} (best {self.train_cfg.valid_metric} {s.best:.4f})")
 
 
-def _finite_weights(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-def _save_resume(path: Path, model, opt, epoch, best, best_epoch, bad_epochs, history, best_valid,
-                 train_seconds, batches, cfg, fingerprint, partial=None) -> None:
-    state = {"config": asdict(cfg), "model": {k: v.cpu() for k, v in model.state_dict().items()},
-             "optimizer": opt.state_dict(), "epoch": epoch, "best": best, "best_epoch": best_epoch,
-             "bad_epochs": bad_epochs, "history": history, "best_valid": best_valid,
-             "train_seconds": train_seconds, "numpy_rng": batches.rng.bit_generator.state,
-             "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint, "partial": partial}
-    save_torch(path, state)
-
-
-def _load_resume(path: Path, cfg: CDDRecConfig, fingerprint: str) -> dict:
+def read_resume(path: Path) -> dict:
+    """A resume file's dict; a version-1 file's flat ``config`` is split into the three configs."""
     if not path.exists():
         raise CheckpointError(f"{path}: no resume state (train without --resume first)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except UNREADABLE as e:
         raise CheckpointError(f"{path}: unreadable resume state: {str(e).splitlines()[0][:200]}") from e
-    saved = dict(state["config"])
-    now = asdict(cfg)
-    for k in ("epochs", "patience", "time_budget", "device", "num_threads", "extra", "eval_batch_size"):
-        saved.pop(k, None)
-        now.pop(k, None)
-    diff = sorted(k for k in now if saved.get(k) != now[k])
-    if diff:
-        raise CheckpointError(f"{path}: resume state was trained with other settings: {', '.join(diff)}")
-    if state.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"{path}: resume state was trained on other data (fingerprint differs)")
+    if "config" in state:  # version 1
+        try:
+            model_cfg, train_cfg, run_cfg = from_flat(state.pop("config"))
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: a version-1 resume state with an unreadable config: {e}") from None
+        state.update(model_config=model_cfg.to_dict(), train_config=train_cfg.to_dict(), run_config=run_cfg.to_dict())
     return state
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_cfg: RunConfig, data: SequenceData, out: str | Path,
+          *, resume: bool = False, progress: bool = True, progress_every: float = 0.0,
+          log: Callable[[str], None] = print) -> dict:
+    """Train on ``data`` and write the best model to ``out``. Returns a summary dict.
+
+    Divergence policy: a non-finite training loss stops training before that step is applied, and a
+    non-finite validation score or weight stops it before anything is saved; ``out`` keeps the last
+    finite best model and ``out.resume.pt`` the last finite epoch (the summary's ``stop_reason``
+    starts with "diverged"). If no finite model was ever saved, ``NonFiniteError`` is raised.
+
+    ``run_cfg.time_budget`` limits the training time of this call. A budget stop inside an epoch
+    records the epoch as partial (its batches done); ``--resume`` continues that epoch's remaining
+    batches with the same permutation and random state, so the result equals an uninterrupted run.
+    """
+    trainer = Trainer(model_cfg, train_cfg, run_cfg, data, out, progress=progress, progress_every=progress_every,
+                      log=log)
+    if resume:
+        trainer.resume()
+    return trainer.fit()

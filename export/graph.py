@@ -74,7 +74,8 @@ class UnrolledRecommender(nn.Module):
         item_ids = valid_ids(item_ids, m.cfg.num_items)  # (B, S): invalid ids are padding
         e_s, bias = m.encode(fit_history(item_ids, m.cfg.max_len))  # (B, L, d), (B, 1, L, L)
         chain_noise = noise.unsqueeze(2) if self.stochastic else None  # (T, B, 1, d)
-        x, _ = m.reverse(e_s, bias, last_only=True, noise=chain_noise, step_q=self.step_q)  # (B, 1, d): x_hat_0
+        x, _ = m.diffusion.reverse(m.decoder, e_s, bias, last_only=True, noise=chain_noise,
+                                   step_q=self.step_q)  # (B, 1, d): x_hat_0
         return self.rank(x[:, 0], item_ids)
 
     def rank(self, user: torch.Tensor, item_ids: torch.Tensor):

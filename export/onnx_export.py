@@ -461,7 +461,7 @@ def export_model(checkpoint: str | Path, out: str | Path, options: ExportOptions
                             "int8": o.int8, "int8_scoring": o.int8_scoring, "rescore": o.rescore,
                             "exporter": o.exporter, "torch": torch.__version__, "cddrec": __version__,
                             "mask_score": MASK_SCORE, "source": str(checkpoint)},
-        "config": ckpt["config"],
+        "config": ckpt["model_config"],  # the model config: what the graph was built from
         **({"vocab_file": out.with_suffix(".vocab.json").name} if sidecar else {"vocab": vocab.to_dict()}),
     }
     contract = GraphContract(**{**asdict(contract_for(model, k, stochastic=o.stochastic, fp16=o.fp16, opset=o.opset,

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny config (d=16, L=8, T=4, ~50 items) and tiny synthetic data."""
+"""Shared fixtures: tiny configs (d=16, L=8, T=4, ~50 items) and tiny synthetic data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cddrec.config import CDDRecConfig
+from cddrec.config import ModelConfig, RunConfig, TrainConfig, from_flat
 from cddrec.model import CDDRec
 from cddrec.synthetic import make_synthetic, write_sequence_file
 
@@ -28,10 +28,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+TINY = dict(num_items=50, hidden_size=16, num_heads=2, max_len=8, steps=4, beta_T=0.04, batch_size=16, epochs=2,
+            patience=2, eval_batch_size=64, seed=0, threads=1)
+
+
+def tiny_configs(**overrides) -> tuple[ModelConfig, TrainConfig, RunConfig]:
+    """The tiny (model, train, run) configs with flat ``overrides`` of any of their fields."""
+    return from_flat({**TINY, **overrides})
+
+
 @pytest.fixture
-def tiny_cfg() -> CDDRecConfig:
-    return CDDRecConfig(num_items=50, hidden_size=16, num_heads=2, max_len=8, steps=4, beta_T=0.04,
-                        batch_size=16, epochs=2, patience=2, eval_batch_size=64, seed=0, num_threads=1)
+def tiny_cfg() -> ModelConfig:
+    """The tiny model config."""
+    return tiny_configs()[0]
+
+
+@pytest.fixture(name="tiny_configs")
+def tiny_configs_fixture():
+    """``tiny_configs(**overrides)``: the tiny (model, train, run) configs, for ``train(*configs, data, out)``."""
+    return tiny_configs
 
 
 def _open_gates(model: CDDRec) -> CDDRec:
@@ -94,10 +109,10 @@ def trained_tiny(tmp_path_factory, tiny_data):
     """The path of a tiny model.pt trained for 3 epochs on tiny_data."""
     from cddrec.training import train
 
-    cfg = CDDRecConfig(hidden_size=16, num_heads=2, max_len=8, steps=4, beta_T=0.04, batch_size=16, epochs=3,
-                       patience=3, seed=0, num_threads=1)
+    configs = from_flat(dict(hidden_size=16, num_heads=2, max_len=8, steps=4, beta_T=0.04, batch_size=16, epochs=3,
+                             patience=3, seed=0, threads=1))
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    train(cfg, tiny_data, path, progress=False, log=lambda m: None)
+    train(*configs, tiny_data, path, progress=False, log=lambda m: None)
     return path
 
 

@@ -12,10 +12,10 @@ from cddrec.benchmarks.infer_throughput import tables as infer_tables
 from cddrec.benchmarks.latency import bench_table, default_backends, time_backend
 from cddrec.benchmarks.quality import PAPER, summarize
 from cddrec.benchmarks.record import cell, dirty_commits, record
-from cddrec.config import CDDRecConfig
+from cddrec.config import ModelConfig
 from cddrec.flops import flops_per_user
 
-SMALL = CDDRecConfig(num_items=10, hidden_size=8, max_len=4, steps=2, num_heads=2)
+SMALL = ModelConfig(num_items=10, hidden_size=8, max_len=4, steps=2, num_heads=2)
 NAN_CELL = re.compile(r"\|\s*nan\s*\|", re.IGNORECASE)
 
 
@@ -28,6 +28,8 @@ def keys(doc) -> set[str]:
     if isinstance(doc, dict):
         return set(doc) | {k for v in doc.values() for k in keys(v)}
     return {k for v in doc for k in keys(v)} if isinstance(doc, list) else set()
+
+
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 

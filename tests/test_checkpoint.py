@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,7 @@ from cddrec.checkpoint import (
     save_checkpoint,
     weights_checksum,
 )
+from cddrec.config import ModelConfig, RunConfig, TrainConfig
 from cddrec.model import CDDRec
 from cddrec.vocab import Vocab
 
@@ -25,7 +29,9 @@ def test_round_trip_weights_only(tmp_path, tiny_cfg, make_histories):
     path = tmp_path / "m.pt"
     model, vocab = save_tiny(path, tiny_cfg)
     raw = torch.load(path, weights_only=True)  # data, not code
-    assert raw["config"]["hidden_size"] == 16 and raw["vocab"]["keys"][0] == "0"
+    assert raw["format_version"] == FORMAT_VERSION == 2
+    assert raw["model_config"] == tiny_cfg.to_dict() and raw["vocab"]["keys"][0] == "0"
+    assert raw["train_config"] == TrainConfig().to_dict() and raw["run_config"] == RunConfig().to_dict()
     loaded, ckpt = load_checkpoint(path)
     ids = make_histories(50, 4, 8)
     assert torch.equal(loaded(ids), model(ids))
@@ -57,3 +63,44 @@ def test_bad_model_files(tmp_path, tiny_cfg):
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable model file"):
         read_checkpoint(tmp_path / "trunc.pt")
+
+
+V1 = Path(__file__).parent / "data" / "model_v1.pt"  # written by cddrec 0.2.0: format version 1, one flat "config"
+
+
+def test_version_1_model_files_load_export_and_serve(tmp_path):
+    raw = torch.load(V1, weights_only=True)
+    assert raw["format_version"] == 1 and "num_threads" in raw["config"] and "model_config" not in raw
+    model, ckpt = load_checkpoint(V1)
+    flat = raw["config"]
+    assert ckpt["model_config"] == {k: flat[k] for k in ModelConfig.names()}
+    assert ckpt["train_config"] == {k: flat[k] for k in TrainConfig.names()}
+    assert ckpt["run_config"]["threads"] == flat["num_threads"] and ckpt["run_config"]["epochs"] == flat["epochs"]
+    assert "config" not in ckpt and ckpt["format_version"] == 1
+    for k, v in raw["model"].items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+    from cddrec.export.onnx_export import export_model
+    from cddrec.inference import reference_topk
+    from cddrec.runtime.recommender import Recommender
+    from cddrec.runtime.session import graph_metadata
+
+    graph = tmp_path / "v1.onnx"
+    export_model(V1, graph, k=5)  # validated against the PyTorch reference
+    assert json.loads(graph_metadata(graph)["config"]) == ckpt["model_config"]
+    vocab = Vocab.from_dict(raw["vocab"])
+    histories = [[vocab.key(i) for i in (3, 7, 1)], [vocab.key(i) for i in (12, 4)]]
+    with Recommender.load(graph) as rec:
+        got = rec.recommend(histories)
+    want, _, _ = reference_topk(model, torch.tensor([[3, 7, 1], [0, 12, 4]]), 5)
+    assert [r.items for r in got] == [[vocab.key(int(i)) for i in row] for row in want]
+
+
+def test_version_1_file_with_a_bad_config_is_one_line(tmp_path):
+    raw = torch.load(V1, weights_only=True)
+    raw["config"] = {**raw["config"], "hidden_size": "wide"}
+    bad = tmp_path / "bad.pt"
+    torch.save(raw, bad)
+    with pytest.raises(CheckpointError, match="hidden_size") as e:
+        read_checkpoint(bad)
+    assert str(bad) in str(e.value) and "\n" not in str(e.value)

@@ -19,7 +19,8 @@ def test_train_then_eval(tmp_path, tiny_data_file):
     assert r.exit_code == 0, r.output
     assert model.exists() and "best epoch" in r.output
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["config"]["steps"] == 4 and summary["epochs_run"] == 2
+    assert summary["model_config"]["steps"] == 4 and summary["epochs_run"] == 2
+    assert summary["train_config"]["batch_size"] == 16 and summary["run_config"]["threads"] == 1
 
     topk = tmp_path / "topk.jsonl"
     r = runner.invoke(eval_main, [str(model), str(tiny_data_file), "--json", "--save-topk", str(topk),
@@ -51,8 +52,9 @@ def test_config_file_and_flag_precedence(tmp_path, tiny_data_file):
     assert r.exit_code == 0, r.output
     import torch
 
-    saved = torch.load(out, weights_only=True)["config"]
-    assert saved["hidden_size"] == 8 and saved["steps"] == 2 and saved["epochs"] == 1
+    saved = torch.load(out, weights_only=True)
+    assert saved["model_config"]["hidden_size"] == 8 and saved["model_config"]["steps"] == 2
+    assert saved["run_config"]["epochs"] == 1 and saved["train_config"]["batch_size"] == 16
 
 
 def test_clear_errors(tmp_path, tiny_data_file):

@@ -24,7 +24,7 @@ def test_schedule_matches_closed_forms(T, b1, bT):
         post_var = p - gain * k * p
         c2 = gain
         c1 = np.sqrt(a_prev) - gain * k * np.sqrt(a_prev)
-        assert d.posterior_variance[t].item() == pytest.approx(post_var, abs=1e-9, rel=1e-5)
+        assert d.posterior_std[t].item() ** 2 == pytest.approx(post_var, abs=1e-9, rel=1e-5)
         assert d.posterior_mean_coef1[t].item() == pytest.approx(c1, abs=1e-7, rel=1e-5)
         assert d.posterior_mean_coef2[t].item() == pytest.approx(c2, abs=1e-7, rel=1e-5)
     assert all(getattr(d, n).dtype == torch.float32 for n, _ in d.named_buffers())
@@ -38,7 +38,7 @@ def test_q_sample_statistics():
     torch.manual_seed(0)
     xt = d.q_sample(x0, 7)
     assert xt.mean().item() == pytest.approx(2.0 * d.sqrt_alphas_cumprod[7].item(), abs=0.02)
-    assert xt.var().item() == pytest.approx(1 - d.alphas_cumprod[7].item(), rel=0.03)
+    assert xt.var().item() == pytest.approx(d.sqrt_one_minus_alphas_cumprod[7].item() ** 2, rel=0.03)
     assert torch.equal(d.q_sample(x0, 0), x0)
 
 
@@ -49,7 +49,7 @@ def test_step_kl_is_gaussian_kl():
     kl = d.step_kl(pred, x0, t, noise=noise)
     x_next = d.sqrt_alphas_cumprod[t + 1] * x0 + d.sqrt_one_minus_alphas_cumprod[t + 1] * noise
     mu_q = d.posterior_mean_coef1[t + 1] * x0 + d.posterior_mean_coef2[t + 1] * x_next
-    var = d.posterior_variance[t + 1]
+    var = d.posterior_std[t + 1] ** 2
     q = torch.distributions.Normal(mu_q, var.sqrt())
     p = torch.distributions.Normal(pred, var.sqrt())
     assert torch.allclose(kl, torch.distributions.kl_divergence(q, p).sum(-1), rtol=1e-4)

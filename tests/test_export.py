@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cddrec.checkpoint import load_checkpoint, save_checkpoint, weights_checksum
-from cddrec.config import CDDRecConfig
+from cddrec.config import ModelConfig
 from cddrec.contract import FORBIDDEN_OPS, MASK_SCORE
 from cddrec.errors import CheckpointError, ExportError
 from cddrec.export.graph import UnrolledRecommender
@@ -128,7 +128,7 @@ def test_k_edge_cases(tmp_path, tiny_ckpt, make_histories):
     with pytest.raises(ExportError, match="must be >= 1"):
         export_model(tiny_ckpt, tmp_path / "x.onnx", ExportOptions(k=0))
     (tmp_path / "x.onnx").unlink()
-    big = CDDRec(CDDRecConfig(num_items=4000, hidden_size=8, num_heads=2, max_len=4, steps=2)).eval()
+    big = CDDRec(ModelConfig(num_items=4000, hidden_size=8, num_heads=2, max_len=4, steps=2)).eval()
     save_checkpoint(tmp_path / "big.pt", big, Vocab.build(str(i) for i in range(4000)), torch.ones(4002))
     with pytest.raises(ExportError, match="TopK limit of 3840"):
         export_model(tmp_path / "big.pt", tmp_path / "x.onnx", ExportOptions(k=3841), TensorRTOptions(tmp_path / "x.plan"))

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from cddrec.checkpoint import save_checkpoint
-from cddrec.config import CDDRecConfig
+from cddrec.config import ModelConfig
 from cddrec.contract import MIN_OPSET
 from cddrec.errors import ExportError
 from cddrec.export.onnx_export import ExportOptions, contract_for, export_model, validate_graph
@@ -100,7 +100,7 @@ def test_small_catalogue_clamps_k_and_says_so(tmp_path):
     from cddrec.app.export import main as export_main
     from cddrec.runtime.backends import load_backend
 
-    cfg = CDDRecConfig(num_items=3, hidden_size=8, num_heads=2, max_len=4, steps=2)
+    cfg = ModelConfig(num_items=3, hidden_size=8, num_heads=2, max_len=4, steps=2)
     path, _ = _ckpt(tmp_path / "three.pt", cfg)
     r = CliRunner().invoke(export_main, [str(path), "-o", str(tmp_path / "three.onnx")])  # default --k 10
     assert r.exit_code == 0, r.output

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from cddrec.batches import TrainBatches
-from cddrec.losses import cross_divergence, info_nce, objective
+from cddrec.losses import cross_divergence, info_nce, objective, self_mask
 from cddrec.model import CDDRec
 
 
@@ -24,7 +24,8 @@ def test_info_nce_matches_brute_force(cosine):
     g = torch.Generator().manual_seed(0)
     a, p = torch.randn(9, 6, generator=g, dtype=torch.float64), torch.randn(9, 6, generator=g, dtype=torch.float64)
     assert info_nce(a, p, 0.5, cosine).item() == pytest.approx(brute_info_nce(a, p, 0.5, cosine).item(), rel=1e-10)
-    # the mask cache must not leak between sizes
+    assert torch.equal(info_nce(a, p, 0.5, cosine, self_mask(9, a)), info_nce(a, p, 0.5, cosine))  # a caller's mask
+    # a smaller size gets its own mask
     assert info_nce(a[:4], p[:4], 0.5, cosine).item() == pytest.approx(
         brute_info_nce(a[:4], p[:4], 0.5, cosine).item(), rel=1e-10)
 
@@ -52,13 +53,13 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
-def test_objective_finite_and_gradients_reach_every_parameter(tiny_cfg, tiny_data, variant, open_gates):
-    cfg = tiny_cfg.replace(num_items=tiny_data.num_items, **variant)
+def test_objective_finite_and_gradients_reach_every_parameter(tiny_configs, tiny_data, variant, open_gates):
+    model_cfg, cfg, _ = tiny_configs(num_items=tiny_data.num_items, **variant)
     torch.manual_seed(0)
-    model = CDDRec(cfg).train()
+    model = CDDRec(model_cfg).train()
     open_gates(model)  # at 0 the gated update has no gradient
-    batch = next(iter(TrainBatches(tiny_data, cfg.max_len, 16, seed=0)))
-    loss, parts = objective(model, batch)
+    batch = next(iter(TrainBatches(tiny_data, model_cfg.max_len, 16, seed=0)))
+    loss, parts = objective(model, batch, cfg)
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     for name, p in model.named_parameters():
@@ -71,11 +72,11 @@ def test_objective_finite_and_gradients_reach_every_parameter(tiny_cfg, tiny_dat
         assert parts["in"] > 0 and parts["cross"] > 0
 
 
-def test_objective_uses_step_weights(tiny_cfg, tiny_data, monkeypatch):
+def test_objective_uses_step_weights(tiny_configs, tiny_data, monkeypatch):
     """Eq. 8: the loss of step t is weighted 1/(t+1)."""
-    cfg = tiny_cfg.replace(num_items=tiny_data.num_items, lam=0.0, loss="cd", cd_divergence="dot")
-    model = CDDRec(cfg).eval()  # no dropout
-    batch = next(iter(TrainBatches(tiny_data, cfg.max_len, 16, seed=0)))
+    model_cfg, cfg, _ = tiny_configs(num_items=tiny_data.num_items, lam=0.0, loss="cd", cd_divergence="dot")
+    model = CDDRec(model_cfg).eval()  # no dropout
+    batch = next(iter(TrainBatches(tiny_data, model_cfg.max_len, 16, seed=0)))
     calls = []
     import cddrec.losses as L
 
@@ -88,8 +89,8 @@ def test_objective_uses_step_weights(tiny_cfg, tiny_data, monkeypatch):
 
     monkeypatch.setattr(L, "cross_divergence", spy)
     torch.manual_seed(1)
-    loss, _ = objective(model, batch)
-    T = cfg.steps
+    loss, _ = objective(model, batch, cfg)
+    T = model_cfg.steps
     assert len(calls) == T
     want = sum(c / (T - i) for i, c in enumerate(calls))  # states come t = T-1..0
     assert loss.item() == pytest.approx(want, rel=1e-5)

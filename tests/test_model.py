@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from cddrec.config import CDDRecConfig
+from cddrec.config import ModelConfig
 from cddrec.model import CDDRec, attention_bias, flops_per_user
 
 
 def all_positions(model, ids):
     e_s, bias = model.encode(ids)
-    x, _ = model.reverse(e_s, bias)
+    x, _ = model.diffusion.reverse(model.decoder, e_s, bias)
     return x  # (B, L, d)
 
 
@@ -38,13 +38,13 @@ def test_fast_paths_equal_the_plain_reference(tiny_model, make_histories):
     """Hoisted keys/values, last-position-only and packed-row decoding vs the plain chain."""
     ids = make_histories(50, 5, 8, seed=4)
     e_s, bias = tiny_model.encode(ids)
-    full, full_states = tiny_model.reverse(e_s, bias, hoist=False, return_all=True)
-    hoisted, _ = tiny_model.reverse(e_s, bias)
+    full, full_states = tiny_model.diffusion.reverse(tiny_model.decoder, e_s, bias, hoist=False, return_all=True)
+    hoisted, _ = tiny_model.diffusion.reverse(tiny_model.decoder, e_s, bias)
     assert torch.allclose(hoisted, full, atol=1e-6)
-    last, last_states = tiny_model.reverse(e_s, bias, last_only=True, return_all=True)
+    last, last_states = tiny_model.diffusion.reverse(tiny_model.decoder, e_s, bias, last_only=True, return_all=True)
     assert torch.allclose(last[:, 0], full[:, -1], atol=1e-6)
     rows = (ids > 0).flatten().nonzero().squeeze(1)
-    packed, packed_states = tiny_model.reverse(e_s, bias, rows=rows, return_all=True)
+    packed, packed_states = tiny_model.diffusion.reverse(tiny_model.decoder, e_s, bias, rows=rows, return_all=True)
     assert torch.allclose(packed, full.reshape(-1, full.shape[-1])[rows], atol=1e-6)
     for a, b, c in zip(full_states, last_states, packed_states):
         assert torch.allclose(a[:, -1], b[:, 0], atol=1e-6)
@@ -54,7 +54,7 @@ def test_fast_paths_equal_the_plain_reference(tiny_model, make_histories):
 def test_reverse_is_a_chain_of_T_steps(tiny_model, make_histories):
     ids = make_histories(50, 4, 8, seed=5)
     e_s, bias = tiny_model.encode(ids)
-    _, states = tiny_model.reverse(e_s, bias, last_only=True, return_all=True)
+    _, states = tiny_model.diffusion.reverse(tiny_model.decoder, e_s, bias, last_only=True, return_all=True)
     assert len(states) == tiny_model.cfg.steps
     # each state feeds the next step: recomputing step t from state t+1 reproduces it
     k, v = tiny_model.decoder.attn.memory(e_s)
@@ -109,7 +109,7 @@ def test_rezero_chain_starts_as_the_identity(tiny_cfg, make_histories):
 
 
 def test_flops_per_user_counts():
-    cfg = CDDRecConfig(num_items=12101)  # the paper's size: d=128, L=20, T=20
+    cfg = ModelConfig(num_items=12101)  # the paper's size: d=128, L=20, T=20
     d, L, T, V = 128, 20, 20, 12103
     f = flops_per_user(cfg)
     assert f["scoring"] == 2 * d * V
@@ -119,3 +119,24 @@ def test_flops_per_user_counts():
     assert plain["total"] > 4 * f["total"]  # every position at every step, keys/values each step
     assert flops_per_user(cfg.replace(decoder=False))["decoder_kv"] == 0  # SASRec baseline: no decoder
     assert CDDRec(cfg.replace(num_items=50)).flops_per_user() == flops_per_user(cfg.replace(num_items=50))
+
+
+def test_sampled_chain_equals_the_chain_with_the_same_explicit_noise(tiny_model, make_histories):
+    """``sample`` draws eps for steps T-1..1 in that order (Eq. 4), the last step adds none; explicit ``noise``
+    (T, B, Q, d), indexed by step, gives the same chain."""
+    ids = make_histories(50, 3, 8, seed=7)
+    e_s, bias = tiny_model.encode(ids)
+    diffusion, T, d = tiny_model.diffusion, tiny_model.cfg.steps, tiny_model.cfg.hidden_size
+    torch.manual_seed(0)
+    sampled, _ = diffusion.reverse(tiny_model.decoder, e_s, bias, last_only=True, sample=True)
+    torch.manual_seed(0)
+    noise = torch.zeros(T, 3, 1, d)
+    for t in range(T - 1, 0, -1):
+        noise[t] = torch.randn(3, 1, d)
+    explicit, _ = diffusion.reverse(tiny_model.decoder, e_s, bias, last_only=True, noise=noise)
+    assert torch.equal(sampled, explicit)
+    mean, _ = diffusion.reverse(tiny_model.decoder, e_s, bias, last_only=True)
+    assert not torch.allclose(sampled, mean, atol=1e-4)
+    # without a decoder (the SASRec baseline) the chain is its start state
+    x, states = diffusion.reverse(None, e_s, bias, last_only=True, sample=True, return_all=True)
+    assert torch.equal(x, e_s[:, -1:]) and len(states) == 1

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from cddrec.app.evaluate import main as eval_main
 from cddrec.app.train import main as train_main
-from cddrec.config import CDDRecConfig
+from cddrec.config import ModelConfig, from_flat
 from cddrec.data import from_keys, load_data
 from cddrec.training import train
 
@@ -87,8 +87,8 @@ def test_save_topk_never_writes_masked_entries(tmp_path):
     seqs = [[str(1 + (u + j) % 6) for j in range(3 + u % 2)] for u in range(40)]
     data = from_keys([f"u{u}" for u in range(40)], seqs, min_len=3)
     model = tmp_path / "six.pt"
-    cfg = CDDRecConfig(hidden_size=8, num_heads=2, max_len=4, steps=2, batch_size=16, epochs=1, num_threads=1)
-    train(cfg, data, model, progress=False, log=lambda m: None)
+    cfgs = from_flat(dict(hidden_size=8, num_heads=2, max_len=4, steps=2, batch_size=16, epochs=1, threads=1))
+    train(*cfgs, data, model, progress=False, log=lambda m: None)
     path = tmp_path / "six.txt"
     path.write_text("".join(f"u{u} {' '.join(s)}\n" for u, s in enumerate(seqs)))
     top = tmp_path / "top.jsonl"
@@ -116,7 +116,7 @@ def test_unsafe_pickle_refused_without_advice(tmp_path, tiny_data_file):
     import torch
 
     model = tmp_path / "evil.pt"
-    torch.save({"format": "cddrec", "x": CDDRecConfig()}, model)  # a Python object beyond tensors
+    torch.save({"format": "cddrec", "x": ModelConfig()}, model)  # a Python object beyond tensors
     r = CliRunner().invoke(eval_main, [str(model), str(tiny_data_file)])
     assert r.exit_code == 1
     assert "refused" in r.output and "may be unsafe" in r.output and str(model) in r.output

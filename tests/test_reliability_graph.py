@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cddrec.config import CDDRecConfig
+from cddrec.config import ModelConfig
 from cddrec.export.onnx_export import build_graph, contract_for
 from cddrec.inference import reference_topk
 from cddrec.model import CDDRec
@@ -16,7 +16,7 @@ N = 30
 
 
 def _graph(tmp_path, open_gates):
-    cfg = CDDRecConfig(hidden_size=16, num_heads=2, max_len=8, steps=3, num_items=N)
+    cfg = ModelConfig(hidden_size=16, num_heads=2, max_len=8, steps=3, num_items=N)
     torch.manual_seed(0)
     model = open_gates(CDDRec(cfg).eval())
     path = tmp_path / "g.onnx"

@@ -20,11 +20,11 @@ from cddrec.benchmarks.roofline import (
     roofline_for,
     roofline_users_per_s,
 )
-from cddrec.config import CDDRecConfig
+from cddrec.config import ModelConfig
 from cddrec.contract import GraphContract
 from cddrec.flops import flops_by_operand, flops_per_user
 
-PAPER = CDDRecConfig(num_items=12101)  # d=128, L=20, T=20
+PAPER = ModelConfig(num_items=12101)  # d=128, L=20, T=20
 
 
 def contract(**kw) -> GraphContract:

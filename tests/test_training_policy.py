@@ -22,8 +22,8 @@ def _diverge_at(monkeypatch, epoch_batches: int, after_batches: int):
     real = training.objective
     calls = {"n": 0}
 
-    def objective(model, batch):
-        loss, parts = real(model, batch)
+    def objective(model, batch, cfg):
+        loss, parts = real(model, batch, cfg)
         calls["n"] += 1
         if calls["n"] > after_batches:
             loss = loss * float("nan")
@@ -33,13 +33,13 @@ def _diverge_at(monkeypatch, epoch_batches: int, after_batches: int):
     monkeypatch.setattr(training, "objective", objective)
 
 
-def test_diverged_run_keeps_the_last_finite_best_model(tmp_path, tiny_cfg, tiny_data, monkeypatch):
+def test_diverged_run_keeps_the_last_finite_best_model(tmp_path, tiny_configs, tiny_data, monkeypatch):
     from cddrec.batches import TrainBatches
 
-    n = len(TrainBatches(tiny_data, tiny_cfg.max_len, tiny_cfg.batch_size))
+    model_cfg, train_cfg, run_cfg = tiny_configs(epochs=4, patience=4)
+    n = len(TrainBatches(tiny_data, model_cfg.max_len, train_cfg.batch_size))
     _diverge_at(monkeypatch, n, 2 * n + 1)  # epochs 0 and 1 are finite, epoch 2 turns NaN
-    cfg = tiny_cfg.replace(epochs=4, patience=4)
-    s = train(cfg, tiny_data, tmp_path / "m.pt", **QUIET)
+    s = train(model_cfg, train_cfg, run_cfg, tiny_data, tmp_path / "m.pt", **QUIET)
     assert s["stop_reason"].startswith("diverged") and s["epochs_run"] == 2
     model, ckpt = load_checkpoint(tmp_path / "m.pt")
     assert ckpt["best_epoch"] in (0, 1)
@@ -49,10 +49,10 @@ def test_diverged_run_keeps_the_last_finite_best_model(tmp_path, tiny_cfg, tiny_
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_divergence_before_any_finite_model_is_an_error(tmp_path, tiny_cfg, tiny_data, monkeypatch):
+def test_divergence_before_any_finite_model_is_an_error(tmp_path, tiny_configs, tiny_data, monkeypatch):
     _diverge_at(monkeypatch, 0, 0)
     with pytest.raises(NonFiniteError, match="diverged"):
-        train(tiny_cfg, tiny_data, tmp_path / "m.pt", **QUIET)
+        train(*tiny_configs(), tiny_data, tmp_path / "m.pt", **QUIET)
     assert not (tmp_path / "m.pt").exists()
 
 
@@ -75,19 +75,20 @@ def _resume_weights(path):
     return torch.load(resume_path(path), weights_only=True)["model"]
 
 
-def test_budget_stop_resumes_the_partial_epoch_exactly(tmp_path, tiny_cfg, tiny_data):
-    cfg = tiny_cfg.replace(epochs=2, patience=5)
-    full = train(cfg, tiny_data, tmp_path / "full.pt", **QUIET)
+def test_budget_stop_resumes_the_partial_epoch_exactly(tmp_path, tiny_configs, tiny_data):
+    model_cfg, train_cfg, run_cfg = tiny_configs(epochs=2, patience=5)
+    full = train(model_cfg, train_cfg, run_cfg, tiny_data, tmp_path / "full.pt", **QUIET)
     n = full["history"][0]["batches"]
     # a budget that runs out after the first batch: epoch 0 is partial (1 batch), not complete
-    part = train(cfg.replace(time_budget=1e-9), tiny_data, tmp_path / "part.pt", **QUIET)
+    budget = run_cfg.replace(time_budget=1e-9)
+    part = train(model_cfg, train_cfg, budget, tiny_data, tmp_path / "part.pt", **QUIET)
     assert part["history"][-1]["partial"] and part["history"][-1]["batches"] == 1 and "inside epoch 0" in \
         part["stop_reason"]
     # resuming with the same budget runs one more batch of the same epoch and says so
-    again = train(cfg.replace(time_budget=1e-9), tiny_data, tmp_path / "part.pt", resume=True, **QUIET)
+    again = train(model_cfg, train_cfg, budget, tiny_data, tmp_path / "part.pt", resume=True, **QUIET)
     assert len(again["history"]) == 1 and again["history"][0]["batches"] == 2 and again["history"][0]["partial"]
     # resuming without a budget finishes epoch 0 and runs epoch 1: equal to the uninterrupted run
-    done = train(cfg, tiny_data, tmp_path / "part.pt", resume=True, **QUIET)
+    done = train(model_cfg, train_cfg, run_cfg, tiny_data, tmp_path / "part.pt", resume=True, **QUIET)
     assert [h["batches"] for h in done["history"]] == [n, n]
     assert [h["loss"] for h in done["history"]] == [h["loss"] for h in full["history"]]
     a, b = _resume_weights(tmp_path / "full.pt"), _resume_weights(tmp_path / "part.pt")
@@ -95,14 +96,14 @@ def test_budget_stop_resumes_the_partial_epoch_exactly(tmp_path, tiny_cfg, tiny_
         assert torch.equal(a[k], b[k]), k
 
 
-def test_progress_lines_when_not_a_terminal(tmp_path, tiny_cfg, tiny_data):
+def test_progress_lines_when_not_a_terminal(tmp_path, tiny_configs, tiny_data):
     lines = []
-    train(tiny_cfg.replace(epochs=1), tiny_data, tmp_path / "m.pt", progress=False, progress_every=1e-9,
+    train(*tiny_configs(epochs=1), tiny_data, tmp_path / "m.pt", progress=False, progress_every=1e-9,
           log=lines.append)
     prog = [x for x in lines if "batches/s" in x]
     assert prog and "epoch 0 | batch 1/" in prog[0] and "ETA" in prog[0] and "loss" in prog[0]
     silent = []
-    train(tiny_cfg.replace(epochs=1), tiny_data, tmp_path / "q.pt", progress=False, log=silent.append)
+    train(*tiny_configs(epochs=1), tiny_data, tmp_path / "q.pt", progress=False, log=silent.append)
     assert not [x for x in silent if "batches/s" in x]
 
 
@@ -110,15 +111,15 @@ def test_progress_lines_when_not_a_terminal(tmp_path, tiny_cfg, tiny_data):
 def test_same_seed_same_model_on_two_threads(tmp_path, tiny_data, overrides):
     """InfoNCE's gradient into the item table went through an index_put accumulate whose CPU kernel
     adds in thread order; on 2 threads two runs differed by ~1e-5 (issue 15, item 4)."""
-    from cddrec.config import CDDRecConfig
+    from cddrec.config import from_flat
     from cddrec.synthetic import make_synthetic
 
     data = make_synthetic(num_users=200, num_items=120, min_len=8, max_len=30, seed=5)
-    cfg = CDDRecConfig(hidden_size=32, num_heads=2, max_len=20, steps=2, batch_size=128, epochs=1, seed=0,
-                       num_threads=2, **overrides)
+    cfgs = from_flat(dict(hidden_size=32, num_heads=2, max_len=20, steps=2, batch_size=128, epochs=1, seed=0,
+                          threads=2, **overrides))
     try:
-        train(cfg, data, tmp_path / "a.pt", **QUIET)
-        train(cfg, data, tmp_path / "b.pt", **QUIET)
+        train(*cfgs, data, tmp_path / "a.pt", **QUIET)
+        train(*cfgs, data, tmp_path / "b.pt", **QUIET)
     finally:
         torch.set_num_threads(2)
     a, b = _resume_weights(tmp_path / "a.pt"), _resume_weights(tmp_path / "b.pt")
@@ -136,3 +137,29 @@ def test_cli_prints_progress_lines_without_a_terminal(tmp_path, tiny_data_file):
     assert "epoch 0 | batch 1/" in r.output and "batches/s" in r.output
     r = CliRunner().invoke(train_main, [*args, "--quiet"])
     assert r.exit_code == 0 and "batches/s" not in r.output
+
+
+@pytest.mark.parametrize("load, want", [(0.2, 4), (1.4, 3), (2.6, 1), (9.0, 1)])
+def test_auto_threads_are_the_cores_not_already_busy(monkeypatch, load, want):
+    """threads 0 = auto: the cores this process may use minus the 1-minute load average, at least 1 (issue 19:
+    every core on a shared machine ran at 0.2 batches/s, one core at 0.9)."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, 0.0, 0.0))
+    n, how = training.auto_threads()
+    assert n == want and "4 cores" in how and f"{load:.2f}" in how
+
+
+def test_first_training_line_says_the_threads(tmp_path, tiny_configs, tiny_data, monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    try:
+        trainer = training.Trainer(*tiny_configs(threads=0, device="cpu"), tiny_data, tmp_path / "m.pt", progress=False)
+        line = trainer.start_line()
+    finally:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    cores = len(os.sched_getaffinity(0))
+    assert trainer.threads == cores and line.startswith(f"training on cpu with {cores} CPU thread")
+    assert f"(auto: {cores} cores, 0 busy" in line

@@ -16,7 +16,7 @@ from typing import Callable
 
 import click
 
-from cddrec.config import CDDRecConfig
+from cddrec.config import from_flat
 from cddrec.data import eval_split
 from cddrec.errors import ConfigError
 from cddrec.evaluation import evaluate, evaluate_popularity, format_table
@@ -66,9 +66,9 @@ def _run_demo(out_dir: Path, final_dir: Path, minutes: float, seed: int, echo: C
     write_sequence_file(data, data_path)
     data.source = str(final_dir / data_path.name)
     echo(f"synthetic data: {data.stats()} -> {final_dir / data_path.name}")
-    cfg = CDDRecConfig(**DEMO_CONFIG, seed=seed, time_budget=minutes)
+    configs = from_flat({**DEMO_CONFIG, "seed": seed, "time_budget": minutes})  # model, train, run
     model_path = out_dir / "model.pt"
-    summary = train(cfg, data, model_path, progress=False, log=echo)
+    summary = train(*configs, data, model_path, progress=False, log=echo)
 
     from cddrec.checkpoint import load_checkpoint
 

@@ -5,44 +5,68 @@ Also ``python -m cddrec.app.train`` (and under ``torchrun``)."""
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import click
 
-from cddrec.config import CDDRecConfig, click_type, default_of, preset_for, read_config_file
+from cddrec.config import (
+    CONFIGS,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    click_type,
+    default_of,
+    from_flat,
+    preset_for,
+    read_config_file,
+)
 from cddrec.io import refuse_overwrite_inputs
 
-from .options import CONTEXT, data_kwargs, data_options, echo_err, friendly_errors, option, threads_option
+from .options import CONTEXT, MAX_THREADS_PER_CORE, data_kwargs, data_options, echo_err, friendly_errors, max_threads, option
 
-SKIP_FIELDS = {"num_items", "extra", "num_threads"}  # set from the data, free-form, or --threads
+SKIP_FIELDS = {"num_items", "extra"}  # set from the data, or free-form
+HIDDEN_ALIASES = {"threads": ("--num-threads",)}  # spellings of earlier releases
+
+
+def option_type(name: str):
+    """The click type of a field's option: its declaration, and the thread cap of every command for ``threads``."""
+    if name == "threads":
+        return click.IntRange(0, max_threads())
+    return click_type(name)
 
 
 def config_options(fn):
-    """One option per config field (``hidden_size`` -> ``--hidden-size``), default: unset.
+    """One option per field of the model, train and run configs (``hidden_size`` -> ``--hidden-size``),
+    default: unset (the config's default, a preset's, or the --config file's).
 
     Types, ranges and choices come from the field declarations (``cddrec.config.click_type``),
-    the same declarations the config checks file values against."""
-    for f in reversed(fields(CDDRecConfig)):
+    the same declarations the configs check file values against."""
+    for f in reversed([f for cls in CONFIGS for f in fields(cls)]):
         if f.name in SKIP_FIELDS:
             continue
         flag = f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "") + f" [default: {default_of(f)}]"
+        help_ = f.metadata.get("help", "")
+        if f.name == "threads":
+            help_ += f"; at most {MAX_THREADS_PER_CORE} x the cores ({max_threads()})"
+        help_ += f" [default: {default_of(f)}]"
         if isinstance(default_of(f), bool):
-            fn = click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=help_)(fn)
+            fn = option(f"--{flag}/--no-{flag}", f.name, default=None, help=help_)(fn)
         else:
-            fn = click.option(f"--{flag}", f.name, type=click_type(f.name), default=None, help=help_)(fn)
+            fn = option(f"--{flag}", f.name, type=option_type(f.name), default=None, help=help_,
+                        hidden_aliases=HIDDEN_ALIASES.get(f.name, ()))(fn)
     return fn
 
 
-def build_config(data: str | None, config_file: str | None, preset: bool, overrides: dict) -> CDDRecConfig:
-    """Defaults <- dataset preset <- config file <- command-line flags."""
+def build_config(data: str | None, config_file: str | None, preset: bool,
+                 overrides: dict) -> tuple[ModelConfig, TrainConfig, RunConfig]:
+    """Defaults <- dataset preset <- config file <- command-line flags, split into the three configs."""
     values: dict = {}
     if preset and data:
         values.update(preset_for(data))
     if config_file:
         values.update(read_config_file(config_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return CDDRecConfig(**values)
+    return from_flat(values)
 
 
 @click.command(context_settings=CONTEXT)
@@ -58,13 +82,11 @@ def build_config(data: str | None, config_file: str | None, preset: bool, overri
 @option("--progress-every", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
         help="seconds between progress lines when stderr is not a terminal (logs, CI, nohup)")
 @option("--summary-json", type=click.Path(dir_okay=False), help="write the training summary here")
-@threads_option(default=None, help_="CPU threads for training and validation [default: the config's, 0 = every core]")
-@option("--num-threads", "num_threads_alias", type=click.IntRange(min=0), default=None, hidden=True)
 @data_options
 @config_options
 @friendly_errors
-def main(data, output, config_file, preset, resume, quiet, progress_every, summary_json, threads, num_threads_alias,
-         user_col, item_col, time_col, sep, **overrides):
+def main(data, output, config_file, preset, resume, quiet, progress_every, summary_json, user_col, item_col, time_col,
+         sep, **overrides):
     """Train CDDRec on DATA (`user item item ...` lines, or a CSV/TSV/Parquet log)."""
     from cddrec.data import load_data
     from cddrec.io import atomic_write_json
@@ -72,10 +94,10 @@ def main(data, output, config_file, preset, resume, quiet, progress_every, summa
 
     refuse_overwrite_inputs({"--output": output, "--summary-json": summary_json, "resume file": f"{output}.resume.pt"},
                             {"DATA": data, "--config": config_file})
-    overrides["num_threads"] = threads if threads is not None else num_threads_alias
-    cfg = build_config(data, config_file, preset, overrides)
+    model_cfg, train_cfg, run_cfg = build_config(data, config_file, preset, overrides)
     explicit_kcore = overrides.get("kcore") is not None or (config_file and "kcore" in read_config_file(config_file))
-    ds = load_data(data, kcore=cfg.kcore if explicit_kcore else None, **data_kwargs(user_col, item_col, time_col, sep))
+    ds = load_data(data, kcore=train_cfg.kcore if explicit_kcore else None,
+                   **data_kwargs(user_col, item_col, time_col, sep))
     f = ds.filtered
     echo_err(f"{data}: " + (f"k-core {f['kcore']} removed {f['users_removed']} users, {f['items_removed']} items, "
                             f"{f['interactions_removed']} interactions" if f["kcore"] > 1 else
@@ -83,12 +105,14 @@ def main(data, output, config_file, preset, resume, quiet, progress_every, summa
              + f"; {f['users_under_3_items']} users with fewer than 3 items skipped; {len(ds.users)} users, "
              f"{ds.num_items} items, {ds.num_interactions} interactions")
     tty = sys.stderr.isatty()
-    summary = train(cfg, ds, output, resume=resume, progress=not quiet and tty,
+    summary = train(model_cfg, train_cfg, run_cfg, ds, output, resume=resume, progress=not quiet and tty,
                     progress_every=0.0 if quiet or tty else progress_every, log=echo_err)
     click.echo(f"wrote {output}: best epoch {summary['best_epoch']}, valid "
                + " ".join(f"{k} {summary['best_valid'].get(k, float('nan')):.4f}" for k in ("R@10", "N@10", "MRR")))
     if summary_json:
-        atomic_write_json(summary_json, {"model": str(output), "config": asdict(cfg.replace(num_items=ds.num_items)),
+        atomic_write_json(summary_json, {"model": str(output),
+                                         "model_config": model_cfg.replace(num_items=ds.num_items).to_dict(),
+                                         "train_config": train_cfg.to_dict(), "run_config": run_cfg.to_dict(),
                                          **summary})
 
 
