@@ -80,13 +80,13 @@ def test_version_1_model_files_load_export_and_serve(tmp_path):
     for k, v in raw["model"].items():
         assert torch.equal(model.state_dict()[k], v), k
 
-    from cddrec.export.onnx_export import export_model
+    from cddrec.export.onnx_export import ExportOptions, export_model
     from cddrec.inference import reference_topk
     from cddrec.runtime.recommender import Recommender
     from cddrec.runtime.session import graph_metadata
 
     graph = tmp_path / "v1.onnx"
-    export_model(V1, graph, k=5)  # validated against the PyTorch reference
+    export_model(V1, graph, ExportOptions(k=5))  # validated against the PyTorch reference
     assert json.loads(graph_metadata(graph)["config"]) == ckpt["model_config"]
     vocab = Vocab.from_dict(raw["vocab"])
     histories = [[vocab.key(i) for i in (3, 7, 1)], [vocab.key(i) for i in (12, 4)]]
