@@ -12,7 +12,7 @@ import click
 from cddrec.config import CDDRecConfig, click_type, default_of, preset_for, read_config_file
 from cddrec.io import refuse_overwrite_inputs
 
-from .options import CONTEXT, data_kwargs, data_options, echo_err, friendly_errors, option, threads_option
+from .options import CONTEXT, data_kwargs, data_options, echo_err, friendly_errors, lock_outputs, option, threads_option
 
 SKIP_FIELDS = {"num_items", "extra", "num_threads"}  # set from the data, free-form, or --threads
 
@@ -72,6 +72,7 @@ def main(data, output, config_file, preset, resume, quiet, progress_every, summa
 
     refuse_overwrite_inputs({"--output": output, "--summary-json": summary_json, "resume file": f"{output}.resume.pt"},
                             {"DATA": data, "--config": config_file})
+    lock_outputs(output, summary_json)  # a second training into the same files is refused from its start
     overrides["num_threads"] = threads if threads is not None else num_threads_alias
     cfg = build_config(data, config_file, preset, overrides)
     explicit_kcore = overrides.get("kcore") is not None or (config_file and "kcore" in read_config_file(config_file))
