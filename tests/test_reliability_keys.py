@@ -19,7 +19,7 @@ from cddrec.readers import read_interaction_table, read_sequence_file
 from cddrec.runtime.codec import KeyMapper
 from cddrec.runtime.pipeline import run_batch
 from cddrec.runtime.recommender import Recommender
-from cddrec.vocab import Vocab, is_int_key, key_problem
+from cddrec.vocab import Vocab, is_int_key
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,8 @@ def _errors(out):
 
 # ------------------------------------------------------------------------------ the key rule
 def test_only_ascii_digits_are_integer_keys():
+    from cddrec.vocab import key_problem
+
     assert [is_int_key(k) for k in ("17", "-3", "0", str(2**63 - 1), str(-2**63))] == [True] * 5
     for k in ("²", "١٧", "١", "+5", "007", "-0", "1 ", "¹²", "٣", "𝟙", str(2**63)):
         assert not is_int_key(k), k

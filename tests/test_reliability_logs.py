@@ -15,7 +15,7 @@ from cddrec.app.evaluate import main as eval_main
 from cddrec.app.infer import main as infer_main
 from cddrec.app.train import main as train_main
 from cddrec.errors import DataError
-from cddrec.readers import read_interaction_table, read_log
+from cddrec.readers import read_interaction_table
 from cddrec.runtime.pipeline import run_batch
 from cddrec.runtime.recommender import Recommender
 
@@ -70,6 +70,8 @@ def test_one_csv_behaviour_for_train_eval_and_infer(tmp_path, trained_tiny, trai
 
 
 def test_unclosed_quote_resumes_on_the_next_line(tmp_path):
+    from cddrec.readers import read_log
+
     log = tmp_path / "log.csv"
     log.write_bytes(b'user,item,timestamp\nu1,1,1\nu2,"7,1\nu3,2,2\nu1,3,3\n')
     rows = read_log(log)

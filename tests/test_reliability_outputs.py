@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from cddrec.app.infer import main as infer_main
 from cddrec.app.train import main as train_main
 from cddrec.errors import OutputError
-from cddrec.io import atomic_open, atomic_path, atomic_write_text, output_lock, remove_stale_temps
+from cddrec.io import atomic_open, atomic_path, atomic_write_text
 
 
 def _infer(graph, req, out, *extra):
@@ -145,6 +145,8 @@ def test_missing_output_folder_is_refused(tmp_path, trained_tiny_onnx, requests_
 
 # ------------------------------------------------------------------------------ locks
 def test_second_training_into_the_same_output_is_refused(tmp_path, tiny_data_file):
+    from cddrec.io import output_lock
+
     out = tmp_path / "m.pt"
     with output_lock(out):
         r = CliRunner().invoke(train_main, [str(tiny_data_file), "-o", str(out), "--epochs", "1", "--quiet"])
@@ -195,7 +197,7 @@ def test_stale_temporary_files_of_live_or_other_outputs_are_kept(tmp_path):
     out = tmp_path / "out.jsonl"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    from cddrec.io import host_tag
+    from cddrec.io import host_tag, remove_stale_temps
 
     names = {f".out.jsonl.{host_tag()}.{dead.pid}.abcdefgh.tmp": False,  # a dead writer: removed
              f".out.jsonl.{host_tag()}.{os.getpid()}.abcdefgh.tmp": True,  # a live one (this process)
