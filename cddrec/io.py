@@ -430,6 +430,15 @@ def refuse_overwrite_inputs(outputs: dict[str, str | Path | None], inputs: dict[
     """An ``OutputError`` when an output would replace an input (same path, a symlink to it or a
     hard link of it) or two outputs are the same file. Keys name the options in the message.
     Streams (``-``, devices, FIFOs) are never replaced and are not compared."""
+    streams: dict[str, str] = {}
+    for n, p in outputs.items():
+        if p and not _is_file_output(p):
+            t = output_target(p)
+            key = f"fd{t.fd}" if t.fd is not None else os.path.realpath(t.path)
+            if key in streams and not _is_null(t.path):
+                raise OutputError(f"{p}: given as two outputs ({streams[key]} and {n}); their lines would mix, "
+                                  "choose different paths")
+            streams[key] = n
     outs = [(n, Path(p)) for n, p in outputs.items() if p and _is_file_output(p)]
     ins = [(n, Path(p)) for n, p in inputs.items() if p]
     for i, (oname, o) in enumerate(outs):
@@ -440,6 +449,15 @@ def refuse_overwrite_inputs(outputs: dict[str, str | Path | None], inputs: dict[
         for oname2, o2 in outs[i + 1:]:
             if _same_file(o, o2):
                 raise OutputError(f"{o}: given as two outputs ({oname} and {oname2}); choose different paths")
+
+
+def _is_null(path: Path) -> bool:
+    """A null device (1, 3): what is written there is discarded, so it may take several outputs."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
 
 
 def _is_file_output(p) -> bool:

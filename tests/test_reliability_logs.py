@@ -197,3 +197,13 @@ def test_parquet_history_of_another_type_names_the_column(tmp_path, trained_tiny
     pq.write_table(pa.table({"user": ["a"], "history": pa.array([[True]], pa.list_(pa.bool_()))}), req)
     r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
     assert r.exit_code == 1 and "bool" in r.output, r.output
+
+
+def test_a_glob_or_folder_without_ray_says_how(tmp_path, trained_tiny_onnx):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "a.jsonl").write_text(json.dumps({"user": "a", "history": [1]}) + "\n")
+    r = _infer(trained_tiny_onnx, shards / "*.jsonl", tmp_path / "o.jsonl")
+    assert r.exit_code == 1 and "a glob: one run reads one file" in r.output and "--ray local" in r.output
+    r = _infer(trained_tiny_onnx, shards, tmp_path / "o.jsonl")
+    assert r.exit_code == 1 and "is a directory" in r.output and "--ray" in r.output

@@ -25,6 +25,18 @@ def _infer(graph, req, out, *extra):
                                            *extra])
 
 
+def device(tmp_path, name: str, minor: int):
+    """A character device to write to: as root, a private node made with mknod (as the issue's
+    `mknod -m 666 mynull c 1 3`), so a regression replaces that node and never the machine's
+    /dev/null or /dev/full; otherwise a link to the real one (which a non-root run cannot replace)."""
+    path = tmp_path / name
+    if os.geteuid() == 0:
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+    else:
+        path.symlink_to(f"/dev/{'null' if minor == 3 else 'full'}")
+    return path
+
+
 @pytest.fixture
 def requests_file(tmp_path):
     req = tmp_path / "req.jsonl"
@@ -47,15 +59,13 @@ def test_fifo_output_is_written_through_not_replaced(tmp_path, trained_tiny_onnx
 
 
 def test_character_device_output_is_not_replaced(tmp_path, trained_tiny_onnx, requests_file):
-    """A link to /dev/null stands for `mknod mynull c 1 3` (which needs root): still /dev/null afterwards."""
-    link = tmp_path / "mynull"
-    link.symlink_to("/dev/null")
-    before = os.stat("/dev/null")
-    r = _infer(trained_tiny_onnx, requests_file, link)
+    null = device(tmp_path, "mynull", 3)
+    before = os.stat(null)
+    r = _infer(trained_tiny_onnx, requests_file, null)
     assert r.exit_code == 0, r.output
-    after = os.stat("/dev/null")
+    after = os.stat(null)
     assert stat.S_ISCHR(after.st_mode) and after.st_ino == before.st_ino and after.st_rdev == before.st_rdev
-    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["mynull", "req.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mynull", "req.jsonl"]
 
 
 def test_stdout_output_can_be_piped(tmp_path, trained_tiny_onnx, requests_file):
@@ -109,9 +119,10 @@ def test_atomic_path_to_a_stream_spools_and_copies(tmp_path):
 
 
 def test_full_device_names_the_output_once(tmp_path, trained_tiny_onnx, requests_file):
-    r = _infer(trained_tiny_onnx, requests_file, "/dev/full")
-    assert r.exit_code == 1 and r.output.count("/dev/full") == 1 and "No space left on device" in r.output
-    assert len(r.output.strip().splitlines()) == 1 and stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    full = device(tmp_path, "full", 7)
+    r = _infer(trained_tiny_onnx, requests_file, full)
+    assert r.exit_code == 1 and r.output.count(str(full)) == 1 and "No space left on device" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and stat.S_ISCHR(os.stat(full).st_mode)
 
 
 def test_a_full_disk_names_the_output_not_the_errors_file(tmp_path, trained_tiny_onnx, requests_file):
@@ -211,7 +222,17 @@ def test_stale_temporary_files_of_live_or_other_outputs_are_kept(tmp_path):
 
 
 def test_atomic_open_names_the_failing_file(tmp_path):
-    with pytest.raises(OutputError, match="^/dev/full: cannot write: No space left on device$"):
-        with atomic_open("/dev/full", "wb") as f:
+    full = device(tmp_path, "full", 7)
+    with pytest.raises(OutputError, match=f"^{full}: cannot write: No space left on device$"):
+        with atomic_open(full, "wb") as f:
             f.write(b"x" * 100000)
             f.flush()
+    assert stat.S_ISCHR(os.stat(full).st_mode)
+
+
+def test_output_and_errors_on_the_same_stream_are_refused(tmp_path, trained_tiny_onnx, requests_file):
+    r = _infer(trained_tiny_onnx, requests_file, "-", "--errors", "/dev/stdout")
+    assert r.exit_code == 1 and "given as two outputs" in r.output
+    null = device(tmp_path, "null", 3)
+    r = _infer(trained_tiny_onnx, requests_file, null, "--errors", null)  # discarding both is fine
+    assert r.exit_code == 0, r.output
