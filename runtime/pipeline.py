@@ -346,6 +346,8 @@ def run_batch(rec: Recommender, input_path: str | Path, output_path: str | Path,
                 writer.close()
             raise
         writer.close()
+        out.flush()  # a write error surfaces here, before any file of the run is put in place
+        err.flush()
     if stats.bad:
         stats.errors_path = str(errors_path)
     elif output_target(errors_path).is_file:

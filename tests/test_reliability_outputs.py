@@ -58,8 +58,9 @@ def test_fifo_output_is_written_through_not_replaced(tmp_path, trained_tiny_onnx
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.fifo", "req.jsonl"]  # no temporary file beside it
 
 
-def test_character_device_output_is_not_replaced(tmp_path, trained_tiny_onnx, requests_file):
+def test_character_device_output_is_not_replaced(tmp_path, trained_tiny_onnx, requests_file, monkeypatch):
     null = device(tmp_path, "mynull", 3)
+    monkeypatch.chdir(tmp_path)
     before = os.stat(null)
     r = _infer(trained_tiny_onnx, requests_file, null)
     assert r.exit_code == 0, r.output
@@ -118,11 +119,13 @@ def test_atomic_path_to_a_stream_spools_and_copies(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.fifo"]
 
 
-def test_full_device_names_the_output_once(tmp_path, trained_tiny_onnx, requests_file):
+def test_full_device_names_the_output_once(tmp_path, trained_tiny_onnx, requests_file, monkeypatch):
     full = device(tmp_path, "full", 7)
+    monkeypatch.chdir(tmp_path)  # the errors file of a stream output is ./cddrec-infer.errors.jsonl
     r = _infer(trained_tiny_onnx, requests_file, full)
     assert r.exit_code == 1 and r.output.count(str(full)) == 1 and "No space left on device" in r.output
     assert len(r.output.strip().splitlines()) == 1 and stat.S_ISCHR(os.stat(full).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "req.jsonl"]  # no errors file of a failed run
 
 
 def test_a_full_disk_names_the_output_not_the_errors_file(tmp_path, trained_tiny_onnx, requests_file):
@@ -230,7 +233,8 @@ def test_atomic_open_names_the_failing_file(tmp_path):
     assert stat.S_ISCHR(os.stat(full).st_mode)
 
 
-def test_output_and_errors_on_the_same_stream_are_refused(tmp_path, trained_tiny_onnx, requests_file):
+def test_output_and_errors_on_the_same_stream_are_refused(tmp_path, trained_tiny_onnx, requests_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     r = _infer(trained_tiny_onnx, requests_file, "-", "--errors", "/dev/stdout")
     assert r.exit_code == 1 and "given as two outputs" in r.output
     null = device(tmp_path, "null", 3)
