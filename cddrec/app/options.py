@@ -78,14 +78,15 @@ _COMMAND: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.Cont
                                                                                         default=None)
 
 
-def lock_outputs(*paths, option: str = "output path") -> None:
+def lock_outputs(*paths, option: str = "output path", make_folder: bool = False) -> None:
     """Hold the lock of these named outputs (``cddrec.io.output_lock``; ``None`` skipped) until the
     command ends: a second run writing one of them is refused from its start, and an output that
-    is a directory or whose folder is missing is refused before any work."""
+    is a directory or whose folder is missing is refused before any work. ``make_folder``: the
+    outputs are folders (``cddrec-bench -o``, a Triton repository), created if their parent exists."""
     stack = _COMMAND.get()
     if stack is None:
         raise RuntimeError("lock_outputs is called inside a command wrapped by friendly_errors")
-    stack.enter_context(output_lock(*paths, option=option))
+    stack.enter_context(output_lock(*paths, option=option, make_folder=make_folder))
 
 
 def friendly_errors(fn):
