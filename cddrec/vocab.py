@@ -3,6 +3,10 @@
 Raw item keys are never embedding rows: keys are remapped to ids 1..N in order of first
 appearance; 0 is padding and N+1 the augmentation's mask token. A vocabulary whose keys are all
 canonical integers decodes back to ints, so integer keys round-trip through JSON.
+
+The key rule, everywhere: only ASCII digits (with a leading "-", no leading zero) that fit int64
+are integers; every other key is a string, kept byte for byte (never normalized); an integer
+beyond int64 is a bad line (``key_problem``).
 """
 
 from __future__ import annotations
@@ -10,11 +14,44 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+def _digits(k: str) -> str:
+    return k[1:] if k.startswith("-") else k
+
 
 def is_int_key(k: str) -> bool:
-    """True for canonical integers ("0", "17", "-3"; not "007"), which round-trip through int."""
-    digits = k[1:] if k.startswith("-") else k
-    return digits.isdigit() and (digits == "0" or not digits.startswith("0")) and k != "-0"
+    """True for canonical integers in ASCII that fit int64 ("0", "17", "-3"; not "007", "-0", "²",
+    "١٧" or "+5"): these round-trip through int. Every other key is a string, byte for byte."""
+    d = _digits(k)
+    return (d.isascii() and d.isdigit() and (d == "0" or not d.startswith("0")) and k != "-0"
+            and INT64_MIN <= int(k) <= INT64_MAX)
+
+
+def key_problem(key) -> str | None:
+    """Why ``key`` (a value read from a file or a request) cannot be a user or item key, else None.
+
+    The one key rule: a key is a string or an integer. An integer (or a canonical ASCII integer
+    string) must fit int64; a string must be valid Unicode (no lone surrogate, which JSON's
+    ``\\udc00`` escape can produce)."""
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        return f"must be a string or integer, got {type(key).__name__}"
+    if isinstance(key, int):
+        return None if INT64_MIN <= key <= INT64_MAX else f"integer {_short(str(key))} does not fit 64 bits"
+    d = _digits(key)
+    if d.isascii() and d.isdigit() and (d == "0" or not d.startswith("0")) and key != "-0" and len(d) >= 19 \
+            and not INT64_MIN <= int(key) <= INT64_MAX:
+        return f"integer {_short(key)} does not fit 64 bits"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{_short(repr(key))} is not valid Unicode text (lone surrogate {key[e.start]!r})"
+    return None
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def typed_key(k: str):
@@ -61,6 +98,10 @@ class Vocab:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Vocab":
-        return cls(list(d["keys"]), d.get("key_type", "str"))
+        """A saved vocabulary; ``key_type`` "int" is kept only where every key is an integer under
+        today's rule (files written before it called "²" or "١٧" integers)."""
+        keys = [str(k) for k in d["keys"]]
+        int_ok = d.get("key_type", "str") == "int" and all(is_int_key(k) for k in keys)
+        return cls(keys, "int" if int_ok else "str")
 
 

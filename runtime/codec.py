@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cddrec.vocab import Vocab
+from cddrec.vocab import Vocab, key_problem
 
 
 class KeyMapper:
@@ -94,20 +94,18 @@ def encode_flat(values: pa.Array, offsets: np.ndarray, mapper: KeyMapper, max_hi
     return Encoded(ids[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), unknown.astype(np.int64))
 
 
-def is_key(v) -> bool:
-    """A user or item key is a string or an integer (not a bool, a float or a container)."""
-    return isinstance(v, (str, int)) and not isinstance(v, bool)
-
-
 def encode_histories(histories: Sequence[Sequence], mapper: KeyMapper, max_history: int | None = None) -> Encoded:
     """Python histories (item keys, oldest first; ints and strings alike) -> ``Encoded``; a history that
     is not a list of keys is a ValueError (the same rule as the request files' lines)."""
     for i, h in enumerate(histories):
         if isinstance(h, (str, bytes)) or not isinstance(h, Sequence):
             raise ValueError(f"history {i} must be a list of item keys, got {type(h).__name__}")
-        bad = next((k for k in h if not is_key(k)), None)
-        if bad is not None:
-            raise ValueError(f"history {i}: item keys are strings or integers, got {type(bad).__name__} {bad!r}")
+        for key in h:
+            problem = key_problem(key)
+            if problem and problem.startswith("must be"):
+                raise ValueError(f"history {i}: item keys are strings or integers, got {type(key).__name__} {key!r}")
+            if problem:
+                raise ValueError(f"history {i}: item key {problem}")
     lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
     values = pa.array([str(key) for h in histories for key in h], pa.string())
     return encode_flat(values, np.concatenate([[0], np.cumsum(lens)]), mapper, max_history)

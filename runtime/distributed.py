@@ -10,16 +10,27 @@ is exactly what ``cddrec-infer`` gives for that file alone. Every shard gets its
 ``OUTDIR/<shard name>`` (suffix changed with ``--output-format``), and its own errors file whose
 line numbers are lines of that shard. Duplicate users are caught within a shard, not across
 shards. OUTDIR must be reachable from every node (a shared filesystem); ``local`` needs nothing.
+
+Errors are the single-process run's, naming the shard: an actor returns a shard's one-line error
+instead of raising it (so Ray neither retries nor prints a traceback). Shards are written to a
+staging folder inside OUTDIR and moved into place when the run ends: with ``strict``, one bad
+line anywhere leaves OUTDIR as it was; otherwise the shards that failed (an unreadable file) are
+listed and the others are kept. OUTDIR holds a lock for the run, as any output does. Ray's own
+logging stays out of the terminal unless ``verbose``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
 from cddrec.errors import CDDRecError, DataError
+from cddrec.io import host_tag, output_lock, pid_alive
 
 from .backends import backend_class
 from .pipeline import BatchStats, engine_options
@@ -27,6 +38,7 @@ from .writers import output_format
 
 SHARD_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq")
 _SUFFIX = {"jsonl": ".jsonl", "csv": ".csv", "parquet": ".parquet"}
+_STATS = ("lines", "served", "bad", "unknown_items", "fallbacks", "seconds")
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -53,7 +65,7 @@ def shard_output(shard: str, out_dir: Path, out_fmt: str | None) -> Path:
 
 
 class ShardServer:
-    """A Ray Data actor: one Recommender, loaded once, serving whole shards."""
+    """A Ray Data actor: one Recommender, loaded once, serving whole shards into the staging folder."""
 
     def __init__(self, model: str, backend: str, threads: int, options: dict, out_dir: str, out_fmt: str | None,
                  tf32: bool = False):
@@ -64,39 +76,109 @@ class ShardServer:
         self.options, self.out_dir, self.out_fmt = options, Path(out_dir), out_fmt
 
     def __call__(self, batch: dict) -> dict:
-        from .pipeline import run_batch
-
-        rows: dict[str, list] = {k: [] for k in ("shard", "output", "errors", "lines", "served", "bad",
-                                                 "unknown_items", "fallbacks", "seconds")}
+        rows: dict[str, list] = {k: [] for k in ("shard", "output", "errors", "error", *_STATS)}
         for data, path in zip(batch["bytes"], batch["path"]):
             out = shard_output(path, self.out_dir, self.out_fmt)
-            with tempfile.TemporaryDirectory(prefix="cddrec-shard-") as tmp:
-                local = Path(tmp) / Path(path).name  # same name, so the format follows the suffix
-                local.write_bytes(bytes(data))
-                fmt = self.out_fmt or output_format(out, None)
-                stats = run_batch(self.rec, local, out, output_format=fmt, **self.options)
-            for key in ("lines", "served", "bad", "unknown_items", "fallbacks", "seconds"):
+            stats, error = BatchStats(), ""
+            try:
+                stats = self.serve_shard(bytes(data), path, out)
+            except CDDRecError as e:  # the shard's one-line error, returned: Ray would retry and print a traceback
+                error = str(e)
+            for key in _STATS:
                 rows[key].append(getattr(stats, key))
             rows["shard"].append(path)
             rows["output"].append(str(out))
             rows["errors"].append(stats.errors_path or "")
+            rows["error"].append(error)
         return rows
+
+    def serve_shard(self, data: bytes, path: str, out: Path) -> BatchStats:
+        from .pipeline import run_batch
+
+        with tempfile.TemporaryDirectory(prefix="cddrec-shard-") as tmp:
+            local = Path(tmp) / Path(path).name  # same name, so the format follows the suffix
+            local.write_bytes(data)
+            fmt = self.out_fmt or output_format(out, None)
+            try:
+                return run_batch(self.rec, local, out, output_format=fmt, name=path, **self.options)
+            except CDDRecError as e:  # messages name the shard, never the actor's copy of it
+                raise type(e)(str(e).replace(str(local), path)) from None
+
+
+def _staging_pattern() -> re.Pattern:
+    return re.compile(r"^\.cddrec-ray\.([A-Za-z0-9-]+)\.(\d+)\.tmp$")
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Staging folders of earlier runs on this host whose process is gone (``kill -9``)."""
+    for p in out_dir.iterdir():
+        m = _staging_pattern().match(p.name)
+        if m and m.group(1) == host_tag() and int(m.group(2)) != os.getpid() and not pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _commit(staging: Path, out_dir: Path, rows: list[dict]) -> None:
+    """Move the outputs (and errors files) of the shards that succeeded from ``staging`` into
+    ``out_dir``; an errors file of an earlier run is removed where this run found no bad line."""
+    for r in rows:
+        if r["error"]:
+            continue
+        out = Path(r["output"])
+        os.replace(staging / out.name, out_dir / out.name)
+        err = out.name + ".errors.jsonl"
+        if r["errors"]:
+            os.replace(staging / err, out_dir / err)
+            r["errors"] = str(out_dir / err)
+        else:
+            (out_dir / err).unlink(missing_ok=True)
+        r["output"] = str(out_dir / out.name)
 
 
 def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str = "local", actors: int | None = None,
                 backend: str = "ort-cpu", threads: int = 1, gpus_per_actor: float | None = None,
                 out_fmt: str | None = None, k: int | None = None, batch_size: int = 256, strict: bool = False,
-                check_duplicates: bool = True, tf32: bool = False, log=None) -> tuple[BatchStats, list[dict]]:
-    """Serve every shard of ``spec`` into ``out_dir`` on Ray; returns the totals and one row per shard."""
+                check_duplicates: bool = True, tf32: bool = False, keys: str = "auto", verbose: bool = False,
+                log=None) -> tuple[BatchStats, list[dict]]:
+    """Serve every shard of ``spec`` into ``out_dir`` on Ray; returns the totals and one row per shard
+    (``error`` is the one-line error of a shard that failed, else "").
+
+    With ``strict``, the first error (in shard order) is raised and nothing is written."""
     try:
         import ray
     except ImportError as e:
         raise DataError("--ray needs Ray Data: pip install 'cddrec[ray]'") from e
     paths = expand_shards(spec)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: with --ray the output is a directory, and this is a file")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_outputs(paths, out_dir, out_fmt)
+    if not Path(model).exists():
+        raise DataError(f"{model}: no such model file")
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if backend_class(backend).device == "cuda" else 0.0
+    options = {"k": k, "batch_size": batch_size, "strict": strict, "check_duplicates": check_duplicates,
+               "keys": keys}
+    with output_lock(out_dir, option="--output", make_folder=True):
+        _remove_stale_staging(out_dir)
+        staging = out_dir / f".cddrec-ray.{host_tag()}.{os.getpid()}.tmp"
+        staging.mkdir()
+        try:
+            with _quiet_ray(verbose):
+                rows = _run_on_ray(ray, ray_address, paths, model, backend, threads, gpus_per_actor, options, staging,
+                                   out_fmt, tf32, actors)
+            failed = [r for r in rows if r["error"]]
+            if strict and failed:
+                raise DataError(failed[0]["error"])
+            _commit(staging, out_dir, rows)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    total = BatchStats()
+    for r in rows:
+        total.add(BatchStats(lines=int(r["lines"]), served=int(r["served"]), bad=int(r["bad"]),
+                             unknown_items=int(r["unknown_items"]), fallbacks=int(r["fallbacks"])))
+        total.seconds = max(total.seconds, float(r["seconds"]))
+    return total, rows
+
+
+def _check_outputs(paths: list[str], out_dir: Path, out_fmt: str | None) -> None:
     seen: dict[Path, str] = {}
     for p in paths:
         out = shard_output(p, out_dir, out_fmt)
@@ -106,17 +188,20 @@ def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str 
             raise DataError(f"{out}: shards {seen[out]} and {p} would write the same output; give the shards "
                             "distinct file names")
         seen[out] = p
-    if not Path(model).exists():
-        raise DataError(f"{model}: no such model file")
-    if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if backend_class(backend).device == "cuda" else 0.0
+
+
+def _run_on_ray(ray, ray_address, paths, model, backend, threads, gpus_per_actor, options, staging, out_fmt, tf32,
+                actors) -> list[dict]:
     started = False
     if not ray.is_initialized():
+        import logging
+
+        level = logging.ERROR
         if ray_address == "local":
             ray.init(num_cpus=actors or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+                     configure_logging=False, logging_level=level)
         else:
-            ray.init(address=ray_address, log_to_driver=False)
+            ray.init(address=ray_address, log_to_driver=False, configure_logging=False, logging_level=level)
         started = True
     try:
         import logging
@@ -131,28 +216,59 @@ def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str 
         # reading is I/O: a sliver of CPU, so a pool that fills the cluster never starves the reads
         actor_cpus = min(float(max(1, threads)), max(0.1, (cpus - 0.2) / n_actors))
         ds = ray.data.read_binary_files(paths, include_paths=True, num_cpus=0.1)
-        options = {"k": k, "batch_size": batch_size, "strict": strict, "check_duplicates": check_duplicates}
         ds = ds.map_batches(ShardServer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors),
                             num_cpus=actor_cpus, num_gpus=gpus_per_actor or None,
                             fn_constructor_kwargs={"model": str(Path(model).resolve()), "backend": backend,
                                                    "threads": threads, "options": options,
-                                                   "out_dir": str(out_dir.resolve()), "out_fmt": out_fmt,
+                                                   "out_dir": str(staging.resolve()), "out_fmt": out_fmt,
                                                    "tf32": tf32})
-        rows = sorted(ds.take_all(), key=lambda r: r["shard"])
-    except Exception as e:  # noqa: BLE001 - a shard's own error (strict mode, bad file) comes back wrapped
+        return sorted(ds.take_all(), key=lambda r: r["shard"])
+    except Exception as e:  # noqa: BLE001 - an error outside the shards' own (a model that does not load)
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        if isinstance(cause, CDDRecError) or "BadInput" in str(e):  # the actor's one-line error, as it was
-            msg = str(cause).strip().splitlines()[-1]
-            raise (type(cause) if isinstance(cause, CDDRecError) else DataError)(msg) from None
+        if isinstance(cause, CDDRecError):  # the actor's one-line error, as it was
+            raise type(cause)(str(cause).strip().splitlines()[-1]) from None
         raise
     finally:
         if started:
             ray.shutdown()
-    total = BatchStats()
-    for r in rows:
-        total.add(BatchStats(lines=int(r["lines"]), served=int(r["served"]), bad=int(r["bad"]),
-                             unknown_items=int(r["unknown_items"]), fallbacks=int(r["fallbacks"])))
-        total.seconds = max(total.seconds, float(r["seconds"]))
-    return total, rows
+
+
+@contextlib.contextmanager
+def _quiet_ray(verbose: bool):
+    """Ray's own logging (Python loggers, and its core worker's C++ log on the process's stdout
+    and stderr) goes to a log file instead of the terminal, unless ``verbose``; the log file is
+    kept, and named, only when the run fails with something other than a one-line error."""
+    if verbose:
+        yield
+        return
+    import sys
+
+    fd, log = tempfile.mkstemp(prefix="cddrec-ray-", suffix=".log")
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    saved = [os.dup(1), os.dup(2)]
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    ok = False
+    try:
+        with open(fd, "w", closefd=False) as text, contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            yield
+        ok = True
+    except CDDRecError:  # an expected error: its one line says it all
+        ok = True
+        raise
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                f.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for x in (*saved, fd):
+            os.close(x)
+        if ok:
+            os.unlink(log)
+        else:
+            print(f"(Ray's log of this run: {log})", file=sys.stderr)

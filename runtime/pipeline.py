@@ -29,13 +29,19 @@ import numpy as np
 import pyarrow as pa
 
 from cddrec.errors import DataError
-from cddrec.io import atomic_path, refuse_overwrite_inputs
+from cddrec.io import atomic_open, atomic_path, output_lock, output_target, refuse_overwrite_inputs
+from cddrec.readers import BadLine
+from cddrec.vocab import is_int_key
 
 from . import writers
 from .codec import Encoded, KeyMapper, TopK, encode_flat
 from .recommender import Recommender
 from .requests import RequestBlock, input_format, read_blocks
-from .writers import WRITERS, ErrorWriter, output_lock
+from .writers import WRITERS, ErrorWriter
+
+KEY_MODES = ("auto", "str", "int")
+STREAM_ERRORS_FILE = "cddrec-infer.errors.jsonl"  # the errors file of an output that is not a file (-, a FIFO)
+FALLBACK_WARN_SHARE = 0.5  # more users than this share on the popularity fallback: "served with problems"
 
 
 class BadInput(DataError):
@@ -52,10 +58,21 @@ class BatchStats:
     seconds: float = 0.0
     errors_path: str | None = None
 
+    @property
+    def mostly_fallback(self) -> bool:
+        """More than half of the served users got the popularity list: the item keys are probably not
+        those the model knows (another column, another key type, another model)."""
+        return self.served > 0 and self.fallbacks > FALLBACK_WARN_SHARE * self.served
+
     def summary(self) -> str:
         rate = self.served / self.seconds if self.seconds else 0.0
-        return (f"served {self.served} users ({rate:,.0f} users/s), bad lines {self.bad}, unknown items dropped "
+        text = (f"served {self.served} users ({rate:,.0f} users/s), bad lines {self.bad}, unknown items dropped "
                 f"{self.unknown_items}, popularity fallbacks {self.fallbacks}")
+        if self.mostly_fallback:
+            text += (f"\nproblem: {self.fallbacks} of {self.served} users ({self.fallbacks / self.served:.0%}) had no "
+                     "item the model knows and got the popularity list; are these the item keys the model was "
+                     "trained on (the right --item-col, keys of the same type)?")
+        return text
 
     def add(self, other: "BatchStats") -> None:
         for name in ("lines", "served", "bad", "unknown_items", "fallbacks"):
@@ -138,9 +155,11 @@ def encode_block(block: RequestBlock, mapper: KeyMapper, max_history: int | None
 # ----------------------------------------------------------------------------- the loop
 def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: ErrorWriter, *, k: int,
           batch_size: int = 256, strict: bool = False, check_duplicates: bool = True, source: str = "input",
-          progress: bool = False, max_history: int | None = None) -> BatchStats:
-    """Serve every block: read ahead on one thread, infer here, write behind on another."""
+          progress: bool = False, max_history: int | None = None, keys: str = "auto") -> BatchStats:
+    """Serve every block: read ahead on one thread, infer here, write behind on another. ``keys``
+    (auto | str | int): the type of the keys written (see ``run_batch``)."""
     mapper = rec.mapper
+    out_keys = mapper.keys_str if keys == "str" else mapper.out_keys
     seen = SeenUsers() if check_duplicates else None
     stats = BatchStats()
 
@@ -148,23 +167,18 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
         block = next(it, None)
         if block is None:
             return None
+        if keys != "auto" and len(block):
+            typed, not_int = typed_users(block.users, keys)
+            if not_int.any():
+                _drop(block, not_int, lambda i: f"user key {_user_at(block, i)!r} is not an integer (--keys int)")
+                typed = [u for u, bad in zip(typed, not_int) if not bad] if isinstance(typed, list) \
+                    else typed.filter(pa.array(~not_int))
+            block.users = typed
         if seen is not None and len(block):
             first = seen.check(_user_hashes(block.users), block.lines)
             dup = first > 0
             if dup.any():
-                from .requests import BadLine
-
-                idx = np.flatnonzero(dup)
-                users = block.users if isinstance(block.users, list) else None
-                block.bad.extend(BadLine(int(block.lines[i]), f"duplicate user "
-                                         f"{(users[i] if users is not None else block.users[i].as_py())!r} "
-                                         f"(first on line {int(first[i])})", "") for i in idx)
-                block.bad.sort(key=lambda b: b.line)
-                keep = ~dup
-                block.lines = block.lines[keep]
-                block.users = [u for u, kk in zip(block.users, keep) if kk] if isinstance(block.users, list) \
-                    else block.users.filter(pa.array(keep))
-                block.histories = _compact(block.histories.filter(pa.array(keep)))
+                _drop(block, dup, lambda i: f"duplicate user {_user_at(block, i)!r} (first on line {int(first[i])})")
         if strict and block.bad:
             b = block.bad[0]
             raise BadInput(f"{source}:{b.line}: {b.reason}")
@@ -174,8 +188,8 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
         errors.write(blk.bad)
         counts = res.valid.sum(axis=1)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        keys = mapper.keys(res.items[res.valid])
-        items = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), keys)
+        ids = np.asarray(res.items[res.valid], dtype=np.int64)
+        items = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), out_keys.take(pa.array(ids - 1)))
         if len(blk):
             writer.write(blk.users, items, res.scores[res.valid], offsets, res.fallback)
         stats.lines += blk.n_lines
@@ -217,6 +231,36 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
     return stats
 
 
+def _user_at(block: RequestBlock, i: int):
+    return block.users[i] if isinstance(block.users, list) else block.users[i].as_py()
+
+
+def _drop(block: RequestBlock, rows: np.ndarray, reason) -> None:
+    """In place: the ``rows`` (bool) of ``block`` become bad lines with ``reason(i)`` and their text."""
+    block.bad.extend(BadLine(int(block.lines[i]), reason(i), block.text(int(block.lines[i])))
+                     for i in np.flatnonzero(rows))
+    block.bad.sort(key=lambda b: b.line)
+    keep = ~rows
+    block.lines = block.lines[keep]
+    block.users = [u for u, kk in zip(block.users, keep) if kk] if isinstance(block.users, list) \
+        else block.users.filter(pa.array(keep))
+    block.histories = _compact(block.histories.filter(pa.array(keep)))
+
+
+def typed_users(users, keys: str) -> tuple[pa.Array | list, np.ndarray]:
+    """Users as ``keys`` asks: "str" -> strings; "int" -> int64, with a mask of users that are not
+    integers (canonical ASCII integers that fit int64, the key rule)."""
+    n = len(users)
+    if keys == "str":
+        return (pa.array([str(u) for u in users], pa.string()) if isinstance(users, list)
+                else users.cast(pa.string())), np.zeros(n, bool)
+    if not isinstance(users, list) and pa.types.is_integer(users.type):
+        return users.cast(pa.int64()), np.zeros(n, bool)
+    values = users if isinstance(users, list) else users.to_pylist()
+    bad = np.array([not (type(u) is int or is_int_key(u)) for u in values], dtype=bool)
+    return pa.array([0 if b else int(u) for u, b in zip(values, bad)], pa.int64()), bad
+
+
 def _compact(hist: pa.ListArray) -> pa.ListArray:
     offs = np.asarray(hist.offsets, dtype=np.int64)
     return pa.ListArray.from_arrays(pa.array((offs - offs[0]).astype(np.int32)), hist.flatten())
@@ -232,57 +276,95 @@ def engine_options(backend: str, tf32: bool = False) -> dict:
     return opts
 
 
-def check_paths(input_path: Path, output_path: Path) -> None:
-    """Refuse an output (or its errors file) that is the input file, or resolves to it."""
+def errors_path_for(output_path: str | Path) -> Path:
+    """``OUTPUT.errors.jsonl`` beside a file output; ``cddrec-infer.errors.jsonl`` in the current
+    folder for an output that is not a file (``-``, a FIFO, a device)."""
+    out = output_target(output_path)
+    return out.path.with_name(out.path.name + ".errors.jsonl") if out.is_file else Path(STREAM_ERRORS_FILE)
+
+
+def check_paths(input_path: Path, output_path: Path, errors_path: Path | None = None) -> None:
+    """Refuse a missing input, and an output (or its errors file) that is the input, or resolves to it."""
     if not input_path.exists():
-        raise DataError(f"{input_path}: no such file")
+        hint = ""
+        if any(c in str(input_path) for c in "*?["):
+            hint = (" (a glob: one run reads one file; serve many shards with --ray local, one output per "
+                    "shard, or concatenate them)")
+        raise DataError(f"{input_path}: no such file{hint}")
     if input_path.is_dir():
-        raise DataError(f"{input_path}: is a directory, expected a request file")
-    refuse_overwrite_inputs({"--output": output_path,
-                             "errors file": output_path.with_name(output_path.name + ".errors.jsonl")},
+        raise DataError(f"{input_path}: is a directory, expected a request file (a folder of shards needs --ray)")
+    refuse_overwrite_inputs({"--output": output_path, "errors file": errors_path or errors_path_for(output_path)},
                             {"--batch": input_path})
-    if output_path.is_dir():
-        raise DataError(f"{output_path}: is a directory, expected an output file")
 
 
 def run_batch(rec: Recommender, input_path: str | Path, output_path: str | Path, *, k: int | None = None,
               batch_size: int = 256, strict: bool = False, output_format: str | None = None,
               in_format: str | None = None, check_duplicates: bool = True, progress: bool = False,
-              log_options: dict | None = None, block_bytes: int | None = None) -> BatchStats:
-    """Serve every request of ``input_path`` into ``output_path`` (temporary file, then rename); returns
-    the counts. ``output_format`` jsonl | csv | parquet, by default from the output's suffix."""
+              log_options: dict | None = None, block_bytes: int | None = None, keys: str = "auto",
+              errors_path: str | Path | None = None, name: str | None = None) -> BatchStats:
+    """Serve every request of ``input_path`` into ``output_path``; returns the counts.
+
+    ``output_path``: a file (temporary file, then rename, under the output's lock), or ``-``, a FIFO
+    or a character device, written straight through (with ``strict``, only once every line is
+    good). ``output_format`` jsonl | csv | parquet, by default from the output's suffix. Bad lines
+    go to ``errors_path`` (default ``errors_path_for(output_path)``; removed when there are none).
+    ``keys``: the type of the keys written: auto (items as the model's vocabulary: integers when
+    every key is an integer; users as they came), str (every key a string) or int (every key an
+    integer: the vocabulary's must be, a user that is not is a bad line). ``name`` is the input's
+    name in messages (default its path)."""
     input_path, output_path = Path(input_path), Path(output_path)
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
-    check_paths(input_path, output_path)
+    if keys not in KEY_MODES:
+        raise DataError(f"keys must be one of {KEY_MODES}, got {keys!r}")
+    if keys == "int" and rec.info.vocab.key_type != "int":
+        example = next((x for x in rec.info.vocab.keys if not is_int_key(x)), "")
+        raise DataError(f"--keys int: the model's item keys are not all integers (for example {example!r}); "
+                        "use --keys auto or str")
+    errors_path = Path(errors_path) if errors_path else errors_path_for(output_path)
+    check_paths(input_path, output_path, errors_path)
     k = rec.check_k(k)
     fmt = input_format(input_path, in_format)
     out_fmt = writers.output_format(output_path, output_format)
-    errors_path = output_path.with_name(output_path.name + ".errors.jsonl")
     kwargs = {} if block_bytes is None else {"block_bytes": block_bytes, "block_rows": max(1, block_bytes // 128)}
     blocks = read_blocks(input_path, fmt, log_options, **kwargs)
     wkw = {}
     if out_fmt == "parquet":
-        wkw = {"user_type": _parquet_user_type(input_path, fmt),
-               "item_type": pa.int64() if rec.info.vocab.key_type == "int" else pa.string()}
+        int_items = rec.info.vocab.key_type == "int" and keys != "str"
+        wkw = {"user_type": pa.int64() if keys == "int" else pa.string() if keys == "str"
+               else _parquet_user_type(input_path, fmt), "item_type": pa.int64() if int_items else pa.string()}
     max_history = getattr(rec, "max_history", None) if getattr(rec.backend, "name", "") == "trt" else None
-    with output_lock(output_path), atomic_path(output_path) as tmp, atomic_path(errors_path) as etmp, \
-            open(tmp, "wb") as out, open(etmp, "wb") as err:
+    with output_lock(output_path, errors_path, option="--output"), _output_file(output_path, strict) as out, \
+            _output_file(errors_path, strict) as err:
         writer = WRITERS[out_fmt](out, **wkw)
         try:
             stats = serve(rec, blocks, writer, ErrorWriter(err), k=k, batch_size=batch_size, strict=strict,
-                          check_duplicates=check_duplicates and fmt != "log", source=str(input_path),
-                          progress=progress, max_history=max_history)
+                          check_duplicates=check_duplicates and fmt != "log", source=name or str(input_path),
+                          progress=progress, max_history=max_history, keys=keys)
         except BaseException:
             with contextlib.suppress(Exception):  # the run's own error is the one to report
                 writer.close()
             raise
         writer.close()
+        out.flush()  # a write error surfaces here, before any file of the run is put in place
+        err.flush()
     if stats.bad:
         stats.errors_path = str(errors_path)
-    else:
+    elif output_target(errors_path).is_file:
         errors_path.unlink(missing_ok=True)
     return stats
+
+
+@contextlib.contextmanager
+def _output_file(path: Path, strict: bool) -> Iterator:
+    """A binary file object for an output (``cddrec.io``); a stream in strict mode is spooled and
+    sent only when the run succeeds, so a bad line sends nothing."""
+    if strict and not output_target(path).is_file:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            yield f
+    else:
+        with atomic_open(path, "wb") as f:
+            yield f
 
 
 def _parquet_user_type(input_path: Path, fmt: str) -> pa.DataType:

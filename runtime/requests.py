@@ -7,46 +7,42 @@ Inputs, all streamed in blocks except logs:
   string/integer user and a list of strings or integers) is re-parsed line by line with
   :func:`parse_line`, so each bad line is reported with its number and reason and the good lines of
   the block are still served. A UTF-8 byte-order mark before line 1 is skipped.
-- Parquet with a ``user`` column and a list column ``history``: requests, row N is "line" N.
-- Interaction logs (CSV/TSV, or Parquet without a list column ``history``): columns user, item,
-  timestamp, grouped per user in memory (interactions stably sorted by time, users in order of
-  first appearance); a bad row is reported with its line and the rest are served.
+- Parquet with a ``user`` column and a ``history`` column: requests, row N is "line" N. ``history``
+  may be any Arrow list (list, large, fixed-size, view; values plain or dictionary-encoded) of
+  strings, integers or integral floats; ``user`` a string, an integer or an integral float
+  (plain or dictionary-encoded, as pandas categoricals are).
+- Interaction logs (CSV/TSV, or Parquet without a ``history`` column): columns user, item,
+  timestamp (:func:`cddrec.readers.read_log`, the reader training uses), grouped per user in
+  memory (interactions stably sorted by time, users in order of first appearance); a bad row is
+  reported with its line and the rest are served.
 
-Every block is a :class:`RequestBlock`: line numbers, users, histories (an Arrow list array of item
-keys) and the bad lines among them.
+Keys follow the one key rule (:func:`cddrec.vocab.key_problem`): a string (valid Unicode, kept
+byte for byte) or an integer that fits int64; anything else makes its line bad. Every block is a
+:class:`RequestBlock`: line numbers, users, histories (an Arrow list array of item keys), the bad
+lines among them and the text of any of its lines (for the errors file).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from cddrec.errors import DataError
-from cddrec.readers import column_indices, parquet_log_columns
-from cddrec.vocab import typed_key
-
-from .codec import is_key
+from cddrec.readers import PARQUET_SUFFIXES, BadLine, read_log, shown
+from cddrec.vocab import INT64_MAX, key_problem, typed_key
 
 LOG_SUFFIXES = (".csv", ".tsv")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 BLOCK_BYTES = 4 << 20  # JSONL bytes per block
 BLOCK_ROWS = 32768  # Parquet rows per block
 BOM = b"\xef\xbb\xbf"
 
-
-@dataclass
-class BadLine:
-    line: int
-    reason: str
-    text: str
+__all__ = ["BadLine", "RequestBlock", "parse_line", "read_blocks", "input_format"]
 
 
 @dataclass
@@ -58,56 +54,84 @@ class RequestBlock:
     histories: pa.ListArray  # n lists of item keys (int64 or string), oldest first
     bad: list[BadLine] = field(default_factory=list)
     n_lines: int = 0  # lines the block covers, good and bad
+    text_of: Callable[[int], str] | None = field(default=None, repr=False)  # line number -> its text
 
     def __len__(self) -> int:
         return len(self.lines)
+
+    def text(self, line: int) -> str:
+        """The text of one of the block's lines, at most ``TEXT_LIMIT`` characters ("" if unknown)."""
+        if self.text_of is None:
+            return ""
+        try:
+            return shown(self.text_of(line))
+        except Exception:  # noqa: BLE001 - a report must never end the run
+            return ""
+
+
+def _buffer_lines(buf: bytes, first_line: int) -> Callable[[int], str]:
+    """line number -> text of that line of a block of JSONL bytes (line starts found on first use)."""
+    starts: list = []
+
+    def text_of(line: int) -> str:
+        if not starts:
+            nl = np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10)
+            starts.append(np.concatenate([[0], nl + 1]))
+        st = starts[0]
+        i = line - first_line
+        end = st[i + 1] - 1 if i + 1 < len(st) else len(buf)
+        return bytes(buf[st[i]:end]).decode("utf-8", "backslashreplace")
+
+    return text_of
 
 
 # --------------------------------------------------------------------------- one line (slow path)
 def parse_line(text: str, lineno: int) -> tuple[object, list] | BadLine:
     """(user, history) of a JSONL request line, or why it is bad. Never raises."""
-    shown = text.strip()[:200]
+    text_shown = shown(text.strip())
     if not text.strip():
         return BadLine(lineno, "blank line", "")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return BadLine(lineno, f"invalid JSON: {e.msg} (column {e.colno})", shown)
+        return BadLine(lineno, f"invalid JSON: {e.msg} (column {e.colno})", text_shown)
     except RecursionError:
-        return BadLine(lineno, "invalid JSON: nested too deeply", shown)
+        return BadLine(lineno, "invalid JSON: nested too deeply", text_shown)
     except ValueError as e:  # integers over the int-string conversion limit
-        return BadLine(lineno, f"invalid JSON: {str(e).splitlines()[0][:120]}", shown)
+        return BadLine(lineno, f"invalid JSON: {str(e).splitlines()[0][:120]}", text_shown)
     if not isinstance(obj, dict):
-        return BadLine(lineno, f"expected a JSON object, got {type(obj).__name__}", shown)
+        return BadLine(lineno, f"expected a JSON object, got {type(obj).__name__}", text_shown)
     if "user" not in obj:
-        return BadLine(lineno, "missing field 'user'", shown)
-    if not is_key(obj["user"]):
-        return BadLine(lineno, f"field 'user' must be a string or integer, got {type(obj['user']).__name__}", shown)
+        return BadLine(lineno, "missing field 'user'", text_shown)
+    problem = key_problem(obj["user"])
+    if problem:
+        return BadLine(lineno, f"field 'user' {problem}", text_shown)
     if "history" not in obj:
-        return BadLine(lineno, "missing field 'history'", shown)
+        return BadLine(lineno, "missing field 'history'", text_shown)
     hist = obj["history"]
     if not isinstance(hist, list):
-        return BadLine(lineno, f"field 'history' must be a list of item keys, got {type(hist).__name__}", shown)
+        return BadLine(lineno, f"field 'history' must be a list of item keys, got {type(hist).__name__}", text_shown)
     for j, item in enumerate(hist):
-        if not is_key(item):
-            return BadLine(lineno, f"field 'history' entry {j} must be a string or integer, "
-                                   f"got {type(item).__name__}", shown)
+        problem = key_problem(item)
+        if problem:
+            return BadLine(lineno, f"field 'history' entry {j} {problem}", text_shown)
     return obj["user"], hist
 
 
-def block_from_pairs(lines: list[int], users: list, hists: list[list], bad: list[BadLine], n_lines: int
-                     ) -> RequestBlock:
+def block_from_pairs(lines: list[int], users: list, hists: list[list], bad: list[BadLine], n_lines: int,
+                     text_of: Callable[[int], str] | None = None) -> RequestBlock:
     """A RequestBlock from Python values (the slow paths). Item keys become strings unless all are ints."""
     flat = [x for h in hists for x in h]
     offsets = np.zeros(len(hists) + 1, dtype=np.int32)
     np.cumsum([len(h) for h in hists], out=offsets[1:])
     values = _key_array(flat)
     hist_arr = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values)
-    return RequestBlock(np.asarray(lines, dtype=np.int64), _user_array(users), hist_arr, bad, n_lines)
+    return RequestBlock(np.asarray(lines, dtype=np.int64), _user_array(users), hist_arr, bad, n_lines, text_of)
 
 
 def _key_array(keys: list) -> pa.Array:
-    if all(type(k) is int and -2**63 <= k < 2**63 for k in keys):
+    """Item keys (checked: strings and int64 integers) as one array: int64 if all are ints, else strings."""
+    if all(type(k) is int for k in keys):
         return pa.array(keys, pa.int64())
     return pa.array([str(k) for k in keys], pa.string())
 
@@ -115,9 +139,9 @@ def _key_array(keys: list) -> pa.Array:
 def _user_array(users: list) -> pa.Array | list:
     if all(type(u) is str for u in users):
         return pa.array(users, pa.string())
-    if all(type(u) is int and -2**63 <= u < 2**63 for u in users):
+    if all(type(u) is int for u in users):
         return pa.array(users, pa.int64())
-    return list(users)  # mixed (or huge) keys: written run by run
+    return list(users)  # mixed keys: written run by run
 
 
 # --------------------------------------------------------------------------- JSONL
@@ -175,7 +199,8 @@ def _arrow_block(buf: bytes, first_line: int, n_lines: int, schema: list) -> Req
         hist = pa.ListArray.from_arrays(pa.array(offs - offs[0], pa.int32()), pa.array([], pa.int64()))
     hist = _zero_based(hist)
     schema[0] = pa.schema([("user", users.type), ("history", pa.list_(hist.type.value_type))])
-    return RequestBlock(np.arange(first_line, first_line + n_lines, dtype=np.int64), users, hist, [], n_lines)
+    return RequestBlock(np.arange(first_line, first_line + n_lines, dtype=np.int64), users, hist, [], n_lines,
+                        _buffer_lines(buf, first_line))
 
 
 def _zero_based(hist) -> pa.ListArray:
@@ -226,7 +251,7 @@ def _mixed_block(buf: bytes, first_line: int, n_lines: int, ropts) -> RequestBlo
     if len(hist) != n_lines or hist.null_count or hist.values.null_count:
         return None
     return RequestBlock(np.arange(first_line, first_line + n_lines, dtype=np.int64), users.combine_chunks(),
-                        _zero_based(hist), [], n_lines)
+                        _zero_based(hist), [], n_lines, _buffer_lines(buf, first_line))
 
 
 def _slow_block(buf: bytes, first_line: int) -> RequestBlock:
@@ -239,7 +264,8 @@ def _slow_block(buf: bytes, first_line: int) -> RequestBlock:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            bad.append(BadLine(lineno, f"not UTF-8 text (byte {e.start + 1}: {e.reason})", ""))
+            bad.append(BadLine(lineno, f"not UTF-8 text (byte {e.start + 1}: {e.reason})",
+                               shown(raw.decode("utf-8", "backslashreplace").strip())))
             continue
         parsed = parse_line(text, lineno)
         if isinstance(parsed, BadLine):
@@ -248,7 +274,7 @@ def _slow_block(buf: bytes, first_line: int) -> RequestBlock:
             lines.append(lineno)
             users.append(parsed[0])
             hists.append(parsed[1])
-    return block_from_pairs(lines, users, hists, bad, len(raw_lines))
+    return block_from_pairs(lines, users, hists, bad, len(raw_lines), _buffer_lines(buf, first_line))
 
 
 def read_jsonl_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[RequestBlock]:
@@ -284,18 +310,99 @@ def read_jsonl_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[Re
 
 # --------------------------------------------------------------------------- Parquet requests
 def parquet_is_requests(path: Path) -> bool:
+    """A Parquet file with a ``history`` column holds requests (a log has none)."""
     import pyarrow.parquet as pq
 
     try:
         schema = pq.read_schema(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types
-        raise DataError(f"{path}: not a readable Parquet file: {e}") from e
-    t = schema.field("history").type if "history" in schema.names else None
-    return t is not None and (pa.types.is_list(t) or pa.types.is_large_list(t))
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]})") from None
+    return "history" in schema.names
+
+
+def _is_key_type(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+            or pa.types.is_floating(t) or pa.types.is_null(t))
+
+
+def _is_list_type(t: pa.DataType) -> bool:
+    return any(f(t) for f in (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list,
+                              pa.types.is_list_view, pa.types.is_large_list_view))
+
+
+def _check_request_schema(path: Path, schema: pa.Schema) -> None:
+    for name in ("user", "history"):
+        if name not in schema.names:
+            raise DataError(f"{path}: Parquet requests need columns 'user' and 'history'; found {schema.names}")
+        if schema.names.count(name) > 1:
+            raise DataError(f"{path}: column {name!r} appears more than once; rename them so each column is named once")
+    utype = schema.field("user").type
+    if not _is_key_type(utype):
+        raise DataError(f"{path}: column 'user' must hold strings or integers, got {utype}")
+    htype = schema.field("history").type
+    if not (_is_list_type(htype) and _is_key_type(htype.value_type)):
+        raise DataError(f"{path}: column 'history' must be a list of item keys (strings or integers), got {htype}")
+
+
+def _keys(arr: pa.Array) -> tuple[pa.Array, dict[int, str]]:
+    """A column of keys as int64 or string, and why entries are bad ({index: reason}); nulls stay null.
+
+    Integers beyond int64 and floats that are not integral are bad; integral floats are integers."""
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    t = arr.type
+    bad: dict[int, str] = {}
+    if pa.types.is_null(t):
+        return arr.cast(pa.string()), bad
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        arr = arr.cast(pa.string())
+        try:
+            arr.validate(full=True)
+        except pa.ArrowInvalid:  # bytes that are not UTF-8 in a string column
+            for i, v in enumerate(arr.cast(pa.binary()).to_pylist()):
+                if v is not None:
+                    try:
+                        v.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad[i] = "is not UTF-8 text"
+            arr = pa.array([None if i in bad else v for i, v in enumerate(arr.cast(pa.binary()).to_pylist())],
+                           pa.binary()).cast(pa.string())
+        return arr, bad
+    if pa.types.is_integer(t):
+        if t == pa.uint64():
+            v = arr.fill_null(0).to_numpy()
+            for i in np.flatnonzero(v > INT64_MAX):
+                bad[int(i)] = f"integer {int(v[i])} does not fit 64 bits"
+            if bad:
+                arr = pa.array(np.where(v > INT64_MAX, 0, v).astype(np.int64), mask=~np.asarray(arr.is_valid()))
+        return arr.cast(pa.int64()), bad
+    v = arr.to_numpy(zero_copy_only=False).astype(np.float64)  # floating: NaN where null
+    valid = np.asarray(arr.is_valid())
+    with np.errstate(invalid="ignore"):
+        integral = np.isfinite(v) & (v == np.floor(v)) & (np.abs(v) < 2.0 ** 63)
+    for i in np.flatnonzero(valid & ~integral):
+        bad[int(i)] = "is NaN" if np.isnan(v[i]) else f"{v[i]!r} is not an integer"
+    ok = valid & integral
+    return pa.array(np.where(ok, v, 0).astype(np.int64), mask=~ok), bad
+
+
+def _as_list(hist: pa.Array) -> pa.ListArray:
+    """Any Arrow list (large, fixed-size, view) as a list with int32 offsets, nulls kept."""
+    if pa.types.is_dictionary(hist.type):
+        hist = hist.dictionary_decode()
+    lens = hist.value_lengths().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), hist.flatten(), mask=hist.is_null())
+
+
+def _parquet_text(users: pa.Array, hist: pa.ListArray, row: int) -> str:
+    return json.dumps({"user": users[row].as_py(), "history": hist[row].as_py()}, default=str)
 
 
 def read_parquet_blocks(path: Path, block_rows: int = BLOCK_ROWS) -> Iterator[RequestBlock]:
-    """Requests from a Parquet file with ``user`` and list ``history`` columns; row N is line N."""
+    """Requests from a Parquet file with ``user`` and ``history`` columns; row N is line N."""
     import pyarrow.parquet as pq
 
     try:
@@ -303,53 +410,60 @@ def read_parquet_blocks(path: Path, block_rows: int = BLOCK_ROWS) -> Iterator[Re
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]}); "
                         "is --input-format right?") from None
-    if "user" not in pf.schema_arrow.names:
-        raise DataError(f"{path}: Parquet requests need a 'user' column; found {pf.schema_arrow.names}")
-    utype = pf.schema_arrow.field("user").type
-    if not (pa.types.is_integer(utype) or pa.types.is_string(utype) or pa.types.is_large_string(utype)):
-        raise DataError(f"{path}: column 'user' must hold strings or integers, got {utype}")
+    _check_request_schema(path, pf.schema_arrow)
     line = 1
-    for batch in pf.iter_batches(batch_size=block_rows, columns=["user", "history"]):
-        n = batch.num_rows
-        users = batch.column("user")
-        hist = batch.column("history")
-        users = users.cast(pa.int64()) if pa.types.is_integer(users.type) else users.cast(pa.string())
-        hist = hist.cast(pa.list_(hist.type.value_type))
-        bad: list[BadLine] = []
-        ok = np.ones(n, dtype=bool)
-        vtype = hist.type.value_type
-        if not (pa.types.is_integer(vtype) or pa.types.is_string(vtype) or pa.types.is_large_string(vtype)
-                or pa.types.is_null(vtype)):
-            raise DataError(f"{path}: column 'history' must be a list of strings or integers, got {hist.type}")
-        if users.null_count or hist.null_count or hist.flatten().null_count:
-            null_item = _rows_with_null_items(hist)
-            for i in np.flatnonzero(np.asarray(users.is_null()) | np.asarray(hist.is_null()) | null_item):
-                what = ("missing 'user'" if not users[i].is_valid else "missing 'history'" if not hist[i].is_valid
-                        else "'history' holds a null item")
-                bad.append(BadLine(line + int(i), what, ""))
-                ok[i] = False
-        lines = np.arange(line, line + n, dtype=np.int64)
-        if not ok.all():
-            keep = pa.array(ok)
-            users, lines = users.filter(keep), lines[ok]
-            hist = hist.filter(keep)
-            hist = hist.cast(pa.list_(pa.string())) if vtype == pa.null() else hist
-        vals = hist.flatten()
-        vals = vals.cast(pa.int64()) if pa.types.is_integer(vals.type) else vals.cast(pa.string())
-        offs = np.asarray(hist.offsets)
-        hist = pa.ListArray.from_arrays(pa.array(offs - offs[0], pa.int32()), vals)
-        yield RequestBlock(lines, users, hist, bad, n)
-        line += n
+    batches = pf.iter_batches(batch_size=block_rows, columns=["user", "history"])
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file after row {line - 1} "
+                            f"({str(e).splitlines()[0][:160]})") from None
+        if batch is None:
+            return
+        yield _parquet_block(batch, line)
+        line += batch.num_rows
 
 
-def _rows_with_null_items(hist: pa.ListArray) -> np.ndarray:
-    n = len(hist)
-    if hist.values.null_count == 0:
-        return np.zeros(n, dtype=bool)
-    offs = np.asarray(hist.offsets)
-    rows = np.repeat(np.arange(n), np.diff(offs))
-    nulls = np.asarray(hist.values.is_null())[offs[0]:offs[-1]]
-    return np.bincount(rows[nulls], minlength=n) > 0
+def _parquet_block(batch: pa.RecordBatch, line: int) -> RequestBlock:
+    n = batch.num_rows
+    raw_users, raw_hist = batch.column("user"), _as_list(batch.column("history"))
+    users, ubad = _keys(raw_users)
+    vals, vbad = _keys(raw_hist.flatten())
+    offs = np.asarray(raw_hist.offsets, dtype=np.int64)
+    offs = offs - offs[0]
+    reasons: dict[int, str] = {i: f"'user' {r}" for i, r in ubad.items()}
+    row_of = np.repeat(np.arange(n), np.diff(offs))
+    for j, r in vbad.items():
+        reasons.setdefault(int(row_of[j]), f"'history' entry {j - offs[row_of[j]]} {r}")
+    for i in np.flatnonzero(np.asarray(users.is_null())):
+        reasons.setdefault(int(i), "missing 'user'")
+    for i in np.flatnonzero(np.asarray(raw_hist.is_null())):
+        reasons.setdefault(int(i), "missing 'history'")
+    null_vals = np.asarray(vals.is_null()) if vals.null_count else np.zeros(len(vals), bool)
+    for j in np.flatnonzero(null_vals):
+        reasons.setdefault(int(row_of[j]), f"'history' entry {j - offs[row_of[j]]} is null")
+
+    def text_of(ln: int) -> str:
+        return _parquet_text(raw_users, raw_hist, ln - line)
+
+    probe = RequestBlock(np.zeros(0, np.int64), [], None, text_of=text_of)
+    bad = [BadLine(line + i, reasons[i], probe.text(line + i)) for i in sorted(reasons)]
+    ok = np.ones(n, dtype=bool)
+    ok[list(reasons)] = False
+    lines = np.arange(line, line + n, dtype=np.int64)
+    if pa.types.is_null(vals.type):
+        vals = vals.cast(pa.string())
+    hist = pa.ListArray.from_arrays(pa.array(offs.astype(np.int32)), vals)
+    if not ok.all():
+        keep = pa.array(ok)
+        users, lines, hist = users.filter(keep), lines[ok], _compact(hist.filter(keep))
+    return RequestBlock(lines, users, hist, bad, n, text_of)
+
+
+def _compact(hist: pa.ListArray) -> pa.ListArray:
+    offs = np.asarray(hist.offsets, dtype=np.int64)
+    return pa.ListArray.from_arrays(pa.array((offs - offs[0]).astype(np.int32)), hist.flatten())
 
 
 # --------------------------------------------------------------------------- interaction logs
@@ -357,37 +471,17 @@ def read_log_block(path: Path, user_col: str = "user", item_col: str = "item", t
                    sep: str | None = None) -> RequestBlock:
     """A CSV/TSV/Parquet log grouped per user (in memory); bad rows are reported, the rest served.
 
-    "Lines" of the good requests are the users' ordinal numbers (1 = first user to appear); bad
-    rows carry their file line (Parquet: row + 1, the header counting as line 1).
+    Rows are read and checked by :func:`cddrec.readers.read_log`, as training reads them. "Lines" of
+    the good requests are the users' ordinal numbers (1 = first user to appear); bad rows carry
+    their file line (Parquet: row + 1, the header counting as line 1).
     """
     import polars as pl
 
-    cols = [user_col, item_col] + ([time_col] if time_col else [])
-    lines, rows, bad = _log_rows(path, cols, sep)
-    ok_lines, us, its, ts = [], [], [], []
-    for ln, rec in zip(lines, rows):
-        u, it = rec[0], rec[1]
-        if u == "" or it == "":
-            bad.append(BadLine(ln, f"empty {'user' if u == '' else 'item'} value", ""))
-            continue
-        t = 0.0
-        if time_col:
-            try:
-                t = float(rec[2])
-            except (TypeError, ValueError):
-                bad.append(BadLine(ln, f"column {time_col!r} must be a number (unix time), got {rec[2]!r}", ""))
-                continue
-            if math.isnan(t):
-                bad.append(BadLine(ln, f"column {time_col!r} is NaN", ""))
-                continue
-        ok_lines.append(ln)
-        us.append(u)
-        its.append(it)
-        ts.append(t)
-    if not ok_lines and not bad:
+    rows = read_log(path, user_col, item_col, time_col, sep)
+    if not rows.lines and not rows.bad:
         raise DataError(f"{path}: no interactions found")
-    df = pl.DataFrame({"line": np.asarray(ok_lines, dtype=np.int64), "u": pl.Series(us, dtype=pl.String),
-                       "i": pl.Series(its, dtype=pl.String), "t": np.asarray(ts, dtype=np.float64)})
+    df = pl.DataFrame({"line": np.asarray(rows.lines, dtype=np.int64), "u": pl.Series(rows.users, dtype=pl.String),
+                       "i": pl.Series(rows.items, dtype=pl.String), "t": np.asarray(rows.times, dtype=np.float64)})
     grouped = (df.with_columns(first=pl.col("line").min().over("u"))
                .sort(["first", "t", "line"])
                .group_by("first", maintain_order=True)
@@ -397,55 +491,9 @@ def read_log_block(path: Path, user_col: str = "user", item_col: str = "item", t
     if isinstance(hist, pa.ChunkedArray):
         hist = hist.combine_chunks()
     hist = hist.cast(pa.list_(pa.string()))
-    bad.sort(key=lambda b: b.line)
-    return RequestBlock(np.arange(1, len(users) + 1, dtype=np.int64), _user_array(users), hist, bad, len(users))
-
-
-def _log_rows(path: Path, cols: list[str], sep: str | None) -> tuple[list[int], list[list[str]], list[BadLine]]:
-    """(line numbers, [user, item(, time)] strings, bad rows) of a log file."""
-    if path.suffix.lower() in PARQUET_SUFFIXES:
-        columns = parquet_log_columns(path, cols)
-        n = len(columns[0]) if columns else 0
-        return list(range(2, n + 2)), [list(r) for r in zip(*columns)], []
-    if sep is None:
-        sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    bad: list[BadLine] = []
-    with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(BOM):
-        data = data[len(BOM):]
-    texts = []
-    for lineno, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            bad.append(BadLine(lineno, f"not UTF-8 text (byte {e.start + 1}: {e.reason})", ""))
-            texts.append("")
-    reader = csv.reader(io.StringIO("\n".join(texts)), delimiter=sep)
-    try:
-        header = next(reader)
-    except (StopIteration, csv.Error):
-        raise DataError(f"{path}: empty file, expected a header line with {cols}") from None
-    idx, width = column_indices(path, header, cols)
-    lines, rows = [], []
-    while True:
-        try:
-            rec = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            bad.append(BadLine(reader.line_num, f"not a valid {'TSV' if sep == chr(9) else 'CSV'} row: {e}", ""))
-            continue
-        lineno = reader.line_num
-        if not rec or all(not x.strip() for x in rec):
-            continue
-        if len(rec) != width:
-            bad.append(BadLine(lineno, f"expected {width} fields as in the header, got {len(rec)}",
-                               sep.join(rec)[:200]))
-            continue
-        lines.append(lineno)
-        rows.append([rec[i].strip() for i in idx])
-    return lines, rows, bad
+    firsts = grouped["first"].to_list()
+    return RequestBlock(np.arange(1, len(users) + 1, dtype=np.int64), _user_array(users), hist, rows.bad, len(users),
+                        lambda n: f"user {users[n - 1]!r} (first on line {firsts[n - 1]})")
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cddrec.app.infer import main as infer_main
+from cddrec.io import output_lock
 from cddrec.runtime.codec import left_pad
 from cddrec.runtime.pipeline import SeenUsers, run_batch
 from cddrec.runtime.recommender import Recommender
-from cddrec.runtime.writers import output_lock
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def check_same(rows, ref):
         want = ref[json.dumps(row["user"])]
         assert row["items"] == want.items
         assert np.allclose(row["scores"], want.scores, atol=1e-6)
-        assert row.get("fallback") == want.fallback
+        assert row["source"] == ("popularity" if want.fallback else "model")
 
 
 @pytest.mark.parametrize("block_bytes", [300, 1 << 20])
@@ -133,15 +133,15 @@ def test_parquet_in_and_out_and_csv(tmp_path, rec):
     stats = run_batch(rec, src, out, k=6, block_bytes=37 * 128)
     assert stats.served == len(reqs)
     t = pq.read_table(out)
-    assert t.column_names == ["user", "items", "scores", "fallback"] and t.schema.field("user").type == pa.int64()
-    rows = [{"user": u, "items": i, "scores": s, **({"fallback": f} if f else {})}
+    assert t.column_names == ["user", "items", "scores", "source"] and t.schema.field("user").type == pa.int64()
+    rows = [{"user": u, "items": i, "scores": s, "source": f}
             for u, i, s, f in zip(*(t.column(c).to_pylist() for c in t.column_names))]
     check_same(rows, reference(rec, [{"user": r["user"], "history": h} for r, h in zip(reqs, hist)], 6))
     # CSV out from the same requests
     csv_out = tmp_path / "out.csv"
     run_batch(rec, src, csv_out, k=6)
     lines = csv_out.read_text().splitlines()
-    assert lines[0] == "user,rank,item,score,fallback"
+    assert lines[0] == "user,rank,item,score,source"
     first = [ln.split(",") for ln in lines[1:] if ln.split(",")[0] == str(rows[0]["user"])]
     assert [int(x[2]) for x in first] == rows[0]["items"] and [int(x[1]) for x in first] == list(
         range(1, len(rows[0]["items"]) + 1))

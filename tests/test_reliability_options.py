@@ -79,3 +79,54 @@ def test_k_metadata_beyond_the_graph(tmp_path, trained_tiny_onnx, tiny_data):
     known = tiny_data.items.keys[0]
     with pytest.raises(ModelFileError, match="K"):
         rec.recommend([[known], ["never-seen-key"]], k=30)
+
+
+# ------------------------------------------------------------------------------ issue 19
+def _commands():
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load() for ep in entry_points(group="console_scripts") if ep.name.startswith("cddrec-")}
+
+
+def test_every_option_of_every_command_has_help_and_threads_are_capped():
+    import click
+
+    from cddrec.app.options import max_threads
+
+    cmds = _commands()
+    assert {"cddrec-train", "cddrec-eval", "cddrec-export", "cddrec-infer", "cddrec-bench"} <= set(cmds)
+    for name, cmd in cmds.items():
+        for p in cmd.params:
+            if isinstance(p, click.Option) and not p.hidden:
+                assert (p.help or "").strip(), f"{name} {p.opts} has no help text"
+            if isinstance(p, click.Option) and "--threads" in p.opts:
+                assert isinstance(p.type, click.IntRange) and p.type.max == max_threads(), name
+                r = CliRunner().invoke(cmd, ["x", "--threads", str(max_threads() + 1)])
+                assert r.exit_code == 2 and "--threads" in r.output, (name, r.output)
+
+
+def test_threads_that_cannot_start_are_one_line(tmp_path, trained_tiny_onnx, monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    from cddrec.app.infer import main as infer_main
+    from cddrec.runtime import recommender
+
+    req = tmp_path / "r.jsonl"
+    req.write_text(json.dumps({"user": "a", "history": [1]}) + "\n")
+    args = ["--model", str(trained_tiny_onnx), "--batch", str(req), "-o", str(tmp_path / "o.jsonl"), "--quiet"]
+    failures = [Fail("[ONNXRuntimeError] : 1 : FAIL : Exception during initialization: "
+                     "threadpool.cc:42 CreateThread pthread_create failed: Resource temporarily unavailable"),
+                RuntimeError("can't start new thread"),
+                RuntimeError("libgomp: Thread creation failed: Resource temporarily unavailable")]
+    for exc in failures:
+        def boom(*a, exc=exc, **k):
+            raise exc
+
+        monkeypatch.setattr(recommender.Recommender, "load", classmethod(boom))
+        r = CliRunner().invoke(infer_main, args)
+        assert r.exit_code == 1 and r.output.startswith("Error: cannot start threads:"), r.output
+        assert len(r.output.strip().splitlines()) == 1 and "lower --threads" in r.output
+    monkeypatch.setattr(recommender.Recommender, "load", classmethod(lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("some other bug"))))
+    r = CliRunner().invoke(infer_main, args)
+    assert isinstance(r.exception, RuntimeError)  # any other error keeps its traceback

@@ -93,7 +93,7 @@ def test_bad_input_lines(tmp_path, trained_tiny_onnx, tiny_data):
     stats = run_batch(Recommender.load(trained_tiny_onnx), req, out, k=5)
     assert (stats.served, stats.bad, stats.fallbacks, stats.unknown_items) == (2, 9, 1, 1)
     recs = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["user"] for r in recs] == ["a", "e"] and recs[1]["fallback"] == "popular"
+    assert [r["user"] for r in recs] == ["a", "e"] and [r["source"] for r in recs] == ["model", "popularity"]
     errors = [json.loads(x) for x in (tmp_path / "recs.jsonl.errors.jsonl").read_text().splitlines()]
     assert [e["line"] for e in errors] == [2, 3, 4, 5, 6, 7, 8, 9, 10]
     reasons = " | ".join(e["reason"] for e in errors)
@@ -145,7 +145,7 @@ def test_log_input_and_csv_output(tmp_path, trained_tiny_onnx, tiny_data):
                                         "--output-format", "csv", "--k", "3"])
     assert r.exit_code == 0, r.output
     lines = out.read_text().splitlines()
-    assert lines[0] == "user,rank,item,score,fallback" and len(lines) == 1 + 5 * 3
+    assert lines[0] == "user,rank,item,score,source" and len(lines) == 1 + 5 * 3
     rec = Recommender.load(trained_tiny_onnx)
     want = rec.recommend([tiny_data.items.decode(tiny_data.sequences[0].tolist())], k=3)[0]
     assert [int(x.split(",")[2]) for x in lines[1:4]] == want.items

@@ -9,7 +9,18 @@ import click
 
 from cddrec.runtime.backends import available_backends
 
-from .options import CONTEXT, data_kwargs, data_options, echo_err, friendly_errors, k_option, option, threads_option
+from .options import (
+    CONTEXT,
+    EXIT_NOTHING_SERVED,
+    EXIT_PROBLEMS,
+    data_kwargs,
+    data_options,
+    echo_err,
+    friendly_errors,
+    k_option,
+    option,
+    threads_option,
+)
 
 
 @click.command(context_settings=CONTEXT)
@@ -19,7 +30,14 @@ from .options import CONTEXT, data_kwargs, data_options, echo_err, friendly_erro
         help="requests: JSONL {\"user\": key, \"history\": [item keys]}, Parquet requests or a "
              "CSV/TSV/Parquet log; with --ray, a file, directory or glob of JSONL/Parquet shards")
 @option("--output", "-o", required=True, type=click.Path(), hidden_aliases=("--out",),
-        help="recommendations file ('-' for stdout); with --ray, a directory (one output per shard)")
+        help="recommendations file; '-' (stdout), a FIFO or a device is written straight through; "
+             "with --ray, a directory (one output per shard)")
+@option("--errors", "errors_path", type=click.Path(dir_okay=False), default=None,
+        help="bad lines as JSONL [default: OUTPUT.errors.jsonl; for '-', a FIFO or a device: "
+             "./cddrec-infer.errors.jsonl]")
+@option("--keys", type=click.Choice(["auto", "str", "int"]), default="auto", show_default=True,
+        help="type of the keys written: auto (items as the model's vocabulary: integers when every key is "
+             "an integer; users as given), str (all strings) or int (all integers)")
 @k_option(None, "items per user [default: the graph's K]")
 @option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="users per engine call")
 @option("--backend", type=click.Choice(sorted(available_backends())), default="ort-cpu", show_default=True,
@@ -34,6 +52,7 @@ from .options import CONTEXT, data_kwargs, data_options, echo_err, friendly_erro
              "parquet (requests) for Parquet with one, else jsonl]")
 @option("--allow-duplicates", is_flag=True, help="do not check for repeated users (saves memory)")
 @option("--quiet", is_flag=True, help="no progress bar")
+@option("--verbose", is_flag=True, help="show Ray's own logging (with --ray)")
 @option("--ray", "ray_address", default=None,
         help="serve shards on Ray Data: 'local' (start Ray here), 'auto' or a cluster address")
 @option("--ray-actors", type=click.IntRange(min=1), default=None,
@@ -42,8 +61,9 @@ from .options import CONTEXT, data_kwargs, data_options, echo_err, friendly_erro
         help="GPUs per actor [default: 1 for the CUDA backends, else 0]")
 @data_options
 @friendly_errors
-def main(model_path, input_path, output, k, batch_size, backend, threads, tf32, strict, output_format,
-         input_format, allow_duplicates, quiet, ray_address, ray_actors, ray_gpus, user_col, item_col, time_col, sep):
+def main(model_path, input_path, output, errors_path, keys, k, batch_size, backend, threads, tf32, strict,
+         output_format, input_format, allow_duplicates, quiet, verbose, ray_address, ray_actors, ray_gpus, user_col,
+         item_col, time_col, sep):
     """Batched top-k recommendations for a file of user histories, original item keys in and out."""
     from cddrec.runtime.pipeline import engine_options, run_batch
     from cddrec.runtime.recommender import Recommender
@@ -54,31 +74,46 @@ def main(model_path, input_path, output, k, batch_size, backend, threads, tf32, 
         if input_format == "log" or (user_col, item_col, time_col, sep) != ("user", "item", "timestamp", None):
             raise click.UsageError("--ray serves request shards (JSONL or Parquet requests); interaction logs and "
                                    "--user-col/--item-col/--time-col/--sep are for a single file without --ray")
+        if errors_path:
+            raise click.UsageError("--errors names one file; with --ray each shard has its own errors file in the "
+                                   "output folder")
         from cddrec.runtime.distributed import run_sharded
 
         t0 = time.perf_counter()
         stats, rows = run_sharded(model_path, input_path, output, ray_address=ray_address, actors=ray_actors,
                                   backend=backend, threads=threads or 1, gpus_per_actor=ray_gpus,
                                   out_fmt=output_format, k=k, batch_size=batch_size, strict=strict,
-                                  check_duplicates=not allow_duplicates, tf32=tf32)
+                                  check_duplicates=not allow_duplicates, tf32=tf32, keys=keys, verbose=verbose)
         stats.seconds = time.perf_counter() - t0
+        failed = [r for r in rows if r["error"]]
+        for r in failed:
+            echo_err(f"Error: {r['error']}")
         echo_err(stats.summary() + f", shards {len(rows)}")
         bad = [r["errors"] for r in rows if r["errors"]]
-        echo_err(f"wrote {len(rows)} outputs to {output}" + (f"; bad lines in {len(bad)} errors files" if bad else ""))
-        if stats.bad and not stats.served:
-            sys.exit(3)
+        echo_err(f"wrote {len(rows) - len(failed)} outputs to {output}"
+                 + (f"; bad lines in {len(bad)} errors files" if bad else "")
+                 + (f"; {len(failed)} shards failed and were not written" if failed else ""))
+        _exit(stats, failed=len(failed))
         return
 
     rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **engine_options(backend, tf32))
     echo_err(rec.startup_line())
     stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
                       output_format=output_format, in_format=input_format, check_duplicates=not allow_duplicates,
-                      progress=not quiet and sys.stderr.isatty(),
+                      progress=not quiet and sys.stderr.isatty(), keys=keys, errors_path=errors_path,
                       log_options=data_kwargs(user_col, item_col, time_col, sep))
     echo_err(stats.summary())
-    echo_err(f"wrote {output}" + (f"; bad lines in {stats.errors_path}" if stats.errors_path else ""))
-    if stats.bad and not stats.served:
-        sys.exit(3)  # finished, but every line was bad
+    echo_err(f"wrote {'stdout' if output == '-' else output}"
+             + (f"; bad lines in {stats.errors_path}" if stats.errors_path else ""))
+    _exit(stats)
+
+
+def _exit(stats, failed: int = 0) -> None:
+    """The exit-code table (cddrec.app.options): nothing served -> 3, served with problems -> 4."""
+    if (stats.bad or failed) and not stats.served:
+        sys.exit(EXIT_NOTHING_SERVED)  # finished, but every line (or shard) was bad
+    if stats.mostly_fallback or failed:
+        sys.exit(EXIT_PROBLEMS)
 
 
 if __name__ == "__main__":

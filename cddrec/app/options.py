@@ -14,10 +14,27 @@ One vocabulary across the commands (``cddrec-train``, ``-eval``, ``-export``, ``
 
 Spellings of earlier releases (``--out``, ``--num-threads``, ``--topk``, ``--batch-size`` of
 ``cddrec-eval``) are accepted for one release and hidden from ``--help``.
+
+The exit codes of every command:
+
+=========  ==================================================================================
+0          done
+1          an error the user can act on, in one line: a bad data, model or request file, an
+           output that would replace an input or that another run is writing, a failed write
+           (disk full), threads that cannot be started
+2          a usage error: an unknown option, a value out of range (``--threads`` above the cap)
+3          ``cddrec-infer``: finished, but every line (or shard) was bad: nothing served
+4          ``cddrec-infer``: served with problems: more than half of the users got the
+           popularity fallback (item keys the model does not know), or some ``--ray`` shards
+           failed while the others were written
+130 / 143  interrupted by SIGINT / SIGTERM (temporary files removed, no output written)
+=========  ==================================================================================
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import sys
@@ -25,12 +42,16 @@ import sys
 import click
 
 from cddrec.errors import CDDRecError
-from cddrec.io import install_signal_cleanup
+from cddrec.io import install_signal_cleanup, output_lock
 
 CONTEXT = {"max_content_width": 110, "help_option_names": ["-h", "--help"]}
 TRAIN_MODULES = ("torch", "onnx", "onnxscript")  # what the [train] extra brings
 POSITIVE = click.IntRange(min=1)
 MAX_THREADS_PER_CORE = 4
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING_SERVED, EXIT_PROBLEMS = 0, 1, 2, 3, 4
+# what the libraries say when the OS refuses a thread (Python, ONNX Runtime, libgomp, pthreads)
+_THREAD_FAILURES = ("can't start new thread", "thread creation failed", "pthread_create", "resource temporarily "
+                    "unavailable", "failed to create thread")
 
 
 class Option(click.Option):
@@ -53,15 +74,36 @@ def option(*names: str, hidden_aliases: tuple[str, ...] = (), **kwargs):
     return click.option(*names, *hidden_aliases, cls=Option, hidden_aliases=hidden_aliases, **kwargs)
 
 
+_COMMAND: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar("cddrec_command",
+                                                                                        default=None)
+
+
+def lock_outputs(*paths, option: str = "output path", make_folder: bool = False) -> None:
+    """Hold the lock of these named outputs (``cddrec.io.output_lock``; ``None`` skipped) until the
+    command ends: a second run writing one of them is refused from its start, and an output that
+    is a directory or whose folder is missing is refused before any work. ``make_folder``: the
+    outputs are folders (``cddrec-bench -o``, a Triton repository), created if their parent exists."""
+    stack = _COMMAND.get()
+    if stack is None:
+        raise RuntimeError("lock_outputs is called inside a command wrapped by friendly_errors")
+    stack.enter_context(output_lock(*paths, option=option, make_folder=make_folder))
+
+
 def friendly_errors(fn):
-    """Expected errors (bad data, bad model files, bad settings, unwritable outputs) become one-line
-    messages (exit 1); SIGINT/SIGTERM exit 130/143 after removing temporary files (docs/reliability.md)."""
+    """Expected errors (bad data, bad model files, bad settings, unwritable outputs, threads that
+    cannot start) become one-line messages (exit 1); SIGINT/SIGTERM exit 130/143 after removing
+    temporary files. Locks taken with ``lock_outputs`` are released when the command ends."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         install_signal_cleanup()
         try:
-            return fn(*args, **kwargs)
+            with contextlib.ExitStack() as stack:
+                token = _COMMAND.set(stack)
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    _COMMAND.reset(token)
         except (CDDRecError, ValueError) as e:
             raise click.ClickException(str(e)) from e
         except ModuleNotFoundError as e:  # a serving-only install has no torch/onnx: say what to install
@@ -73,11 +115,32 @@ def friendly_errors(fn):
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             raise click.ClickException(f"{where}{e.strerror or e}") from e
+        except Exception as e:  # noqa: BLE001 - only a failure to start threads is turned into one line
+            if not is_thread_failure(e):
+                raise
+            raise click.ClickException(f"cannot start threads: {_first_line(e)}; lower --threads (or "
+                                       "OMP_NUM_THREADS), or free the machine's threads") from e
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def is_thread_failure(e: BaseException) -> bool:
+    """The OS refused a thread (RuntimeError from Python's threading, ONNX Runtime's Fail or
+    RuntimeException, whose messages carry libgomp's or pthread's words)."""
+    if not (isinstance(e, (RuntimeError, MemoryError)) or type(e).__module__.startswith("onnxruntime")):
+        return False
+    text = str(e).lower()
+    return any(w in text for w in _THREAD_FAILURES)
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of the message that says what failed (libraries wrap it in context lines)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    said = [x for x in lines if any(w in x.lower() for w in _THREAD_FAILURES)]
+    return ((said or lines or [type(e).__name__])[0])[:200]
 
 
 # ------------------------------------------------------------------------ the vocabulary

@@ -22,7 +22,17 @@ from cddrec.config import (
 )
 from cddrec.io import refuse_overwrite_inputs
 
-from .options import CONTEXT, MAX_THREADS_PER_CORE, data_kwargs, data_options, echo_err, friendly_errors, max_threads, option
+from .options import (
+    CONTEXT,
+    MAX_THREADS_PER_CORE,
+    data_kwargs,
+    data_options,
+    echo_err,
+    friendly_errors,
+    lock_outputs,
+    max_threads,
+    option,
+)
 
 SKIP_FIELDS = {"num_items", "extra"}  # set from the data, or free-form
 HIDDEN_ALIASES = {"threads": ("--num-threads",)}  # spellings of earlier releases
@@ -94,6 +104,7 @@ def main(data, output, config_file, preset, resume, quiet, progress_every, summa
 
     refuse_overwrite_inputs({"--output": output, "--summary-json": summary_json, "resume file": f"{output}.resume.pt"},
                             {"DATA": data, "--config": config_file})
+    lock_outputs(output, summary_json)  # a second training into the same files is refused from its start
     model_cfg, train_cfg, run_cfg = build_config(data, config_file, preset, overrides)
     explicit_kcore = overrides.get("kcore") is not None or (config_file and "kcore" in read_config_file(config_file))
     ds = load_data(data, kcore=train_cfg.kcore if explicit_kcore else None,
