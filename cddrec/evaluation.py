@@ -38,11 +38,15 @@ def mask_scores(scores: torch.Tensor, num_items: int, seen: np.ndarray | None = 
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each target, ties counted against it: (B, V), (B,) -> (B,)."""
+    """0-based rank of each target, ties counted against it: (B, V), (B,) -> (B,) float64.
+
+    A target the ranking excludes (scored -inf: a seen item, padding, the mask token, an unknown id 0)
+    is a miss, rank inf: in a catalogue of fewer than K rankable items it would otherwise count as a hit."""
     s = scores.gather(1, targets.view(-1, 1))  # (B, 1)
     higher = (scores > s).sum(1)
     ties = (scores == s).sum(1) - 1
-    return higher + ties
+    ranks = (higher + ties).double()  # (B,)
+    return torch.where(torch.isfinite(s[:, 0]), ranks, torch.full_like(ranks, float("inf")))
 
 
 def avg_change(top_scores: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ Histories are oldest first. Keys are mapped with the model's vocabulary; unknown
 dropped and counted; every known item is kept (the last L feed the model, all of them are
 excluded from the ranking; TensorRT engines, whose profiles stop at ``MAX_HISTORY``, keep the most
 recent ``MAX_HISTORY``). A history with no known item gets the
-training popularity top-k, flagged ``fallback: "popular"``. Torch-free: graphs are read through
+training popularity top-k, marked ``source="popularity"`` (its scores are training counts). Torch-free: graphs are read through
 ``cddrec.contract`` and served by ``cddrec.runtime.backends``.
 """
 
@@ -43,7 +43,7 @@ def read_serving_info(path: str | Path, backend: BackendBase | None = None) -> S
 class Recommendation:
     items: list
     scores: list
-    fallback: str | None = None
+    source: str = "model"  # "popularity": no history item was known; scores are training counts
     unknown: int = 0  # history items not in the vocabulary
 
 
@@ -121,7 +121,7 @@ class Recommender:
         enc = encode_histories(histories, self.mapper, self.max_history)
         top = self.infer_encoded(enc, k)
         keys, scores = decode_rows(top, self.mapper)
-        return [Recommendation(ks, ss, "popular" if fb else None, int(u))
+        return [Recommendation(ks, ss, "popularity" if fb else "model", int(u))
                 for ks, ss, fb, u in zip(keys, scores, top.fallback, enc.unknown)]
 
     def check_k(self, k: int | None) -> int:

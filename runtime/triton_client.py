@@ -7,7 +7,7 @@
 
 The same rules as ``Recommender``: unknown items are dropped and counted, the most recent
 ``max_history`` known items are kept, a history with no known item is not sent and gets the
-training popularity top-k with ``"fallback": "popular"``, and items scored at the mask score
+training popularity top-k with ``"source": "popularity"`` (``"model"`` otherwise), and items scored at the mask score
 (fewer than k rankable items) are left out. Needs numpy only (no torch, no tritonclient).
 
 Triton's dynamic batcher merges requests only when their shapes match: pass the same ``width``
@@ -94,7 +94,7 @@ class TritonClientCodec:
 
     def decode(self, batch: EncodedBatch, top_items: np.ndarray | None = None, top_scores: np.ndarray | None = None,
                k: int | None = None) -> list[dict]:
-        """``{"items", "scores", "fallback", "unknown"}`` per history, in input order."""
+        """``{"items", "scores", "source", "unknown"}`` per history, in input order (``source``: model | popularity)."""
         k = self.K if k is None else k
         if not 1 <= k <= self.K:
             raise ValueError(f"k={k}: the served graph returns at most K={self.K} items")
@@ -109,5 +109,5 @@ class TritonClientCodec:
         sent[batch.rows] = True
         fill_popular(top, ~sent, popular_ids(self.popular, self.mapper, k))
         keys, scores = decode_rows(top, self.mapper)
-        return [{"items": ks, "scores": ss, "fallback": "popular" if fb else None, "unknown": u}
+        return [{"items": ks, "scores": ss, "source": "popularity" if fb else "model", "unknown": u}
                 for ks, ss, fb, u in zip(keys, scores, top.fallback, batch.unknown)]

@@ -267,8 +267,14 @@ def write_fixture_data(root: Path) -> None:
 
     data = root / "shared" / "data"
     data.mkdir(parents=True)
+    path = data / "Office_Products.txt"
     write_sequence_file(make_synthetic(num_users=200, num_items=60, num_clusters=6, min_len=5, max_len=16, seed=0),
-                        data / "Office_Products.txt")
+                        path)
+    # the item keys the pages' examples use (781, 1083, 215: items of the real file) are items here too
+    named = [781, 1083, 215]
+    keys = named + [k for k in range(64) if k not in named]
+    lines = [line.split() for line in path.read_text().splitlines()]
+    path.write_text("".join(" ".join([u] + [str(keys[int(i)]) for i in items]) + "\n" for u, *items in lines))
 
 
 def run_page(page: Path, root: Path, start_from: Path | None = None) -> Session:

@@ -88,7 +88,9 @@ def test_evaluate_matches_manual_scoring(tiny_cfg, tiny_data):
             s[0] = s[-1] = -math.inf
             s[seen[seen > 0]] = -math.inf
             t = split.targets[i]
-            ranks.append(int((s > s[t]).sum() + (s == s[t]).sum() - 1))
+            excluded = bool(s[t] == -math.inf)  # a repeat of a seen item can never be recommended: a miss
+            ranks.append(math.inf if excluded else int((s > s[t]).sum() + (s == s[t]).sum() - 1))
+    assert any(math.isinf(r) for r in ranks)  # the synthetic data repeat items: the rule is exercised
     assert res.metrics["MRR"] == pytest.approx(metrics_from_ranks(np.array(ranks))["MRR"], rel=1e-9)
 
 
@@ -101,3 +103,20 @@ def test_popularity_baseline(tiny_data):
 def test_avg_change_skips_masked_entries():
     s = torch.tensor([[4.0, 2.0, -math.inf, -math.inf]])
     assert avg_change(s).item() == pytest.approx(50.0)
+
+
+def test_a_target_the_ranking_excludes_is_a_miss_even_in_a_tiny_catalogue():
+    """One item (V = 3: padding, the item, the mask token): a target already in the history is masked;
+    its rank must be a miss, not V - 1 = 2, which a top-10 cut-off would count as a hit."""
+    import numpy as np
+    import torch
+
+    from cddrec.evaluation import mask_scores, target_ranks
+    from cddrec.metrics import metrics_from_ranks
+
+    raw = torch.tensor([[0.0, 1.5, 0.0], [0.0, 1.5, 0.0]])  # (B, V)
+    scores = mask_scores(raw, 1, np.array([[1], [0]]))  # user 0 has seen item 1; user 1 has seen nothing
+    ranks = target_ranks(scores, torch.tensor([1, 1])).numpy()
+    assert np.isinf(ranks[0]) and ranks[1] == 0
+    m = metrics_from_ranks(ranks)
+    assert m["R@10"] == 0.5

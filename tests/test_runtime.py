@@ -34,7 +34,7 @@ def test_recommend_with_original_keys(trained_tiny_onnx, tiny_data):
     assert out[0].items == out[1].items and out[1].unknown == 1
     assert all(isinstance(i, int) for i in out[0].items)  # integer keys come back as ints
     assert not set(out[0].items) & set(keys)
-    assert out[2].fallback == "popular" and out[3].fallback == "popular" and out[2].unknown == 1
+    assert out[2].source == "popularity" and out[3].source == "popularity" and out[2].unknown == 1
     assert out[2].items == [p[0] for p in rec.info.popular[:5]]
     with pytest.raises(ValueError, match="at most K=10"):
         rec.recommend([keys], k=11)
@@ -199,8 +199,8 @@ def test_k_above_a_small_catalogue_is_clamped(tmp_path, tiny_cfg):
     for path, backend in ((tmp_path / "m.pt", "torch"), (tmp_path / "m.onnx", "ort-cpu")):
         rec = Recommender.load(path, backend=backend, k=10)
         out = rec.recommend([["a"], ["zzz"]], k=10)
-        assert sorted(out[0].items) == ["b", "c"] and out[0].fallback is None  # "a" is seen: 2 left
-        assert len(out[1].items) == 3 and out[1].fallback == "popular"
+        assert sorted(out[0].items) == ["b", "c"] and out[0].source == "model"  # "a" is seen: 2 left
+        assert len(out[1].items) == 3 and out[1].source == "popularity"
 
 
 def test_recommend_refuses_what_is_not_a_history(trained_tiny_onnx):

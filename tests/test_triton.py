@@ -150,9 +150,9 @@ def test_client_codec_matches_recommender(trained_tiny_onnx, tmp_path):
     got = codec.decode(batch, items, scores, k=7)
     want = rec.recommend(histories, k=7)
     for g, w in zip(got, want):
-        assert g["items"] == w.items and g["fallback"] == w.fallback and g["unknown"] == w.unknown
+        assert g["items"] == w.items and g["source"] == w.source and g["unknown"] == w.unknown
         np.testing.assert_allclose(g["scores"], w.scores, rtol=1e-6, atol=1e-6)
-    assert got[3]["fallback"] == "popular" and got[3]["unknown"] == 2 and got[5]["unknown"] == 1
+    assert got[3]["source"] == "popularity" and got[3]["unknown"] == 2 and got[5]["unknown"] == 1
     with pytest.raises(ValueError, match="at most K"):
         codec.decode(batch, items, scores, k=codec.K + 1)
 

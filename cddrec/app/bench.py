@@ -8,7 +8,17 @@ import click
 
 from cddrec.contract import DEFAULT_K
 
-from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, int_list, k_option, option, threads_option
+from .options import (
+    CONTEXT,
+    POSITIVE,
+    echo_err,
+    friendly_errors,
+    int_list,
+    k_option,
+    lock_outputs,
+    option,
+    threads_option,
+)
 
 
 @click.command(context_settings=CONTEXT)
@@ -56,6 +66,7 @@ def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue
         raise click.BadParameter(str(e)) from None
     if unknown:
         raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(sorted(known))}")
+    lock_outputs(out_dir, option="--output", make_folder=True)  # refused before any timing, not after
     res = run_bench(model, names, int_list(batch_sizes), items=items or PAPER_ITEMS, k=k, threads=threads,
                     min_seconds=min_seconds, echo=echo_err)
     table = bench_table(res)
@@ -65,7 +76,6 @@ def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue
         res["catalogue_scaling"] = rows
         table += "\n\n" + catalogue_table(rows)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     res["plots"] = plot(res, out, name)
     jpath, mpath = record(name, res, table, out, title="cddrec-bench")
     click.echo(table)

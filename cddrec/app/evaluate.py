@@ -10,7 +10,17 @@ import click
 from cddrec.io import json_dumps, refuse_overwrite_inputs
 from cddrec.metrics import TOPK
 
-from .options import CONTEXT, data_kwargs, data_options, device_option, echo_err, friendly_errors, k_option, option
+from .options import (
+    CONTEXT,
+    data_kwargs,
+    data_options,
+    device_option,
+    echo_err,
+    friendly_errors,
+    k_option,
+    lock_outputs,
+    option,
+)
 
 METRIC_COLUMNS = ["R@1", "R@5", "R@10", "R@20", "N@5", "N@10", "N@20", "MRR", "MRR@40", "AvgChange@40"]
 
@@ -37,6 +47,7 @@ def main(model, data, split, as_json, save_topk, k, stages, eval_batch_size, dev
     from cddrec.vocab import Vocab
 
     refuse_overwrite_inputs({"--save-topk": save_topk}, {"MODEL": model, "DATA": data})
+    lock_outputs(save_topk, option="--save-topk")
     net, ckpt = load_checkpoint(model)
     net.to(resolve_device(device))
     vocab = Vocab.from_dict(ckpt["vocab"])

@@ -10,7 +10,7 @@ import click
 from cddrec.contract import APPROX_MIN_OVERLAP, DEFAULT_K, DEFAULT_OPSET, DYNAMO_MIN_OPSET, MIN_OPSET
 from cddrec.io import json_dumps, refuse_overwrite_inputs
 
-from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, k_option, option
+from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, k_option, lock_outputs, option
 
 
 @click.command(context_settings=CONTEXT)
@@ -71,6 +71,7 @@ def main(model, output, k, opset, fp16, stochastic, optimize, int8, int8_scoring
     refuse_overwrite_inputs({"--output": out, "--trt": trt_engine,
                              "vocabulary file": Path(out).with_suffix(".vocab.json") if vocab_sidecar else None},
                             {"MODEL": model})
+    lock_outputs(out, trt_engine, option="--output")  # a second export into the same files is refused from its start
     options = ExportOptions(k=k, opset=opset, exporter=exporter, fp16=fp16, stochastic=stochastic, optimize=optimize,
                             int8=int8, int8_scoring=int8_scoring, rescore=rescore, vocab_sidecar=vocab_sidecar,
                             validate=not no_validate)

@@ -97,12 +97,11 @@ def main(model_path, input_path, output, errors_path, keys, k, batch_size, backe
         return
 
     rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **engine_options(backend, tf32))
-    echo_err(rec.startup_line())
     stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
                       output_format=output_format, in_format=input_format, check_duplicates=not allow_duplicates,
                       progress=not quiet and sys.stderr.isatty(), keys=keys, errors_path=errors_path,
                       log_options=data_kwargs(user_col, item_col, time_col, sep))
-    echo_err(stats.summary())
+    echo_err(rec.startup_line() + "; " + stats.summary())  # after the run: a refused output stays one line
     echo_err(f"wrote {'stdout' if output == '-' else output}"
              + (f"; bad lines in {stats.errors_path}" if stats.errors_path else ""))
     _exit(stats)
