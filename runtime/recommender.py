@@ -6,8 +6,8 @@
 Histories are oldest first. Keys are mapped with the model's vocabulary; unknown items are
 dropped and counted; every known item is kept (the last L feed the model, all of them are
 excluded from the ranking; TensorRT engines, whose profiles stop at ``MAX_HISTORY``, keep the most
-recent ``MAX_HISTORY``). A history with no known item gets the
-training popularity top-k, marked ``source="popularity"`` (its scores are training counts). Torch-free: graphs are read through
+recent ``MAX_HISTORY``). A history with no known item gets the training popularity top-k, marked
+``source="popularity"`` (its scores are training counts). Torch-free: graphs are read through
 ``cddrec.contract`` and served by ``cddrec.runtime.backends``.
 """
 
