@@ -28,17 +28,29 @@ class KeyMapper:
     """Vectorized item key -> id (0 = unknown) and id -> key, with the model's vocabulary.
 
     A key matches as its string form, as ``Vocab.index.get(str(key))`` does: 17 and "17" are the
-    same item."""
+    same item. Integer keys spanning a range of at most ``LUT_SPAN_PER_KEY`` times their count
+    (plus ``LUT_SPAN_MIN``) are looked up in a dense table (one gather per key); sparser ones by a
+    binary search."""
+
+    LUT_SPAN_PER_KEY = 8
+    LUT_SPAN_MIN = 1 << 20
 
     def __init__(self, vocab: Vocab):
         self.keys_str = pa.array(vocab.keys, pa.string())
         self.is_int = vocab.key_type == "int"
-        self.sorted_int = self.order = None
+        self.sorted_int = self.order = self.lut = None
+        self.lo = 0
         if self.is_int:
             ints = np.array([int(k) for k in vocab.keys], dtype=np.int64)
             self.order = np.argsort(ints, kind="stable")
             self.sorted_int = ints[self.order]
             self.out_keys = pa.array(ints)
+            if len(ints):
+                self.lo = int(self.sorted_int[0])
+                span = int(self.sorted_int[-1]) - self.lo + 1
+                if span <= self.LUT_SPAN_PER_KEY * len(ints) + self.LUT_SPAN_MIN:
+                    self.lut = np.zeros(span + 1, dtype=np.int32)  # key - lo -> id; the last entry: unknown
+                    self.lut[(ints - self.lo)[::-1]] = np.arange(len(ints), 0, -1, dtype=np.int32)  # first wins
         else:
             self.out_keys = self.keys_str
 
@@ -48,6 +60,11 @@ class KeyMapper:
             return np.zeros(0, dtype=np.int64)
         if self.is_int and pa.types.is_integer(values.type):
             v = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            if self.lut is not None:
+                # v - lo wraps (mod 2**64) for keys below lo, so as unsigned every key outside the table is >= its size
+                span = len(self.lut) - 1
+                pos = np.minimum((v - np.int64(self.lo)).view(np.uint64), np.uint64(span))
+                return self.lut[pos].astype(np.int64)
             pos = np.searchsorted(self.sorted_int, v).clip(0, len(self.sorted_int) - 1)
             hit = self.sorted_int[pos] == v
             return np.where(hit, self.order[pos] + 1, 0).astype(np.int64)
@@ -80,15 +97,19 @@ def encode_flat(values: pa.Array, offsets: np.ndarray, mapper: KeyMapper, max_hi
     ids = mapper.ids(values.slice(int(offs[0]), int(offs[-1] - offs[0])))  # (total,)
     offs = offs - offs[0]
     n, lens = len(offs) - 1, np.diff(offs)
-    row = np.repeat(np.arange(n), lens)
     known = ids > 0
-    keep = known
-    if max_history:  # the most recent max_history known items (TensorRT profiles stop there)
-        kpos = np.flatnonzero(known)
-        kc = np.bincount(row[kpos], minlength=n)
-        kend = np.cumsum(kc)  # end of each row's run among the known items
-        keep = known.copy()
-        keep[kpos] = kend[row[kpos]] - 1 - np.arange(len(kpos)) < max_history
+    if not max_history:  # every known id: counts from a running count of known items
+        kept = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(known, out=kept[1:])
+        koffs = kept[offs]  # (n + 1,)
+        return Encoded(ids if kept[-1] == len(ids) else ids[known], koffs, lens - np.diff(koffs))
+    # the most recent max_history known items (TensorRT profiles stop there)
+    row = np.repeat(np.arange(n), lens)
+    kpos = np.flatnonzero(known)
+    kc = np.bincount(row[kpos], minlength=n)
+    kend = np.cumsum(kc)  # end of each row's run among the known items
+    keep = known.copy()
+    keep[kpos] = kend[row[kpos]] - 1 - np.arange(len(kpos)) < max_history
     counts = np.bincount(row[keep], minlength=n)
     unknown = lens - np.bincount(row[known], minlength=n)
     return Encoded(ids[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), unknown.astype(np.int64))
