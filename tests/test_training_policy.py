@@ -22,8 +22,8 @@ def _diverge_at(monkeypatch, epoch_batches: int, after_batches: int):
     real = training.objective
     calls = {"n": 0}
 
-    def objective(model, batch, cfg):
-        loss, parts = real(model, batch, cfg)
+    def objective(model, batch, cfg, shares=None):
+        loss, parts = real(model, batch, cfg, shares)
         calls["n"] += 1
         if calls["n"] > after_batches:
             loss = loss * float("nan")
