@@ -22,6 +22,7 @@ hangs, after ``timeout`` minutes, each with its own line, and torchrun stops the
 from __future__ import annotations
 
 import os
+import re
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -167,14 +168,16 @@ def rank_device(device: str, local_rank: int) -> torch.device:
 
 
 def describe_error(e: BaseException) -> str:
-    """One line: the error's type (unless a cddrec error) and its first line; a failed collective says why."""
-    first = (str(e).strip().splitlines() or [""])[0][:300]
+    """One line: the error's type (unless a cddrec error) and its first line; a failed collective says why
+    (gloo's and nccl's messages lose their source location and advice)."""
+    first = (str(e).strip().splitlines() or [""])[0]
     if isinstance(e, CDDRecError):
-        return first
-    text = f"{type(e).__name__}: {first}"
-    if isinstance(e, getattr(tdist, "DistError", ())) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
-        text += " (a collective failed: another rank stopped, see its line, or the --dist-timeout passed)"
-    return text
+        return first[:300]
+    if isinstance(e, getattr(tdist, "DistError", ())) or re.search(r"gloo|nccl", str(e), re.I):
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # "[.../pair.cc:537] Read error ...: Connection
+        return (f"a collective failed ({first[:200]}): another rank stopped (see its line) or the --dist-timeout "
+                "passed")
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 @contextmanager
