@@ -77,9 +77,10 @@ def sampled_softmax(pred: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Te
     correction is then a constant) it is the full-catalogue softmax CE.
     """
     pos = (pred * pos_emb).sum(-1) - pos_log_q  # (n,)
-    neg = torch.addmm(-neg_log_q, pred, neg_emb.t()).masked_fill(hits, float("-inf"))  # (n, M)
-    logits = torch.cat([pos.unsqueeze(1), neg], 1)  # (n, 1 + M): the target in column 0
-    return F.cross_entropy(logits, torch.zeros(len(pred), dtype=torch.long, device=pred.device))
+    # a hit gets the lowest finite logit, not -inf: a row whose every sample is a hit still has a finite gradient
+    neg = torch.addmm(-neg_log_q, pred, neg_emb.t()).masked_fill(hits, torch.finfo(pred.dtype).min)  # (n, M)
+    # log(e^pos + sum_j e^neg_j) - pos, without concatenating the target's column to the (n, M) logits
+    return (torch.logaddexp(pos, torch.logsumexp(neg, 1)) - pos).mean()
 
 
 @dataclass

@@ -187,3 +187,13 @@ def test_item_proposal_draws_by_popularity_and_holds_its_log_expected_counts():
     uniform = ItemProposal(popularity, 4, "uniform")
     assert np.allclose(uniform.log_q[1:5], 0.0)
     assert set(np.concatenate([uniform.sample(np.random.default_rng(s)) for s in range(50)])) == {1, 2, 3, 4}
+
+
+def test_sampled_softmax_is_finite_when_every_sample_of_a_row_is_its_target():
+    pred = torch.randn(2, 3, requires_grad=True)
+    table = torch.randn(5, 3)
+    ids, labels = torch.tensor([2, 2]), torch.tensor([2, 3])
+    loss = sampled_softmax(pred, table[labels], table[ids], torch.zeros(2), torch.zeros(2),
+                           ids.unsqueeze(0) == labels.unsqueeze(1))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pred.grad).all() and pred.grad[0].abs().sum() == 0
