@@ -470,7 +470,7 @@ def read_resume(path: Path) -> dict:
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_cfg: RunConfig, data: SequenceData, out: str | Path,
-          *, resume: bool = False, progress: bool = True, progress_every: float = 0.0,
+          *, resume: bool | str = False, progress: bool = True, progress_every: float = 0.0,
           log: Callable[[str], None] = print, dist: Dist | None = None) -> dict:
     """Train on ``data`` and write the best model to ``out``. Returns a summary dict.
 
@@ -483,11 +483,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_cfg: RunConfig, da
     records the epoch as partial (its batches done); ``--resume`` continues that epoch's remaining
     batches with the same permutation and random state, so the result equals an uninterrupted run.
 
+    ``resume``: True continues from the resume file; "auto" continues from it when it exists (rank 0's
+    file, under torchrun) and starts otherwise: a command torchrun restarts (``--max-restarts``), or a
+    nightly job, picks up the last recorded epoch.
+
     ``dist`` (``cddrec.distributed.launch``): train as one process of a torchrun job; every rank returns
     rank 0's summary.
     """
     trainer = Trainer(model_cfg, train_cfg, run_cfg, data, out, progress=progress, progress_every=progress_every,
                       log=log, dist=dist)
+    if resume == "auto":
+        resume = trainer.dist.on_main(resume_path(out).exists)
     if resume:
         trainer.resume()
     return trainer.fit()

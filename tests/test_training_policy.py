@@ -184,3 +184,17 @@ def test_loss_auto_picks_the_objective_by_catalogue_size_and_says_why_at_start(t
     big = model_cfg.replace(num_items=10**6, steps=20)
     assert train_cfg.replace(loss="ce").rank_last_only(big)
     assert not train_cfg.replace(loss="sampled", negatives=2048).rank_last_only(big)
+
+
+def test_auto_resume_starts_without_a_resume_file_and_continues_with_one(tmp_path, tiny_data_file):
+    """--auto-resume: the same command starts a run and, restarted (torchrun --max-restarts, a nightly job),
+    continues it from the last recorded epoch."""
+    from cddrec.app.train import main as train_main
+
+    args = [str(tiny_data_file), "-o", str(tmp_path / "m.pt"), "--hidden-size", "16", "--num-heads", "2",
+            "--max-len", "8", "--steps", "2", "--batch-size", "16", "--threads", "1", "--auto-resume"]
+    r = CliRunner().invoke(train_main, [*args, "--epochs", "1"])
+    assert r.exit_code == 0 and "resumed" not in r.output and "epoch   0" in r.output, r.output
+    r = CliRunner().invoke(train_main, [*args, "--epochs", "2"])
+    assert r.exit_code == 0 and "resumed from" in r.output and "epoch   1" in r.output, r.output
+    assert "epoch   0" not in r.output

@@ -84,6 +84,8 @@ def build_config(data: str | None, config_file: str | None, preset: bool,
 @option("--preset/--no-preset", default=True, show_default=True,
         help="apply the paper's per-dataset settings when DATA is one of its four Amazon files")
 @option("--resume", is_flag=True, help="continue from OUTPUT.resume.pt")
+@option("--auto-resume", is_flag=True, help="continue from OUTPUT.resume.pt if it exists, else start (a job that "
+        "torchrun --max-restarts restarts, a nightly job)")
 @option("--quiet", is_flag=True, help="no progress bar or progress lines")
 @option("--progress-every", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
         help="seconds between progress lines when stderr is not a terminal (logs, CI, nohup)")
@@ -91,7 +93,7 @@ def build_config(data: str | None, config_file: str | None, preset: bool,
 @data_options
 @config_options
 @friendly_errors
-def main(data, output, config_file, preset, resume, quiet, progress_every, summary_json, user_col, item_col, time_col,
+def main(data, output, config_file, preset, resume, auto_resume, quiet, progress_every, summary_json, user_col, item_col, time_col,
          sep, **overrides):
     """Train CDDRec on DATA (`user item item ...` lines, or a CSV/TSV/Parquet log)."""
     from cddrec.data import load_data
@@ -114,7 +116,8 @@ def main(data, output, config_file, preset, resume, quiet, progress_every, summa
             + f"; {f['users_under_3_items']} users with fewer than 3 items skipped; {len(ds.users)} users, "
             f"{ds.num_items} items, {ds.num_interactions} interactions")
         tty = sys.stderr.isatty()
-        summary = train(model_cfg, train_cfg, run_cfg, ds, output, resume=resume, progress=not quiet and tty,
+        summary = train(model_cfg, train_cfg, run_cfg, ds, output, resume=resume or ("auto" if auto_resume else False),
+                        progress=not quiet and tty,
                         progress_every=0.0 if quiet or tty else progress_every, log=echo_err, dist=dist)
     if not dist.main:
         return
