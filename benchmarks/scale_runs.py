@@ -127,7 +127,7 @@ def processes(data, processes, threads_per_process, single_threads, batch_size, 
               help="';'-separated --loss values, each optionally with its own options ('sampled --negatives 512')")
 @click.option("--time-budget", default=30.0, show_default=True, help="minutes of training per run")
 @click.option("--seed", default=42, show_default=True)
-@click.option("--threads", default=0, show_default=True)
+@click.option("--threads", default=2, show_default=True, help="CPU threads of every run (fixed: the budgets compare)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--train-args", default="", help="more options for every training command (quoted)")
 @click.option("--name", default="sampled_vs_ce", show_default=True)
@@ -156,9 +156,10 @@ def objectives(data_dir, datasets, variants, time_budget, seed, threads, device,
         table.append(f"| {r['dataset']} | {r['variant']} | {r['seconds_per_epoch']} | {r['epochs_run']} | "
                      f"{r['best_epoch']} | " + " | ".join(f"{r['test'][k]:.4f}" for k in METRICS)
                      + f" | {r['stop_reason']} |")
-    text = "\n".join([*table, "", f"Each run: {time_budget:g} min of training (validation excluded) or early "
-                      f"stopping, seed {seed}, the dataset's preset; test split, full ranking (exact evaluation for "
-                      "every objective).", "", "Commands:", "", *(f"- `{r['command']}`" for r in runs)])
+    text = "\n".join([*table, "", f"Each run: --time-budget {time_budget:g} (minutes of wall time, validation "
+                      f"included) or early stopping, whichever comes first; seed {seed}, {threads} threads, the "
+                      "dataset's preset; test split, full ranking (exact evaluation for every objective). "
+                      "Seconds per epoch: training only.", "", "Commands:", "", *(f"- `{r['command']}`" for r in runs)])
     record(name, {"runs": runs, "time_budget": time_budget}, text, out_dir,
            title="Sampled softmax against the full softmax, the same time budget")
     click.echo(text)

@@ -78,7 +78,8 @@ def test_rank_steps_auto_follows_catalogue_times_steps():
 def test_one_config_per_concern():
     assert ModelConfig.names() == ["num_items", "max_len", "hidden_size", "num_layers", "num_heads", "dropout",
                                    "attn_dropout", "decoder", "steps", "decoder_norm", "beta_1", "beta_T"]
-    assert set(TrainConfig.names()) == {"loss", "cd_divergence", "negatives", "negative_sampling", "rank_steps", "lam", "temperature", "infonce_cosine",
+    assert set(TrainConfig.names()) == {"loss", "cd_divergence", "negatives", "negative_sampling", "rank_steps", "lam",
+                                        "temperature", "infonce_cosine",
                                         "diffusion", "denoising", "lr", "weight_decay", "batch_size", "seed",
                                         "valid_metric", "kcore"}
     assert set(RunConfig.names()) == {"epochs", "patience", "time_budget", "device", "threads", "eval_batch_size",

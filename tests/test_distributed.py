@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
+from conftest import tiny_configs
 
 from cddrec.checkpoint import load_checkpoint, read_checkpoint
 from cddrec.distributed import launch
 from cddrec.training import resume_path, train
-from conftest import tiny_configs
 
 QUIET = {"progress": False, "log": lambda m: None}
 EXACT = dict(dropout=0.0, attn_dropout=0.0, lam=0.0, loss="ce", patience=10)  # no randomness but the shuffle

@@ -93,8 +93,8 @@ def build_config(data: str | None, config_file: str | None, preset: bool,
 @data_options
 @config_options
 @friendly_errors
-def main(data, output, config_file, preset, resume, auto_resume, quiet, progress_every, summary_json, user_col, item_col, time_col,
-         sep, **overrides):
+def main(data, output, config_file, preset, resume, auto_resume, quiet, progress_every, summary_json, user_col,
+         item_col, time_col, sep, **overrides):
     """Train CDDRec on DATA (`user item item ...` lines, or a CSV/TSV/Parquet log)."""
     from cddrec.data import load_data
     from cddrec.distributed import launch
