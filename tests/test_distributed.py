@@ -131,8 +131,15 @@ def test_resume_under_two_ranks_continues_exactly_also_with_another_process_coun
     for x, y in zip(other["history"], full["history"]):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
     _close(_weights(tmp_path / "n.pt"), a, 1e-5)
-    # a plain one-process resume of the torchrun job's file draws as the job did
-    train(*tiny_configs(batch_size=16, epochs=4, **EXACT), tiny_data, tmp_path / "n.pt", resume=True, **QUIET)
+    # a plain one-process resume of the torchrun job's file draws as a torchrun job does
+    lines = []
+    plain = train(*tiny_configs(batch_size=16, epochs=4, **EXACT), tiny_data, tmp_path / "n.pt", resume=True,
+                  progress=False, log=lines.append)
+    assert "per-epoch streams" in lines[0] and [h["batches"] for h in plain["history"]] == [13] * 4
+    # and a torchrun job continues a plain run's file (its partial epoch's order included)
+    train(*tiny_configs(batch_size=16, epochs=1, time_budget=1e-9, **EXACT), tiny_data, tmp_path / "p.pt", **QUIET)
+    job = run_job(_train, 2, tiny_data, tmp_path / "p.pt", resume=True, batch_size=8, epochs=2, **EXACT)[0]
+    assert [h["batches"] for h in job["history"]] == [13, 13] and not job["history"][0].get("partial")
 
 
 def _refused(rank, data, out, **overrides):
