@@ -113,9 +113,10 @@ def main(data, output, config_file, preset, resume, auto_resume, quiet, progress
 
     refuse_overwrite_inputs({"--output": output, "--summary-json": summary_json, "resume file": f"{output}.resume.pt"},
                             {"DATA": data, "--config": config_file})
-    lock_outputs(output, summary_json)  # a second training into the same files is refused from its start
     model_cfg, train_cfg, run_cfg = build_config(data, config_file, preset, overrides)
     with launch(run_cfg.device, run_cfg.dist_timeout) as dist:
+        if dist.main:  # the rank that writes: a second training into the same files is refused from its start
+            lock_outputs(output, summary_json)
         say = echo_err if dist.main else (lambda message: None)
         explicit_kcore = overrides.get("kcore") is not None or (config_file and "kcore" in read_config_file(config_file))
         ds = load_data(data, kcore=train_cfg.kcore if explicit_kcore else None,
