@@ -218,3 +218,22 @@ def test_eval_steps_equals_the_stages_row(trained_tiny, tiny_data_file):
     r = runner.invoke(eval_main, [str(trained_tiny), str(tiny_data_file), "--steps", "5"])
     assert r.exit_code == 2 and "early exit takes S between 1 and 4" in r.output and "Traceback" not in r.output
 
+
+
+def test_early_exit_benchmark_rows(tmp_path, trained_tiny, tiny_data_file):
+    """``python -m cddrec.benchmarks.early_exit``: per S the exported graph's ops, its timing and the
+    quality of ``cddrec-eval --steps S``, in one table."""
+    from cddrec.benchmarks.early_exit import run, table
+    from cddrec.evaluation import evaluate_file
+    from cddrec.vocab import Vocab
+
+    rep = run(trained_tiny, [1, 4], ["ort-cpu"], [1, 8], 0.05, str(tiny_data_file), tmp_path, echo=lambda m: None)
+    rows = rep["rows"]
+    assert [r["S"] for r in rows] == [1, 4] and rows[0]["ops"] < rows[1]["ops"]
+    assert rows[0]["flops_per_user"] < rows[1]["flops_per_user"]
+    model, ckpt = load_checkpoint(trained_tiny)
+    want = evaluate_file(model, Vocab.from_dict(ckpt["vocab"]), tiny_data_file, "test", steps=1).metrics
+    assert rows[0]["quality"]["MRR@40"] == want["MRR@40"]
+    assert [t["batch"] for t in rows[0]["bench"][0]["timings"]] == [1, 8]
+    text = table(rep, [1, 8])
+    assert "| 1 | " in text and "ort-cpu batch 8 users/s" in text and "R@10" in text
