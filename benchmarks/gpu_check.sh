@@ -17,21 +17,26 @@
 # (297 MiB of wheels -> about 224 MiB) and split into parts that each fit one call's 64 MiB with the
 # working tree. On the machine: `pip install --no-index --no-deps --no-compile --target`.
 #
-# DEVICE-CALL SEQUENCE (N = 4 parts for onnxruntime-gpu 1.31.1 and a tree of ~2 MiB; --prepare prints
-# the exact N and sizes). First, here, in the repository root of the checkout the device tool sends:
-#     bash benchmarks/gpu_check.sh --prepare       # ~7 min on 2 cores: .gpucarry1 .. .gpucarryN (git-ignored)
-#     bash benchmarks/gpu_check.sh --dry-run       # optional: the whole sequence on the CPU (below)
-# then N `run` calls, one right after another (a machine goes back 30 s after a call; the parts must
-# meet on one machine, in /tmp/cddrec-gpu):
-#     call i = 1 .. N-1: run(command="bash benchmarks/gpu_check.sh", carry=[".gpucarry<i>"], timeout_s=120)
-#                        collects part i (seconds, plus the transfer of ~60 MiB) and exits
-#     call N:            run(command="bash benchmarks/gpu_check.sh", carry=[".gpucarryN"], timeout_s=540)
-#                        collects the last part, installs (~40 s), runs the check (<= 420 s in all)
-# Expected device time: machine start 1-3 min + (N-1) x ~0.5 min + 7.5 min = about 10-12 minutes,
-# under the 15-minute lease. A call that finds earlier parts gone (a fresh machine) says which are
-# missing: start again from call 1. A rerun on a warm machine that already installed everything
-# needs only call N's command (no carry); a changed tree is reinstalled from the checkout (its
-# cddrec wheel rebuilt there with the image's setuptools).
+# DEVICE-CALL SEQUENCE: 4 `run` calls (N = 4 parts: a 224 MiB bundle for onnxruntime-gpu 1.31.1, parts
+# of 60 MiB, each call 62 MiB with a working tree of ~2 MiB; --prepare prints the exact N and sizes).
+# First, here, in the root of the checkout the device tool sends (the lead's), once:
+#     bash benchmarks/gpu_check.sh --prepare     # ~8 min on 2 cores (xz -9): .gpucarry1 .. .gpucarry4, git-ignored
+# then the 4 calls one right after another (a machine goes back 30 s after a call's end, and the parts
+# must meet on one machine, in /tmp/cddrec-gpu):
+#     1: run(command="bash benchmarks/gpu_check.sh", carry=[".gpucarry1"], timeout_s=120)  # collects part 1, exits
+#     2: run(command="bash benchmarks/gpu_check.sh", carry=[".gpucarry2"], timeout_s=120)  # part 2
+#     3: run(command="bash benchmarks/gpu_check.sh", carry=[".gpucarry3"], timeout_s=120)  # part 3
+#     4: run(command="bash benchmarks/gpu_check.sh", carry=[".gpucarry4"], timeout_s=540)  # part 4, install
+#        (~30 s), environment, GPU tests (<= 100 s), gpu_bench (the rest): <= 420 s from its start
+# Expected device time: the machine's start 1-3 min, calls 1-3 about 0.5 min each (transfers), call 4
+# at most 7.5 min: about 10-12 minutes in all, under the 15-minute lease (no second try fits after a
+# full run; give the machine back after call 4). A call that finds earlier parts gone (a fresh
+# machine) prints which it has: start again from call 1. On a machine still warm that installed
+# everything, call 4's command alone (no carry) reruns the check; a changed tree is reinstalled from
+# the checkout (its cddrec wheel rebuilt there with the image's setuptools).
+# Rehearsed without a GPU (see --dry-run): the same 4 calls, each in a fresh copy of the tree with only
+# its part, a fake nvidia-smi and an image-like venv (the image's packages, none of the carried ones),
+# pass up to gpu_bench's first CUDA call ("CUDA is not available").
 #
 # Modes:
 #     --prepare          download, build and split the wheels for GPU_CHECK_PYVER (default 3.12)
@@ -243,15 +248,18 @@ PY
   echo "[+$(( $(date +%s) - START ))s] pytest (${t}s at most)"
   timeout "$t" "$PY" -m pytest -v -rfEs -p no:cacheprovider --rootdir "$root" -c "$root/pyproject.toml" "${per_test[@]}" \
     "${gpu_tests[@]}" > "$OUT/pytest.txt" 2>&1
-  echo "pytest rc $?" >> "$OUT/pytest.txt"; tail -n 8 "$OUT/pytest.txt"
+  local test_rc=$?
+  echo "pytest rc $test_rc" >> "$OUT/pytest.txt"; tail -n 12 "$OUT/pytest.txt"
 
   # 2) export, parity, cddrec-bench, cddrec-infer, cddrec-serve on the paper-size random model
   t=$(( $(left) - 15 ))
   echo "[+$(( $(date +%s) - START ))s] gpu_bench (${t}s)"
   timeout $((t + 30)) "$PY" -m cddrec.benchmarks.gpu_bench --out "$OUT" --device "$device" --budget-seconds "$t" \
     "${bench_args[@]}" > "$OUT/gpu_bench.log" 2>&1
-  echo "gpu_bench rc $?" >> "$OUT/gpu_bench.log"; tail -n 60 "$OUT/gpu_bench.log"
-  echo "[+$(( $(date +%s) - START ))s] done"; ls -la "$OUT"
+  local bench_rc=$?
+  echo "gpu_bench rc $bench_rc" >> "$OUT/gpu_bench.log"; tail -n 60 "$OUT/gpu_bench.log"
+  echo "[+$(( $(date +%s) - START ))s] done: pytest rc $test_rc, gpu_bench rc $bench_rc"; ls -la "$OUT"
+  [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
 }
 
 # ---------------------------------------------------------------------------------------- main

@@ -5,6 +5,7 @@ ort-cuda-graph / torch-cuda parity against the fp32 reference on fresh random hi
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -454,3 +455,22 @@ def test_caller_cuda_options_and_the_capture_options_both_reach_the_provider(tra
     be.static_bucket(4)
     assert seen[-1] == ("cuda", {**caller, "enable_cuda_graph": "1"})
     assert be.session_kwargs["cuda_options"] == caller  # the caller's dict is not changed
+
+
+def test_gpu_check_device_mode_refuses_a_machine_without_a_gpu(tmp_path):
+    """``gpu_check.sh`` without a mode is the device sequence: it moves the carried parts out of the
+    checkout, so on a machine without a GPU it refuses (one line, exit 1) and touches nothing;
+    unknown options are refused too. (``--dry-run`` is the rehearsal here.)"""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a GPU machine: the device sequence would run")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "GPU_CHECK_HOME": str(tmp_path / "home"), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "no GPU here" in r.stdout and "--dry-run" in r.stdout
+    assert not (tmp_path / "home").exists()
+    r = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "unknown option --bogus" in r.stdout
