@@ -12,6 +12,7 @@ graph given alone, so its roofline counts the S steps it runs) and, with ``--dat
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -88,6 +89,10 @@ def table(rep: dict, batch_sizes: list[int]) -> str:
     return "\n".join(lines)
 
 
+def fmt_load(load) -> str:
+    return "/".join(f"{x:.1f}" for x in load)
+
+
 TO_BE_RUN = """
 Quality (to be run: it needs a trained Office model; same run, same machine gives the README's table):
 
@@ -116,11 +121,15 @@ cddrec-eval office.pt ../shared/data/Office_Products.txt --stages
 @click.option("--out", "out_dir", default=str(RESULTS_DIR), show_default=True, type=click.Path(file_okay=False))
 def main(model_path, data, steps, backends, batch_sizes, min_seconds, name, out_dir):
     tmp = Path(tempfile.mkdtemp(prefix="cddrec-early-exit-"))
+    load_before = os.getloadavg()
     model_pt = random_model(tmp / "random.pt", PAPER_ITEMS) if model_path == "random" else Path(model_path)
     sizes = [int(b) for b in batch_sizes.split(",")]
     rep = run(model_pt, [int(s) for s in steps.split(",")], [b.strip() for b in backends.split(",")], sizes,
               min_seconds, data, tmp, echo=lambda m: click.echo(m, err=True))
-    text = table(rep, sizes) + ("" if data else "\n" + TO_BE_RUN)
+    rep["load_average"] = {"before": load_before, "after": os.getloadavg()}  # (1, 5, 15 min): a shared machine
+    text = table(rep, sizes) + (f"\n\nLoad average (1/5/15 min) before {fmt_load(load_before)}, after "
+                                f"{fmt_load(rep['load_average']['after'])} on {os.cpu_count()} cores.")
+    text += "" if data else "\n" + TO_BE_RUN
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     paths = record(name, rep, text, out_dir, title="Early exit: the state after S of the T reverse steps")
     click.echo(text)

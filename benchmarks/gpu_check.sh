@@ -67,7 +67,7 @@ for a in "$@"; do
 done
 if [ "$mode" = dry-run ]; then WORK=${GPU_CHECK_HOME:-$(mktemp -d /tmp/cddrec-gpu-dry.XXXXXX)}; else WORK=${GPU_CHECK_HOME:-/tmp/cddrec-gpu}; fi
 
-source_hash() {  # what the cddrec wheel is built from: its packages' files, setup.py and pyproject.toml
+source_hash() {  # what the cddrec wheel is built from: its packages' modules, setup.py and pyproject.toml
   "$1" - "$root" <<'PY'
 import hashlib, pathlib, subprocess, sys
 root, h = pathlib.Path(sys.argv[1]), hashlib.sha256()
@@ -78,8 +78,7 @@ try:  # in a git checkout, the files that travel to the device (tracked, or untr
     files = [root / f for f in out.split("\0") if f]
 except (OSError, subprocess.CalledProcessError):  # on the device: the files that travelled
     files = [p for top in tops for p in (root / top).rglob("*")]
-files = [p for p in files if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
-         and "results" not in p.relative_to(root).parts]
+files = [p for p in files if p.is_file() and p.suffix == ".py" and "__pycache__" not in p.parts]  # the wheel's files
 for p in sorted(files) + [root / "setup.py", root / "pyproject.toml"]:
     h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
 print(h.hexdigest())
@@ -166,7 +165,15 @@ install() {
   local have; have=$(ls "$WORK/parts" | wc -l)
   echo "parts here: $have of $GPU_CHECK_PARTS ($(cd "$WORK/parts" && ls | tr '\n' ' '))"
   if [ "$have" -lt "$GPU_CHECK_PARTS" ]; then
-    echo "part collected; send the next call (see the header of benchmarks/gpu_check.sh)"; exit 0
+    local i missing=""
+    for ((i = 1; i <= GPU_CHECK_PARTS; i++)); do
+      [ -f "$WORK/parts/part.$(printf %02d $((i - 1)))" ] || missing="$missing $i"
+    done
+    local last first; last=$(ls "$WORK/parts" | tail -1); last=$((10#${last#part.} + 1)); first=${missing# }; first=${first%% *}
+    if [ "$first" -lt "$last" ]; then
+      echo "parts missing:$missing while part $last is here (a fresh machine?): start again from call 1"; exit 1
+    fi
+    echo "part collected; send the next call (parts still to come:$missing)"; exit 0
   fi
   cat "$WORK"/parts/part.* > "$WORK/bundle.tar.xz"
   echo "$GPU_CHECK_SHA256  $WORK/bundle.tar.xz" | sha256sum -c - || { echo "the parts do not make the bundle: prepare again"; exit 1; }
