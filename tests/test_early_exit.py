@@ -227,8 +227,12 @@ def test_early_exit_benchmark_rows(tmp_path, trained_tiny, tiny_data_file):
     from cddrec.evaluation import evaluate_file
     from cddrec.vocab import Vocab
 
-    rep = run(trained_tiny, [1, 4], ["ort-cpu"], [1, 8], 0.05, str(tiny_data_file), tmp_path, echo=lambda m: None)
+    rep = run(trained_tiny, [1, 4], ["ort-cpu"], [1, 8], 0.05, str(tiny_data_file), tmp_path, echo=lambda m: None,
+              rounds=2)
     rows = rep["rows"]
+    assert len(rows[0]["rounds"]) == 2  # each figure is the median of the two rounds
+    p50s = [r["results"][0]["timings"][0]["p50_ms"] for r in rows[0]["rounds"]]
+    assert rows[0]["bench"][0]["timings"][0]["p50_ms"] == pytest.approx(sum(p50s) / 2)
     assert [r["S"] for r in rows] == [1, 4] and rows[0]["ops"] < rows[1]["ops"]
     assert rows[0]["flops_per_user"] < rows[1]["flops_per_user"]
     model, ckpt = load_checkpoint(trained_tiny)
