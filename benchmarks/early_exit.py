@@ -13,6 +13,7 @@ graph given alone, so its roofline counts the S steps it runs) and, with ``--dat
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -172,6 +173,7 @@ def main(model_path, data, steps, backends, batch_sizes, min_seconds, rounds, na
     text = table(rep, sizes) + (f"\n\nLoad average (1/5/15 min) before {fmt_load(load_before)}, after "
                                 f"{fmt_load(rep['load_average']['after'])} on {os.cpu_count()} cores.")
     text += "" if data else "\n" + TO_BE_RUN
+    shutil.rmtree(tmp, ignore_errors=True)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     paths = record(name, rep, text, out_dir, title="Early exit: the state after S of the T reverse steps")
     click.echo(text)

@@ -293,6 +293,114 @@ def summarize(rep: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------ phases
+@dataclasses.dataclass
+class Check:
+    """One run of the GPU check: its settings, its report (``rep``, recorded after every phase) and its
+    clock: every phase first checks that it fits what is left of ``budget_seconds``."""
+
+    out: Path
+    device: str
+    items: int = PAPER_ITEMS
+    hidden: int = 128
+    steps: int = 20
+    exit_steps: int = 2
+    sizes: tuple[int, ...] = (1, 4096, 16384)
+    parity_batches: tuple[int, ...] = (1, 4096)
+    seconds: float = 1.0
+    n_requests: int = 1_000_000
+    infer_batch: int = 4096
+    serve_concurrency: str = "1,64,256"
+    serve_seconds: float = 5.0
+    budget_seconds: float = 330.0
+    name: str = "gpu_check"
+    title: str = "GPU check"
+    rep: dict = dataclasses.field(default_factory=lambda: {"errors": {}, "skipped": []})
+    start: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    def left(self) -> float:
+        return self.budget_seconds - (time.monotonic() - self.start)
+
+    def save(self) -> None:
+        self.rep["summary"] = summarize(self.rep)
+        self.rep["seconds"] = round(time.monotonic() - self.start, 1)
+        record(self.name, self.rep, table(self.rep), self.out, title=self.title)
+
+    def step(self, label: str) -> None:
+        click.echo(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - self.start:.0f}s] {label}", err=True)
+
+    def fits(self, phase: str) -> bool:
+        if self.left() < PHASE_SECONDS[phase]:
+            self.rep["skipped"].append(f"{phase} ({self.left():.0f} s left)")
+            self.step(f"skipped {phase}: {self.left():.0f} s left of {self.budget_seconds:.0f}")
+            return False
+        return True
+
+    def run(self, tmp: Path) -> None:
+        """The phases in order (export, parity, speed, cddrec-infer, cddrec-serve, more cddrec-infer),
+        each skipped when it no longer fits; the report is saved after each."""
+        from cddrec.checkpoint import load_checkpoint
+        from cddrec.export.onnx_export import contract_for
+
+        self.step("model and graphs")
+        files = export_all(tmp, self.items, self.hidden, self.steps, self.exit_steps, self.rep)
+        model, _ = load_checkpoint(files.model_pt)
+        self.save()
+        if self.fits("parity"):
+            self.step("parity")
+            self.rep["parity"] = check_parity(model, contract_for(model, 10), self.device, files,
+                                              list(self.parity_batches))
+            self.save()
+        if self.fits("bench"):
+            self.bench(files, tmp)
+        infer = ((("ort-cuda-graph", files.graph), ("torch-cuda", files.model_pt)) if self.cuda else
+                 (("ort-cpu", files.graph),))
+        req = tmp / "requests.jsonl"
+        if self.n_requests and self.fits("infer"):  # the first backend, the server, the others while time is left
+            self.step(f"cddrec-infer: writing {self.n_requests:,} requests")
+            write_requests(req, self.n_requests, self.items)
+            self.rep["infer"] = []
+            self.infer(*infer[0], req, tmp)
+        if self.fits("serve"):
+            backend = "ort-cuda" if self.cuda else "ort-cpu"
+            self.step(f"cddrec-serve --backend {backend} under load")
+            self.rep["serve"] = run_serve(files.graph, backend, tmp, self.serve_concurrency, self.serve_seconds,
+                                          self.left())
+            self.save()
+        for backend, path in infer[1:]:
+            if "infer" in self.rep and self.fits("infer"):
+                self.infer(backend, path, req, tmp)
+
+    def bench(self, files: Files, tmp: Path) -> None:
+        """``run_bench`` per file: the model file on the torch backends, each graph on the ONNX Runtime ones."""
+        from .latency import run_bench
+
+        ort = ["ort-cuda", "ort-cuda-graph"] if self.cuda else ["ort-cpu"]
+        runs = {"model": (files.model_pt, ["torch-cuda", "torch-cuda-fp16"] if self.cuda else ["torch-fast"]),
+                "fp32 graph": (files.graph, ort), "fp16 graph": (files.graph16, ort[-1:]),  # its ort-cuda: parity only
+                f"early exit S={files.exit_steps} graph": (files.graph_s, ort)}
+        self.rep["bench"] = {}
+        for label, (path, backends) in runs.items():
+            self.step(f"speed: {label} {backends}")
+            try:
+                self.rep["bench"][label] = run_bench(path, backends, list(self.sizes), items=self.items,
+                                                     min_seconds=self.seconds,
+                                                     workdir=tmp / label.replace(" ", "_").replace("=", ""),
+                                                     echo=lambda m: self.step("  " + m))
+            except Exception as e:  # noqa: BLE001 - recorded, the other files go on
+                self.rep["errors"][f"bench {label}"] = repr(e)[-600:]
+            self.save()
+
+    def infer(self, backend: str, path: str, req: Path, tmp: Path) -> None:
+        self.step(f"cddrec-infer --backend {backend}")
+        self.rep["infer"].append(run_infer(path, backend, req, tmp / "recs.jsonl", self.infer_batch, self.n_requests,
+                                           self.left()))
+        self.save()
+
+
 def export_all(tmp: Path, items: int, hidden: int, steps: int, exit_steps: int, rep: dict) -> Files:
     """The random model and its three validated graphs; their export reports go to ``rep``."""
     from cddrec.export.onnx_export import ExportOptions, export_model
@@ -310,32 +418,8 @@ def export_all(tmp: Path, items: int, hidden: int, steps: int, exit_steps: int, 
     return files
 
 
-def bench_all(files: Files, cuda: bool, sizes: list[int], items: int, seconds: float, tmp: Path, rep: dict,
-              save, step) -> None:
-    """``run_bench`` per file: the model file on the torch backends, each graph on the ONNX Runtime ones."""
-    from .latency import run_bench
-
-    ort = ["ort-cuda", "ort-cuda-graph"] if cuda else ["ort-cpu"]
-    runs = {"model": (files.model_pt, ["torch-cuda", "torch-cuda-fp16"] if cuda else ["torch-fast"]),
-            "fp32 graph": (files.graph, ort), "fp16 graph": (files.graph16, ort[-1:]),  # its ort-cuda: parity only
-            f"early exit S={files.exit_steps} graph": (files.graph_s, ort)}
-    rep["bench"] = {}
-    for label, (path, backends) in runs.items():
-        step(f"speed: {label} {backends}")
-        try:
-            rep["bench"][label] = run_bench(path, backends, sizes, items=items, min_seconds=seconds,
-                                            workdir=tmp / label.replace(" ", "_").replace("=", ""),
-                                            echo=lambda m: step("  " + m))
-        except Exception as e:  # noqa: BLE001 - recorded, the other files go on
-            rep["errors"][f"bench {label}"] = repr(e)[-600:]
-        save()
-
-
-def infer_one(backend_file: tuple[str, str], req: Path, n: int, batch: int, tmp: Path, rep: dict, step,
-              left: float) -> None:
-    backend, path = backend_file
-    step(f"cddrec-infer --backend {backend}")
-    rep["infer"].append(run_infer(path, backend, req, tmp / "recs.jsonl", batch, n, left))
+def int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 @click.command()
@@ -359,74 +443,29 @@ def main(out_dir, device, items, hidden, steps, exit_steps, batch_sizes, parity_
          infer_batch, serve_concurrency, serve_seconds, budget_seconds, name):
     import torch
 
-    from cddrec.checkpoint import load_checkpoint
-    from cddrec.export.onnx_export import contract_for
-
-    start = time.monotonic()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.ClickException("CUDA is not available (use --device cpu for a dry run)")
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    name = name or "gpu_check_" + "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cuda = device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise click.ClickException("CUDA is not available (use --device cpu for a dry run)")
-    gpu = torch.cuda.get_device_name(0) if cuda else "cpu"
-    name = name or "gpu_check_" + "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
-    tmp = Path(tempfile.mkdtemp(prefix="cddrec-gpu-"))
-    rep: dict = {"device": gpu, "torch": torch.__version__, "items": items, "errors": {}, "skipped": []}
+    check = Check(out, device, items, hidden, steps, exit_steps, int_list(batch_sizes), int_list(parity_batches),
+                  seconds, n_requests, infer_batch, serve_concurrency, serve_seconds, budget_seconds, name,
+                  f"GPU check on {gpu}")
+    check.rep.update({"device": gpu, "torch": torch.__version__, "items": items})
     try:
         import onnxruntime as ort
 
-        rep["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
+        check.rep["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
     except ImportError:
-        rep["errors"]["onnxruntime"] = "not installed"
-
-    def save():
-        rep["summary"] = summarize(rep)
-        rep["seconds"] = round(time.monotonic() - start, 1)
-        record(name, rep, table(rep), out, title=f"GPU check on {gpu}")
-
-    def step(label):
-        click.echo(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - start:.0f}s] {label}", err=True)
-
-    def fits(phase):
-        left = budget_seconds - (time.monotonic() - start)
-        if left < PHASE_SECONDS[phase]:
-            rep["skipped"].append(f"{phase} ({left:.0f} s left)")
-            step(f"skipped {phase}: {left:.0f} s left of {budget_seconds:.0f}")
-            return False
-        return True
-
-    step("model and graphs")
-    files = export_all(tmp, items, hidden, steps, exit_steps, rep)
-    model, _ = load_checkpoint(files.model_pt)
-    save()
-    if fits("parity"):
-        step("parity")
-        rep["parity"] = check_parity(model, contract_for(model, 10), device, files,
-                                     [int(b) for b in parity_batches.split(",")])
-        save()
-    if fits("bench"):
-        bench_all(files, cuda, [int(b) for b in batch_sizes.split(",")], items, seconds, tmp, rep, save, step)
-    infer = ((("ort-cuda-graph", files.graph), ("torch-cuda", files.model_pt)) if cuda else (("ort-cpu", files.graph),))
-    if n_requests and fits("infer"):  # the first backend, then the server, then the others while time is left
-        step(f"cddrec-infer: writing {n_requests:,} requests")
-        req = tmp / "requests.jsonl"
-        write_requests(req, n_requests, items)
-        rep["infer"] = []
-        infer_one(infer[0], req, n_requests, infer_batch, tmp, rep, step, budget_seconds - (time.monotonic() - start))
-        save()
-    if fits("serve"):
-        backend = "ort-cuda" if cuda else "ort-cpu"
-        step(f"cddrec-serve --backend {backend} under load")
-        rep["serve"] = run_serve(files.graph, backend, tmp, serve_concurrency, serve_seconds,
-                                 budget_seconds - (time.monotonic() - start))
-        save()
-    for backend_file in infer[1:]:
-        if "infer" in rep and fits("infer"):
-            infer_one(backend_file, tmp / "requests.jsonl", n_requests, infer_batch, tmp, rep, step,
-                      budget_seconds - (time.monotonic() - start))
-            save()
-    save()
-    click.echo(table(rep))
+        check.rep["errors"]["onnxruntime"] = "not installed"
+    tmp = Path(tempfile.mkdtemp(prefix="cddrec-gpu-"))
+    try:
+        check.run(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the model, its graphs, 1M requests
+        check.save()
+    click.echo(table(check.rep))
 
 
 if __name__ == "__main__":
