@@ -1,0 +1,96 @@
+"""One process: the app on uvicorn (uvloop, httptools), ready when it says so, drained on SIGTERM.
+
+The model is opened and warmed up before the port is bound (a bad model file is a one-line error,
+and a load balancer never sees a server that cannot answer). SIGTERM or SIGINT stops accepting
+connections, lets the requests in flight finish (uvicorn's graceful shutdown, then the batcher
+runs what is queued) and returns normally, so the command exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from typing import Callable
+
+from .app import ServerConfig, create_app
+
+log = logging.getLogger("cddrec.serve")
+
+
+def configure_logging(access_log: bool) -> None:
+    """Server events (loads, reloads, engine failures) on stderr; access lines as bare JSON when asked for."""
+    events = logging.getLogger("cddrec.serve")
+    if not events.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s cddrec-serve: %(message)s"))
+        events.addHandler(h)
+        events.setLevel(logging.INFO)
+        events.propagate = False
+    access = logging.getLogger("cddrec.serve.access")
+    access.propagate = False
+    if access_log and not access.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(h)
+        access.setLevel(logging.INFO)
+
+
+def _uvicorn_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, announcing readiness, and returning normally after SIGTERM/SIGINT (uvicorn
+        re-raises the signal after its graceful shutdown, which would end the process with 143)."""
+
+        on_ready: Callable[[str], None] | None = None
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            original = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            try:
+                yield
+            finally:
+                for s, handler in original.items():
+                    signal.signal(s, handler)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started and self.on_ready is not None:
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                self.on_ready(f"http://{'[' + host + ']' if ':' in host else host}:{port}")
+
+    return GracefulServer
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
+          echo: Callable[[str], None] = print) -> None:
+    """Load the model, bind ``host:port`` (0: any free port), say where, serve until SIGTERM/SIGINT."""
+    import uvicorn
+
+    configure_logging(config.access_log)
+    models = config.repository()
+    m = models.open()
+    echo(f"cddrec-serve: {m.name} version {m.version} ({m.path}) on {config.backend}: K={m.contract.k}, "
+         f"L={m.contract.max_len}, {m.contract.num_items:,} items")
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    uv = uvicorn.Config(create_app(config, models), host=host, port=port, loop=loop, http="httptools", lifespan="on",
+                        access_log=False, log_level="warning", backlog=2048, timeout_keep_alive=30)
+    server = _uvicorn_server_class()(uv)
+    server.on_ready = lambda url: echo(
+        f"cddrec-serve: ready at {url} (model {m.name!r}: POST {url}/v2/models/{m.name}/infer, "
+        f"POST {url}/v1/recommend, GET {url}/metrics; max-batch {config.max_batch}, "
+        f"max-wait {config.max_wait_ms:g} ms, max-queue {config.max_queue})")
+    server.run()
+    echo("cddrec-serve: stopped (requests in flight were answered)")
