@@ -1,10 +1,12 @@
 """``cddrec-bench --serve URL``: drive a running cddrec-serve at fixed concurrencies, as Triton's perf_analyzer.
 
 For each route (``v2``: KServe v2 infer with binary tensors, as tritonclient sends it; ``keys``:
-``POST /v1/recommend``) and each concurrency C, C asynchronous clients (aiohttp on one event loop,
-a connection each) send one-user requests back to back for ``seconds`` (after a short warm-up):
-requests/s, p50/p90/p99 latency, errors (by status), and the mean batch size the server formed
-(the change of ``cddrec_batch_size_sum / _count`` on /metrics over the window).
+``POST /v1/recommend``) and each concurrency C, C asynchronous clients send one-user requests back
+to back for ``seconds`` (after a short warm-up): requests/s, p50/p90/p99 latency, errors (by
+status), and the mean batch size the server formed (the change of ``cddrec_batch_size_sum /
+_count`` on /metrics over the window). The clients are keep-alive connections on one event loop
+sending prebuilt requests, parsed with httptools: the load generator shares the cores with the
+server, so it must cost as little as perf_analyzer does.
 
 With ``--model`` (the graph the server serves), ONNX Runtime alone is timed on the same graph in
 the same run (session defaults, one user per row, full histories of L items), at batch 256 and
@@ -118,37 +120,90 @@ def batch_counters(url: str) -> tuple[float, float]:
     return values.get("cddrec_batch_size_sum", 0.0), values.get("cddrec_batch_size_count", 0.0)
 
 
-async def _drive(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, seconds: float) -> tuple[list, dict]:
-    import aiohttp
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection sending prebuilt requests, responses parsed by httptools (uvicorn's
+    parser): a few tens of microseconds of client CPU per request, where aiohttp spends a few hundred, which
+    on a small machine would be taken from the server being measured (perf_analyzer is C++ for this reason)."""
 
+    def __init__(self):
+        import httptools
+
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future | None = None
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except Exception as e:  # noqa: BLE001 - a malformed answer fails the request that waits for it
+            self._finish(e)
+
+    def on_message_complete(self) -> None:
+        self._finish(self.parser.get_status_code())
+
+    def connection_lost(self, exc) -> None:
+        self._finish(ConnectionError("the server closed the connection"))
+
+    def _finish(self, result) -> None:
+        w, self.waiter = self.waiter, None
+        if w is not None and not w.done():
+            (w.set_exception if isinstance(result, BaseException) else w.set_result)(result)
+
+    async def request(self, raw: bytes) -> int:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.waiter
+
+
+def raw_requests(url: str, path: str, bodies: list[tuple[bytes, dict]]) -> list[bytes]:
+    """The bytes of each POST, headers and body, built once."""
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    out = []
+    for body, headers in bodies:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        out.append(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode()
+                   + body)
+    return out
+
+
+async def _drive(url: str, raws: list[bytes], concurrency: int, seconds: float) -> tuple[list, dict]:
+    host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
+    loop = asyncio.get_running_loop()
     lat: list[float] = []
     errors: dict[str, int] = {}
-    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        async def worker(w: int, end: float, record: bool) -> None:
-            i = w * 7919
-            while time.perf_counter() < end:
-                body, headers = bodies[i % len(bodies)]
-                i += 1
-                t0 = time.perf_counter()
-                try:
-                    async with session.post(url, data=body, headers=headers) as resp:
-                        await resp.read()
-                        status = resp.status
-                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                    status = type(e).__name__
-                if not record:
-                    continue
-                if status == 200:
-                    lat.append(time.perf_counter() - t0)
-                else:
-                    errors[str(status)] = errors.get(str(status), 0) + 1
 
-        end = time.perf_counter() + min(WARMUP_SECONDS, seconds)
-        await asyncio.gather(*(worker(w, end, False) for w in range(concurrency)))
-        end = time.perf_counter() + seconds
-        await asyncio.gather(*(worker(w, end, True) for w in range(concurrency)))
+    async def worker(w: int, end: float, record: bool, conn: list) -> None:
+        i = w * 7919
+        while time.perf_counter() < end:
+            raw = raws[i % len(raws)]
+            i += 1
+            t0 = time.perf_counter()
+            try:
+                if not conn:
+                    conn.append((await loop.create_connection(_Connection, host.strip("[]"), int(port)))[1])
+                status = await conn[0].request(raw)
+            except (OSError, ConnectionError) as e:
+                status = type(e).__name__
+                conn.clear()
+            if not record:
+                continue
+            if status == 200:
+                lat.append(time.perf_counter() - t0)
+            else:
+                errors[str(status)] = errors.get(str(status), 0) + 1
+
+    conns: list[list] = [[] for _ in range(concurrency)]
+    end = time.perf_counter() + min(WARMUP_SECONDS, seconds)
+    await asyncio.gather(*(worker(w, end, False, conns[w]) for w in range(concurrency)))
+    end = time.perf_counter() + seconds
+    await asyncio.wait_for(asyncio.gather(*(worker(w, end, True, conns[w]) for w in range(concurrency))),
+                           seconds + 120)
+    for c in conns:
+        if c:
+            c[0].transport.close()
     return lat, errors
 
 
@@ -161,7 +216,7 @@ def drive(url: str, path: str, route: str, bodies: list, concurrency: int, secon
         runner = asyncio.run
     s0, c0 = batch_counters(url)
     t0 = time.perf_counter()
-    lat, errors = runner(_drive(url + path, bodies, concurrency, seconds))
+    lat, errors = runner(_drive(url, raw_requests(url, path, bodies), concurrency, seconds))
     wall = time.perf_counter() - t0 - min(WARMUP_SECONDS, seconds)
     s1, c1 = batch_counters(url)
     a = np.asarray(lat) * 1000 if lat else np.full(1, np.nan)

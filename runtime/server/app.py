@@ -28,9 +28,7 @@ import logging
 import signal
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
-from functools import wraps
 
 import orjson
 from starlette.applications import Starlette
@@ -38,10 +36,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from cddrec import __version__
 from cddrec.errors import ModelFileError
 
 from .batcher import Batcher, BatchPolicy
+from .http import Call, Endpoint, Reply, error_reply, json_reply
 from .keys import KeyRunner, parse_recommend
 from .metrics import ServerMetrics
 from .models import ModelRepository, ServedModel, model_source
@@ -77,36 +75,6 @@ class ServerConfig:
     def repository(self) -> ModelRepository:
         return ModelRepository(model_source(self.model, self.name, self.backend), self.backend, self.threads,
                                self.engine_options)
-
-
-def json_response(doc, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(doc), status, headers, media_type="application/json")
-
-
-def error_response(message: str, status: int, headers: dict | None = None) -> Response:
-    return json_response({"error": message}, status, headers)
-
-
-def endpoint(route: str):
-    """Count and time every answer under ``route``; a ProtocolError becomes its JSON error response."""
-
-    def deco(fn):
-        @wraps(fn)
-        async def handler(self: "Server", request: Request) -> Response:
-            t0 = time.perf_counter()
-            try:
-                resp = await fn(self, request)
-            except ProtocolError as e:
-                resp = error_response(e.message, e.status, e.headers)
-            except Exception:  # noqa: BLE001 - a bug answers 500, the server keeps serving
-                log.exception("%s %s failed", request.method, request.url.path)
-                resp = error_response("internal server error; see the server log", 500)
-            self.metrics.observe_request(route, resp.status_code, time.perf_counter() - t0)
-            return resp
-
-        return handler
-
-    return deco
 
 
 class Server:
@@ -168,142 +136,143 @@ class Server:
         self.metrics.version.labels(m.name).set(m.version)
 
     # ------------------------------------------------------------------- helpers
-    def model(self, request: Request) -> ServedModel:
+    def model(self, call: Call) -> ServedModel:
         """The served model named by the path (404 for another name or a version not loaded)."""
-        m = self.models.current if self.models is not None else None
-        if m is None:
-            raise ProtocolError("the model is loading", 503, {"retry-after": "1"})
-        name = request.path_params.get("name")
+        m = self.model_any()
+        name = call.path_params.get("name")
         if name != m.name:
             raise ProtocolError(f"unknown model {name!r}: this server serves {m.name!r}", 404)
-        version = request.path_params.get("version")
+        version = call.path_params.get("version")
         if version is not None and version != str(m.version):
             raise ProtocolError(f"model {name!r} version {version!r} is not loaded (serving version {m.version})", 404)
         return m
-
-    async def body(self, request: Request) -> bytes:
-        """The request body, at most ``max_body_bytes`` (413), decompressed for gzip/deflate (415 otherwise)."""
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ProtocolError(f"request body of {int(declared)} bytes is over the limit of {limit} (--max-body-bytes)",
-                                413)
-        chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > limit:
-                raise ProtocolError(f"request body over the limit of {limit} bytes (--max-body-bytes)", 413)
-            chunks.append(chunk)
-        data = b"".join(chunks)
-        encoding = request.headers.get("content-encoding", "identity").lower()
-        if encoding == "identity":
-            return data
-        if encoding not in ("gzip", "deflate"):
-            raise ProtocolError(f"Content-Encoding {encoding!r} is not supported (gzip, deflate or none)", 415)
-        d = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
-        try:
-            out = d.decompress(data, limit + 1)
-        except zlib.error as e:
-            raise ProtocolError(f"the body is not valid {encoding} data ({e})") from None
-        if len(out) > limit or d.unconsumed_tail:
-            raise ProtocolError(f"decompressed request body over the limit of {limit} bytes (--max-body-bytes)", 413)
-        return out
-
-    # -------------------------------------------------------------------- routes
-    @endpoint("/v2/health/live")
-    async def live(self, request: Request) -> Response:
-        return json_response({"live": True})
-
-    @endpoint("/v2/health/ready")
-    async def health_ready(self, request: Request) -> Response:
-        return json_response({"ready": self.ready}, 200 if self.ready else 503)
-
-    @endpoint("/v2")
-    async def server_metadata(self, request: Request) -> Response:
-        return json_response({"name": "cddrec", "version": __version__, "extensions": EXTENSIONS})
-
-    @endpoint("/v2/models/{name}")
-    async def model_metadata(self, request: Request) -> Response:
-        m = self.model(request)
-        return json_response(model_metadata(m.name, [str(m.version)], m.contract, self.models.platform))
-
-    @endpoint("/v2/models/{name}/ready")
-    async def model_ready(self, request: Request) -> Response:
-        self.model(request)
-        return json_response({"name": request.path_params["name"], "ready": self.ready}, 200 if self.ready else 503)
-
-    @endpoint("/v2/models/{name}/config")
-    async def model_config(self, request: Request) -> Response:
-        m = self.model(request)
-        return json_response(model_config(m.name, m.contract, self.config.max_batch, self.models.platform))
-
-    @endpoint("/v2/models/{name}/infer")
-    async def infer(self, request: Request) -> Response:
-        m = self.model(request)
-        req = parse_infer(await self.body(request), request.headers.get(HEADER_LENGTH), m.contract,
-                          self.config.max_batch)
-        served, outputs = await self.batcher.submit("tensors", req, req.rows, req.width, req.timeout_s)
-        body, headers = encode_infer_response(served.name, str(served.version), req, outputs)
-        return Response(body, headers=headers)
-
-    @endpoint("/v1/recommend")
-    async def recommend(self, request: Request) -> Response:
-        m = self.model_any()
-        req = parse_recommend(await self.body(request), m.contract, self.config.max_batch)
-        payload = await self.batcher.submit("keys", req, req.size, req.width)
-        return Response(payload, media_type="application/json")
 
     def model_any(self) -> ServedModel:
         if self.models is None or self.models.current is None:
             raise ProtocolError("the model is loading", 503, {"retry-after": "1"})
         return self.models.current
 
-    @endpoint("/v2/repository/index")
-    async def repository_index(self, request: Request) -> Response:
+    # -------------------------------------------------------------------- routes
+    async def infer(self, call: Call) -> Reply:
+        m = self.model(call)
+        req = parse_infer(await call.body(self.config.max_body_bytes), call.header(HEADER_LENGTH.encode()), m.contract,
+                          self.config.max_batch)
+        served, outputs = await self.batcher.submit("tensors", req, req.rows, req.width, req.timeout_s)
+        body, headers = encode_infer_response(served.name, str(served.version), req, outputs)
+        extra = [(HEADER_LENGTH.encode(), headers[HEADER_LENGTH].encode())] if HEADER_LENGTH in headers else []
+        return Reply(body, content_type=headers["content-type"].encode(), headers=extra)
+
+    async def recommend(self, call: Call) -> Reply:
         m = self.model_any()
-        return json_response([{"name": m.name, "version": str(v), "state": "READY" if v == m.version else "UNAVAILABLE"}
-                              for v in self.models.source.versions()])
+        req = parse_recommend(await call.body(self.config.max_body_bytes), m.contract, self.config.max_batch)
+        return Reply(await self.batcher.submit("keys", req, req.size, req.width))
 
-    @endpoint("/v2/repository/models/{name}/load")
-    async def repository_load(self, request: Request) -> Response:
-        self.model(request)
+    async def live(self, call: Call) -> Reply:
+        return json_reply({"live": True})
+
+    async def health_ready(self, call: Call) -> Reply:
+        return json_reply({"ready": self.ready}, 200 if self.ready else 503)
+
+    async def server_metadata(self, call: Call) -> Reply:
+        return json_reply({"name": "cddrec", "version": _version(), "extensions": EXTENSIONS})
+
+    async def model_metadata(self, call: Call) -> Reply:
+        m = self.model(call)
+        return json_reply(model_metadata(m.name, [str(m.version)], m.contract, self.models.platform))
+
+    async def model_ready(self, call: Call) -> Reply:
+        m = self.model(call)
+        return json_reply({"name": m.name, "ready": self.ready}, 200 if self.ready else 503)
+
+    async def model_config(self, call: Call) -> Reply:
+        m = self.model(call)
+        return json_reply(model_config(m.name, m.contract, self.config.max_batch, self.models.platform))
+
+    async def repository_index(self, call: Call) -> Reply:
+        m = self.model_any()
+        return json_reply([{"name": m.name, "version": str(v), "state": "READY" if v == m.version else "UNAVAILABLE"}
+                           for v in self.models.source.versions()])
+
+    async def repository_load(self, call: Call) -> Reply:
+        self.model(call)
         new = await self.reload()
-        return json_response({"name": new.name, "version": str(new.version)})
+        return json_reply({"name": new.name, "version": str(new.version)})
 
-    @endpoint("/v2/repository/models/{name}/unload")
-    async def repository_unload(self, request: Request) -> Response:
-        self.model(request)
+    async def repository_unload(self, call: Call) -> Reply:
+        self.model(call)
         raise ProtocolError("cddrec-serve serves one model and does not unload it; stop the server instead", 400)
 
-    @endpoint("/metrics")
-    async def prometheus(self, request: Request) -> Response:
+    async def prometheus(self, call: Call) -> Reply:
         body, content_type = self.metrics.render()
-        return Response(body, media_type=content_type)
+        return Reply(body, content_type=content_type.encode())
 
     # --------------------------------------------------------------------- table
-    def routes(self) -> list[Route]:
-        model = "/v2/models/{name}"
-        versioned = "/v2/models/{name}/versions/{version}"
-        routes = [Route("/v2/health/live", self.live, methods=["GET"]),
-                  Route("/v2/health/ready", self.health_ready, methods=["GET"]),
-                  Route("/v2", self.server_metadata, methods=["GET"]),
-                  Route("/v1/recommend", self.recommend, methods=["POST"]),
-                  Route("/v2/repository/index", self.repository_index, methods=["POST"]),
-                  Route("/v2/repository/models/{name}/load", self.repository_load, methods=["POST"]),
-                  Route("/v2/repository/models/{name}/unload", self.repository_unload, methods=["POST"]),
-                  Route("/metrics", self.prometheus, methods=["GET"])]
-        for base in (model, versioned):
-            routes += [Route(base, self.model_metadata, methods=["GET"]),
-                       Route(base + "/ready", self.model_ready, methods=["GET"]),
-                       Route(base + "/config", self.model_config, methods=["GET"]),
-                       Route(base + "/infer", self.infer, methods=["POST"])]
-        return routes
+    def endpoints(self) -> list[tuple[str, Endpoint]]:
+        """(path template, endpoint) of every route, the hot ones first."""
+        def ep(handler, route: str, *methods: str) -> Endpoint:
+            return Endpoint(handler, route, methods or ("GET",), self.metrics)
+
+        model, versioned = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
+        infer = ep(self.infer, model + "/infer", "POST")
+        metadata, ready = ep(self.model_metadata, model), ep(self.model_ready, model + "/ready")
+        config = ep(self.model_config, model + "/config")
+        return [(model + "/infer", infer), ("/v1/recommend", ep(self.recommend, "/v1/recommend", "POST")),
+                (versioned + "/infer", infer),
+                ("/v2/health/live", ep(self.live, "/v2/health/live")),
+                ("/v2/health/ready", ep(self.health_ready, "/v2/health/ready")),
+                ("/v2", ep(self.server_metadata, "/v2")),
+                ("/metrics", ep(self.prometheus, "/metrics")),
+                (model, metadata), (versioned, metadata), (model + "/ready", ready), (versioned + "/ready", ready),
+                (model + "/config", config), (versioned + "/config", config),
+                ("/v2/repository/index", ep(self.repository_index, "/v2/repository/index", "POST")),
+                ("/v2/repository/models/{name}/load", ep(self.repository_load, "/v2/repository/models/{name}/load",
+                                                         "POST")),
+                ("/v2/repository/models/{name}/unload", ep(self.repository_unload,
+                                                           "/v2/repository/models/{name}/unload", "POST"))]
+
+
+def _version() -> str:
+    """The installed cddrec's version (read from the distribution: ``cddrec/__init__`` reaches the torch modules)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cddrec")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 async def _not_found(request: Request, exc) -> Response:
-    status = getattr(exc, "status_code", 404)
-    what = "no route" if status == 404 else "method not allowed for"
-    return error_response(f"{what} {request.method} {request.url.path} (see GET /v2 and POST /v1/recommend)", status)
+    reply = error_reply(f"no route {request.method} {request.url.path} (see GET /v2 and POST /v1/recommend)", 404)
+    return Response(reply.body, 404, media_type="application/json")
+
+
+class App:
+    """The ASGI app: the hot routes (infer of the served model, /v1/recommend) by their exact path, everything
+    else (and lifespan) through Starlette's router, which reaches the same endpoints."""
+
+    def __init__(self, server: Server, endpoints: list[tuple[str, Endpoint]]):
+        self.server = server
+        self.router = Starlette(routes=[Route(path, ep) for path, ep in endpoints], lifespan=self._lifespan,
+                                exception_handlers={404: _not_found})
+        self.state = self.router.state
+        self.state.server = server
+        self._hot = {path: ep for path, ep in endpoints[:2]}
+        self.fast: dict[str, tuple[Endpoint, dict]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        async with self.server.lifespan(app):
+            name = self.server.models.name
+            self.fast = {path.replace("{name}", name): (ep, {"name": name} if "{name}" in path else {})
+                         for path, ep in self._hot.items()}
+            yield
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            hit = self.fast.get(scope["path"])
+            if hit is not None:
+                return await hit[0](scope, receive, send, hit[1])
+        await self.router(scope, receive, send)
 
 
 class AccessLog:
@@ -311,6 +280,7 @@ class AccessLog:
 
     def __init__(self, app):
         self.app = app
+        self.state = getattr(app, "state", None)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -335,12 +305,8 @@ class AccessLog:
                                           "ms": round((time.perf_counter() - t0) * 1000, 3)}).decode())
 
 
-def create_app(config: ServerConfig, models: ModelRepository | None = None) -> Starlette:
+def create_app(config: ServerConfig, models: ModelRepository | None = None):
     """The ASGI app; ``models`` already opened (the command) or None (opened at startup: Ray replicas)."""
     server = Server(config, models)
-    app = Starlette(routes=server.routes(), lifespan=server.lifespan,
-                    exception_handlers={404: _not_found, 405: _not_found})
-    app.state.server = server
-    if config.access_log:
-        app.add_middleware(AccessLog)
-    return app
+    app = App(server, server.endpoints())
+    return AccessLog(app) if config.access_log else app

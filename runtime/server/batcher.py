@@ -68,6 +68,12 @@ class BatchStats:
     sizes: list = field(default_factory=list)  # the last few batch sizes (tests, debugging)
 
 
+def _expire(future: asyncio.Future, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(ProtocolError(f"no answer within {timeout * 1000:.0f} ms (--timeout-ms): the server is "
+                                           "overloaded", 504))
+
+
 class Batcher:
     """Queue + dispatcher task + one engine thread; ``runners`` maps a job kind to
     ``fn(payloads) -> results`` (called on the engine thread, one result or exception per payload)."""
@@ -83,12 +89,14 @@ class Batcher:
         self._gathering = False
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._evloop: asyncio.AbstractEventLoop | None = None
         self._engine = ThreadPoolExecutor(1, thread_name_prefix="engine")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="cddrec-batcher")
+        self._evloop = asyncio.get_running_loop()
+        self._task = self._evloop.create_task(self._loop(), name="cddrec-batcher")
 
     async def close(self) -> None:
         """Refuse new jobs, run the queued ones, stop the engine thread."""
@@ -114,7 +122,7 @@ class Batcher:
                 self.metrics.rejected.inc()
             raise ProtocolError(f"overloaded: {self.queued} users are waiting (--max-queue {p.max_queue}); retry later",
                                 503, {"retry-after": RETRY_AFTER})
-        loop = asyncio.get_running_loop()
+        loop = self._evloop
         job = Job(kind, payload, size, width, loop.create_future(), time.perf_counter(), self.busy)
         self.queue.append(job)
         self.queued += size
@@ -123,12 +131,11 @@ class Batcher:
         if self._sleeping and (not self._gathering or self.queued >= p.max_batch):
             self._wake.set()
         timeout = p.timeout_s if timeout_s is None else min(timeout_s, p.timeout_s)
+        timer = loop.call_later(timeout, _expire, job.future, timeout)  # cheaper than wait_for per request
         try:
-            return await asyncio.wait_for(job.future, timeout)
-        except asyncio.TimeoutError:
-            raise ProtocolError(f"no answer within {timeout * 1000:.0f} ms (--timeout-ms): the server is overloaded",
-                                504) from None
+            return await job.future
         finally:
+            timer.cancel()
             if not job.taken and not job.dropped:  # timed out or cancelled while queued: leave the queue
                 job.dropped = True
                 self.queued -= job.size

@@ -21,6 +21,7 @@ server's own per-request timeout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,8 +47,32 @@ class ProtocolError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
+_BY_NAME = {d.name: k for d, k in NUMPY_TO_KSERVE.items()}
+
+
 def kserve_datatype(dtype: str | np.dtype) -> str:
-    return NUMPY_TO_KSERVE[np.dtype(dtype)]
+    return _BY_NAME.get(dtype) or NUMPY_TO_KSERVE[np.dtype(dtype)]
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """A contract's tensors, built once per contract (its ``inputs``/``outputs`` properties build new specs)."""
+
+    inputs: dict  # name -> TensorSpec
+    output_names: list
+    dtypes: dict  # name -> numpy dtype
+
+
+_TENSORS: dict[int, tuple[GraphContract, Tensors]] = {}
+
+
+def tensors_of(contract: GraphContract) -> Tensors:
+    hit = _TENSORS.get(id(contract))
+    if hit is None or hit[0] is not contract:
+        specs = {s.name: s for s in contract.inputs}
+        hit = _TENSORS[id(contract)] = (contract, Tensors(specs, contract.output_names,
+                                                          {n: np.dtype(s.dtype) for n, s in specs.items()}))
+    return hit[1]
 
 
 def kserve_shape(spec: TensorSpec) -> list[int]:
@@ -109,18 +134,18 @@ def _shape(t: dict, spec: TensorSpec, where: str, max_batch: int) -> tuple[int, 
     return tuple(shape)
 
 
-def _tensor(t: dict, spec: TensorSpec, binary: memoryview, offset: int, max_batch: int) -> tuple[np.ndarray, int]:
+def _tensor(t: dict, spec: TensorSpec, dtype: np.dtype, binary: memoryview, offset: int, max_batch: int
+            ) -> tuple[np.ndarray, int]:
     """The input's array and the new offset into the binary part."""
     where = f"input '{spec.name}'"
     want = kserve_datatype(spec.dtype)
     if t.get("datatype") != want:
         raise ProtocolError(f"{where}: datatype must be {want}, got {t.get('datatype')!r}")
     shape = _shape(t, spec, where, max_batch)
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     params = _params(t, where)
-    if any(k in params for k in SHARED_MEMORY):
+    if params and any(k in params for k in SHARED_MEMORY):
         raise ProtocolError(f"{where}: shared memory is not supported by cddrec-serve; send the data in the body")
-    dtype = np.dtype(spec.dtype)
     if "binary_data_size" in params:
         size = params["binary_data_size"]
         if type(size) is not int or size != count * dtype.itemsize:
@@ -154,7 +179,8 @@ def parse_infer(body: bytes, header_length: str | None, contract: GraphContract,
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
         raise ProtocolError("'inputs' must be a non-empty list of tensor objects {name, shape, datatype, data}")
-    specs = {s.name: s for s in contract.inputs}
+    tables = tensors_of(contract)
+    specs = tables.inputs
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for t in inputs:
@@ -165,40 +191,39 @@ def parse_infer(body: bytes, header_length: str | None, contract: GraphContract,
                                             for s in contract.inputs))
         if name in arrays:
             raise ProtocolError(f"input {name!r} is given twice")
-        arrays[name], offset = _tensor(t, specs[name], binary, offset, max_batch)
+        arrays[name], offset = _tensor(t, specs[name], tables.dtypes[name], binary, offset, max_batch)
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data after the JSON header belong to no input")
     missing = [n for n in specs if n not in arrays]
     if missing:
         raise ProtocolError(f"missing input(s) {missing}: this model takes {list(specs)}")
-    rows = _batch_rows(arrays, contract)
+    rows = _batch_rows(arrays, specs)
     check_item_ids(arrays["item_ids"], contract.num_items)
     params = _params(doc, "request")
-    return InferRequest(arrays, rows, int(arrays["item_ids"].shape[1]), _outputs(doc, params, contract),
+    return InferRequest(arrays, rows, int(arrays["item_ids"].shape[1]), _outputs(doc, params, tables.output_names),
                         _request_id(doc), _timeout(params))
 
 
-def _batch_rows(arrays: dict[str, np.ndarray], contract: GraphContract) -> int:
-    sizes = {name: arrays[name].shape[spec.shape.index("batch")] for name, spec in
-             ((s.name, s) for s in contract.inputs)}
-    if len(set(sizes.values())) != 1:
+def _batch_rows(arrays: dict[str, np.ndarray], specs: dict) -> int:
+    sizes = {name: arrays[name].shape[spec.shape.index("batch")] for name, spec in specs.items()}
+    if len(sizes) > 1 and len(set(sizes.values())) != 1:
         raise ProtocolError(f"inputs disagree on the batch size: {sizes}")
     return next(iter(sizes.values()))
 
 
 def check_item_ids(ids: np.ndarray, num_items: int) -> None:
     """Item ids lie in 0..num_items (0 = padding); anything else would fail the engine for a whole batch."""
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) > num_items):
-        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+    lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    if lo < 0 or hi > num_items:
+        bad = lo if lo < 0 else hi
         raise ProtocolError(f"input 'item_ids': ids must lie in 0..{num_items} (0 = padding), got {bad}")
 
 
-def _outputs(doc: dict, params: dict, contract: GraphContract) -> list[tuple[str, bool]]:
+def _outputs(doc: dict, params: dict, names: list[str]) -> list[tuple[str, bool]]:
     default_binary = params.get("binary_data_output", False)
     if not isinstance(default_binary, bool):
         raise ProtocolError("parameter 'binary_data_output' must be true or false")
     wanted = doc.get("outputs")
-    names = contract.output_names
     if wanted is None:
         return [(n, default_binary) for n in names]
     if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):

@@ -14,13 +14,13 @@ import numpy as np
 
 from cddrec.contract import GraphContract
 
-from .protocol import InferRequest, ProtocolError, check_item_ids
+from .protocol import InferRequest, ProtocolError, check_item_ids, tensors_of
 
 
 def merge_feeds(feeds: list[dict[str, np.ndarray]], contract: GraphContract) -> dict[str, np.ndarray]:
     """One feed of every request's rows, in order: item_ids (B, S_max) left-padded, others concatenated."""
     out = {}
-    for spec in contract.inputs:
+    for spec in tensors_of(contract).inputs.values():
         arrs = [f[spec.name] for f in feeds]
         if len(arrs) == 1:
             out[spec.name] = arrs[0]
@@ -46,11 +46,12 @@ class TensorRunner:
     def __call__(self, payloads: list[InferRequest]) -> list:
         m = self.models.current
         c = m.contract
+        names = tensors_of(c).inputs.keys()
         results: list = [None] * len(payloads)
         ok = []
         for i, p in enumerate(payloads):
-            if set(p.inputs) != set(c.input_names):
-                results[i] = ProtocolError(f"the model was reloaded and now takes {c.input_names}; resend the request",
+            if p.inputs.keys() != names:
+                results[i] = ProtocolError(f"the model was reloaded and now takes {list(names)}; resend the request",
                                            409)
             else:
                 ok.append(i)
