@@ -222,3 +222,35 @@ def test_metrics_count_requests_by_route_and_status(server):
     assert 'cddrec_model_version{model="cddrec"} 1.0' in text
     for name in ("cddrec_batch_size_bucket", "cddrec_queue_users", "cddrec_batch_duration_seconds_count"):
         assert name in text
+
+
+def test_load_benchmark_reports_throughput_latency_batches_and_the_engine_alone(server, trained_tiny_onnx, tmp_path):
+    from cddrec.benchmarks.serve_load import bench_serve
+
+    table, paths = bench_serve(server.url, [1, 8], 0.4, ["v2", "keys"], str(trained_tiny_onnx), 1, tmp_path, "load",
+                               echo=lambda m: None)
+    doc = json.loads((tmp_path / "load.json").read_text())
+    assert doc["command"] and doc["commit"] and doc["server_model"]["name"] == "cddrec"
+    rows = {(r["route"], r["concurrency"]): r for r in doc["results"]}
+    assert set(rows) == {("v2", 1), ("v2", 8), ("keys", 1), ("keys", 8)}
+    for r in rows.values():
+        assert r["requests"] > 0 and r["errors"] == {} and r["p50_ms"] <= r["p99_ms"]
+        assert r["mean_batch"] is not None and r["mean_batch"] >= 1
+    assert rows[("v2", 1)]["mean_batch"] == pytest.approx(1.0, abs=0.05)  # one client: batches of one
+    assert set(doc["engine"]) == {"batch_256", "batch_1"} and doc["engine"]["batch_256"]["users_per_s"] > 0
+    assert "c1_p50_minus_ort_b1_p50_ms" in doc["ratios"]["v2"]
+    assert "| v2 | 8 |" in table and str(tmp_path / "load.md") in paths
+
+
+def test_command_errors_are_one_line(server, tmp_path):
+    from click.testing import CliRunner
+
+    from cddrec.app.serve import main
+
+    port = server.url.rsplit(":", 1)[1]
+    for args, words in ((["--model", str(tmp_path / "missing.onnx")], "no such file"),
+                        (["--model", str(tmp_path), "--port", "0"], "expected a model file"),
+                        (["--model", str(tmp_path), "--port", port], "Address already in use"),
+                        (["--model", str(tmp_path), "--replicas", "2"], "add --ray")):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code in (1, 2) and words in r.output and "Traceback" not in r.output, r.output

@@ -1,4 +1,9 @@
-"""The Starlette application of ``cddrec-serve``: the same app on uvicorn or behind Ray Serve.
+"""The ASGI application of ``cddrec-serve``: the same app on uvicorn or behind Ray Serve.
+
+Each route is an ``Endpoint`` (``http.py``) of a ``Server`` method; Starlette routes to them (and
+runs the lifespan: open the model, start the batcher; drain and close at shutdown), and the two
+hot routes (infer of the served model, ``/v1/recommend``) are also reached by their exact path
+without Starlette's middleware stack.
 
 Routes (KServe v2 / Triton HTTP, plus the key route and metrics):
 
@@ -17,7 +22,8 @@ Routes (KServe v2 / Triton HTTP, plus the key route and metrics):
 
 Every error is ``{"error": "..."}`` with a 4xx (the request's fault: 400 bad field, 404 unknown
 model or route, 413 body too large, 415 unknown content encoding) or a 5xx (503 queue full or
-draining, with Retry-After; 504 timeout; 500 engine failure of that batch).
+draining, with Retry-After; 504 timeout; 500 engine failure of that batch; 409 a request parsed for
+a model that a reload replaced by one with other inputs).
 """
 
 from __future__ import annotations

@@ -18,8 +18,11 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,12 +71,6 @@ class BatchStats:
     sizes: list = field(default_factory=list)  # the last few batch sizes (tests, debugging)
 
 
-def _expire(future: asyncio.Future, timeout: float) -> None:
-    if not future.done():
-        future.set_exception(ProtocolError(f"no answer within {timeout * 1000:.0f} ms (--timeout-ms): the server is "
-                                           "overloaded", 504))
-
-
 class Batcher:
     """Queue + dispatcher task + one engine thread; ``runners`` maps a job kind to
     ``fn(payloads) -> results`` (called on the engine thread, one result or exception per payload)."""
@@ -90,6 +87,9 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._evloop: asyncio.AbstractEventLoop | None = None
+        self._deadlines: list = []  # heap of (deadline, seq, weakref to the future, timeout): no timer per request
+        self._seq = itertools.count()
+        self._sweeper: asyncio.Task | None = None
         self._engine = ThreadPoolExecutor(1, thread_name_prefix="engine")
 
     # ------------------------------------------------------------------ lifecycle
@@ -97,6 +97,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._evloop = asyncio.get_running_loop()
         self._task = self._evloop.create_task(self._loop(), name="cddrec-batcher")
+        self._sweeper = self._evloop.create_task(self._sweep(), name="cddrec-timeouts")
 
     async def close(self) -> None:
         """Refuse new jobs, run the queued ones, stop the engine thread."""
@@ -105,6 +106,8 @@ class Batcher:
             self._wake.set()
         if self._task is not None:
             await self._task
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self._engine.shutdown(wait=True)
 
     def on_engine_thread(self, fn: Callable[[], Any]):
@@ -131,14 +134,28 @@ class Batcher:
         if self._sleeping and (not self._gathering or self.queued >= p.max_batch):
             self._wake.set()
         timeout = p.timeout_s if timeout_s is None else min(timeout_s, p.timeout_s)
-        timer = loop.call_later(timeout, _expire, job.future, timeout)  # cheaper than wait_for per request
+        heapq.heappush(self._deadlines, (job.arrived + timeout, next(self._seq), weakref.ref(job.future), timeout))
         try:
             return await job.future
         finally:
-            timer.cancel()
             if not job.taken and not job.dropped:  # timed out or cancelled while queued: leave the queue
                 job.dropped = True
                 self.queued -= job.size
+
+    async def _sweep(self) -> None:
+        """Answer 504 to the jobs past their deadline (checked every few tens of milliseconds: a timer per
+        request costs more than the rest of the batcher's work for it)."""
+        period = min(0.02, self.policy.timeout_s / 4)
+        heap = self._deadlines
+        while True:
+            await asyncio.sleep(period)
+            now = time.perf_counter()
+            while heap and heap[0][0] <= now:
+                _, _, ref, timeout = heapq.heappop(heap)
+                future = ref()  # answered requests have dropped theirs
+                if future is not None and not future.done():
+                    future.set_exception(ProtocolError(f"no answer within {timeout * 1000:.0f} ms (--timeout-ms): "
+                                                           "the server is overloaded", 504))
 
     # ------------------------------------------------------------------- dispatch
     async def _sleep(self, timeout: float | None = None) -> None:

@@ -51,7 +51,7 @@ _BY_NAME = {d.name: k for d, k in NUMPY_TO_KSERVE.items()}
 
 
 def kserve_datatype(dtype: str | np.dtype) -> str:
-    return _BY_NAME.get(dtype) or NUMPY_TO_KSERVE[np.dtype(dtype)]
+    return _BY_NAME.get(dtype if isinstance(dtype, str) else dtype.name) or NUMPY_TO_KSERVE[np.dtype(dtype)]
 
 
 @dataclass(frozen=True)
