@@ -248,9 +248,10 @@ def test_command_errors_are_one_line(server, tmp_path):
     from cddrec.app.serve import main
 
     port = server.url.rsplit(":", 1)[1]
-    for args, words in ((["--model", str(tmp_path / "missing.onnx")], "no such file"),
+    (tmp_path / "m.onnx").write_bytes(b"not even read: the port is taken")
+    for args, words in ((["--model", str(tmp_path / "missing.onnx"), "--port", "0"], "no such file"),
                         (["--model", str(tmp_path), "--port", "0"], "expected a model file"),
-                        (["--model", str(tmp_path), "--port", port], "Address already in use"),
+                        (["--model", str(tmp_path / "m.onnx"), "--port", port], "Address already in use"),
                         (["--model", str(tmp_path), "--replicas", "2"], "add --ray")):
         r = CliRunner().invoke(main, args)
         assert r.exit_code in (1, 2) and words in r.output and "Traceback" not in r.output, r.output

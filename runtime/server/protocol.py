@@ -22,6 +22,7 @@ server's own per-request timeout.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,9 @@ DATATYPES = {"BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": 
              "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64)}
 NUMPY_TO_KSERVE = {v: k for k, v in DATATYPES.items()}
 HEADER_LENGTH = "inference-header-content-length"
-SHARED_MEMORY = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+NATIVE_LITTLE = sys.byteorder == "little"
+SHARED_MEMORY = frozenset(("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"))
+LITTLE = {d: d.newbyteorder("<") for d in DATATYPES.values()}
 
 
 class ProtocolError(Exception):
@@ -144,7 +147,7 @@ def _tensor(t: dict, spec: TensorSpec, dtype: np.dtype, binary: memoryview, offs
     shape = _shape(t, spec, where, max_batch)
     count = math.prod(shape)
     params = _params(t, where)
-    if params and any(k in params for k in SHARED_MEMORY):
+    if params and not SHARED_MEMORY.isdisjoint(params):
         raise ProtocolError(f"{where}: shared memory is not supported by cddrec-serve; send the data in the body")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
@@ -154,7 +157,7 @@ def _tensor(t: dict, spec: TensorSpec, dtype: np.dtype, binary: memoryview, offs
         if offset + size > len(binary):
             raise ProtocolError(f"{where}: {size} bytes of binary data expected after the JSON header, "
                                 f"{len(binary) - offset} left")
-        arr = np.frombuffer(binary[offset:offset + size], dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+        arr = np.frombuffer(binary[offset:offset + size], dtype=LITTLE[dtype]).astype(dtype, copy=False)
         return arr.reshape(shape), offset + size
     if "data" not in t:
         raise ProtocolError(f"{where}: no 'data' and no binary_data_size parameter")
@@ -213,10 +216,10 @@ def _batch_rows(arrays: dict[str, np.ndarray], specs: dict) -> int:
 
 def check_item_ids(ids: np.ndarray, num_items: int) -> None:
     """Item ids lie in 0..num_items (0 = padding); anything else would fail the engine for a whole batch."""
-    lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
-    if lo < 0 or hi > num_items:
-        bad = lo if lo < 0 else hi
-        raise ProtocolError(f"input 'item_ids': ids must lie in 0..{num_items} (0 = padding), got {bad}")
+    if ids.size and int(ids.view(np.uint64).max()) > num_items:  # one pass: negatives wrap to huge values
+        lo, hi = int(ids.min()), int(ids.max())
+        raise ProtocolError(f"input 'item_ids': ids must lie in 0..{num_items} (0 = padding), got "
+                            f"{lo if lo < 0 else hi}")
 
 
 def _outputs(doc: dict, params: dict, names: list[str]) -> list[tuple[str, bool]]:
@@ -230,17 +233,20 @@ def _outputs(doc: dict, params: dict, names: list[str]) -> list[tuple[str, bool]
         raise ProtocolError("'outputs' must be a list of objects {name, parameters}")
     out = []
     for o in wanted:
-        if o.get("name") not in names:
-            raise ProtocolError(f"unknown output {o.get('name')!r}: this model returns {names}")
-        p = _params(o, f"output '{o['name']}'")
+        name = o.get("name")
+        if name not in names:
+            raise ProtocolError(f"unknown output {name!r}: this model returns {names}")
+        p = o.get("parameters") or {}
+        if type(p) is not dict:
+            raise ProtocolError(f"output '{name}': 'parameters' must be an object, got {type(p).__name__}")
         if p.get("classification"):
-            raise ProtocolError(f"output '{o['name']}': the classification extension is not supported")
-        if any(k in p for k in SHARED_MEMORY):
-            raise ProtocolError(f"output '{o['name']}': shared memory is not supported by cddrec-serve")
+            raise ProtocolError(f"output '{name}': the classification extension is not supported")
+        if not SHARED_MEMORY.isdisjoint(p):
+            raise ProtocolError(f"output '{name}': shared memory is not supported by cddrec-serve")
         binary = p.get("binary_data", default_binary)
-        if not isinstance(binary, bool):
-            raise ProtocolError(f"output '{o['name']}': parameter 'binary_data' must be true or false")
-        out.append((o["name"], binary))
+        if binary is not True and binary is not False:
+            raise ProtocolError(f"output '{name}': parameter 'binary_data' must be true or false")
+        out.append((name, binary))
     return out
 
 
@@ -268,7 +274,7 @@ def encode_infer_response(model: str, version: str, request: InferRequest, outpu
         arr = np.ascontiguousarray(outputs[name])
         t = {"name": name, "datatype": kserve_datatype(arr.dtype), "shape": list(arr.shape)}
         if binary:
-            raw = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            raw = arr.tobytes() if NATIVE_LITTLE else arr.astype(LITTLE[arr.dtype], copy=False).tobytes()
             t["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:

@@ -32,9 +32,8 @@ def configure_logging(access_log: bool) -> None:
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s cddrec-serve: %(message)s"))
         events.addHandler(h)
         events.setLevel(logging.INFO)
-        events.propagate = False
     access = logging.getLogger("cddrec.serve.access")
-    access.propagate = False
+    access.propagate = False  # not also through cddrec.serve's handler
     if access_log and not access.handlers:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("%(message)s"))
@@ -137,9 +136,9 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     """Bind ``host:port`` (0: any free port), load the model, say where, serve until SIGTERM/SIGINT."""
     import uvicorn
 
+    models = config.repository()  # a missing model or a bad layout fails first
+    sock = bind(host, port)  # then a port in use, before the model loads
     configure_logging(config.access_log)
-    sock = bind(host, port)  # before the model loads: a port in use fails at once
-    models = config.repository()
     m = models.open()
     echo(f"cddrec-serve: {m.name} version {m.version} ({m.path}) on {config.backend}: K={m.contract.k}, "
          f"L={m.contract.max_len}, {m.contract.num_items:,} items")
