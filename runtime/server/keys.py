@@ -7,8 +7,9 @@ per request, is ``{"user", "items", "scores", "source"}``: ``source`` is ``"mode
 counts) stands in.
 
 Checks happen here, on the event loop, so that a bad request gets its 400 and never reaches a
-batch; encoding, inference and decoding happen per batch on the engine thread (``KeyRunner``),
-with the one serving codec (``cddrec.runtime.codec``) and ``Recommender.infer_encoded``: the keys,
+batch (the same rules as ``codec.encode_histories``); encoding, inference and decoding happen per
+batch on the engine thread (``KeyRunner``), with the one serving codec (``cddrec.runtime.codec``:
+``encode_flat``, ``decode_rows``) and ``Recommender.infer_encoded``: the keys,
 masking and fallback are exactly cddrec-infer's. Scores are rounded to 6 decimals, as cddrec-infer
 writes them.
 """
@@ -24,7 +25,7 @@ import pyarrow as pa
 from cddrec.contract import GraphContract
 from cddrec.vocab import Vocab
 
-from ..codec import KeyMapper, decode_rows, encode_histories, is_key
+from ..codec import KeyMapper, decode_rows, encode_flat, is_key
 from .protocol import ProtocolError
 
 MAX_KEY_CHARS = 256  # longest user or item key accepted (Amazon ASINs have 10)
@@ -137,7 +138,9 @@ class KeyRunner:
         rec = m.rec
         K = rec.contract.k
         hists = [h for p in payloads for h in p.histories]
-        enc = encode_histories(hists, rec.mapper, rec.max_history)
+        lens = np.fromiter((len(h) for h in hists), np.int64, len(hists))
+        flat = pa.array([k if type(k) is str else str(k) for h in hists for k in h], pa.string())  # checked keys
+        enc = encode_flat(flat, np.concatenate([[0], np.cumsum(lens)]), rec.mapper, rec.max_history)
         top = rec.infer_encoded(enc, K, self.batch_size)  # (n, K), popularity where nothing is known
         ks = np.fromiter((K if k is None else min(k, K) for p in payloads for k in p.ks), np.int64, len(hists))
         top.valid &= np.arange(K)[None, :] < ks[:, None]  # each request's own k
