@@ -10,6 +10,7 @@ command exits 0. Responses leave in one system call each (``CoalescingTransport`
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -155,5 +156,7 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
         f"cddrec-serve: ready at {url} (model {m.name!r}: POST {url}/v2/models/{m.name}/infer, "
         f"POST {url}/v1/recommend, GET {url}/metrics; max-batch {config.max_batch}, "
         f"max-wait {config.max_wait_ms:g} ms, max-queue {config.max_queue})")
+    gc.collect()
+    gc.freeze()  # the model and the libraries stay out of every later collection
     server.run(sockets=[sock])
     echo("cddrec-serve: stopped (requests in flight were answered)")
