@@ -29,7 +29,7 @@ def repo(tmp_path_factory, trained_tiny_onnx):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    proc = ServerProcess(["--model", repo.model_dir.parent, "--threads", "1", "--max-batch", "64",
+    proc = ServerProcess(["--model", repo.model_dir.parent, "--threads", "2", "--max-batch", "64",
                           "--max-body-bytes", MAX_BODY])
     yield proc
     assert proc.stop() == 0, proc.output()

@@ -135,9 +135,9 @@ class KeyRunner:
 
     def __call__(self, payloads: list[KeyRequest]) -> list[bytes]:
         m = self.models.current
-        rec = m.rec
-        K = rec.contract.k
         hists = [h for p in payloads for h in p.histories]
+        rec = m.for_batch(len(hists))
+        K = rec.contract.k
         lens = np.fromiter((len(h) for h in hists), np.int64, len(hists))
         flat = pa.array([k if type(k) is str else str(k) for h in hists for k in h], pa.string())  # checked keys
         enc = encode_flat(flat, np.concatenate([[0], np.cumsum(lens)]), rec.mapper, rec.max_history)

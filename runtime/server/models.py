@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cddrec.errors import ModelFileError
 
-from ..backends import backend_class
+from ..backends import backend_class, load_backend
 from ..recommender import Recommender
 from .keys import ServingKeyMapper
 
@@ -32,6 +33,7 @@ log = logging.getLogger("cddrec.serve")
 MODEL_FILES = {"graph": ("model.onnx",), "engine": ("model.plan", "model.engine", "model.trt"),
                "model": ("model.pt",)}
 PLATFORMS = {"graph": "onnxruntime_onnx", "engine": "tensorrt_plan", "model": "pytorch"}
+SMALL_BATCH = 4  # batches of at most this many users run on a one-thread session (ort-cpu, threads != 1)
 
 
 @dataclass
@@ -93,10 +95,22 @@ class ServedModel:
     path: Path
     rec: Recommender
     loaded_at: float
+    small: Recommender | None = None  # a one-thread session of the same graph for batches of few users
 
     @property
     def contract(self):
         return self.rec.contract
+
+    def for_batch(self, users: int) -> Recommender:
+        """The session a batch of ``users`` runs on: up to SMALL_BATCH users, the one-thread session (a
+        multi-threaded session that does not spin wakes its pool for each of the graph's ops, which
+        costs more than the work of a batch of one), else the multi-threaded one."""
+        return self.small if self.small is not None and users <= SMALL_BATCH else self.rec
+
+    def close(self) -> None:
+        self.rec.close()
+        if self.small is not None:
+            self.small.close()
 
 
 class ModelRepository:
@@ -118,8 +132,13 @@ class ModelRepository:
         t0 = time.perf_counter()
         rec = Recommender.load(path, backend=self.backend, threads=self.threads, **self.options)
         rec.mapper = ServingKeyMapper(rec.info.vocab)  # the same ids, without a hash table per batch
+        small = None
+        if self.backend == "ort-cpu" and (self.threads or os.cpu_count() or 1) > 1:
+            small = Recommender(load_backend(path, self.backend, threads=1, warmup=True, **self.options), rec.info,
+                                rec.max_history)
+            small.mapper = rec.mapper
         log.info("loaded %s version %d (%s) in %.2f s", self.name, version, path, time.perf_counter() - t0)
-        return ServedModel(self.name, version, path, rec, time.time())
+        return ServedModel(self.name, version, path, rec, time.time(), small)
 
     def open(self) -> ServedModel:
         self.current = self.load_newest()
@@ -140,11 +159,11 @@ class ModelRepository:
                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
             self.current = new  # one reference assignment: a batch sees the old model or the new one
             if retire is not None:
-                retire(old.rec.close)
+                retire(old.close)
             else:
-                old.rec.close()
+                old.close()
             return old, new
 
     def close(self) -> None:
         if self.current is not None:
-            self.current.rec.close()
+            self.current.close()

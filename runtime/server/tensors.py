@@ -69,7 +69,7 @@ class TensorRunner:
             if not ok:
                 return results
             feed = merge_feeds([payloads[i].inputs for i in ok], c)
-        outs = m.rec.backend.infer(feed)
+        outs = m.for_batch(len(feed["item_ids"])).backend.infer(feed)
         r = 0
         for i in ok:
             n = payloads[i].rows
