@@ -220,7 +220,8 @@ def test_metrics_count_requests_by_route_and_status(server):
     assert 'cddrec_requests_total{route="/v1/recommend",status="200"}' in text
     assert 'cddrec_request_duration_seconds_bucket{le="0.005",route="/v1/recommend"}' in text
     assert 'cddrec_model_version{model="cddrec"} 1.0' in text
-    for name in ("cddrec_batch_size_bucket", "cddrec_queue_users", "cddrec_batch_duration_seconds_count"):
+    for name in ("cddrec_batch_size_bucket", "cddrec_queue_users", "cddrec_batch_duration_seconds_count",
+                 "cddrec_requests_in_flight{route=\"/v1/recommend\"} 0.0"):
         assert name in text
 
 

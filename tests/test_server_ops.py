@@ -79,7 +79,12 @@ def test_sigterm_stops_accepting_answers_what_is_in_flight_and_exits_0(trained_t
     threads = [threading.Thread(target=send, args=(b,)) for b in heavy]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+
+    def started() -> float:  # accepted by the server: answered, or being answered
+        return server.metric('cddrec_requests_in_flight{route="/v1/recommend"}') + \
+            server.metric('cddrec_requests_total{route="/v1/recommend",status="200"}')
+
+    server.wait_for(lambda: started() >= 6, timeout=60)
     signalled = time.time()
     server.send(signal.SIGTERM)
     for t in threads:

@@ -100,9 +100,17 @@ class Endpoint:
 
     def __init__(self, handler, route: str, methods: tuple[str, ...], metrics):
         self.handler, self.route, self.methods, self.metrics = handler, route, methods, metrics
+        self.in_flight = metrics.in_flight.labels(route)
 
     async def __call__(self, scope, receive, send, path_params: dict | None = None) -> None:
         t0 = time.perf_counter()
+        self.in_flight.inc()
+        try:
+            await self._answer(scope, receive, send, path_params, t0)
+        finally:
+            self.in_flight.dec()
+
+    async def _answer(self, scope, receive, send, path_params: dict | None, t0: float) -> None:
         if scope["method"] not in self.methods:
             reply = error_reply(f"method not allowed for {scope['method']} {scope['path']} (use "
                                 f"{' or '.join(self.methods)})", 405)

@@ -4,6 +4,7 @@
 - ``cddrec_request_duration_seconds{route}``: latency from the request's arrival to its answer;
 - ``cddrec_batch_size``: users per engine batch (its mean is ``_sum / _count``);
 - ``cddrec_batch_duration_seconds``: engine time per batch; ``cddrec_engine_failures_total``;
+- ``cddrec_requests_in_flight{route}``: requests accepted and not yet answered;
 - ``cddrec_queue_users``: users waiting for the engine; ``cddrec_rejected_total``: 503s of a full queue;
 - ``cddrec_model_version{model}``: the version served; ``cddrec_model_reloads_total{result}``.
 """
@@ -31,6 +32,7 @@ class ServerMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.engine_failures = Counter("cddrec_engine_failures", "Batches the engine failed on", registry=r)
         self.queue = Gauge("cddrec_queue_users", "Users waiting for the engine", registry=r)
+        self.in_flight = Gauge("cddrec_requests_in_flight", "Requests being answered", ["route"], registry=r)
         self.rejected = Counter("cddrec_rejected", "Requests refused because the queue was full (503)", registry=r)
         self.version = Gauge("cddrec_model_version", "Model version served", ["model"], registry=r)
         self.reloads = Counter("cddrec_model_reloads", "Model reloads by result", ["result"], registry=r)
