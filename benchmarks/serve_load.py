@@ -3,8 +3,9 @@
 For each route (``v2``: KServe v2 infer with binary tensors, as tritonclient sends it; ``keys``:
 ``POST /v1/recommend``) and each concurrency C, C asynchronous clients send one-user requests back
 to back for ``seconds`` (after a short warm-up): requests/s, p50/p90/p99 latency, errors (by
-status), and the mean batch size the server formed (the change of ``cddrec_batch_size_sum /
-_count`` on /metrics over the window). The clients are keep-alive connections on one event loop
+status), the mean batch size the server formed and the share of the window its engine was busy
+(the changes of the ``cddrec_batch_size`` and ``cddrec_batch_duration_seconds`` histograms on
+/metrics over the window). The clients are keep-alive connections on one event loop
 sending prebuilt requests, parsed with httptools: the load generator shares the cores with the
 server, so it must cost as little as perf_analyzer does.
 
@@ -48,6 +49,8 @@ class LoadResult:
     p99_ms: float
     mean_ms: float
     mean_batch: float | None
+    engine_busy: float | None  # share of the window the engine was running a batch
+    engine_ms_per_batch: float | None
     errors: dict = field(default_factory=dict)  # status (or exception name) -> count
 
 
@@ -106,18 +109,19 @@ def key_bodies(keys: list, L: int, k: int, rng: np.random.Generator) -> list[tup
 
 
 # ------------------------------------------------------------------------------------ driving
-def batch_counters(url: str) -> tuple[float, float]:
-    """(sum, count) of the server's cddrec_batch_size histogram."""
+def batch_counters(url: str) -> dict[str, float]:
+    """The server's batch histograms: users (``cddrec_batch_size``) and engine seconds
+    (``cddrec_batch_duration_seconds``), their ``_sum`` and ``_count``."""
     import urllib.request
 
     with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
         text = r.read().decode()
     values = {}
     for line in text.splitlines():
-        if line.startswith(("cddrec_batch_size_sum", "cddrec_batch_size_count")):
+        if line.startswith(("cddrec_batch_size_sum", "cddrec_batch_size_count", "cddrec_batch_duration_seconds_sum")):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
-    return values.get("cddrec_batch_size_sum", 0.0), values.get("cddrec_batch_size_count", 0.0)
+    return values
 
 
 class _Connection(asyncio.Protocol):
@@ -169,7 +173,7 @@ def raw_requests(url: str, path: str, bodies: list[tuple[bytes, dict]]) -> list[
     return out
 
 
-async def _drive(url: str, raws: list[bytes], concurrency: int, seconds: float) -> tuple[list, dict]:
+async def _drive(url: str, raws: list[bytes], concurrency: int, seconds: float, between=None) -> tuple[list, dict]:
     host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
     loop = asyncio.get_running_loop()
     lat: list[float] = []
@@ -198,6 +202,8 @@ async def _drive(url: str, raws: list[bytes], concurrency: int, seconds: float) 
     conns: list[list] = [[] for _ in range(concurrency)]
     end = time.perf_counter() + min(WARMUP_SECONDS, seconds)
     await asyncio.gather(*(worker(w, end, False, conns[w]) for w in range(concurrency)))
+    if between is not None:
+        between()
     end = time.perf_counter() + seconds
     await asyncio.wait_for(asyncio.gather(*(worker(w, end, True, conns[w]) for w in range(concurrency))),
                            seconds + 120)
@@ -214,15 +220,19 @@ def drive(url: str, path: str, route: str, bodies: list, concurrency: int, secon
         runner = uvloop.run
     except ImportError:
         runner = asyncio.run
-    s0, c0 = batch_counters(url)
-    t0 = time.perf_counter()
-    lat, errors = runner(_drive(url, raw_requests(url, path, bodies), concurrency, seconds))
-    wall = time.perf_counter() - t0 - min(WARMUP_SECONDS, seconds)
-    s1, c1 = batch_counters(url)
+    before: dict = {}
+    lat, errors = runner(_drive(url, raw_requests(url, path, bodies), concurrency, seconds,
+                                between=lambda: before.update(batch_counters(url), t=time.perf_counter())))
+    after = batch_counters(url)
+    wall = time.perf_counter() - before["t"]
     a = np.asarray(lat) * 1000 if lat else np.full(1, np.nan)
+    batches = after.get("cddrec_batch_size_count", 0) - before.get("cddrec_batch_size_count", 0)
+    users = after.get("cddrec_batch_size_sum", 0) - before.get("cddrec_batch_size_sum", 0)
+    engine = after.get("cddrec_batch_duration_seconds_sum", 0) - before.get("cddrec_batch_duration_seconds_sum", 0)
     return LoadResult(route, concurrency, len(lat), round(wall, 3), len(lat) / seconds,
                       float(np.percentile(a, 50)), float(np.percentile(a, 90)), float(np.percentile(a, 99)),
-                      float(a.mean()), (s1 - s0) / (c1 - c0) if c1 > c0 else None, errors)
+                      float(a.mean()), users / batches if batches else None, engine / wall if batches else None,
+                      1000 * engine / batches if batches else None, errors)
 
 
 # ------------------------------------------------------------------------------- engine alone
@@ -305,13 +315,14 @@ def serve_table(res: dict) -> str:
     m = res["server_model"]
     lines = [f"Server {res['url']}, model {m['name']} version {m['version']} (K={m.get('K')}, L={m.get('L')}, "
              f"{m.get('num_items', 0):,} items); {res['seconds']:g} s per concurrency, one user per request.", "",
-             "| route | concurrency | requests/s | p50 ms | p90 ms | p99 ms | mean server batch | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| route | concurrency | requests/s | p50 ms | p90 ms | p99 ms | mean server batch | engine busy | "
+             "engine ms/batch | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
         batch = "-" if r["mean_batch"] is None else f"{r['mean_batch']:.1f}"
         lines.append(f"| {r['route']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | "
-                     f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {batch} | {errs} |")
+                     f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {batch} | {_fmt(r.get('engine_busy'), '.0%')} | "
+                     f"{_fmt(r.get('engine_ms_per_batch'), '.2f')} | {errs} |")
     if "engine" in res:
         e = res["engine"]
         lines += ["", "ONNX Runtime alone on the same graph, same run (session defaults, histories of L items):", "",
