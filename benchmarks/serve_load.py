@@ -380,15 +380,19 @@ def plot_serve(res: dict, out_dir: Path, name: str) -> list[str]:
 def bench_serve(url: str, concurrency: list[int], seconds: float, routes: list[str], model: str | None,
                 threads: int, out_dir: str | Path, name: str, echo: Callable[[str], None] = print) -> tuple[str, list]:
     """Run, then record JSON + markdown + plot under ``out_dir``; returns the table and the written paths."""
-    from .record import record
+    import datetime
+
+    from .record import command_line, git_commit, machine, record
 
     bad = [r for r in routes if r not in ROUTES]
     if bad:
         raise ValueError(f"--serve-routes must be among {', '.join(ROUTES)}, got {bad}")
+    meta = {"command": command_line(), "commit": git_commit(), "machine": machine(),  # of the code that ran
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     res = run_serve_load(url, concurrency, seconds, routes, model, threads, echo)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res["plots"] = plot_serve(res, out, name)
     table = serve_table(res)
-    paths = [*record(name, res, table, out, title="cddrec-serve under load"), *res["plots"]]
+    paths = [*record(name, res, table, out, title="cddrec-serve under load", meta=meta), *res["plots"]]
     return table, [str(p) for p in paths]

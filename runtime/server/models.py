@@ -33,7 +33,8 @@ log = logging.getLogger("cddrec.serve")
 MODEL_FILES = {"graph": ("model.onnx",), "engine": ("model.plan", "model.engine", "model.trt"),
                "model": ("model.pt",)}
 PLATFORMS = {"graph": "onnxruntime_onnx", "engine": "tensorrt_plan", "model": "pytorch"}
-SMALL_BATCH = 4  # batches of at most this many users run on a one-thread session (ort-cpu, threads != 1)
+SMALL_BATCH = 4  # batches of at most this many users run on a session of their own (ort-cpu, threads != 1)
+SMALL_SESSION = {"threads": 1}  # its settings, over the server's
 
 
 @dataclass
@@ -134,8 +135,8 @@ class ModelRepository:
         rec.mapper = ServingKeyMapper(rec.info.vocab)  # the same ids, without a hash table per batch
         small = None
         if self.backend == "ort-cpu" and (self.threads or os.cpu_count() or 1) > 1:
-            small = Recommender(load_backend(path, self.backend, threads=1, warmup=True, **self.options), rec.info,
-                                rec.max_history)
+            opts = {**self.options, "threads": self.threads, **SMALL_SESSION}
+            small = Recommender(load_backend(path, self.backend, warmup=True, **opts), rec.info, rec.max_history)
             small.mapper = rec.mapper
         log.info("loaded %s version %d (%s) in %.2f s", self.name, version, path, time.perf_counter() - t0)
         return ServedModel(self.name, version, path, rec, time.time(), small)
