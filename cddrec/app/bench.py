@@ -41,10 +41,28 @@ from .options import (
 @option("--output", "-o", "out_dir", default="cddrec-bench", show_default=True, type=click.Path(file_okay=False),
         hidden_aliases=("--out",), help="folder for the JSON, markdown and plots")
 @option("--name", default="bench", show_default=True, help="file name stem of the results")
+@option("--serve", "serve_url", default=None,
+        help="drive a running cddrec-serve at URL instead (with --model GRAPH: also ONNX Runtime alone on it)")
+@option("--concurrency", default="1,8,64,256", show_default=True, help="--serve: comma-separated client counts")
+@option("--seconds", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+        help="--serve: measured seconds per concurrency")
+@option("--serve-routes", default="v2,keys", show_default=True,
+        help="--serve: v2 (KServe v2 infer, binary tensors) and/or keys (POST /v1/recommend)")
 @friendly_errors
 def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
-         catalogue_batch, out_dir, name):
-    """Latency percentiles and throughput per backend and batch size, against the roofline."""
+         catalogue_batch, out_dir, name, serve_url, concurrency, seconds, serve_routes):
+    """Latency percentiles and throughput per backend and batch size, against the roofline; or, with
+    --serve URL, requests/s and latency of a running cddrec-serve per concurrency."""
+    lock_outputs(out_dir, option="--output", make_folder=True)  # refused before any timing, not after
+    if serve_url:
+        from cddrec.benchmarks.serve_load import bench_serve
+
+        table, paths = bench_serve(serve_url, int_list(concurrency), seconds,
+                                   [r.strip() for r in serve_routes.split(",") if r.strip()],
+                                   None if model == "random" else model, threads, out_dir, name, echo=echo_err)
+        click.echo(table)
+        click.echo(f"\nwrote {', '.join(paths)}")
+        return
     from cddrec.benchmarks.latency import (
         GRAPH_VARIANTS,
         bench_table,
@@ -66,7 +84,6 @@ def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue
         raise click.BadParameter(str(e)) from None
     if unknown:
         raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(sorted(known))}")
-    lock_outputs(out_dir, option="--output", make_folder=True)  # refused before any timing, not after
     res = run_bench(model, names, int_list(batch_sizes), items=items or PAPER_ITEMS, k=k, threads=threads,
                     min_seconds=min_seconds, echo=echo_err)
     table = bench_table(res)
