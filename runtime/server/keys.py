@@ -23,9 +23,9 @@ import orjson
 import pyarrow as pa
 
 from cddrec.contract import GraphContract
-from cddrec.vocab import Vocab
+from cddrec.vocab import Vocab, key_problem
 
-from ..codec import KeyMapper, decode_rows, encode_flat, is_key
+from ..codec import KeyMapper, decode_rows, encode_flat
 from .protocol import ProtocolError
 
 MAX_KEY_CHARS = 256  # longest user or item key accepted (Amazon ASINs have 10)
@@ -49,10 +49,12 @@ class KeyRequest:
 
 
 def _key(v, where: str, field: str) -> None:
-    if not is_key(v):
-        raise ProtocolError(f"{where}field '{field}' must be a string or integer key, got {type(v).__name__}")
+    """The one key rule (``cddrec.vocab.key_problem``: a string or an int64 integer, valid Unicode) and a length cap."""
+    problem = key_problem(v)
+    if problem is not None:
+        raise ProtocolError(f"{where}field {field}: a key {problem}")
     if type(v) is str and len(v) > MAX_KEY_CHARS:
-        raise ProtocolError(f"{where}field '{field}' is a key of {len(v)} characters; at most {MAX_KEY_CHARS}")
+        raise ProtocolError(f"{where}field {field}: a key of {len(v)} characters; at most {MAX_KEY_CHARS}")
 
 
 def _one(obj, where: str, contract: GraphContract) -> tuple[object, list, int | None]:
@@ -60,19 +62,14 @@ def _one(obj, where: str, contract: GraphContract) -> tuple[object, list, int | 
         raise ProtocolError(f"{where}expected an object {{\"user\", \"history\", \"k\"}}, got {type(obj).__name__}")
     user = obj.get("user")
     if user is not None:
-        _key(user, where, "user")
+        _key(user, where, "'user'")
     if "history" not in obj:
         raise ProtocolError(f"{where}missing field 'history' (a list of item keys, oldest first)")
     hist = obj["history"]
     if not isinstance(hist, list):
         raise ProtocolError(f"{where}field 'history' must be a list of item keys, got {type(hist).__name__}")
     for j, item in enumerate(hist):
-        if not is_key(item):
-            raise ProtocolError(f"{where}field 'history' entry {j} must be a string or integer key, "
-                                f"got {type(item).__name__}")
-        if type(item) is str and len(item) > MAX_KEY_CHARS:
-            raise ProtocolError(f"{where}field 'history' entry {j} is a key of {len(item)} characters; "
-                                f"at most {MAX_KEY_CHARS}")
+        _key(item, where, f"'history' entry {j}")
     k = obj.get("k")
     if k is not None:
         if type(k) is not int:
