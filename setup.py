@@ -30,7 +30,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["cddrec", "cddrec.app", "cddrec.export", "cddrec.runtime", "cddrec.benchmarks"],
+    packages=["cddrec", "cddrec.app", "cddrec.export", "cddrec.runtime", "cddrec.runtime.server", "cddrec.benchmarks"],
     package_dir={
         "cddrec": "cddrec",
         "cddrec.export": "export",
@@ -68,6 +68,7 @@ setup(
             "cddrec-export=cddrec.app.export:main",
             "cddrec-infer=cddrec.app.infer:main",
             "cddrec-bench=cddrec.app.bench:main",
+            "cddrec-serve=cddrec.app.serve:main",
         ],
     },
 )

@@ -1,33 +1,42 @@
 """The GPU check (run by ``gpu_check.sh``): parity and speed of the CUDA serving backends on the
-paper-size random model, and ``cddrec-infer`` end to end.
+paper-size random model, ``cddrec-infer`` end to end, and ``cddrec-serve`` under load.
 
-    python -m cddrec.benchmarks.gpu_bench --out $OUT [--device cuda] [--requests 1000000]
+    python -m cddrec.benchmarks.gpu_bench --out $OUT [--device cuda] [--requests 1000000] [--budget-seconds 330]
 
-1. export: the fp32 and the fp16 graph (``export_model``; validation runs ort-cuda too when CUDA
-   is present: ``parity_cuda`` of each report);
-2. parity: every serving variant against the plain fp32 PyTorch reference (CPU) on fresh random
-   histories, through the one parity loop (``cddrec.parity.compare_runners``: max score
-   difference, top-10 overlap, mismatches beyond ties, under ``contract.parity_rule(device)``);
-3. speed: ``cddrec-bench``'s ``run_bench`` (one spawned process per backend) on the model file
-   (torch-cuda, torch-cuda-fp16, ort-cuda, ort-cuda-graph on the fp32 graph) and on the fp16
-   graph (ort-cuda, ort-cuda-graph), each against its roofline (the GPU's measured peak at the
-   graph's precision: ``benchmarks/roofline.py``);
-4. ``cddrec-infer`` (the command itself, in a subprocess) on generated JSONL requests.
+1. export: the fp32, the fp16 and the early-exit graph (``--steps S``, ``--exit-steps``) with
+   ``export_model`` (validation runs ort-cuda too when CUDA is present: ``parity_cuda``);
+2. parity: every serving variant (ort-cuda, TF32 ort-cuda, ort-cuda-graph, torch-cuda,
+   torch-cuda-fp16, the fp16 graph on ort-cuda and ort-cuda-graph, the early-exit graph on both)
+   against the plain fp32 PyTorch reference (CPU; of S steps for the early-exit graph) on fresh
+   random histories, through the one parity loop (``cddrec.parity.compare_runners``: max score
+   difference, top-10 overlap, mismatches beyond ties) under the graph's contract rule
+   (``contract.parity_rule(device)``); TF32 is reported against the same rule, as opt-in serving;
+3. speed: ``cddrec-bench``'s ``run_bench`` (one spawned process per backend) at batch 1, 4096 and
+   16384: torch-cuda and torch-cuda-fp16 on the model file, ort-cuda and ort-cuda-graph on the fp32
+   and the early-exit graph, ort-cuda-graph on the fp16 graph, each against its roofline
+   (``benchmarks/roofline.py``; an early-exit graph's FLOPs count its S steps);
+4. ``cddrec-infer`` (the command itself, in a subprocess) on generated JSONL requests;
+5. ``cddrec-serve`` on ort-cuda under load (``cddrec-bench --serve``), when the command exists.
 
-Targets (issue 12): batch-1 p50 <= 0.3 ms (best backend), >= 2,000,000 users/s at batch >= 4096
-(fp16 allowed, parity stated), cddrec-infer >= 400,000 users/s. ``--device cpu`` runs the same
-code on CPU backends and small sizes (a dry run). Writes ``gpu_check.json`` and ``gpu_check.md``.
+Every phase checks the time left (``--budget-seconds``) and is skipped, with a note, rather than
+cut off; the report is written after each phase. Targets (issue 21): batch-1 p50 <= 0.3 ms (best
+backend), >= 2,000,000 users/s at batch >= 4096 (fp16 allowed, parity stated), cddrec-infer >=
+400,000 users/s. ``--device cpu`` runs the same code on CPU backends (the dry run of
+``gpu_check.sh --dry-run``). Writes ``NAME.json`` and ``NAME.md`` (NAME: gpu_check_<device>).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from pathlib import Path
 
 import click
@@ -37,17 +46,36 @@ from .record import cell, record
 from .sizes import PAPER_ITEMS, random_model
 
 TARGETS = {"batch1_p50_ms": 0.3, "users_per_s_at_4096": 2_000_000, "infer_users_per_s": 400_000}
+# seconds a phase needs at least (measured on the development CPU at paper size, with margin for an H200 host)
+PHASE_SECONDS = {"parity": 40, "bench": 30, "infer": 40, "serve": 40}
 
 
-def variants(device: str, graph: str, graph16: str, model_pt: str) -> dict[str, tuple[str, str, dict]]:
-    """name -> (backend, file, options) of every serving variant checked on ``device``."""
+@dataclasses.dataclass
+class Files:
+    """The files every phase reads: the model, its fp32, fp16 and early-exit (S steps) graphs."""
+
+    model_pt: str
+    graph: str
+    graph16: str
+    graph_s: str
+    exit_steps: int
+
+
+def variants(device: str, f: Files) -> dict[str, tuple[str, str, dict, int | None]]:
+    """name -> (backend, file, options, steps of its reference: None for all T) on ``device``."""
+    S = f.exit_steps
     if device == "cpu":  # the dry run: the same code paths on CPU backends
-        return {"ort-cpu": ("ort-cpu", graph, {}), "ort-cpu-buckets": ("ort-cpu", graph, {"buckets": (1, 64, 256)}),
-                "ort-cpu-fp16-graph": ("ort-cpu", graph16, {}), "torch-fast": ("torch-fast", model_pt, {})}
-    return {"ort-cuda": ("ort-cuda", graph, {}), "ort-cuda-tf32": ("ort-cuda", graph, {"tf32": True}),
-            "ort-cuda-graph": ("ort-cuda-graph", graph, {}), "ort-cuda-fp16-graph": ("ort-cuda", graph16, {}),
-            "ort-cuda-graph-fp16-graph": ("ort-cuda-graph", graph16, {}), "torch-cuda": ("torch-cuda", model_pt, {}),
-            "torch-cuda-fp16": ("torch-cuda-fp16", model_pt, {})}
+        return {"ort-cpu": ("ort-cpu", f.graph, {}, None),
+                "ort-cpu-buckets": ("ort-cpu", f.graph, {"buckets": (1, 64, 256)}, None),
+                "ort-cpu-fp16-graph": ("ort-cpu", f.graph16, {}, None), "torch-fast": ("torch-fast", f.model_pt, {}, None),
+                f"ort-cpu-early-exit-S{S}": ("ort-cpu", f.graph_s, {}, S)}
+    return {"ort-cuda": ("ort-cuda", f.graph, {}, None), "ort-cuda-tf32": ("ort-cuda", f.graph, {"tf32": True}, None),
+            "ort-cuda-graph": ("ort-cuda-graph", f.graph, {}, None),
+            "ort-cuda-fp16-graph": ("ort-cuda", f.graph16, {}, None),
+            "ort-cuda-graph-fp16-graph": ("ort-cuda-graph", f.graph16, {}, None),
+            "torch-cuda": ("torch-cuda", f.model_pt, {}, None), "torch-cuda-fp16": ("torch-cuda-fp16", f.model_pt, {}, None),
+            f"ort-cuda-early-exit-S{S}": ("ort-cuda", f.graph_s, {}, S),
+            f"ort-cuda-graph-early-exit-S{S}": ("ort-cuda-graph", f.graph_s, {}, S)}
 
 
 def histories(rng, batch: int, length: int, items: int) -> np.ndarray:
@@ -58,12 +86,11 @@ def histories(rng, batch: int, length: int, items: int) -> np.ndarray:
     return ids
 
 
-def check_parity(model, contract, device: str, graph: str, graph16: str, model_pt: str, batches: list[int],
-                 seed: int = 7) -> dict:
-    """Every variant against the fp32 reference on fresh random histories (the same feeds and the
-    same reference scores for all), through the one parity loop (``compare_runners``), each under
-    its graph's rule on ``device`` (``parity_rule``: the fp16 variants are judged as fp16 graphs).
-    Each feed runs twice: the first call captures where there is a graph to capture."""
+def check_parity(model, contract, device: str, files: Files, batches: list[int], seed: int = 7) -> dict:
+    """Every variant against the fp32 reference on fresh random histories (the same feeds for all; one
+    reference per number of steps), through the one parity loop (``compare_runners``), each under its
+    contract's rule on ``device`` (``parity_rule``: the fp16 variants are judged as fp16 graphs). Each
+    feed runs twice: the first call captures where there is a graph to capture."""
     import torch
 
     from cddrec.inference import reference_runner
@@ -72,23 +99,25 @@ def check_parity(model, contract, device: str, graph: str, graph16: str, model_p
 
     rng = np.random.default_rng(seed)
     feeds = {str(b): {"item_ids": histories(rng, b, contract.max_len, contract.num_items)} for b in batches}
-    with torch.no_grad():
-        reference = reference_runner(model)
-        refs = {label: reference(feed) for label, feed in feeds.items()}  # (B, V) fp32 on the model's device
+    refs: dict = {}  # steps -> {label: (B, V) fp32 scores}
     out = {}
-    for name, (backend, path, options) in variants(device, graph, graph16, model_pt).items():
+    for name, (backend, path, options, steps) in variants(device, files).items():
+        if steps not in refs:
+            with torch.no_grad():
+                reference = reference_runner(model, steps=steps)
+                refs[steps] = {label: reference(feed) for label, feed in feeds.items()}
         try:
             be = load_backend(path, backend, k=contract.k, warmup=True, **options)
         except Exception as e:  # noqa: BLE001 - recorded, the other variants go on
             out[name] = {"error": "".join(traceback.format_exception_only(type(e), e)).strip()[-600:]}
             continue
-        rule = dataclasses.replace(contract, fp16="fp16" in name).parity_rule(device)
-        parity = compare_runners({name: be.infer}, refs, feeds, runs=2, keep_going=True, **rule)
+        rule = be.contract.parity_rule(device)  # the served graph's own rule (fp16, S steps, tolerance)
+        parity = compare_runners({name: be.infer}, refs[steps], feeds, runs=2, keep_going=True, **rule)
         be.close()
         if parity.errors:
             out[name] = {"error": parity.errors[name]}
             continue
-        out[name] = {"backend": backend, "file": Path(path).name,
+        out[name] = {"backend": backend, "file": Path(path).name, "steps": steps or contract.steps,
                      "options": {k_: list(v) if isinstance(v, tuple) else v for k_, v in options.items()},
                      "declared": {"rtol": rule["rtol"], "atol": rule["atol"]}, "exact_ids": rule["exact_ids"],
                      "tf32": bool(options.get("tf32")), "ok": parity.ok,
@@ -114,30 +143,101 @@ def write_requests(path: Path, n: int, items: int, seed: int = 0, max_len: int =
             f.write("".join(lines))
 
 
-def run_infer(model: str, backend: str, requests: Path, out: Path, batch_size: int, n: int) -> dict:
+def run_infer(model: str, backend: str, requests: Path, out: Path, batch_size: int, n: int, timeout: float) -> dict:
     """The cddrec-infer command itself, timed from outside (load included)."""
     cmd = [sys.executable, "-m", "cddrec.app.infer", "--model", model,
            "--batch", str(requests), "--output", str(out), "--backend", backend, "--batch-size", str(batch_size),
            "--quiet", "--allow-duplicates"]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        rc, err = p.returncode, p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, err = "timeout", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else str(e.stderr)
     secs = time.perf_counter() - t0
-    res = {"backend": backend, "batch_size": batch_size, "requests": n, "rc": p.returncode, "seconds": secs,
-           "users_per_s_wall": n / secs, "stderr_tail": p.stderr.strip().splitlines()[-3:]}
+    res = {"backend": backend, "batch_size": batch_size, "requests": n, "rc": rc, "seconds": secs,
+           "users_per_s_wall": n / secs, "stderr_tail": (err or "").strip().splitlines()[-3:]}
     out.unlink(missing_ok=True)
     return res
 
 
+# ------------------------------------------------------------------------------ cddrec-serve
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
+    """Poll ``GET URL/v2/health/ready`` until 200, the server exits, or ``timeout`` passes."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def run_serve(graph: str, backend: str, workdir: Path, concurrency: str, seconds: float, timeout: float) -> dict:
+    """``cddrec-serve --model GRAPH --backend BACKEND`` on a free local port, driven by
+    ``cddrec-bench --serve URL`` (both the commands themselves); the load generator's JSON report.
+    Skipped when the ``cddrec-serve`` command is not installed."""
+    serve = shutil.which("cddrec-serve")
+    if serve is None:
+        return {"skipped": "the cddrec-serve command is not installed (the online server is not in this build)"}
+    beside = Path(serve).with_name("cddrec-bench")  # the load generator of the same install
+    bench = str(beside) if beside.exists() else shutil.which("cddrec-bench") or "cddrec-bench"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = workdir / "serve.log"
+    t0 = time.monotonic()
+    with open(log, "w") as err:
+        proc = subprocess.Popen([serve, "--model", graph, "--backend", backend, "--host", "127.0.0.1", "--port",
+                                 str(port)], stdout=err, stderr=subprocess.STDOUT)
+        try:
+            if not wait_ready(url, proc, min(90.0, timeout / 2)):
+                return {"error": f"cddrec-serve not ready (rc {proc.poll()})", "log_tail": _tail(log)}
+            ready = time.monotonic() - t0
+            p = subprocess.run([bench, "--serve", url, "--concurrency", concurrency, "--seconds", str(seconds),
+                                "-o", str(workdir), "--name", "serve"], capture_output=True, text=True,
+                               timeout=max(10.0, timeout - ready))
+            if p.returncode != 0 or not (workdir / "serve.json").exists():
+                return {"error": f"cddrec-bench --serve rc {p.returncode}", "stderr_tail": p.stderr.splitlines()[-5:]}
+            res = json.loads((workdir / "serve.json").read_text())
+            return {"backend": backend, "ready_seconds": ready, "results": res.get("results", []),
+                    "server_model": res.get("server_model")}
+        except subprocess.TimeoutExpired:
+            return {"error": "cddrec-bench --serve timed out", "log_tail": _tail(log)}
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _tail(path: Path, n: int = 8) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
+
+
+# ------------------------------------------------------------------------------------ report
 def table(rep: dict) -> str:
-    lines = ["| variant | batch | max score diff | tolerance | top-10 overlap | mismatches | ok |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | steps | batch | max score diff | tolerance | top-10 overlap | mismatches | ok |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, v in rep.get("parity", {}).items():
         if "error" in v:
-            lines.append(f"| {name} | - | - | - | - | - | error: {v['error'][:100]} |")
+            lines.append(f"| {name} | - | - | - | - | - | - | error: {v['error'][:100]} |")
             continue
         for b, p in v["batches"].items():
-            lines.append(f"| {name} | {b} | {p['max_abs_diff']:.2e} | {p['tolerance']:.2e} | {p['overlap']:.4f} | "
-                         f"{p['topk_mismatches']} | {p['ok']} |")
+            lines.append(f"| {name} | {v.get('steps', '-')} | {b} | {p['max_abs_diff']:.2e} | {p['tolerance']:.2e} | "
+                         f"{p['overlap']:.4f} | {p['topk_mismatches']} | {p['ok']} |")
     lines += ["", "| backend (file) | batch | p50 ms | p99 ms | users/s | share of roofline |", "|---|---|---|---|---|---|"]
     for label, res in rep.get("bench", {}).items():
         for r in res.get("results", []):
@@ -150,9 +250,27 @@ def table(rep: dict) -> str:
     for r in rep.get("infer", []):
         lines.append(f"\ncddrec-infer {r['backend']} batch {r['batch_size']}: {r['requests']:,} requests in "
                      f"{r['seconds']:.1f} s = {r['users_per_s_wall']:,.0f} users/s (rc {r['rc']})")
-    s = rep.get("summary", {})
-    lines.append("\nTargets: " + json.dumps(s))
+    lines += serve_lines(rep.get("serve"))
+    if rep.get("skipped"):
+        lines.append("\nSkipped for lack of time: " + ", ".join(rep["skipped"]))
+    lines.append("\nTargets: " + json.dumps(rep.get("summary", {})))
     return "\n".join(lines)
+
+
+def serve_lines(serve: dict | None) -> list[str]:
+    if not serve:
+        return []
+    if "results" not in serve:
+        return [f"\ncddrec-serve: {serve.get('skipped') or serve.get('error')}"]
+    lines = [f"\ncddrec-serve --backend {serve['backend']} (ready in {serve['ready_seconds']:.1f} s), "
+             "cddrec-bench --serve:", "", "| route | concurrency | requests/s | p50 ms | p99 ms | mean server batch | "
+             "errors |", "|---|---|---|---|---|---|---|"]
+    for r in serve["results"]:
+        errors = sum((r.get("errors") or {}).values())
+        lines.append(f"| {r.get('route')} | {r.get('concurrency')} | {cell(r.get('requests_per_s'), ',.0f')} | "
+                     f"{cell(r.get('p50_ms'), '.2f')} | {cell(r.get('p99_ms'), '.2f')} | "
+                     f"{cell(r.get('mean_batch'), '.1f')} | {errors} |")
+    return lines
 
 
 def summarize(rep: dict) -> dict:
@@ -174,91 +292,180 @@ def summarize(rep: dict) -> dict:
                                   "by": infer["backend"] if infer else None, "target": TARGETS["infer_users_per_s"]}}
 
 
+# ------------------------------------------------------------------------------------ phases
+@dataclasses.dataclass
+class Check:
+    """One run of the GPU check: its settings, its report (``rep``, recorded after every phase) and its
+    clock: every phase first checks that it fits what is left of ``budget_seconds``."""
+
+    out: Path
+    device: str
+    items: int = PAPER_ITEMS
+    hidden: int = 128
+    steps: int = 20
+    exit_steps: int = 2
+    sizes: tuple[int, ...] = (1, 4096, 16384)
+    parity_batches: tuple[int, ...] = (1, 4096)
+    seconds: float = 1.0
+    n_requests: int = 1_000_000
+    infer_batch: int = 4096
+    serve_concurrency: str = "1,64,256"
+    serve_seconds: float = 5.0
+    budget_seconds: float = 330.0
+    name: str = "gpu_check"
+    title: str = "GPU check"
+    rep: dict = dataclasses.field(default_factory=lambda: {"errors": {}, "skipped": []})
+    start: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device == "cuda"
+
+    def left(self) -> float:
+        return self.budget_seconds - (time.monotonic() - self.start)
+
+    def save(self) -> None:
+        self.rep["summary"] = summarize(self.rep)
+        self.rep["seconds"] = round(time.monotonic() - self.start, 1)
+        record(self.name, self.rep, table(self.rep), self.out, title=self.title)
+
+    def step(self, label: str) -> None:
+        click.echo(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - self.start:.0f}s] {label}", err=True)
+
+    def fits(self, phase: str) -> bool:
+        if self.left() < PHASE_SECONDS[phase]:
+            self.rep["skipped"].append(f"{phase} ({self.left():.0f} s left)")
+            self.step(f"skipped {phase}: {self.left():.0f} s left of {self.budget_seconds:.0f}")
+            return False
+        return True
+
+    def run(self, tmp: Path) -> None:
+        """The phases in order (export, parity, speed, cddrec-infer, cddrec-serve, more cddrec-infer),
+        each skipped when it no longer fits; the report is saved after each."""
+        from cddrec.checkpoint import load_checkpoint
+        from cddrec.export.onnx_export import contract_for
+
+        self.step("model and graphs")
+        files = export_all(tmp, self.items, self.hidden, self.steps, self.exit_steps, self.rep)
+        model, _ = load_checkpoint(files.model_pt)
+        self.save()
+        if self.fits("parity"):
+            self.step("parity")
+            self.rep["parity"] = check_parity(model, contract_for(model, 10), self.device, files,
+                                              list(self.parity_batches))
+            self.save()
+        if self.fits("bench"):
+            self.bench(files, tmp)
+        infer = ((("ort-cuda-graph", files.graph), ("torch-cuda", files.model_pt)) if self.cuda else
+                 (("ort-cpu", files.graph),))
+        req = tmp / "requests.jsonl"
+        if self.n_requests and self.fits("infer"):  # the first backend, the server, the others while time is left
+            self.step(f"cddrec-infer: writing {self.n_requests:,} requests")
+            write_requests(req, self.n_requests, self.items)
+            self.rep["infer"] = []
+            self.infer(*infer[0], req, tmp)
+        if self.fits("serve"):
+            backend = "ort-cuda" if self.cuda else "ort-cpu"
+            self.step(f"cddrec-serve --backend {backend} under load")
+            self.rep["serve"] = run_serve(files.graph, backend, tmp, self.serve_concurrency, self.serve_seconds,
+                                          self.left())
+            self.save()
+        for backend, path in infer[1:]:
+            if "infer" in self.rep and self.fits("infer"):
+                self.infer(backend, path, req, tmp)
+
+    def bench(self, files: Files, tmp: Path) -> None:
+        """``run_bench`` per file: the model file on the torch backends, each graph on the ONNX Runtime ones."""
+        from .latency import run_bench
+
+        ort = ["ort-cuda", "ort-cuda-graph"] if self.cuda else ["ort-cpu"]
+        runs = {"model": (files.model_pt, ["torch-cuda", "torch-cuda-fp16"] if self.cuda else ["torch-fast"]),
+                "fp32 graph": (files.graph, ort), "fp16 graph": (files.graph16, ort[-1:]),  # its ort-cuda: parity only
+                f"early exit S={files.exit_steps} graph": (files.graph_s, ort)}
+        self.rep["bench"] = {}
+        for label, (path, backends) in runs.items():
+            self.step(f"speed: {label} {backends}")
+            try:
+                self.rep["bench"][label] = run_bench(path, backends, list(self.sizes), items=self.items,
+                                                     min_seconds=self.seconds,
+                                                     workdir=tmp / label.replace(" ", "_").replace("=", ""),
+                                                     echo=lambda m: self.step("  " + m))
+            except Exception as e:  # noqa: BLE001 - recorded, the other files go on
+                self.rep["errors"][f"bench {label}"] = repr(e)[-600:]
+            self.save()
+
+    def infer(self, backend: str, path: str, req: Path, tmp: Path) -> None:
+        self.step(f"cddrec-infer --backend {backend}")
+        self.rep["infer"].append(run_infer(path, backend, req, tmp / "recs.jsonl", self.infer_batch, self.n_requests,
+                                           self.left()))
+        self.save()
+
+
+def export_all(tmp: Path, items: int, hidden: int, steps: int, exit_steps: int, rep: dict) -> Files:
+    """The random model and its three validated graphs; their export reports go to ``rep``."""
+    from cddrec.export.onnx_export import ExportOptions, export_model
+
+    model_pt = str(random_model(tmp / "model.pt", items, hidden_size=hidden, steps=steps))
+    files = Files(model_pt, str(tmp / "model.onnx"), str(tmp / "model_fp16.onnx"), str(tmp / f"model_S{exit_steps}.onnx"),
+                  exit_steps)
+    rep["export"] = {}
+    for label, path, options in (("fp32", files.graph, ExportOptions(k=10)),
+                                 ("fp16", files.graph16, ExportOptions(k=10, fp16=True)),
+                                 (f"fp32 S={exit_steps}", files.graph_s, ExportOptions(k=10, steps=exit_steps))):
+        r = export_model(model_pt, path, options)
+        rep["export"][label] = {"validated_on": r.validated_on, "parity": r.parity, "parity_cuda": r.parity_cuda,
+                                "ops": sum(r.ops.values()), "seconds": r.export_seconds}
+    return files
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
 @click.option("--items", default=PAPER_ITEMS, show_default=True)
 @click.option("--hidden", default=128, show_default=True)
 @click.option("--steps", default=20, show_default=True)
+@click.option("--exit-steps", default=2, show_default=True, help="S of the early-exit graph (cddrec-export --steps S)")
 @click.option("--batch-sizes", default="1,4096,16384", show_default=True, help="timed batch sizes")
 @click.option("--parity-batches", default="1,4096", show_default=True)
 @click.option("--seconds", default=1.0, show_default=True, help="timed seconds per backend and batch size")
 @click.option("--requests", "n_requests", default=1_000_000, show_default=True, help="cddrec-infer requests")
 @click.option("--infer-batch", default=4096, show_default=True)
+@click.option("--serve-concurrency", default="1,64,256", show_default=True, help="cddrec-bench --serve clients")
+@click.option("--serve-seconds", default=5.0, show_default=True)
+@click.option("--budget-seconds", default=330.0, show_default=True,
+              help="seconds for the whole run; phases that no longer fit are skipped")
 @click.option("--name", default=None, help="result file stem [default: gpu_check_<device name>]")
-def main(out_dir, device, items, hidden, steps, batch_sizes, parity_batches, seconds, n_requests, infer_batch, name):
+def main(out_dir, device, items, hidden, steps, exit_steps, batch_sizes, parity_batches, seconds, n_requests,
+         infer_batch, serve_concurrency, serve_seconds, budget_seconds, name):
     import torch
 
-    from cddrec.checkpoint import load_checkpoint
-    from cddrec.export.onnx_export import ExportOptions, export_model
-
-    from .latency import run_bench
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if device == "cuda" and not torch.cuda.is_available():
         raise click.ClickException("CUDA is not available (use --device cpu for a dry run)")
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     name = name or "gpu_check_" + "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
-    tmp = Path(tempfile.mkdtemp(prefix="cddrec-gpu-"))
-    rep: dict = {"device": gpu, "torch": torch.__version__, "items": items, "errors": {}}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check = Check(out, device, items, hidden, steps, exit_steps, int_list(batch_sizes), int_list(parity_batches),
+                  seconds, n_requests, infer_batch, serve_concurrency, serve_seconds, budget_seconds, name,
+                  f"GPU check on {gpu}")
+    check.rep.update({"device": gpu, "torch": torch.__version__, "items": items})
     try:
         import onnxruntime as ort
 
-        rep["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
+        check.rep["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
     except ImportError:
-        rep["errors"]["onnxruntime"] = "not installed"
-
-    def save():
-        record(name, rep, table(rep), out, title=f"GPU check on {gpu}")
-
-    def step(label):
-        click.echo(f"[{time.strftime('%H:%M:%S')}] {label}", err=True)
-
-    step("model and graphs")
-    model_pt = str(random_model(tmp / "model.pt", items, hidden_size=hidden, steps=steps))
-    graph, graph16 = str(tmp / "model.onnx"), str(tmp / "model_fp16.onnx")
-    rep["export"] = {}
-    for path, fp16 in ((graph, False), (graph16, True)):
-        r = export_model(model_pt, path, ExportOptions(k=10, fp16=fp16))
-        rep["export"]["fp16" if fp16 else "fp32"] = {"validated_on": r.validated_on, "parity": r.parity,
-                                                     "parity_cuda": r.parity_cuda, "ops": sum(r.ops.values())}
-    model, _ = load_checkpoint(model_pt)
-    from cddrec.export.onnx_export import contract_for
-
-    contract = contract_for(model, 10)
-    save()
-    step("parity")
-    rep["parity"] = check_parity(model, contract, device, graph, graph16, model_pt,
-                                 [int(b) for b in parity_batches.split(",")])
-    save()
-    sizes = [int(b) for b in batch_sizes.split(",")]
-    cuda = device == "cuda"
-    runs = {"model": (model_pt, ["torch-cuda", "torch-cuda-fp16", "ort-cuda", "ort-cuda-graph"] if cuda
-                      else ["torch-fast", "ort-cpu"]),
-            "fp16 graph": (graph16, ["ort-cuda", "ort-cuda-graph"] if cuda else ["ort-cpu"])}
-    rep["bench"] = {}
-    for label, (path, backends) in runs.items():
-        step(f"speed: {label} {backends}")
-        try:
-            rep["bench"][label] = run_bench(path, backends, sizes, items=items, min_seconds=seconds,
-                                            workdir=tmp / label.replace(" ", "_"), echo=lambda m: step("  " + m))
-        except Exception as e:  # noqa: BLE001
-            rep["errors"][f"bench {label}"] = repr(e)[-600:]
-        save()
-    if n_requests:
-        step(f"cddrec-infer: writing {n_requests:,} requests")
-        req = tmp / "requests.jsonl"
-        write_requests(req, n_requests, items)
-        rep["infer"] = []
-        for backend, path in ((("ort-cuda-graph", graph), ("torch-cuda", model_pt)) if cuda else
-                              (("ort-cpu", graph),)):
-            step(f"cddrec-infer --backend {backend}")
-            rep["infer"].append(run_infer(path, backend, req, tmp / "recs.jsonl", infer_batch, n_requests))
-            save()
-    rep["summary"] = summarize(rep)
-    save()
-    click.echo(table(rep))
+        check.rep["errors"]["onnxruntime"] = "not installed"
+    tmp = Path(tempfile.mkdtemp(prefix="cddrec-gpu-"))
+    try:
+        check.run(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the model, its graphs, 1M requests
+        check.save()
+    click.echo(table(check.rep))
 
 
 if __name__ == "__main__":

@@ -63,13 +63,14 @@ def split_backend(name: str) -> tuple[str, int]:
 
 def default_backends(model: str) -> list[str]:
     """The backends this machine can run (``runnable_backends``) that read ``model``: for a graph
-    (``.onnx``), those that read graphs; for a model file or ``random``, all of them."""
+    (``.onnx``), the built-in ones that read graphs (entry-point backends are not loaded: loading the
+    torch ones would import torch; name a third-party graph backend with --backends); for a model file
+    or ``random``, all of them."""
     from cddrec.runtime.backends import backend_class, runnable_backends
 
-    names = runnable_backends()
     if model.endswith(".onnx"):
-        names = [n for n in names if backend_class(n).reads == "graph"]
-    return names
+        return [n for n in runnable_backends(builtin_only=True) if backend_class(n).reads == "graph"]
+    return runnable_backends()
 
 
 def require_torch(what: str) -> None:
@@ -172,6 +173,16 @@ def run_isolated(name: str, **kwargs) -> dict:
 
 
 # ---------------------------------------------------------------------------- the run
+def steps_run(model_pt: str | None, graph: str | None) -> int | None:
+    """S, the reverse steps a graph given alone runs (its contract: an early-exit graph runs fewer than
+    T); None (all T) when the graph is exported here from a model file."""
+    if model_pt or not graph:
+        return None
+    from cddrec.runtime.recommender import read_serving_info
+
+    return read_serving_info(graph).contract.steps_run or None
+
+
 def model_config(model_pt: str | None, graph: str | None):
     """The model's own config: from the model file, or the one every export stores in its metadata."""
     from cddrec.config import ModelConfig
@@ -233,10 +244,11 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
         model_pt = str(random_model(tmp / "random.pt", items)) if model == "random" else model
         graph, engine, export_seconds, graphs, variants = export_graphs(
             model_pt, {split_backend(b)[0] for b in backends}, batch_sizes, k, tmp, trt_fp16)
-    cfg = model_config(model_pt, graph)
+    cfg, S = model_config(model_pt, graph), steps_run(model_pt, graph)  # S: an early-exit graph's steps
     d, L, V, T, layers = cfg.hidden_size, cfg.max_len, cfg.num_rows, cfg.decoder_steps, cfg.num_layers
     threads = threads or (os.cpu_count() or 1)
-    fl, fl_plain, by_operand = flops_per_user(cfg), flops_per_user(cfg, plain=True), flops_by_operand(cfg)
+    fl, fl_plain = flops_per_user(cfg, steps=S), flops_per_user(cfg, plain=True, steps=S)
+    by_operand = flops_by_operand(cfg, steps=S)
     peak_seconds = min(1.0, max(min_seconds, 0.2))
     echo(f"measuring the fp32 matmul peak on {threads} threads ...")
     cpu_fp32 = matmul_peak("cpu", "fp32", threads, seconds=peak_seconds)
@@ -265,7 +277,7 @@ def run_bench(model: str, backends: list[str], batch_sizes: list[int], *, items:
                 t["speedup_vs_torch"] = t["users_per_s"] / base[t["batch"]]
     peaks = {(p.device, p.precision, p.threads): p for p in [cpu_fp32] + [
         p for r in results for p in r.pop("_peaks", [])]}
-    return {"config": {"d": d, "L": L, "T": T, "items": V - 2, "k": k, "layers": layers, "threads": threads,
+    return {"config": {"d": d, "L": L, "T": T, "S": S or T, "items": V - 2, "k": k, "layers": layers, "threads": threads,
                        "cuda": any(r.get("roofline", {}).get("device") == "cuda" for r in results)},
             "roofline_definition": "best-case users/s = measured matmul peak / FLOPs per user (a ceiling, not a floor)",
             "cpu_fp32_peak_gflops": cpu_fp32.gflops, "roofline_users_per_s": cpu_fp32.gflops * 1e9 / fl["total"],
@@ -315,9 +327,11 @@ def bench_table(res: dict) -> str:
     c = res["config"]
     fl = res["flops_per_user"]
     vnni = res.get("cpu_int8", {}).get("vnni")
-    rows += ["", f"Model: d={c['d']}, L={c['L']}, T={c['T']}, {c['items']:,} items, k={c['k']}, {c['threads']} threads. "
+    exit_note = f" (early exit: the graph runs S={c['S']})" if c.get("S", c["T"]) != c["T"] else ""
+    rows += ["", f"Model: d={c['d']}, L={c['L']}, T={c['T']}{exit_note}, {c['items']:,} items, k={c['k']}, "
+             f"{c['threads']} threads. "
              f"FLOPs/user (graph): {fl['total'] / 1e6:.2f} M (encoder {fl['encoder'] / 1e6:.2f}, decoder K/V "
-             f"{fl['decoder_kv'] / 1e6:.2f}, {c['T']} steps {fl['decoder_steps'] / 1e6:.2f}, scoring "
+             f"{fl['decoder_kv'] / 1e6:.2f}, {c.get('S', c['T'])} steps {fl['decoder_steps'] / 1e6:.2f}, scoring "
              f"{fl['scoring'] / 1e6:.2f}); plain reference {res['flops_per_user_plain_reference']['total'] / 1e6:.2f} M.",
              "", "Roofline: the best case, users/s = measured matmul peak / FLOPs per user, on the backend's device, "
              "at its graph's precision (from the graph's contract; a mixed graph sums FLOPs / peak over its parts) "

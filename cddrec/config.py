@@ -37,7 +37,8 @@ def _f(default, help: str = "", *, min: float | None = None, max: float | None =
                                             "max_open": max_open, "choices": choices})
 
 
-LOSSES = ("ce", "cd")
+LOSSES = ("ce", "cd", "sampled", "auto")
+PROPOSALS = ("popularity", "uniform")
 DIVERGENCES = ("kl", "dot")
 RANK_STEPS = ("auto", "all", "last")
 DECODER_NORMS = ("pre", "rezero", "post")
@@ -52,6 +53,14 @@ SEED_MAX = 2**32 - 1  # numpy's seed range
 # vs 0.1091) and not on Beauty (0.0911 vs 0.0923). The threshold keeps the all-steps epoch within
 # ~4x of the last-step one: Office ranks at every step, the three 12k-item catalogues at the last.
 AUTO_RANK_MAX = 100_000
+# ``loss: auto`` trains the full softmax (ce) below this many items and the sampled softmax (M = 2048) from
+# it on. Measured (benchmarks/results/big_catalogue.md; one CPU thread, batch 128, paper-size model, runs
+# interleaved) against the sampled softmax as auto trains it (ranked at every step, M*T <= AUTO_RANK_MAX):
+# the same time per batch at 30k items (1.31 s against 1.35 s), 1.6-2.2x the time and 1.8x the memory at
+# 100k, 6-8x the time and 3x the memory at 300k; at 1M the full softmax does not fit (one logit matrix of
+# a batch is 5.4 GB, the loss holds three). Below 100k the exact objective costs about what the sampled
+# one does, so it stays.
+AUTO_SAMPLED_MIN_ITEMS = 100_000
 
 
 class _Config:
@@ -149,10 +158,15 @@ class TrainConfig(_Config):
     ``--resume`` refuses a run whose ``TrainConfig`` (or ``ModelConfig``) differs from the saved one."""
 
     # ---- objective -------------------------------------------------------------------
-    loss: str = _f("ce", "\"ce\": full-catalogue softmax; \"cd\": the paper's cross-divergence (Eq. 5)",
-                   choices=LOSSES)
+    loss: str = _f("ce", "\"ce\": full-catalogue softmax; \"cd\": the paper's cross-divergence (Eq. 5); \"sampled\": "
+                   "softmax over the target and --negatives shared sampled items, logQ-corrected; \"auto\": ce below "
+                   f"{AUTO_SAMPLED_MIN_ITEMS:,} items, sampled from there on (measured rule)", choices=LOSSES)
     cd_divergence: str = _f("kl", "\"kl\": Gaussian KL of Eq. 5; \"dot\": released code's dot-product logit",
                             choices=DIVERGENCES)
+    negatives: int = _f(2048, "M of --loss sampled: items drawn per batch (with replacement), shared by its targets",
+                        min=1)
+    negative_sampling: str = _f("popularity", "proposal of --loss sampled: popularity (training count + 1) or "
+                                "uniform; the logits are corrected by log Q either way", choices=PROPOSALS)
     rank_steps: str = _f("auto", "steps with the ranking term (ce or cd): all T, only the last (InfoNCE at all), "
                          f"or auto: all while N*T <= {AUTO_RANK_MAX:,}, else last (measured cost rule)",
                          choices=RANK_STEPS)
@@ -165,17 +179,30 @@ class TrainConfig(_Config):
     # ---- optimiser -------------------------------------------------------------------
     lr: float = _f(1e-3, "Adam learning rate", min=0.0, min_open=True)
     weight_decay: float = _f(0.0, "Adam weight decay", min=0.0)
-    batch_size: int = _f(128, "training windows per batch (>= 2: InfoNCE needs in-batch negatives)", min=2)
+    batch_size: int = _f(128, "training windows per batch, per process under torchrun (the global batch is this x "
+                         "the processes; >= 2: InfoNCE needs in-batch negatives)", min=2)
     # ---- seed, model selection, data ---------------------------------------------------
     seed: int = _f(42, "random seed (batches, negatives, augmentation, init)", min=0, max=SEED_MAX)
     valid_metric: str = _f("N@10", "validation metric for early stopping and model selection", choices=VALID_METRICS)
     kcore: int = _f(5, "k-core filter applied to interaction logs (users and items with >= k)", min=1)
 
     def rank_last_only(self, model: ModelConfig) -> bool:
-        """Whether the ranking term is applied at the last step only (``rank_steps``, ``auto`` resolved by N*T)."""
+        """Whether the ranking term is applied at the last step only (``rank_steps``, ``auto`` resolved by the
+        columns of a ranking logit row times T: N items, or M negatives of the sampled softmax)."""
         if self.rank_steps == "auto":
-            return model.num_items * model.steps > AUTO_RANK_MAX
+            columns = min(model.num_items, self.negatives) if self.resolve_loss(model)[0] == "sampled" else \
+                model.num_items
+            return columns * model.steps > AUTO_RANK_MAX
         return self.rank_steps == "last"
+
+    def resolve_loss(self, model: ModelConfig) -> tuple[str, str]:
+        """The objective trained (``loss``, with ``auto`` resolved by the catalogue size) and why, in words."""
+        n = model.num_items
+        if self.loss != "auto":
+            return self.loss, f"--loss {self.loss}"
+        if n >= AUTO_SAMPLED_MIN_ITEMS:
+            return "sampled", f"--loss auto: {n:,} items >= {AUTO_SAMPLED_MIN_ITEMS:,}"
+        return "ce", f"--loss auto: {n:,} items < {AUTO_SAMPLED_MIN_ITEMS:,}"
 
 
 @dataclass
@@ -189,6 +216,8 @@ class RunConfig(_Config):
     threads: int = _f(0, "CPU threads; 0 = auto: the cores not already busy (CPU affinity minus the 1-minute "
                       "load average, at least 1)", min=0)
     eval_batch_size: int = _f(512, "users per evaluation batch", min=1)
+    dist_timeout: float = _f(30.0, "minutes a process of a torchrun job waits for the others (a dead or stuck rank) "
+                             "before the job stops with an error", min=0.0, min_open=True)
     extra: dict = field(default_factory=dict, metadata={"help": "free-form notes carried into the checkpoint"})
 
 

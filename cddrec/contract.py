@@ -11,6 +11,11 @@ items feed the model and all of them are excluded from the ranking, with the pad
 mask token. The stochastic graph also takes ``noise`` float32 (T, batch, d). Outputs
 ``top_items`` int64 (batch, K) and ``top_scores`` float32 (batch, K), best first, and
 ``user_embedding`` float32 (batch, d). Excluded items score ``MASK_SCORE``.
+
+Early exit (``cddrec-export --steps S``): the graph runs the first S of the T reverse steps and
+serves the state x_hat_{T-S}; the metadata records S (``steps_run``, key ``"S"``; graphs without
+it run all T), validation compares it with the S-step PyTorch reference, and its noise input keeps
+the T-step shape (only the steps run read it).
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class GraphContract:
     k: int  # K, items returned per user
-    steps: int  # T, unrolled denoising steps (0 without a decoder)
+    steps: int  # T, denoising steps of the model (0 without a decoder)
     hidden: int  # d
     max_len: int  # L, history items that feed the model
     num_items: int  # N, item ids 1..N
@@ -68,6 +73,7 @@ class GraphContract:
     atol: float | None = None
     gpu_rtol: float | None = None  # None: the default of the precision on CUDA (``tolerance_on("cuda")``)
     gpu_atol: float | None = None
+    steps_run: int | None = None  # S, reverse steps the graph unrolls (early exit, 1..T); None: all T
     extra: dict = field(default_factory=dict, compare=False)  # other metadata (vocab, config, ...)
 
     def __post_init__(self) -> None:
@@ -76,6 +82,11 @@ class GraphContract:
                 raise ValueError(f"graph contract: {name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0:
             raise ValueError(f"graph contract: steps must be >= 0, got {self.steps}")
+        if self.steps_run is None:
+            object.__setattr__(self, "steps_run", self.steps)  # all T: the default graph
+        elif not (self.steps_run == self.steps == 0 or 1 <= self.steps_run <= self.steps):
+            raise ValueError(f"graph contract: the graph runs S={self.steps_run} reverse steps; S must be between 1 "
+                             f"and T={self.steps}" + (" (this model has no decoder)" if not self.steps else ""))
         if self.k > self.num_items:
             raise ValueError(f"graph contract: K={self.k} exceeds the number of items ({self.num_items})")
 
@@ -193,7 +204,8 @@ class GraphContract:
         rtol, atol = self.tolerance
         g_rtol, g_atol = self.tolerance_on("cuda")
         meta = {"cddrec_format_version": str(GRAPH_FORMAT_VERSION), "graph_kind": self.kind,
-                "T": str(self.steps), "K": str(self.k), "d": str(self.hidden), "L": str(self.max_len),
+                "T": str(self.steps), "S": str(self.steps_run), "K": str(self.k), "d": str(self.hidden),
+                "L": str(self.max_len),
                 "num_items": str(self.num_items), "opset": str(self.opset), "fp16": json.dumps(self.fp16),
                 "tolerance": json.dumps({"rtol": rtol, "atol": atol}),
                 "tolerance_cuda": json.dumps({"rtol": g_rtol, "atol": g_atol}),
@@ -232,10 +244,11 @@ class GraphContract:
             raise ModelFileError(f"{source}: metadata graph_kind must be one of {KINDS}, got {kind!r}")
         tol = _json(meta, "tolerance", source, {}) or {}
         tol_cuda = _json(meta, "tolerance_cuda", source, {}) or {}  # absent in graphs exported before it
-        known = {"cddrec_format_version", "graph_kind", "T", "K", "d", "L", "num_items", "opset", "fp16",
+        known = {"cddrec_format_version", "graph_kind", "T", "S", "K", "d", "L", "num_items", "opset", "fp16",
                  "tolerance", "tolerance_cuda", "min_overlap", "inputs"}
         try:
-            return cls(k=integer("K", 1), steps=integer("T", 0), hidden=integer("d", 1), max_len=integer("L", 1),
+            return cls(k=integer("K", 1), steps=integer("T", 0), steps_run=integer("S", 0) if "S" in meta else None,
+                       hidden=integer("d", 1), max_len=integer("L", 1),
                        num_items=integer("num_items", 1), stochastic=kind == "stochastic",
                        fp16=bool(_json(meta, "fp16", source, False)),
                        opset=integer("opset", 1) if "opset" in meta else DEFAULT_OPSET,

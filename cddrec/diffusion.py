@@ -102,13 +102,15 @@ class GaussianDiffusion(nn.Module):
     def reverse(self, decoder: DenoisingDecoder | None, e_s: torch.Tensor, bias: torch.Tensor, *,
                 rows: torch.Tensor | None = None, last_only: bool = False, hoist: bool = True,
                 sample: bool = False, noise: torch.Tensor | None = None, return_all: bool = False,
-                step_q: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                step_q: torch.Tensor | None = None, steps: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the T-step reverse chain of ``decoder`` from x_hat_T = e_s (B, L, d), bias (B, 1, L, L).
 
         Step t = T-1..0 computes the mean mu_t = decoder(x_hat_{t+1}, t, e_s) and the next state
         x_hat_t = mu_t (deterministic) or mu_t + sqrt(beta_hat_{t+1}) eps (``sample``, Eq. 4);
         ``noise`` (T, B, Q, d), indexed by step t, makes sampling explicit and reproducible.
         ``step_q`` (T, d): precomputed ``decoder.step_queries()`` (the graph's constant).
+        ``steps`` S (1..T; None: all T): early exit, stop after the first S steps (``timesteps``) and
+        return x_hat_{T-S}, the state ``cddrec-eval --stages`` lists as stage S.
 
         The plain reference decodes every position and projects the history to keys and values and
         the step embedding to its query at every step (``hoist=False``). The fast paths, tested
@@ -118,7 +120,7 @@ class GaussianDiffusion(nn.Module):
         (the SASRec baseline) the start state is the result.
 
         Returns the final state (B, Q, d) or (n, d) and, with ``return_all``, the states of every
-        step ordered t = T-1, ..., 0 (``[x]`` without a decoder).
+        step run, ordered t = T-1, ..., T-S (``[x]`` without a decoder).
         """
         B, L, d = e_s.shape
         if rows is not None:
@@ -129,23 +131,31 @@ class GaussianDiffusion(nn.Module):
             x = e_s  # (B, L, d)
         if decoder is None:
             return x, [x]
-        kv = decoder.attn.memory(e_s) if hoist else None  # (B, H, h, L), (B, H, L, h)
+        timesteps = self.timesteps(steps)  # checked before any work
+        kv = decoder.memory(e_s) if hoist else None  # (B, H, h, L), (B, H, L, h)
         if hoist and step_q is None:
             step_q = decoder.step_queries()  # (T, d), once for the T steps
         elif not hoist:
             step_q = None
         states = []
-        for t in self.timesteps():  # unrolled when traced
-            k, v = kv if kv is not None else decoder.attn.memory(e_s)
+        for t in timesteps:  # unrolled when traced
+            k, v = kv if kv is not None else decoder.memory(e_s)
             mu = decoder(x, t, k, v, bias, rows, step_q)  # same shape as x
             x = self.p_sample(mu, t, sample, noise[t] if noise is not None and t > 0 else None)
             if return_all:
                 states.append(x)
         return x, states
 
-    def timesteps(self) -> range:
-        """The decoder steps in the order the reverse chain runs them: t = T-1, ..., 0."""
-        return range(self.steps - 1, -1, -1)
+    def timesteps(self, steps: int | None = None) -> range:
+        """The decoder steps in the order the reverse chain runs them: t = T-1, ..., 0; with ``steps``
+        S (early exit, 1 <= S <= T), only the first S of them: t = T-1, ..., T-S. The one place the
+        chain's length is decided (the model, evaluation and every exported graph run through it)."""
+        if steps is None:
+            steps = self.steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.steps:
+            raise ValueError(f"steps must be an integer between 1 and T={self.steps} (early exit after S of the T "
+                             f"reverse steps), got {steps!r}")
+        return range(self.steps - 1, self.steps - 1 - steps, -1)
 
     def p_sample(self, mu: torch.Tensor, t: int, sample: bool = False,
                  noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -74,11 +74,16 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: bool = False,
-             keep_topk: int = 0, progress: bool = False) -> EvalResult:
+             keep_topk: int = 0, progress: bool = False, steps: int | None = None) -> EvalResult:
     """Full-ranking metrics of ``model`` on ``split`` (deterministic reverse chain); with ``stages``, also
-    of the state after every reverse step; with ``keep_topk``, each user's top items.
+    of the state after every reverse step; with ``keep_topk``, each user's top items; with ``steps``
+    S (early exit, as ``cddrec-export --steps S`` serves it), of the state after the first S steps
+    (``stages`` then lists stages 1..S, the same states as without ``steps``).
 
     Non-finite scores (a diverged model: NaN ranks would count as hits) raise ``NonFiniteError``."""
+    if steps is not None and model.decoder is None:
+        raise ValueError("steps (early exit) needs a model with a decoder; this one is a SASRec baseline")
+    timesteps = list(model.diffusion.timesteps(steps)) if model.decoder is not None else [0]  # checks 1 <= S <= T
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -98,7 +103,7 @@ def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: 
         known, seen = split.targets[rows] > 0, split.seen(rows)  # (B,), (B, S)
         e_s, bias = model.encode(hist)  # (B, L, d), (B, 1, L, L)
         final, states = model.diffusion.reverse(model.decoder, e_s, bias, last_only=True,
-                                                return_all=stages)  # (B, 1, d)
+                                                return_all=stages, steps=steps)  # (B, 1, d)
         for j, x in enumerate(states if stages else [final]):
             r, ch, top = rank_state(model, x[:, 0], tgt, known, seen, k_top)
             if j == len(stage_ranks):
@@ -116,10 +121,9 @@ def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: 
     metrics["users"] = int(len(all_ranks))
     result = EvalResult(metrics, users=split.users)
     if stages:
-        T = len(stage_ranks)
-        for j in range(T):
+        for j in range(len(stage_ranks)):
             m = metrics_from_ranks(np.concatenate(stage_ranks[j]))
-            result.stages.append({"stage": j + 1, "step": T - 1 - j, "R@10": m["R@10"], "N@10": m["N@10"],
+            result.stages.append({"stage": j + 1, "step": timesteps[j], "R@10": m["R@10"], "N@10": m["N@10"],
                                   "MRR@40": m["MRR@40"],
                                   "AvgChange@40": float(np.mean(np.concatenate(stage_changes[j])))})
     if keep_topk:

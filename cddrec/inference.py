@@ -61,38 +61,40 @@ def exclude_items(scores: torch.Tensor, excluded: torch.Tensor, num_items: int, 
 
 @torch.no_grad()
 def reference_scores(model: CDDRec, item_ids: torch.Tensor, noise: torch.Tensor | None = None,
-                     plain: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     plain: bool = True, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(masked scores (B, V) float32, user_embedding (B, d)) of the plain reference.
 
     ``noise`` (T, B, d) selects the stochastic chain with explicit noise (Eq. 4); ``plain=False``
-    uses the model's hoisted last-position path instead."""
+    uses the model's hoisted last-position path instead; ``steps`` S: early exit after S of the T
+    reverse steps (the reference of an ``--steps S`` graph)."""
     model.eval()
     item_ids = valid_ids(item_ids, model.cfg.num_items)  # (B, S)
     hist = fit_history(item_ids, model.cfg.max_len)
-    user = model.user_embedding(hist, noise, plain=plain)  # (B, d)
+    user = model.user_embedding(hist, noise, plain=plain, steps=steps)  # (B, d)
     scores = model.scores(user).float()  # (B, V)
     return exclude_items(scores, item_ids, model.cfg.num_items, MASK_SCORE), user
 
 
 def reference_topk(model: CDDRec, item_ids: torch.Tensor, k: int, noise: torch.Tensor | None = None,
-                   plain: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   plain: bool = True, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(top_items (B, K) int64, top_scores (B, K) float32, user_embedding (B, d))."""
-    scores, user = reference_scores(model, item_ids, noise, plain)
+    scores, user = reference_scores(model, item_ids, noise, plain, steps)
     top = scores.topk(k, dim=1)
     return top.indices, top.values, user
 
 
-def reference_runner(model: CDDRec):
+def reference_runner(model: CDDRec, steps: int | None = None):
     """The reference as a parity runner's counterpart (``cddrec.parity.compare_runners``): a feed
     {"item_ids" (B, S) int64 [, "noise" (T, B, d)]} of numpy arrays -> the masked fp32 scores of
-    every item (B, V), numpy, from the plain eager model on the model's device."""
+    every item (B, V), numpy, from the plain eager model on the model's device (``steps`` S: the
+    early exit after S reverse steps, as a ``--steps S`` graph runs; None: all T)."""
     device = next(model.parameters()).device
 
     def scores(feed: dict) -> np.ndarray:
         ids = torch.as_tensor(np.asarray(feed["item_ids"]), dtype=torch.int64, device=device)
         noise = feed.get("noise")
         noise = None if noise is None else torch.as_tensor(np.asarray(noise), device=device)
-        return reference_scores(model, ids, noise)[0].cpu().numpy()  # (B, V)
+        return reference_scores(model, ids, noise, steps=steps)[0].cpu().numpy()  # (B, V)
 
     return scores
 

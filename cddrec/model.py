@@ -116,6 +116,11 @@ class DenoisingDecoder(nn.Module):
         # rezero: a learned gate per step, 0 at the start, so the chain starts as the identity
         self.gate = nn.Parameter(torch.zeros(steps)) if norm == "rezero" else None
 
+    def memory(self, e_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the encoded history e_s (B, L, d) for every step (``attn.memory``): what
+        ``GaussianDiffusion.reverse`` asks each step driver for (the fused graph's has another layout)."""
+        return self.attn.memory(e_s)
+
     def step_queries(self) -> torch.Tensor:
         """W_Q e_t + b_Q for every step (T, d): the step's share of the query, the same for every
         user, so the fast paths compute it once (the exported graph stores it as a constant)."""
@@ -196,20 +201,21 @@ class CDDRec(nn.Module):
         return x, bias
 
     def user_embedding(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None,
-                       plain: bool = False) -> torch.Tensor:
+                       plain: bool = False, steps: int | None = None) -> torch.Tensor:
         """Preference x_hat_0 at the last position (B, d): deterministic, or with explicit ``noise``
         (T, B, d). ``plain`` runs the plain reference (every position, keys and values projected at
-        every step) instead of the hoisted last-position path; both give the same result."""
+        every step) instead of the hoisted last-position path; both give the same result. ``steps``
+        S: early exit, the state x_hat_{T-S} after the first S reverse steps (None: all T)."""
         e_s, bias = self.encode(item_ids)  # (B, L, d), (B, 1, L, L)
         if not plain:
-            x, _ = self.diffusion.reverse(self.decoder, e_s, bias, last_only=True,
+            x, _ = self.diffusion.reverse(self.decoder, e_s, bias, last_only=True, steps=steps,
                                           noise=None if noise is None else noise.unsqueeze(2))  # (B, 1, d)
             return x[:, 0]
         if noise is not None:  # positions do not interact in the decoder: noise the last one only
             full = noise.new_zeros(noise.shape[0], noise.shape[1], item_ids.shape[1], noise.shape[2])  # (T, B, L, d)
             full[:, :, -1] = noise
             noise = full
-        x, _ = self.diffusion.reverse(self.decoder, e_s, bias, hoist=False, noise=noise)  # (B, L, d)
+        x, _ = self.diffusion.reverse(self.decoder, e_s, bias, hoist=False, noise=noise, steps=steps)  # (B, L, d)
         return x[:, -1]
 
     def scores(self, user_emb: torch.Tensor) -> torch.Tensor:
@@ -219,13 +225,13 @@ class CDDRec(nn.Module):
         once (a ``@ weight.t()`` would constant-fold into a second, transposed copy)."""
         return F.linear(user_emb, self.item_emb.weight.to(user_emb.dtype))  # (B, V)
 
-    def forward(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """item_ids (B, L) -> scores (B, V) of the last position (no masking)."""
-        return self.scores(self.user_embedding(item_ids, noise))
+    def forward(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None, steps: int | None = None) -> torch.Tensor:
+        """item_ids (B, L) -> scores (B, V) of the last position (no masking); ``steps``: early exit."""
+        return self.scores(self.user_embedding(item_ids, noise, steps=steps))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_user(self, plain: bool = False) -> dict[str, float]:
-        """FLOPs of one user's recommendation (see ``flops_per_user``)."""
-        return flops_per_user(self.cfg, plain)
+    def flops_per_user(self, plain: bool = False, steps: int | None = None) -> dict[str, float]:
+        """FLOPs of one user's recommendation (see ``flops_per_user``; ``steps``: early exit after S steps)."""
+        return flops_per_user(self.cfg, plain, steps)

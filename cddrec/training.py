@@ -7,10 +7,16 @@ validation split); ``out.resume.pt`` holds the last epoch's weights, optimizer a
 The pieces, each replaceable on its own:
 
 - ``Trainer``: the setup (``__init__``), ``resume``, the epoch loop (``fit``), one epoch
-  (``train_epoch``, whose optimiser update is ``step``), ``validate``, and the two writes
-  (``save_best``, ``save_resume``), which a multi-process run guards by rank.
+  (``train_epoch``, whose optimiser update is ``step``), the end of an epoch (``end_epoch``:
+  ``validate``, ``record`` and the two writes ``save_best``, ``save_resume``).
 - ``TrainState``: what a resumed run continues from (saved in the resume file).
 - ``StopPolicy``: the divergence, early-stopping and time-budget decisions, one per epoch.
+
+Under torchrun (``dist``, a ``cddrec.distributed.Dist`` with a process group) every rank trains its
+interleaved share of each global batch (``batches.Shard``) through DistributedDataParallel; rank 0
+alone runs ``end_epoch`` (validation, the stop decision, the files, the log) and broadcasts the
+decision; a non-finite loss or the time budget on any rank stops all ranks at the same step
+(``Dist.step_flags``). The model file is the same as a plain run's.
 """
 
 from __future__ import annotations
@@ -26,14 +32,16 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .batches import TrainBatches
+from .batches import Shard, TrainBatches
 from .checkpoint import UNREADABLE, save_checkpoint, save_torch
 from .config import ModelConfig, RunConfig, TrainConfig, from_flat
 from .data import SequenceData, eval_split
+from .distributed import Dist
 from .errors import CheckpointError, ConfigError, NonFiniteError
 from .evaluation import evaluate
 from .losses import objective
 from .model import CDDRec
+from .sampler import ItemProposal
 
 RESUME_VERSION = 2  # 1 (cddrec 0.2.0): one flat "config" dict, split on reading
 
@@ -73,9 +81,15 @@ def auto_threads() -> tuple[int, str]:
     return max(1, cores - busy), f"auto: {cores} cores, {busy} busy (1-minute load {load:.2f})"
 
 
-def set_threads(n: int) -> tuple[int, str]:
-    """Set torch's CPU threads to ``n`` (0: ``auto_threads``); returns the number and how it was chosen."""
-    n, how = auto_threads() if n <= 0 else (n, "--threads")
+def set_threads(n: int, processes: int = 1) -> tuple[int, str]:
+    """Set torch's CPU threads to ``n`` (0: ``auto_threads`` shared by this machine's ``processes`` of a
+    torchrun job); returns the number and how it was chosen."""
+    if n > 0:
+        n, how = n, "--threads"
+    else:
+        n, how = auto_threads()
+        if processes > 1:
+            n, how = max(1, n // processes), f"{how}, shared by {processes} processes"
     torch.set_num_threads(n)
     return n, how
 
@@ -171,74 +185,119 @@ class StopPolicy:
         return None
 
 
+class ObjectiveModule(torch.nn.Module):
+    """The training objective as a module, for DistributedDataParallel: its forward must run the model
+    for DDP to synchronise the gradients in backward (the objective calls the model's parts directly)."""
+
+    def __init__(self, model: CDDRec, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batch: dict[str, torch.Tensor], shares: tuple[float, float] | None):
+        return objective(self.model, batch, self.cfg, shares)
+
+
 class Trainer:
     """Trains a CDDRec on ``data`` and writes the best model to ``out`` (see the module docstring).
 
     ``progress``: a tqdm bar per epoch (a terminal); ``progress_every`` > 0: a progress line through
-    ``log`` every that many seconds (logs, CI, nohup), so a long epoch is not silent.
+    ``log`` every that many seconds (logs, CI, nohup), so a long epoch is not silent. ``dist``: this
+    process's place in a torchrun job (``cddrec.distributed.launch``); None: a plain run. Only rank 0
+    logs, shows progress and writes files.
     """
 
     def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, run_cfg: RunConfig, data: SequenceData,
                  out: str | Path, *, progress: bool = True, progress_every: float = 0.0,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, dist: Dist | None = None):
+        self.dist = dist = dist or Dist()
         self.model_cfg = model_cfg.replace(num_items=data.num_items)
         self.train_cfg, self.run_cfg = train_cfg, run_cfg
-        self.data, self.out, self.log = data, out, log
-        self.progress, self.progress_every = progress, progress_every
+        self.data, self.out = data, out
+        self.log = log if dist.main else _silent
+        self.progress, self.progress_every = progress and dist.main, progress_every if dist.main else 0.0
         set_seed(train_cfg.seed)
-        self.threads, self.threads_how = set_threads(run_cfg.threads)
-        self.device = resolve_device(run_cfg.device)
-        self.batches = TrainBatches(data, self.model_cfg.max_len, train_cfg.batch_size, seed=train_cfg.seed)
-        self.valid = eval_split(data, "valid", self.model_cfg.max_len)
+        self.threads, self.threads_how = set_threads(run_cfg.threads, dist.local_world)
+        self.device = dist.device if dist.group else resolve_device(run_cfg.device)
+        self.popularity = torch.from_numpy(data.popularity("train"))
+        self.loss, self.loss_why = train_cfg.resolve_loss(self.model_cfg)
+        proposal = (ItemProposal(self.popularity.numpy(), train_cfg.negatives, train_cfg.negative_sampling)
+                    if self.loss == "sampled" else None)
+        self.batches = TrainBatches(data, self.model_cfg.max_len, train_cfg.batch_size, seed=train_cfg.seed,
+                                    shard=Shard(dist.rank, dist.world) if dist.group else None, proposal=proposal)
+        self.valid = eval_split(data, "valid", self.model_cfg.max_len) if dist.main else None
         self.model = CDDRec(self.model_cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-        self.popularity = torch.from_numpy(data.popularity("train"))
         self.data_meta = {"fingerprint": data.fingerprint(), "source": data.source, "stats": data.stats()}
+        dist.check_same("data", self.data_meta["fingerprint"],
+                        ": every process must read the same file with the same options (k-core, columns)")
         self.state = TrainState()
         self.stop = StopPolicy(train_cfg.valid_metric, run_cfg.patience, run_cfg.time_budget)
+        self.net: torch.nn.Module | None = None  # the objective in DistributedDataParallel, built by fit
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        """Train from ``state.next_epoch`` until the stop policy or the epoch limit says stop; the summary."""
+        """Train from ``state.next_epoch`` until the stop policy or the epoch limit says stop; the summary
+        (rank 0's, on every rank)."""
         self.log(self.start_line())
+        if self.dist.group:
+            self.net = self.dist.wrap(ObjectiveModule(self.model, self.train_cfg))
         self.stop.start()
-        reason = "epochs"
+        reason = None
         for epoch in range(self.state.next_epoch, self.run_cfg.epochs):
             result = self.train_epoch(epoch)
-            metrics = self.validate(result)
-            if result.diverged is not None:
-                reason = self.stop.diverged(self.state, result.diverged, self.out)
+            reason = self.dist.on_main(self.end_epoch, result)
+            if reason is not None:
                 break
-            improved = self.record(result, metrics)
-            if improved:
-                self.save_best()
-            tag = f" (partial: {result.batches}/{len(self.batches)} batches)" if result.out_of_time else ""
-            self.log(f"epoch {epoch:3d} | loss {result.loss:.4f} | {result.seconds:6.1f}s | valid R@10 "
-                     f"{metrics['R@10']:.4f} N@10 {metrics['N@10']:.4f} MRR {metrics['MRR']:.4f}"
-                     f"{' *' if improved else ''}{tag}")
-            self.save_resume()
-            stop = self.stop.after_epoch(self.state, epoch, result.out_of_time)
-            if stop is not None:
-                reason = stop
-                break
+        reason = reason or "epochs"
+        return self.dist.on_main(self.summary, reason)
+
+    def end_epoch(self, result: EpochResult) -> str | None:
+        """After an epoch (on rank 0): validate, record, write the files and log; the reason to stop, or None."""
+        metrics = self.validate(result)
+        if result.diverged is not None:
+            return self.stop.diverged(self.state, result.diverged, self.out)
+        improved = self.record(result, metrics)
+        if improved:
+            self.save_best()
+        tag = f" (partial: {result.batches}/{len(self.batches)} batches)" if result.out_of_time else ""
+        self.log(f"epoch {result.epoch:3d} | loss {result.loss:.4f} | {result.seconds:6.1f}s | valid R@10 "
+                 f"{metrics['R@10']:.4f} N@10 {metrics['N@10']:.4f} MRR {metrics['MRR']:.4f}"
+                 f"{' *' if improved else ''}{tag}")
+        self.save_resume()
+        return self.stop.after_epoch(self.state, result.epoch, result.out_of_time)
+
+    def summary(self, reason: str) -> dict:
         s = self.state
         self.log(f"stopped: {reason}; best epoch {s.best_epoch} valid {self.train_cfg.valid_metric} {s.best:.4f}")
         return {"best_epoch": s.best_epoch, "best_valid": s.best_valid, "epochs_run": len(s.history),
                 "train_seconds": round(s.train_seconds, 1), "stop_reason": reason, "history": s.history,
                 "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in s.history])), 2) if s.history else None,
-                "threads": self.threads}
+                "threads": self.threads, "processes": self.dist.world, "global_batch": self.batches.global_batch}
 
     def start_line(self) -> str:
-        b = self.batches
+        b, d = self.batches, self.dist
         rank = "the last step" if self.train_cfg.rank_last_only(self.model_cfg) else "every step"
-        return (f"training on {self.device} with {self.threads} CPU thread{'s' if self.threads > 1 else ''} "
+        line = (f"training on {self.device} with {self.threads} CPU thread{'s' if self.threads > 1 else ''} "
                 f"({self.threads_how}): {self.data.stats()} | {len(b.windows)} windows, {b.num_targets} targets, "
-                f"{len(b)} batches/epoch, {self.model.num_parameters():,} parameters | ranking loss at {rank} "
-                f"(rank_steps {self.train_cfg.rank_steps})")
+                f"{len(b)} batches/epoch, {self.model.num_parameters():,} parameters | objective: "
+                f"{self.objective_words()} ({self.loss_why}) | ranking loss at {rank} (rank_steps "
+                f"{self.train_cfg.rank_steps})")
+        if d.group:
+            line += (f" | torchrun: {d.describe()}, global batch {b.global_batch} = {b.batch_size} per process x "
+                     f"{d.world}; rank 0 validates and writes")
+        return line
+
+    def objective_words(self) -> str:
+        cfg = self.train_cfg
+        if self.loss == "sampled":
+            return (f"sampled softmax over {cfg.negatives:,} {cfg.negative_sampling}-sampled negatives per batch, "
+                    "logQ-corrected")
+        return {"ce": "full softmax over the catalogue (ce)", "cd": "cross-divergence (cd, Eq. 5)"}[self.loss]
 
     def train_epoch(self, epoch: int) -> EpochResult:
         """One epoch of optimiser steps (the rest of the partial epoch a time budget cut, when resuming one).
-        It ends early on a non-finite loss, before that step is applied, or when the time budget runs out."""
+        It ends early on a non-finite loss (on any rank), before that step is applied, or when the time
+        budget runs out (on any rank: every rank stops after the same step)."""
         self.model.train()
         partial, self.state.partial = self.state.partial, None
         r = EpochResult(epoch)
@@ -248,38 +307,51 @@ class Trainer:
                 self.state.history.pop()  # the interrupted epoch's row is replaced by the whole epoch's
         done0, total = r.batches, len(self.batches)
         t0 = last_line = time.perf_counter()
-        it = self.batches.epoch(order=partial["order"].numpy() if partial else None, start=done0)
+        it = self.batches.epoch(order=partial["order"].numpy() if partial else None, start=done0, index=epoch)
         if self.progress:
             from tqdm import tqdm
 
             it = tqdm(it, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True, initial=done0,
                       total=total)
         for batch in it:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            loss, parts = objective(self.model, batch, self.train_cfg)
-            if not math.isfinite(parts["loss"]):
-                r.diverged = f"loss {parts['loss']} at epoch {epoch} batch {r.batches}"
+            loss, value = self.forward(batch)
+            value, out_of_time = self.dist.step_flags(value, r.batches + 1 < total and self.stop.out_of_time())
+            if not math.isfinite(value):
+                r.diverged = f"loss {value} at epoch {epoch} batch {r.batches}"
                 break
             self.step(loss)
-            r.loss_sum += parts["loss"]
+            r.loss_sum += value
             r.batches += 1
             now = time.perf_counter()
             if self.progress:
-                it.set_postfix(loss=f"{parts['loss']:.3f}")
+                it.set_postfix(loss=f"{value:.3f}")
             elif self.progress_every and now - last_line >= self.progress_every:
                 rate = (r.batches - done0) / (now - t0)
                 self.log(f"epoch {epoch} | batch {r.batches}/{total} | loss {r.loss:.4f} | {rate:.2f} batches/s | "
                          f"ETA {(total - r.batches) / rate:.0f}s")
                 last_line = now
-            if r.batches < total and self.stop.out_of_time():
+            if out_of_time:
                 r.out_of_time = True
                 break
         r.seconds = time.perf_counter() - t0
         self.state.train_seconds += r.seconds
         return r
 
+    def forward(self, batch: dict) -> tuple[torch.Tensor, float]:
+        """The loss of one batch (a shard's share of the global batch's mean, under torchrun) and its value.
+        A shard's dropout and noise come from the batch's own seed (``batches.stream_seed``)."""
+        shares, seed = batch.pop("shares", None), batch.pop("torch_seed", None)
+        if seed is not None:
+            torch.manual_seed(seed)
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        if self.net is not None:
+            loss, parts = self.net(batch, shares)
+        else:
+            loss, parts = objective(self.model, batch, self.train_cfg, shares)
+        return loss, parts["loss"]
+
     def step(self, loss: torch.Tensor) -> None:
-        """One optimiser update from a batch's loss."""
+        """One optimiser update from a batch's loss (gradients averaged over the ranks by DDP in backward)."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -322,33 +394,62 @@ class Trainer:
                         split="valid")
 
     def save_resume(self) -> None:
-        """Write the resume file: the last epoch's weights, optimizer, random states and ``TrainState``."""
+        """Write the resume file: the last epoch's weights, optimizer, random states and ``TrainState``.
+
+        ``streams`` says how batches are drawn: "run" (one stream, its state saved here) or "epoch"
+        (streams seeded by seed, epoch, rank and batch: nothing to save, any process count resumes)."""
         state = {"format_version": RESUME_VERSION, "model_config": self.model_cfg.to_dict(),
                  "train_config": self.train_cfg.to_dict(), "run_config": self.run_cfg.to_dict(),
                  "fingerprint": self.data_meta["fingerprint"],
                  "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
                  "optimizer": self.opt.state_dict(), "numpy_rng": self.batches.rng.bit_generator.state,
-                 "torch_rng": torch.get_rng_state(), **asdict(self.state)}
+                 "torch_rng": torch.get_rng_state(), "streams": "epoch" if self.batches.shard else "run",
+                 "global_batch": self.batches.global_batch, "processes": self.dist.world, **asdict(self.state)}
         save_torch(resume_path(self.out), state)
 
     def resume(self) -> None:
-        """Continue from the resume file: the same model and train configs and data, or a one-line error."""
+        """Continue from the resume file: the same model and train configs (the global batch, not the
+        per-process one) and data, or a one-line error. Rank 0 reads and checks it; every rank loads it."""
+        saved = self.dist.on_main(self.read_checked_resume)
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.state = TrainState(**{f.name: saved.get(f.name) for f in fields(TrainState)})
+        s, path = self.state, resume_path(self.out)
+        where = f"epoch {s.next_epoch}" + (f" batch {s.partial['batches']}" if s.partial else "")
+        note = ""
+        if saved.get("streams", "run") == "run" and self.batches.shard is None:
+            self.batches.rng.bit_generator.state = saved["numpy_rng"]
+            torch.set_rng_state(saved["torch_rng"])
+        elif self.batches.shard is None:  # a torchrun job's file, resumed by one process: its streams
+            self.batches.shard = Shard(0, 1)
+            note = "; batches drawn as by a torchrun job (per-epoch streams)"
+        elif saved.get("streams", "run") == "run":
+            note = "; a one-process run continued by torchrun: its batches from here on come from per-epoch streams"
+        self.log(f"resumed from {path} at {where} (best {self.train_cfg.valid_metric} {s.best:.4f}){note}")
+
+    def read_checked_resume(self) -> dict:
+        """The resume file's dict, checked against this run's configs, global batch and data."""
         path = resume_path(self.out)
         saved = read_resume(path)
+        saved_train = TrainConfig.from_dict(saved["train_config"])
         diffs = (self.model_cfg.differences(ModelConfig.from_dict(saved["model_config"]))
-                 + self.train_cfg.differences(TrainConfig.from_dict(saved["train_config"])))
+                 + self.train_cfg.replace(batch_size=saved_train.batch_size).differences(saved_train))
+        was, now = saved.get("global_batch", saved_train.batch_size), self.batches.global_batch
+        if was != now:
+            world = self.dist.world
+            hint = f": with {world} process{'es' if world > 1 else ''} give --batch-size {was // world}" \
+                if was % world == 0 else ""
+            diffs.append(f"global batch ({was} saved, {now} now = --batch-size {self.train_cfg.batch_size} x {world} "
+                         f"process{'es' if world > 1 else ''}){hint}")
         if diffs:
             raise CheckpointError(f"{path}: resume state was trained with other settings: {'; '.join(diffs)}")
         if saved.get("fingerprint") != self.data_meta["fingerprint"]:
             raise CheckpointError(f"{path}: resume state was trained on other data (fingerprint differs)")
-        self.model.load_state_dict(saved["model"])
-        self.opt.load_state_dict(saved["optimizer"])
-        self.state = TrainState(**{f.name: saved.get(f.name) for f in fields(TrainState)})
-        self.batches.rng.bit_generator.state = saved["numpy_rng"]
-        torch.set_rng_state(saved["torch_rng"])
-        s = self.state
-        where = f"epoch {s.next_epoch}" + (f" batch {s.partial['batches']}" if s.partial else "")
-        self.log(f"resumed from {path} at {where} (best {self.train_cfg.valid_metric} {s.best:.4f})")
+        return saved
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def read_resume(path: Path) -> dict:
@@ -369,8 +470,8 @@ def read_resume(path: Path) -> dict:
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_cfg: RunConfig, data: SequenceData, out: str | Path,
-          *, resume: bool = False, progress: bool = True, progress_every: float = 0.0,
-          log: Callable[[str], None] = print) -> dict:
+          *, resume: bool | str = False, progress: bool = True, progress_every: float = 0.0,
+          log: Callable[[str], None] = print, dist: Dist | None = None) -> dict:
     """Train on ``data`` and write the best model to ``out``. Returns a summary dict.
 
     Divergence policy: a non-finite training loss stops training before that step is applied, and a
@@ -381,9 +482,18 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_cfg: RunConfig, da
     ``run_cfg.time_budget`` limits the training time of this call. A budget stop inside an epoch
     records the epoch as partial (its batches done); ``--resume`` continues that epoch's remaining
     batches with the same permutation and random state, so the result equals an uninterrupted run.
+
+    ``resume``: True continues from the resume file; "auto" continues from it when it exists (rank 0's
+    file, under torchrun) and starts otherwise: a command torchrun restarts (``--max-restarts``), or a
+    nightly job, picks up the last recorded epoch.
+
+    ``dist`` (``cddrec.distributed.launch``): train as one process of a torchrun job; every rank returns
+    rank 0's summary.
     """
     trainer = Trainer(model_cfg, train_cfg, run_cfg, data, out, progress=progress, progress_every=progress_every,
-                      log=log)
+                      log=log, dist=dist)
+    if resume == "auto":
+        resume = trainer.dist.on_main(resume_path(out).exists)
     if resume:
         trainer.resume()
     return trainer.fit()

@@ -14,10 +14,12 @@ contrib op when traced:
 - encoder Add + LayerNorm pairs: ``SkipLayerNormalization`` (bias of the preceding Linear
   folded in); FFN: MatMul + ``BiasGelu``;
 - decoder keys/values: projected and put in (B, H, L, h) once;
-- each of the T decoder steps: ``MultiHeadAttention`` on those keys/values (no per-step
-  transpose), and the state update x + g_t (W_O ctx + b_O) followed by the next step's
-  LayerNorm as one ``SkipLayerNormalization`` whose fourth output is the new state (the gate
-  g_t is folded into a per-step copy of W_O, a constant). Steps: 5 ops instead of 13.
+- each of the T decoder steps (``FusedStep``, driven by the one reverse chain,
+  ``GaussianDiffusion.reverse``, so early exit and noise work as in the standard graph):
+  ``MultiHeadAttention`` on those keys/values (no per-step transpose), and the state update
+  x + g_t (W_O ctx + b_O) followed by the next step's LayerNorm as one ``SkipLayerNormalization``
+  whose fourth output is the new state (the gate g_t is folded into a per-step copy of W_O, a
+  constant). Steps: 5 ops instead of 13.
 
 The graph needs ONNX Runtime (CPU or CUDA); TensorRT and other runtimes want the standard-op
 graph, which stays the default export. Deterministic and stochastic chains; fp32 only.
@@ -32,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cddrec.inference import fit_history, valid_ids
 from cddrec.model import CDDRec, attention_bias
 
 from .graph import UnrolledRecommender
@@ -119,40 +120,95 @@ FUSIONS = ("attention", "cross_attention", "bias_gelu", "skip_layer_norm")
 DEFAULT_FUSIONS = ("attention", "cross_attention", "bias_gelu")
 
 
+def add_ln(x, skip, ln: nn.LayerNorm, bias, fused: bool):
+    """(LN(x + skip + bias), x + skip + bias): one SkipLayerNormalization (``fused``) or Add + LayerNormalization."""
+    if fused:
+        return SkipLayerNorm.apply(x, skip, ln.weight, ln.bias, bias, ln.eps)
+    s = x + (skip + bias)
+    return ln(s), s
+
+
+class FusedStep(nn.Module):
+    """One reverse step of the decoder written with fused ops: what ``GaussianDiffusion.reverse`` drives
+    in the fused graph, in place of ``DenoisingDecoder`` (same call, same result), so the chain, its
+    early exit and its noise stay the one implementation.
+
+    ``memory``: keys and values projected once; (B, H, L, h) each for ``MultiHeadAttention``
+    (``cross_attention``), else the decoder's own layout. ``forward``: x (B, 1, d) -> mu_t (B, 1, d):
+    the query W_Q LN(x) + step_q[t], the attention, g_t (W_O ctx + b_O) with the gate folded into a
+    per-step copy of W_O, and the update. With ``skip_layer_norm`` (deterministic pre/rezero chains)
+    the update and the next step's LayerNorm are one ``SkipLayerNormalization``: the step keeps that
+    LayerNorm and the next step uses it when it is handed the same state (``_carry``)."""
+
+    def __init__(self, decoder, fusions: frozenset, stochastic: bool):
+        super().__init__()
+        self.dec, self.T = decoder, decoder.step_emb.num_embeddings
+        self.mha, self.skip_ln = "cross_attention" in fusions, "skip_layer_norm" in fusions
+        self.merge_ln = self.skip_ln and not stochastic and decoder.norm != "post"
+        self._carry: tuple | None = None  # (state, LN(state)) from the step before
+        with torch.no_grad():
+            self.register_buffer("step_e", decoder.step_emb.weight.detach().clone())  # (T, d)
+            gate = decoder.gate.detach() if decoder.gate is not None else torch.ones(self.T)  # (T,)
+            w_o = decoder.attn.o.weight.detach().t()  # (d, d): x @ w_o = W_O x
+            self.register_buffer("step_wo", gate.view(-1, 1, 1) * w_o)  # (T, d, d): g_t W_O
+            self.register_buffer("step_bo", gate.view(-1, 1) * decoder.attn.o.bias.detach())  # (T, d): g_t b_O
+
+    def memory(self, e_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attn = self.dec.attn
+        self._carry = None  # a new chain
+        if not self.mha:
+            return attn.memory(e_s)  # (B, H, h, L), (B, H, L, h)
+        B, L = e_s.shape[0], e_s.shape[1]
+        kv = attn.kv(e_s).view(B, L, 2, attn.heads, attn.h).permute(2, 0, 3, 1, 4)  # (2, B, H, L, h): once
+        return kv[0], kv[1]  # (B, H, L, h) each
+
+    def forward(self, x, t: int, k, v, bias, rows=None, step_q=None):
+        dec, attn = self.dec, self.dec.attn
+        post = dec.norm == "post"
+        carried = self._carry
+        self._carry = None
+        if post:
+            base = x  # (B, 1, d)
+        else:
+            base = carried[1] if carried is not None and carried[0] is x else dec.ln(x)  # (B, 1, d)
+        q = F.linear(base, attn.q.weight) + step_q[t]  # W_Q (base + e_t) + b_Q: (B, 1, d)
+        ctx = CrossAttention.apply(q, k, v, bias, attn.heads) if self.mha else attn.attend(q, k, v, bias)  # (B, 1, d)
+        out = ctx @ self.step_wo[t]  # g_t W_O ctx: (B, 1, d)
+        if post:  # mu_t = LN(x + e_t + W_O ctx + b_O)
+            return add_ln(x + self.step_e[t], out, dec.ln, self.step_bo[t], self.skip_ln)[0]
+        if self.merge_ln:  # mu_t = x + g_t (W_O ctx + b_O), and LN(mu_t) for the next step, in one op
+            ln_mu, mu = add_ln(x, out, dec.ln, self.step_bo[t], True)
+            self._carry = (mu, ln_mu)
+            return mu
+        return x + (out + self.step_bo[t])  # (B, 1, d)
+
+
 class FusedRecommender(UnrolledRecommender):
     """The unrolled recommender written with fused ops (any subset of ``FUSIONS``); same inputs,
-    outputs and results as ``UnrolledRecommender``."""
+    outputs and results as ``UnrolledRecommender`` (``steps``: early exit, as there)."""
 
-    def __init__(self, model: CDDRec, k: int, stochastic: bool = False, fusions=DEFAULT_FUSIONS):
-        super().__init__(model, k, stochastic=stochastic)
+    def __init__(self, model: CDDRec, k: int, stochastic: bool = False, fusions=DEFAULT_FUSIONS,
+                 steps: int | None = None):
+        super().__init__(model, k, stochastic=stochastic, steps=steps)
         unknown = set(fusions) - set(FUSIONS)
         if unknown:
             raise ValueError(f"unknown fusions {sorted(unknown)}; choose from {FUSIONS}")
         self.fusions = frozenset(fusions)
         m = self.model
-        self.L, self.T = m.cfg.max_len, m.steps
         with torch.no_grad():
             for i, blk in enumerate(m.blocks):
                 a = blk.attn
                 self.register_buffer(f"qkv_w{i}", torch.cat([a.q.weight, a.kv.weight]).t().contiguous())  # (d, 3d)
                 self.register_buffer(f"qkv_b{i}", torch.cat([a.q.bias, a.kv.bias]))  # (3d,)
-            dec = m.decoder
-            if dec is not None:
-                self.register_buffer("step_e", dec.step_emb.weight.detach().clone())  # (T, d)
-                self.register_buffer("step_std", m.diffusion.posterior_std[1:].clone())  # (T,): Eq. 4 noise scale
-                gate = dec.gate.detach() if dec.gate is not None else torch.ones(self.T)  # (T,)
-                w_o = dec.attn.o.weight.detach().t()  # (d, d): x @ w_o = W_O x
-                self.register_buffer("step_wo", gate.view(-1, 1, 1) * w_o)  # (T, d, d): g_t W_O
-                self.register_buffer("step_bo", gate.view(-1, 1) * dec.attn.o.bias.detach())  # (T, d): g_t b_O
+        self.step = FusedStep(m.decoder, self.fusions, stochastic) if m.decoder is not None else None
+
+    def chain_decoder(self) -> nn.Module | None:
+        return self.step
 
     def _add_ln(self, x, skip, ln: nn.LayerNorm, bias):
-        """(LN(x + skip + bias), x + skip + bias), fused or as Add + LayerNormalization."""
-        if "skip_layer_norm" in self.fusions:
-            return SkipLayerNorm.apply(x, skip, ln.weight, ln.bias, bias, ln.eps)
-        s = x + (skip + bias)
-        return ln(s), s
+        return add_ln(x, skip, ln, bias, "skip_layer_norm" in self.fusions)
 
-    def _encode(self, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """SASRec with fused ops: hist (B, L) -> e_s (B, L, d), bias (B, 1, L, L)."""
         m = self.model
         L = hist.shape[1]
@@ -173,37 +229,3 @@ class FusedRecommender(UnrolledRecommender):
                 hidden = F.gelu(blk.ff1(x))
             x, _ = self._add_ln(x, F.linear(hidden, blk.ff2.weight), blk.ln2, blk.ff2.bias)
         return x, bias
-
-    def forward(self, item_ids: torch.Tensor, noise: torch.Tensor | None = None):
-        m = self.model
-        item_ids = valid_ids(item_ids, m.cfg.num_items)  # (B, S): invalid ids are padding
-        e_s, bias = self._encode(fit_history(item_ids, self.L))  # (B, L, d), (B, 1, L, L)
-        x = e_s[:, -1:]  # (B, 1, d): x_hat_T
-        dec = m.decoder
-        if dec is not None:
-            attn = dec.attn
-            mha = "cross_attention" in self.fusions
-            if mha:
-                B, L = e_s.shape[0], e_s.shape[1]
-                kv = attn.kv(e_s).view(B, L, 2, attn.heads, attn.h).permute(2, 0, 3, 1, 4)  # (2, B, H, L, h): once
-                k, v = kv[0], kv[1]  # (B, H, L, h) each
-            else:
-                k, v = attn.memory(e_s)  # (B, H, h, L), (B, H, L, h)
-            b = bias[:, :, -1:]  # (B, 1, 1, L)
-            post = dec.norm == "post"
-            base = x if post else dec.ln(x)  # (B, 1, d)
-            for t in reversed(range(self.T)):  # unrolled when traced
-                q = F.linear(base, attn.q.weight) + self.step_q[t]  # W_Q (base + e_t) + b_Q: (B, 1, d)
-                ctx = CrossAttention.apply(q, k, v, b, attn.heads) if mha else attn.attend(q, k, v, b)  # (B, 1, d)
-                out = ctx @ self.step_wo[t]  # g_t W_O ctx: (B, 1, d)
-                if post:  # mu_t = LN(x + e_t + W_O ctx + b_O)
-                    x, _ = self._add_ln(x + self.step_e[t], out, dec.ln, self.step_bo[t])
-                    base = x
-                elif self.stochastic or t == 0:  # mu_t = x + g_t (W_O ctx + b_O)
-                    x = x + (out + self.step_bo[t])
-                else:  # the update and the next step's LayerNorm (one op with skip_layer_norm)
-                    base, x = self._add_ln(x, out, dec.ln, self.step_bo[t])
-                if self.stochastic and t > 0:
-                    x = x + self.step_std[t] * noise[t].unsqueeze(1)
-                    base = x if post else dec.ln(x)
-        return self.rank(x[:, 0], item_ids)

@@ -99,6 +99,7 @@ class ExportOptions:
     rescore: int = 0  # C > 0: the two-stage top-k (int8 candidates, C rescored in fp32)
     vocab_sidecar: bool | None = None  # vocabulary beside the graph; None: when over VOCAB_INLINE_MAX keys
     validate: bool = True
+    steps: int | None = None  # S: early exit, the graph runs the first S of the T reverse steps; None: all T
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work whatever the model (before anything is read or written)."""
@@ -118,6 +119,8 @@ class ExportOptions:
             raise ExportError("--int8-scoring quantizes the scoring MatMul of an --int8 graph: add --int8")
         if self.rescore < 0:
             raise ExportError(f"--rescore {self.rescore} must be >= 0")
+        if self.steps is not None and self.steps < 1:
+            raise ExportError(f"--steps {self.steps} must be >= 1 (early exit after S of the T reverse steps)")
 
     @property
     def approximate(self) -> bool:
@@ -141,12 +144,20 @@ class TensorRTOptions:
 
 
 def contract_for(model: CDDRec, k: int = DEFAULT_K, *, stochastic: bool = False, fp16: bool = False,
-                 opset: int = DEFAULT_OPSET, min_overlap: float | None = None) -> GraphContract:
-    """The contract of the graph of ``model`` with top-``k`` outputs (``min_overlap``: approximate)."""
+                 opset: int = DEFAULT_OPSET, min_overlap: float | None = None,
+                 steps: int | None = None) -> GraphContract:
+    """The contract of the graph of ``model`` with top-``k`` outputs (``min_overlap``: approximate;
+    ``steps`` S: early exit after S of the T reverse steps, None: all T)."""
     cfg = model.cfg
     return GraphContract(k=k, steps=model.steps, hidden=cfg.hidden_size, max_len=cfg.max_len,
                          num_items=cfg.num_items, stochastic=stochastic, fp16=fp16, opset=opset,
-                         min_overlap=min_overlap)
+                         min_overlap=min_overlap, steps_run=steps)
+
+
+def chain_steps(contract: GraphContract) -> int | None:
+    """The ``steps`` argument of the modules and the reference for ``contract``: S, or None without a
+    decoder (no chain to cut)."""
+    return contract.steps_run or None
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -182,9 +193,11 @@ def build_graph(model: CDDRec, path: str | Path, contract: GraphContract, export
     if fused:
         from .fusion import FusedRecommender
 
-        module = FusedRecommender(model, contract.k, stochastic=contract.stochastic, fusions=fusions).eval()
+        module = FusedRecommender(model, contract.k, stochastic=contract.stochastic, fusions=fusions,
+                                  steps=chain_steps(contract)).eval()
     else:
-        module = UnrolledRecommender(model, contract.k, stochastic=contract.stochastic, fp16=contract.fp16).eval()
+        module = UnrolledRecommender(model, contract.k, stochastic=contract.stochastic, fp16=contract.fp16,
+                                     steps=chain_steps(contract)).eval()
     if rescore:
         from .catalogue import TwoStageTopK
 
@@ -350,7 +363,8 @@ def cuda_available() -> bool:
 
 def validate_graph(path: str | Path, model: CDDRec, contract: GraphContract, report: ExportReport | None = None,
                    seed: int = 1234, devices: tuple[str, ...] | None = None) -> ExportReport:
-    """Check a graph file against its contract and the PyTorch reference; raise ExportError if not.
+    """Check a graph file against its contract and the PyTorch reference (of the same reverse steps:
+    ``contract.steps_run``); raise ExportError if not.
 
     ONNX checker; no Loop/Scan/If and no random op; inputs and outputs as the contract declares
     them (names, dtypes, static sizes, named dynamic axes: ``GraphContract.io_problems``); the
@@ -377,7 +391,7 @@ def validate_graph(path: str | Path, model: CDDRec, contract: GraphContract, rep
     devices = devices if devices is not None else (("cpu", "cuda") if cuda_available() else ("cpu",))
     feeds = {str(b): {n: v.numpy() for n, v in example_inputs(model, contract, batch=b, seed=seed + i).items()}
              for i, b in enumerate(contract.validate_batches)}
-    reference = reference_runner(model)
+    reference = reference_runner(model, steps=chain_steps(contract))  # S steps, as the graph runs them
     refs = {label: reference(feed) for label, feed in feeds.items()}  # (B, V) each, shared by the devices
     mismatches = 0
     for device in devices:
@@ -409,6 +423,10 @@ def check_request(model: CDDRec, options: ExportOptions, trt: TensorRTOptions | 
         raise ExportError("--stochastic needs a model with a decoder and T >= 2: the last reverse step is its mean "
                           f"(no noise), so this model (T={model.steps}) has no sampled step; export it without "
                           "--stochastic")
+    if options.steps is not None and not 1 <= options.steps <= model.steps:
+        raise ExportError(f"--steps {options.steps}: " + (
+            f"this model runs T={model.steps} reverse steps; early exit takes S between 1 and {model.steps}"
+            if model.steps else "this model has no decoder (a SASRec baseline): there are no reverse steps to cut"))
     k = min(options.k, model.cfg.num_items)  # a small catalogue: K is clamped (report.k_requested says so)
     if options.rescore and not k <= options.rescore:
         raise ExportError(f"--rescore {options.rescore} must be at least --k {k}")
@@ -465,7 +483,8 @@ def export_model(checkpoint: str | Path, out: str | Path, options: ExportOptions
         **({"vocab_file": out.with_suffix(".vocab.json").name} if sidecar else {"vocab": vocab.to_dict()}),
     }
     contract = GraphContract(**{**asdict(contract_for(model, k, stochastic=o.stochastic, fp16=o.fp16, opset=o.opset,
-                                                      min_overlap=APPROX_MIN_OVERLAP if o.approximate else None)),
+                                                      min_overlap=APPROX_MIN_OVERLAP if o.approximate else None,
+                                                      steps=o.steps)),
                                 "extra": extra})
     meta = contract.to_metadata()
     check_servable(meta, out, vocab, sidecar, checkpoint, ckpt)

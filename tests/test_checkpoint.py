@@ -74,7 +74,9 @@ def test_version_1_model_files_load_export_and_serve(tmp_path):
     model, ckpt = load_checkpoint(V1)
     flat = raw["config"]
     assert ckpt["model_config"] == {k: flat[k] for k in ModelConfig.names()}
-    assert ckpt["train_config"] == {k: flat[k] for k in TrainConfig.names()}
+    # fields added since 0.2.0 (the sampled softmax's negatives, negative_sampling) take their defaults
+    assert ckpt["train_config"] == TrainConfig(**{k: flat[k] for k in TrainConfig.names() if k in flat}).to_dict()
+    assert set(TrainConfig.names()) - set(flat) == {"negatives", "negative_sampling"}
     assert ckpt["run_config"]["threads"] == flat["num_threads"] and ckpt["run_config"]["epochs"] == flat["epochs"]
     assert "config" not in ckpt and ckpt["format_version"] == 1
     for k, v in raw["model"].items():

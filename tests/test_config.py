@@ -78,11 +78,12 @@ def test_rank_steps_auto_follows_catalogue_times_steps():
 def test_one_config_per_concern():
     assert ModelConfig.names() == ["num_items", "max_len", "hidden_size", "num_layers", "num_heads", "dropout",
                                    "attn_dropout", "decoder", "steps", "decoder_norm", "beta_1", "beta_T"]
-    assert set(TrainConfig.names()) == {"loss", "cd_divergence", "rank_steps", "lam", "temperature", "infonce_cosine",
+    assert set(TrainConfig.names()) == {"loss", "cd_divergence", "negatives", "negative_sampling", "rank_steps", "lam",
+                                        "temperature", "infonce_cosine",
                                         "diffusion", "denoising", "lr", "weight_decay", "batch_size", "seed",
                                         "valid_metric", "kcore"}
     assert set(RunConfig.names()) == {"epochs", "patience", "time_budget", "device", "threads", "eval_batch_size",
-                                      "extra"}
+                                      "dist_timeout", "extra"}
     model_cfg, train_cfg, run_cfg = from_flat({"hidden_size": 8, "num_heads": 2, "lr": 0.01, "epochs": 3})
     assert (model_cfg.hidden_size, train_cfg.lr, run_cfg.epochs) == (8, 0.01, 3)
     with pytest.raises(ConfigError, match="unknown config keys: bogus"):

@@ -5,6 +5,7 @@ ort-cuda-graph / torch-cuda parity against the fp32 reference on fresh random hi
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,6 +291,30 @@ def test_torch_cuda_parity(tmp_path_factory, name):
 
 
 @pytest.mark.gpu
+def test_early_exit_graph_on_cuda(tmp_path_factory):
+    """An S-step graph (cddrec-export --steps S): validated on CUDA at export, and ort-cuda /
+    ort-cuda-graph serve the S-step reference under the CUDA rule (not the T-step one)."""
+    _cuda_ort()
+    from cddrec.checkpoint import load_checkpoint
+    from cddrec.export.onnx_export import ExportOptions, export_model
+
+    pt = _paper_like(tmp_path_factory)
+    graph = pt.with_name("m_s2.onnx")
+    rep = export_model(pt, graph, ExportOptions(k=10, steps=2))
+    assert rep.validated_on == ["cpu", "cuda"] and rep.contract["steps_run"] == 2
+    model, _ = load_checkpoint(pt)
+    plain = load_backend(graph, "ort-cuda")
+    assert plain.contract.steps_run == 2
+    runners = {"ort-cuda": plain.infer,
+               "ort-cuda-graph": load_backend(graph, "ort-cuda-graph", buckets=(1, 8), history=12, warmup=True).infer}
+    feeds = _feeds(np.random.default_rng(8), ((1, 12), (8, 12), (9, 40)), model.cfg.num_items)
+    rule = plain.contract.parity_rule("cuda")
+    parity = compare_runners(runners, reference_runner(model, steps=2), feeds, runs=2, **rule)
+    assert parity.ok, parity.failures()
+    assert not compare_runners({"ort-cuda": runners["ort-cuda"]}, reference_runner(model), feeds, **rule).ok
+
+
+@pytest.mark.gpu
 def test_torch_compile_on_cuda_model(tmp_path_factory):
     from cddrec.checkpoint import load_checkpoint
 
@@ -385,20 +410,24 @@ def test_infer_tf32_flag_only_for_ort_cuda(tmp_path, trained_tiny_onnx):
 
 def test_gpu_check_parity_dry_run_on_cpu(trained_tiny, trained_tiny_onnx, tmp_path):
     """The GPU check's parity step (benchmarks/gpu_bench.check_parity) on its CPU variants: the code
-    that runs first on a lent GPU, through the one parity loop, passes here."""
-    from cddrec.benchmarks.gpu_bench import check_parity
+    that runs first on a lent GPU, through the one parity loop, passes here; the early-exit graph is
+    judged against the reference of its own S steps (against all T it would fail)."""
+    from cddrec.benchmarks.gpu_bench import Files, check_parity
     from cddrec.checkpoint import load_checkpoint
     from cddrec.export.onnx_export import ExportOptions, export_model
 
-    graph16 = tmp_path / "m16.onnx"
-    export_model(trained_tiny, graph16, ExportOptions(k=10, fp16=True))
+    files = Files(str(trained_tiny), str(trained_tiny_onnx), str(tmp_path / "m16.onnx"), str(tmp_path / "s1.onnx"), 1)
+    export_model(trained_tiny, files.graph16, ExportOptions(k=10, fp16=True))
+    export_model(trained_tiny, files.graph_s, ExportOptions(k=10, steps=1))
     model, _ = load_checkpoint(trained_tiny)
-    out = check_parity(model, contract_for(model, 10), "cpu", str(trained_tiny_onnx), str(graph16), str(trained_tiny),
-                       [1, 9])
-    assert set(out) == {"ort-cpu", "ort-cpu-buckets", "ort-cpu-fp16-graph", "torch-fast"}
+    out = check_parity(model, contract_for(model, 10), "cpu", files, [1, 9])
+    assert set(out) == {"ort-cpu", "ort-cpu-buckets", "ort-cpu-fp16-graph", "torch-fast", "ort-cpu-early-exit-S1"}
     for name, v in out.items():
         assert "error" not in v and v["ok"], (name, v)
         assert set(v["batches"]) == {"1", "9"} and v["exact_ids"] == ("fp16" not in name)
+    assert out["ort-cpu-early-exit-S1"]["steps"] == 1 and out["ort-cpu"]["steps"] == model.steps
+    wrong = Files(files.model_pt, files.graph_s, files.graph16, files.graph_s, 1)  # the S=1 graph judged as T steps
+    assert not check_parity(model, contract_for(model, 10), "cpu", wrong, [9])["ort-cpu"]["ok"]
 
 
 def test_caller_cuda_options_and_the_capture_options_both_reach_the_provider(trained_tiny_onnx, monkeypatch):
@@ -426,3 +455,22 @@ def test_caller_cuda_options_and_the_capture_options_both_reach_the_provider(tra
     be.static_bucket(4)
     assert seen[-1] == ("cuda", {**caller, "enable_cuda_graph": "1"})
     assert be.session_kwargs["cuda_options"] == caller  # the caller's dict is not changed
+
+
+def test_gpu_check_device_mode_refuses_a_machine_without_a_gpu(tmp_path):
+    """``gpu_check.sh`` without a mode is the device sequence: it moves the carried parts out of the
+    checkout, so on a machine without a GPU it refuses (one line, exit 1) and touches nothing;
+    unknown options are refused too. (``--dry-run`` is the rehearsal here.)"""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a GPU machine: the device sequence would run")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "GPU_CHECK_HOME": str(tmp_path / "home"), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 1 and "no GPU here" in r.stdout and "--dry-run" in r.stdout
+    assert not (tmp_path / "home").exists()
+    r = subprocess.run(["bash", str(script), "--bogus"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "unknown option --bogus" in r.stdout

@@ -22,8 +22,8 @@ def _diverge_at(monkeypatch, epoch_batches: int, after_batches: int):
     real = training.objective
     calls = {"n": 0}
 
-    def objective(model, batch, cfg):
-        loss, parts = real(model, batch, cfg)
+    def objective(model, batch, cfg, shares=None):
+        loss, parts = real(model, batch, cfg, shares)
         calls["n"] += 1
         if calls["n"] > after_batches:
             loss = loss * float("nan")
@@ -163,3 +163,38 @@ def test_first_training_line_says_the_threads(tmp_path, tiny_configs, tiny_data,
     cores = len(os.sched_getaffinity(0))
     assert trainer.threads == cores and line.startswith(f"training on cpu with {cores} CPU thread")
     assert f"(auto: {cores} cores, 0 busy" in line
+
+
+def test_loss_auto_picks_the_objective_by_catalogue_size_and_says_why_at_start(tmp_path, tiny_configs, tiny_data,
+                                                                             monkeypatch):
+    import cddrec.config as config
+
+    model_cfg, train_cfg, run_cfg = tiny_configs(loss="auto", negatives=16)
+    trainer = training.Trainer(model_cfg, train_cfg, run_cfg, tiny_data, tmp_path / "m.pt", progress=False)
+    assert trainer.loss == "ce"
+    assert f"objective: full softmax over the catalogue (ce) (--loss auto: 50 items < " \
+           f"{config.AUTO_SAMPLED_MIN_ITEMS:,})" in trainer.start_line()
+    monkeypatch.setattr(config, "AUTO_SAMPLED_MIN_ITEMS", 50)
+    trainer = training.Trainer(model_cfg, train_cfg, run_cfg, tiny_data, tmp_path / "m.pt", progress=False)
+    assert trainer.loss == "sampled" and "sampled softmax over 16 popularity-sampled negatives per batch, " \
+        "logQ-corrected (--loss auto: 50 items >= 50)" in trainer.start_line()
+    s = trainer.fit()
+    assert s["epochs_run"] == 2 and math.isfinite(s["history"][-1]["loss"])
+    # the ranking term's cost follows the logit columns: M, not N, for the sampled softmax
+    big = model_cfg.replace(num_items=10**6, steps=20)
+    assert train_cfg.replace(loss="ce").rank_last_only(big)
+    assert not train_cfg.replace(loss="sampled", negatives=2048).rank_last_only(big)
+
+
+def test_auto_resume_starts_without_a_resume_file_and_continues_with_one(tmp_path, tiny_data_file):
+    """--auto-resume: the same command starts a run and, restarted (torchrun --max-restarts, a nightly job),
+    continues it from the last recorded epoch."""
+    from cddrec.app.train import main as train_main
+
+    args = [str(tiny_data_file), "-o", str(tmp_path / "m.pt"), "--hidden-size", "16", "--num-heads", "2",
+            "--max-len", "8", "--steps", "2", "--batch-size", "16", "--threads", "1", "--auto-resume"]
+    r = CliRunner().invoke(train_main, [*args, "--epochs", "1"])
+    assert r.exit_code == 0 and "resumed" not in r.output and "epoch   0" in r.output, r.output
+    r = CliRunner().invoke(train_main, [*args, "--epochs", "2"])
+    assert r.exit_code == 0 and "resumed from" in r.output and "epoch   1" in r.output, r.output
+    assert "epoch   0" not in r.output

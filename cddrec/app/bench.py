@@ -41,10 +41,28 @@ from .options import (
 @option("--output", "-o", "out_dir", default="cddrec-bench", show_default=True, type=click.Path(file_okay=False),
         hidden_aliases=("--out",), help="folder for the JSON, markdown and plots")
 @option("--name", default="bench", show_default=True, help="file name stem of the results")
+@option("--serve", "serve_url", default=None,
+        help="drive a running cddrec-serve at URL instead (with --model GRAPH: also ONNX Runtime alone on it)")
+@option("--concurrency", default="1,8,64,256", show_default=True, help="--serve: comma-separated client counts")
+@option("--seconds", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+        help="--serve: measured seconds per concurrency")
+@option("--serve-routes", default="v2,keys", show_default=True,
+        help="--serve: v2 (KServe v2 infer, binary tensors) and/or keys (POST /v1/recommend)")
 @friendly_errors
 def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
-         catalogue_batch, out_dir, name):
-    """Latency percentiles and throughput per backend and batch size, against the roofline."""
+         catalogue_batch, out_dir, name, serve_url, concurrency, seconds, serve_routes):
+    """Latency percentiles and throughput per backend and batch size, against the roofline; or, with
+    --serve URL, requests/s and latency of a running cddrec-serve per concurrency."""
+    lock_outputs(out_dir, option="--output", make_folder=True)  # refused before any timing, not after
+    if serve_url:
+        from cddrec.benchmarks.serve_load import bench_serve
+
+        table, paths = bench_serve(serve_url, int_list(concurrency), seconds,
+                                   [r.strip() for r in serve_routes.split(",") if r.strip()],
+                                   None if model == "random" else model, threads, out_dir, name, echo=echo_err)
+        click.echo(table)
+        click.echo(f"\nwrote {', '.join(paths)}")
+        return
     from cddrec.benchmarks.latency import (
         GRAPH_VARIANTS,
         bench_table,
@@ -66,7 +84,6 @@ def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue
         raise click.BadParameter(str(e)) from None
     if unknown:
         raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(sorted(known))}")
-    lock_outputs(out_dir, option="--output", make_folder=True)  # refused before any timing, not after
     res = run_bench(model, names, int_list(batch_sizes), items=items or PAPER_ITEMS, k=k, threads=threads,
                     min_seconds=min_seconds, echo=echo_err)
     table = bench_table(res)
@@ -83,14 +100,13 @@ def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue
 
 
 def catalogue_table(rows: list[dict]) -> str:
-    def cell(r, key, fmt):
-        return "-" if r.get(key) is None else format(r[key], fmt)
+    from cddrec.benchmarks.record import cell
 
     return ("Catalogue scaling (random weights, exact top-k):\n\n| items | backend | batch | users/s | p50 ms | "
             "peak RSS MB | roofline users/s (best case) |\n|---|---|---|---|---|---|---|\n" + "\n".join(
-                f"| {r['items']:,} | {r['backend']} | {r['batch']} | {cell(r, 'users_per_s', ',.0f')} | "
-                f"{cell(r, 'p50_ms', '.2f')} | {cell(r, 'peak_rss_mb', '.0f')} | "
-                f"{cell(r, 'roofline_users_per_s', ',.0f')} |" for r in rows))
+                f"| {r['items']:,} | {r['backend']} | {r['batch']} | {cell(r.get('users_per_s'), ',.0f')} | "
+                f"{cell(r.get('p50_ms'), '.2f')} | {cell(r.get('peak_rss_mb'), '.0f')} | "
+                f"{cell(r.get('roofline_users_per_s'), ',.0f')} |" for r in rows))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, k_option, loc
 @option("--int8-scoring", is_flag=True, help="with --int8: the scoring MatMul in int8 too")
 @option("--rescore", default=0, show_default=True, type=click.IntRange(min=0),
         help="two-stage top-k for large catalogues: int8 scores pick this many candidates, rescored in fp32")
+@option("--steps", type=click.IntRange(min=1), default=None,
+        help="early exit: the graph runs the first S of the model's T reverse steps and serves that state "
+             "(1..T; measure its quality with cddrec-eval --steps S) [default: all T]")
 @option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
         help="torch.onnx exporter: the TorchScript tracer, or torch.export (dynamo, opset >= 18)")
 @option("--vocab-sidecar/--vocab-inline", default=None,
@@ -54,7 +57,7 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, k_option, loc
 @option("--no-validate", is_flag=True, help="skip validation (not recommended)")
 @option("--json", "as_json", is_flag=True, help="print the export report as JSON")
 @friendly_errors
-def main(model, output, k, opset, fp16, stochastic, optimize, int8, int8_scoring, rescore, exporter, vocab_sidecar,
+def main(model, output, k, opset, fp16, stochastic, optimize, int8, int8_scoring, rescore, steps, exporter, vocab_sidecar,
          trt_engine, trt_fp16, trt_max_batch, trt_opt_batch, triton_repo, triton_name, triton_cpu,
          triton_max_batch, triton_trt, triton_cuda_graphs, force, no_validate, as_json):
     """Export MODEL (model.pt) to one ONNX graph: encoder, T unrolled denoising steps, scoring,
@@ -74,7 +77,7 @@ def main(model, output, k, opset, fp16, stochastic, optimize, int8, int8_scoring
     lock_outputs(out, trt_engine, option="--output")  # a second export into the same files is refused from its start
     options = ExportOptions(k=k, opset=opset, exporter=exporter, fp16=fp16, stochastic=stochastic, optimize=optimize,
                             int8=int8, int8_scoring=int8_scoring, rescore=rescore, vocab_sidecar=vocab_sidecar,
-                            validate=not no_validate)
+                            validate=not no_validate, steps=steps)
     trt = TensorRTOptions(trt_engine, fp16=trt_fp16, max_batch=trt_max_batch, opt_batch=trt_opt_batch) \
         if trt_engine else None
     triton = TritonOptions(triton_repo, triton_name, gpu=not triton_cpu, max_batch=triton_max_batch,
@@ -92,8 +95,11 @@ def main(model, output, k, opset, fp16, stochastic, optimize, int8, int8_scoring
 
 def summary(rep) -> str:
     """The export report in a few lines."""
+    c = rep.contract
     lines = [f"wrote {rep.path} ({rep.graph_bytes / 1e6:.2f} MB, {sum(rep.ops.values())} ops"
              + (f" -> {sum(rep.ops_optimized.values())} after optimization" if rep.ops_optimized else "") + ")"]
+    if c.get("steps_run") is not None and c["steps_run"] != c["steps"]:
+        lines.append(f"early exit: the graph runs {c['steps_run']} of the model's {c['steps']} reverse steps")
     if rep.max_abs_diff:
         diffs = ", ".join(f"batch {b}: {v:.2e}" for b, v in rep.max_abs_diff.items())
         verdict = ("top-k positions that differ from the reference beyond ties (an approximate graph, judged by "

@@ -1,6 +1,12 @@
 """``cddrec-train``: train CDDRec on a sequence file or an interaction log.
 
-Also ``python -m cddrec.app.train`` (and under ``torchrun``)."""
+Also ``python -m cddrec.app.train``, and under torchrun (DistributedDataParallel, one process per
+GPU or CPU share)::
+
+    torchrun --nproc-per-node 2 -m cddrec.app.train DATA -o model.pt --batch-size 64
+    torchrun --nproc-per-node 2 --no-python cddrec-train DATA -o model.pt --batch-size 64
+
+``--batch-size`` is per process there; rank 0 validates, logs and writes the files."""
 
 from __future__ import annotations
 
@@ -88,6 +94,8 @@ def build_config(data: str | None, config_file: str | None, preset: bool,
 @option("--preset/--no-preset", default=True, show_default=True,
         help="apply the paper's per-dataset settings when DATA is one of its four Amazon files")
 @option("--resume", is_flag=True, help="continue from OUTPUT.resume.pt")
+@option("--auto-resume", is_flag=True, help="continue from OUTPUT.resume.pt if it exists, else start (a job that "
+        "torchrun --max-restarts restarts, a nightly job)")
 @option("--quiet", is_flag=True, help="no progress bar or progress lines")
 @option("--progress-every", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
         help="seconds between progress lines when stderr is not a terminal (logs, CI, nohup)")
@@ -95,29 +103,36 @@ def build_config(data: str | None, config_file: str | None, preset: bool,
 @data_options
 @config_options
 @friendly_errors
-def main(data, output, config_file, preset, resume, quiet, progress_every, summary_json, user_col, item_col, time_col,
-         sep, **overrides):
+def main(data, output, config_file, preset, resume, auto_resume, quiet, progress_every, summary_json, user_col,
+         item_col, time_col, sep, **overrides):
     """Train CDDRec on DATA (`user item item ...` lines, or a CSV/TSV/Parquet log)."""
     from cddrec.data import load_data
+    from cddrec.distributed import launch
     from cddrec.io import atomic_write_json
     from cddrec.training import train
 
     refuse_overwrite_inputs({"--output": output, "--summary-json": summary_json, "resume file": f"{output}.resume.pt"},
                             {"DATA": data, "--config": config_file})
-    lock_outputs(output, summary_json)  # a second training into the same files is refused from its start
     model_cfg, train_cfg, run_cfg = build_config(data, config_file, preset, overrides)
-    explicit_kcore = overrides.get("kcore") is not None or (config_file and "kcore" in read_config_file(config_file))
-    ds = load_data(data, kcore=train_cfg.kcore if explicit_kcore else None,
-                   **data_kwargs(user_col, item_col, time_col, sep))
-    f = ds.filtered
-    echo_err(f"{data}: " + (f"k-core {f['kcore']} removed {f['users_removed']} users, {f['items_removed']} items, "
-                            f"{f['interactions_removed']} interactions" if f["kcore"] > 1 else
-                            "no k-core filter (a sequence file; --kcore N to filter)")
-             + f"; {f['users_under_3_items']} users with fewer than 3 items skipped; {len(ds.users)} users, "
-             f"{ds.num_items} items, {ds.num_interactions} interactions")
-    tty = sys.stderr.isatty()
-    summary = train(model_cfg, train_cfg, run_cfg, ds, output, resume=resume, progress=not quiet and tty,
-                    progress_every=0.0 if quiet or tty else progress_every, log=echo_err)
+    with launch(run_cfg.device, run_cfg.dist_timeout) as dist:
+        if dist.main:  # the rank that writes: a second training into the same files is refused from its start
+            lock_outputs(output, summary_json)
+        say = echo_err if dist.main else (lambda message: None)
+        explicit_kcore = overrides.get("kcore") is not None or (config_file and "kcore" in read_config_file(config_file))
+        ds = load_data(data, kcore=train_cfg.kcore if explicit_kcore else None,
+                       **data_kwargs(user_col, item_col, time_col, sep))
+        f = ds.filtered
+        say(f"{data}: " + (f"k-core {f['kcore']} removed {f['users_removed']} users, {f['items_removed']} items, "
+                           f"{f['interactions_removed']} interactions" if f["kcore"] > 1 else
+                           "no k-core filter (a sequence file; --kcore N to filter)")
+            + f"; {f['users_under_3_items']} users with fewer than 3 items skipped; {len(ds.users)} users, "
+            f"{ds.num_items} items, {ds.num_interactions} interactions")
+        tty = sys.stderr.isatty()
+        summary = train(model_cfg, train_cfg, run_cfg, ds, output, resume=resume or ("auto" if auto_resume else False),
+                        progress=not quiet and tty,
+                        progress_every=0.0 if quiet or tty else progress_every, log=echo_err, dist=dist)
+    if not dist.main:
+        return
     click.echo(f"wrote {output}: best epoch {summary['best_epoch']}, valid "
                + " ".join(f"{k} {summary['best_valid'].get(k, float('nan')):.4f}" for k in ("R@10", "N@10", "MRR")))
     if summary_json:

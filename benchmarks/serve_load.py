@@ -1,0 +1,394 @@
+"""``cddrec-bench --serve URL``: drive a running cddrec-serve at fixed concurrencies, as Triton's perf_analyzer.
+
+For each route (``v2``: KServe v2 infer with binary tensors, as tritonclient sends it; ``keys``:
+``POST /v1/recommend``) and each concurrency C, C asynchronous clients send one-user requests back
+to back for ``seconds`` (after a short warm-up): requests/s, p50/p90/p99 latency, errors (by
+status), the mean batch size the server formed and the share of the window its engine was busy
+(the changes of the ``cddrec_batch_size`` and ``cddrec_batch_duration_seconds`` histograms on
+/metrics over the window). The clients are keep-alive connections on one event loop
+sending prebuilt requests, parsed with httptools: the load generator shares the cores with the
+server, so it must cost as little as perf_analyzer does.
+
+With ``--model`` (the graph the server serves), ONNX Runtime alone is timed on the same graph in
+the same run (session defaults, one user per row, full histories of L items), at batch 256 and
+batch 1, and the issue's ratios are reported: throughput at concurrency 64 against ONNX Runtime's
+at batch 256, and p50 at concurrency 1 against ONNX Runtime's batch-1 p50.
+
+Histories are random: ids 1..num_items for ``v2`` (from the model metadata's parameters); for
+``keys``, item keys of the graph's vocabulary with ``--model``, else keys gathered from the
+server's own answers (popular items, then their recommendations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .record import cell
+from .timer import time_calls
+
+POOL = 512  # distinct request bodies per route
+WARMUP_SECONDS = 1.0
+ROUTES = ("v2", "keys")
+
+
+@dataclass
+class LoadResult:
+    route: str
+    concurrency: int
+    requests: int
+    seconds: float
+    requests_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    mean_batch: float | None
+    engine_busy: float | None  # share of the window the engine was running a batch
+    engine_ms_per_batch: float | None
+    errors: dict = field(default_factory=dict)  # status (or exception name) -> count
+
+
+# ------------------------------------------------------------------------------ request bodies
+def _get(url: str, method: str = "GET") -> dict | list:
+    import urllib.request
+
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def server_model(url: str) -> dict:
+    """Name and contract parameters (K, L, num_items, ...) of the model the server serves."""
+    index = _get(f"{url}/v2/repository/index", "POST")
+    name = next(m["name"] for m in index if m.get("state") == "READY")
+    meta = _get(f"{url}/v2/models/{name}")
+    return {"name": name, "version": meta["versions"][-1], **meta.get("parameters", {})}
+
+
+def v2_bodies(num_items: int, L: int, rng: np.random.Generator) -> list[tuple[bytes, dict]]:
+    """One-user infer requests with binary item_ids (1, L), asking for top_items and top_scores in binary."""
+    head = json.dumps({"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, L],
+                                   "parameters": {"binary_data_size": 8 * L}}],
+                       "outputs": [{"name": "top_items", "parameters": {"binary_data": True}},
+                                   {"name": "top_scores", "parameters": {"binary_data": True}}]}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+    ids = rng.integers(1, num_items + 1, size=(POOL, L), dtype=np.int64)
+    return [(head + row.astype("<i8").tobytes(), headers) for row in ids]
+
+
+def gather_keys(url: str, k: int, want: int = 400, rounds: int = 60) -> list:
+    """Item keys the server knows, from its own answers: the popular items, then their recommendations."""
+    import urllib.request
+
+    def ask(history: list) -> list:
+        req = urllib.request.Request(f"{url}/v1/recommend", method="POST",
+                                     data=json.dumps({"history": history, "k": k}).encode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())["items"]
+
+    keys = list(dict.fromkeys(ask([])))
+    rng = np.random.default_rng(1)
+    for _ in range(rounds):
+        if len(keys) >= want:
+            break
+        keys = list(dict.fromkeys(keys + ask([keys[i] for i in rng.choice(len(keys), min(3, len(keys)), replace=False)])))
+    return keys
+
+
+def key_bodies(keys: list, L: int, k: int, rng: np.random.Generator) -> list[tuple[bytes, dict]]:
+    headers = {"Content-Type": "application/json"}
+    idx = rng.integers(0, len(keys), size=(POOL, L))
+    return [(json.dumps({"user": i, "history": [keys[j] for j in row], "k": k}).encode(), headers)
+            for i, row in enumerate(idx)]
+
+
+# ------------------------------------------------------------------------------------ driving
+def batch_counters(url: str) -> dict[str, float]:
+    """The server's batch histograms: users (``cddrec_batch_size``) and engine seconds
+    (``cddrec_batch_duration_seconds``), their ``_sum`` and ``_count``."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(("cddrec_batch_size_sum", "cddrec_batch_size_count", "cddrec_batch_duration_seconds_sum")):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection sending prebuilt requests, responses parsed by httptools (uvicorn's
+    parser): a few tens of microseconds of client CPU per request, where aiohttp spends a few hundred, which
+    on a small machine would be taken from the server being measured (perf_analyzer is C++ for this reason)."""
+
+    def __init__(self):
+        import httptools
+
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future | None = None
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except Exception as e:  # noqa: BLE001 - a malformed answer fails the request that waits for it
+            self._finish(e)
+
+    def on_message_complete(self) -> None:
+        self._finish(self.parser.get_status_code())
+
+    def connection_lost(self, exc) -> None:
+        self._finish(ConnectionError("the server closed the connection"))
+
+    def _finish(self, result) -> None:
+        w, self.waiter = self.waiter, None
+        if w is not None and not w.done():
+            (w.set_exception if isinstance(result, BaseException) else w.set_result)(result)
+
+    async def request(self, raw: bytes) -> int:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.waiter
+
+
+def raw_requests(url: str, path: str, bodies: list[tuple[bytes, dict]]) -> list[bytes]:
+    """The bytes of each POST, headers and body, built once."""
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    out = []
+    for body, headers in bodies:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        out.append(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode()
+                   + body)
+    return out
+
+
+async def _drive(url: str, raws: list[bytes], concurrency: int, seconds: float, between=None) -> tuple[list, dict]:
+    host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
+    loop = asyncio.get_running_loop()
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def worker(w: int, end: float, record: bool, conn: list) -> None:
+        i = w * 7919
+        while time.perf_counter() < end:
+            raw = raws[i % len(raws)]
+            i += 1
+            t0 = time.perf_counter()
+            try:
+                if not conn:
+                    conn.append((await loop.create_connection(_Connection, host.strip("[]"), int(port)))[1])
+                status = await conn[0].request(raw)
+            except (OSError, ConnectionError) as e:
+                status = type(e).__name__
+                conn.clear()
+            if not record:
+                continue
+            if status == 200:
+                lat.append(time.perf_counter() - t0)
+            else:
+                errors[str(status)] = errors.get(str(status), 0) + 1
+
+    conns: list[list] = [[] for _ in range(concurrency)]
+    end = time.perf_counter() + min(WARMUP_SECONDS, seconds)
+    await asyncio.gather(*(worker(w, end, False, conns[w]) for w in range(concurrency)))
+    if between is not None:
+        between()
+    end = time.perf_counter() + seconds
+    await asyncio.wait_for(asyncio.gather(*(worker(w, end, True, conns[w]) for w in range(concurrency))),
+                           seconds + 120)
+    for c in conns:
+        if c:
+            c[0].transport.close()
+    return lat, errors
+
+
+def drive(url: str, path: str, route: str, bodies: list, concurrency: int, seconds: float) -> LoadResult:
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    before: dict = {}
+    lat, errors = runner(_drive(url, raw_requests(url, path, bodies), concurrency, seconds,
+                                between=lambda: before.update(batch_counters(url), t=time.perf_counter())))
+    after = batch_counters(url)
+    wall = time.perf_counter() - before["t"]
+    a = np.asarray(lat) * 1000 if lat else np.full(1, np.nan)
+    batches = after.get("cddrec_batch_size_count", 0) - before.get("cddrec_batch_size_count", 0)
+    users = after.get("cddrec_batch_size_sum", 0) - before.get("cddrec_batch_size_sum", 0)
+    engine = after.get("cddrec_batch_duration_seconds_sum", 0) - before.get("cddrec_batch_duration_seconds_sum", 0)
+    return LoadResult(route, concurrency, len(lat), round(wall, 3), len(lat) / seconds,
+                      float(np.percentile(a, 50)), float(np.percentile(a, 90)), float(np.percentile(a, 99)),
+                      float(a.mean()), users / batches if batches else None, engine / wall if batches else None,
+                      1000 * engine / batches if batches else None, errors)
+
+
+# ------------------------------------------------------------------------------- engine alone
+def engine_alone(model: str, L: int, threads: int = 0, seconds: float = 3.0) -> dict:
+    """ONNX Runtime alone on the graph (session defaults), full histories of L items: batch 256 and 1."""
+    from cddrec.runtime.backends import load_backend
+
+    be = load_backend(model, "ort-cpu", threads=threads, warmup=True)
+    rng = np.random.default_rng(0)
+    n = be.contract.num_items
+    out = {}
+    try:
+        for batch in (256, 1):
+            pool = [rng.integers(1, n + 1, size=(batch, L), dtype=np.int64) for _ in range(8)]
+            t = time_calls(lambda i, pool=pool: be.infer({"item_ids": pool[i % len(pool)]}), batch, warmup=5,
+                           min_seconds=seconds)
+            out[f"batch_{batch}"] = t.as_dict()
+    finally:
+        be.close()
+    return out
+
+
+def ratios(results: list[LoadResult], engine: dict) -> dict:
+    """The issue's targets: rps at concurrency 64 / ORT users/s at batch 256 (>= 0.6, with p99 <= 50 ms);
+    p50 at concurrency 1 - ORT batch-1 p50 (<= 0.5 ms)."""
+    out = {}
+    for route in sorted({r.route for r in results}):
+        by_c = {r.concurrency: r for r in results if r.route == route}
+        d = {}
+        if 64 in by_c:
+            d["c64_throughput_vs_ort_b256"] = by_c[64].requests_per_s / engine["batch_256"]["users_per_s"]
+            d["c64_p99_ms"] = by_c[64].p99_ms
+            d["c64_target_met"] = d["c64_throughput_vs_ort_b256"] >= 0.6 and by_c[64].p99_ms <= 50
+        if 1 in by_c:
+            d["c1_p50_minus_ort_b1_p50_ms"] = by_c[1].p50_ms - engine["batch_1"]["p50_ms"]
+            d["c1_target_met"] = d["c1_p50_minus_ort_b1_p50_ms"] <= 0.5
+        out[route] = d
+    return out
+
+
+def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: list[str], model: str | None = None,
+                   threads: int = 0, echo: Callable[[str], None] = print) -> dict:
+    url = url.rstrip("/")
+    info = server_model(url)
+    L, K = int(info.get("L", 20)), int(info.get("K", 10))
+    rng = np.random.default_rng(0)
+    res: dict = {"url": url, "server_model": info, "seconds": seconds, "concurrency": concurrency, "routes": routes}
+    if model:
+        echo(f"engine alone: ONNX Runtime on {model}, batch 256 and 1, L={L}")
+        res["engine"] = engine_alone(model, L, threads)
+        for b, t in res["engine"].items():
+            echo(f"  {b}: {t['users_per_s']:,.0f} users/s, p50 {t['p50_ms']:.3f} ms")
+    results = []
+    for route in routes:
+        if route == "v2":
+            bodies, path = v2_bodies(int(info["num_items"]), L, rng), f"/v2/models/{info['name']}/infer"
+        else:
+            keys = _vocab_keys(model) if model else gather_keys(url, K)
+            bodies, path = key_bodies(keys, L, K, rng), "/v1/recommend"
+        for c in concurrency:
+            r = drive(url, path, route, bodies, c, seconds)
+            results.append(r)
+            echo(f"  {route} concurrency {c}: {r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 "
+                 f"{r.p99_ms:.2f} ms, mean batch {r.mean_batch or 0:.1f}, errors {sum(r.errors.values())}")
+    res["results"] = [asdict(r) for r in results]
+    if model:
+        res["ratios"] = ratios(results, res["engine"])
+    return res
+
+
+def _vocab_keys(model: str) -> list:
+    from cddrec.runtime.recommender import read_serving_info
+
+    vocab = read_serving_info(model).vocab
+    return [int(k) for k in vocab.keys] if vocab.key_type == "int" else list(vocab.keys)
+
+
+# ------------------------------------------------------------------------------------ report
+def serve_table(res: dict) -> str:
+    m = res["server_model"]
+    lines = [f"Server {res['url']}, model {m['name']} version {m['version']} (K={m.get('K')}, L={m.get('L')}, "
+             f"{m.get('num_items', 0):,} items); {res['seconds']:g} s per concurrency, one user per request.", "",
+             "| route | concurrency | requests/s | p50 ms | p90 ms | p99 ms | mean server batch | engine busy | "
+             "engine ms/batch | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+        lines.append(f"| {r['route']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {cell(r['p50_ms'], '.2f')} | "
+                     f"{cell(r['p90_ms'], '.2f')} | {cell(r['p99_ms'], '.2f')} | {cell(r['mean_batch'], '.1f')} | "
+                     f"{cell(r.get('engine_busy'), '.0%')} | {cell(r.get('engine_ms_per_batch'), '.2f')} | {errs} |")
+    if "engine" in res:
+        e = res["engine"]
+        lines += ["", "ONNX Runtime alone on the same graph, same run (session defaults, histories of L items):", "",
+                  "| batch | users/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+        for t in e.values():
+            lines.append(f"| {t['batch']} | {t['users_per_s']:,.0f} | {t['p50_ms']:.3f} | {t['p99_ms']:.3f} |")
+        lines += ["", "| route | c64 req/s / ORT b256 users/s (target >= 0.60) | c64 p99 ms (<= 50) | "
+                      "c1 p50 - ORT b1 p50 ms (<= 0.5) |", "|---|---|---|---|"]
+        for route, d in res.get("ratios", {}).items():
+            lines.append(f"| {route} | {cell(d.get('c64_throughput_vs_ort_b256'), '.2f')} | "
+                         f"{cell(d.get('c64_p99_ms'), '.1f')} | {cell(d.get('c1_p50_minus_ort_b1_p50_ms'), '+.2f')} |")
+    return "\n".join(lines)
+
+
+def plot_serve(res: dict, out_dir: Path, name: str) -> list[str]:
+    """Latency (p50 and p99) against throughput, one line per route, concurrency at each point."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from cddrec.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for route in res["routes"]:
+        rows = [r for r in res["results"] if r["route"] == route]
+        xs = [r["requests_per_s"] for r in rows]
+        for key, style in (("p50_ms", "-o"), ("p99_ms", "--s")):
+            ax.plot(xs, [r[key] for r in rows], style, label=f"{route} {key[:3]}")
+        for r in rows:
+            ax.annotate(f"c{r['concurrency']}", (r["requests_per_s"], r["p50_ms"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, -9))
+    if "engine" in res:
+        ax.axvline(res["engine"]["batch_256"]["users_per_s"], color="k", ls=":", lw=1, label="ORT alone, batch 256")
+    ax.set_xlabel("throughput (requests/s, one user each)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"cddrec-serve: {res['server_model']['name']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = Path(out_dir) / f"{name}_latency_throughput.png"
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return [str(p)]
+
+
+def bench_serve(url: str, concurrency: list[int], seconds: float, routes: list[str], model: str | None,
+                threads: int, out_dir: str | Path, name: str, echo: Callable[[str], None] = print) -> tuple[str, list]:
+    """Run, then record JSON + markdown + plot under ``out_dir``; returns the table and the written paths."""
+    import datetime
+
+    from .record import command_line, git_commit, machine, record
+
+    bad = [r for r in routes if r not in ROUTES]
+    if bad:
+        raise ValueError(f"--serve-routes must be among {', '.join(ROUTES)}, got {bad}")
+    meta = {"command": command_line(), "commit": git_commit(), "machine": machine(),  # of the code that ran
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    res = run_serve_load(url, concurrency, seconds, routes, model, threads, echo)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res["plots"] = plot_serve(res, out, name)
+    table = serve_table(res)
+    paths = [*record(name, res, table, out, title="cddrec-serve under load", meta=meta), *res["plots"]]
+    return table, [str(p) for p in paths]

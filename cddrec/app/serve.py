@@ -1,0 +1,64 @@
+"""``cddrec-serve``: an online server with dynamic batching (KServe v2 / Triton HTTP and a key route)."""
+
+from __future__ import annotations
+
+import click
+
+from cddrec.runtime.backends import available_backends
+
+from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threads_option
+
+
+@click.command(context_settings=CONTEXT)
+@option("--model", "model_path", required=True, type=click.Path(),
+        help="exported graph (.onnx), or a model folder of versions NAME/1/model.onnx, NAME/2/... "
+             "(as --triton-repo writes; the newest is served)")
+@option("--model-name", default=None, help="model name in /v2/models/NAME [default: the graph's stem or the folder's name]")
+@option("--host", default="127.0.0.1", show_default=True, help="address to listen on (0.0.0.0: every interface)")
+@option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="port (0: any free port)")
+@option("--backend", type=click.Choice(sorted(available_backends())), default="ort-cpu", show_default=True,
+        help="engine that runs the graph")
+@threads_option()
+@option("--max-batch", type=POSITIVE, default=256, show_default=True,
+        help="most users per engine batch (and per request)")
+@option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+        help="once the engine is free, how long a batch may wait for more users (a request on an idle engine "
+             "never waits)")
+@option("--max-queue", type=POSITIVE, default=1024, show_default=True,
+        help="most users waiting for the engine; beyond it: 503 with Retry-After")
+@option("--timeout-ms", type=click.FloatRange(min=0, min_open=True), default=10_000, show_default=True,
+        help="per-request timeout (504)")
+@option("--max-body-bytes", type=POSITIVE, default=4 << 20, show_default=True, help="largest request body (413)")
+@option("--access-log", is_flag=True, help="one JSON line per request on stderr")
+@option("--tf32", is_flag=True, help="ort-cuda: allow TF32 matmuls (faster, not fp32 parity)")
+@option("--ray", "ray_address", default=None,
+        help="deploy on Ray Serve: 'local' (start Ray here), 'auto' or a cluster address")
+@option("--replicas", type=POSITIVE, default=1, show_default=True, help="Ray Serve replicas, one model each")
+@option("--replica-gpus", type=click.FloatRange(min=0), default=None,
+        help="GPUs per Ray Serve replica [default: 1 for the CUDA backends, else 0]")
+@option("--verbose", is_flag=True, help="show Ray's own logging (with --ray)")
+@friendly_errors
+def main(model_path, model_name, host, port, backend, threads, max_batch, max_wait_ms, max_queue, timeout_ms,
+         max_body_bytes, access_log, tf32, ray_address, replicas, replica_gpus, verbose):
+    """Serve an exported graph online: KServe v2 (what Triton speaks over HTTP), POST /v1/recommend, /metrics."""
+    from cddrec.runtime.pipeline import engine_options
+    from cddrec.runtime.server.app import ServerConfig
+
+    if tf32 and backend not in ("ort-cuda", "ort-cuda-graph"):
+        raise click.BadParameter(f"--tf32 applies to ort-cuda and ort-cuda-graph, not {backend}", param_hint="--tf32")
+    if ray_address is None and (replicas != 1 or replica_gpus is not None):
+        raise click.UsageError("--replicas and --replica-gpus deploy on Ray Serve: add --ray local|auto|ADDRESS")
+    config = ServerConfig(model_path, model_name, backend, threads, engine_options(backend, tf32), max_batch,
+                          max_wait_ms, max_queue, timeout_ms, max_body_bytes, access_log)
+    if ray_address:
+        from cddrec.runtime.server.ray_serve import serve_on_ray
+
+        serve_on_ray(config, ray_address, replicas, replica_gpus, host, port, echo=echo_err, verbose=verbose)
+        return
+    from cddrec.runtime.server.standalone import serve
+
+    serve(config, host, port, echo=echo_err)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""The dynamic batcher: concurrent requests queue and run together on one engine thread.
+
+- A request is a ``Job`` of ``size`` users; jobs of one ``kind`` (a runner: tensors or keys) run
+  together, in arrival order, up to ``max_batch`` users and ``max_cells`` padded ids.
+- A job that arrives while the engine is idle is dispatched at once (with whatever else is
+  queued): a lone request never waits for the timeout. A job that arrives while the engine is busy
+  waits for it; when it frees, the batch starts as soon as ``max_batch`` users are waiting or
+  ``max_wait`` after the first of them arrived (usually already past: the engine ran meanwhile).
+- The engine runs off the event loop, on one thread (``run_in_executor``): the loop keeps parsing,
+  queueing and answering while a batch runs, and the queue it fills is the next batch.
+- ``max_queue`` bounds the users waiting: beyond it ``submit`` answers 503 with ``Retry-After``;
+  a job not answered within its timeout answers 504 (and leaves the queue if it had not started).
+- A runner returns one result per job, or an exception for a job it refuses (that job alone
+  fails); a runner that raises fails its batch only (500), logged once.
+- ``close()`` refuses new jobs (503), runs what is queued, then stops the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+import weakref
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..recommender import MAX_CELLS
+from .protocol import ProtocolError
+
+log = logging.getLogger("cddrec.serve")
+RETRY_AFTER = "1"  # seconds: a full queue drains in a few batches
+
+
+@dataclass
+class BatchPolicy:
+    max_batch: int = 256  # users per engine batch
+    max_wait_s: float = 0.002  # how long a batch may wait for company once the engine is free
+    max_queue: int = 1024  # users waiting, beyond which requests get 503
+    timeout_s: float = 10.0  # per request, from arrival to answer (504)
+    max_cells: int = MAX_CELLS
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 1:
+            raise ValueError(f"max_batch and max_queue must be >= 1, got {self.max_batch} and {self.max_queue}")
+        if self.max_wait_s < 0 or self.timeout_s <= 0:
+            raise ValueError(f"max_wait must be >= 0 and timeout > 0, got {self.max_wait_s} and {self.timeout_s}")
+
+
+@dataclass(eq=False)
+class Job:
+    kind: str
+    payload: Any
+    size: int  # users
+    width: int  # padded history width (cells = users x width)
+    future: asyncio.Future
+    arrived: float
+    waits: bool  # arrived while the engine was busy: may wait up to max_wait for company
+    taken: bool = False
+    dropped: bool = False
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    users: int = 0
+    failures: int = 0
+    sizes: list = field(default_factory=list)  # the last few batch sizes (tests, debugging)
+
+
+class Batcher:
+    """Queue + dispatcher task + one engine thread; ``runners`` maps a job kind to
+    ``fn(payloads) -> results`` (called on the engine thread, one result or exception per payload)."""
+
+    def __init__(self, runners: dict[str, Callable[[list], list]], policy: BatchPolicy, metrics=None):
+        self.runners, self.policy, self.metrics = runners, policy, metrics
+        self.queue: deque[Job] = deque()
+        self.queued = 0  # users waiting (not yet taken by a batch)
+        self.busy = False
+        self.stats = BatchStats()
+        self._closing = False
+        self._sleeping = False
+        self._gathering = False
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._evloop: asyncio.AbstractEventLoop | None = None
+        self._deadlines: list = []  # heap of (deadline, seq, weakref to the future, timeout): no timer per request
+        self._seq = itertools.count()
+        self._sweeper: asyncio.Task | None = None
+        self._engine = ThreadPoolExecutor(1, thread_name_prefix="engine")
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._evloop = asyncio.get_running_loop()
+        self._task = self._evloop.create_task(self._loop(), name="cddrec-batcher")
+        self._sweeper = self._evloop.create_task(self._sweep(), name="cddrec-timeouts")
+
+    async def close(self) -> None:
+        """Refuse new jobs, run the queued ones, stop the engine thread."""
+        self._closing = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._task is not None:
+            await self._task
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._engine.shutdown(wait=True)
+
+    def on_engine_thread(self, fn: Callable[[], Any]):
+        """Run ``fn`` on the engine thread after the batches already handed to it (e.g. close an old model)."""
+        return self._engine.submit(fn)
+
+    # --------------------------------------------------------------------- submit
+    async def submit(self, kind: str, payload: Any, size: int, width: int = 1, timeout_s: float | None = None):
+        """Queue a job of ``size`` users and wait for its result (ProtocolError 503 / 504 / 500 otherwise)."""
+        if self._closing:
+            raise ProtocolError("the server is shutting down", 503, {"retry-after": RETRY_AFTER})
+        p = self.policy
+        if self.queued and self.queued + size > p.max_queue:
+            if self.metrics is not None:
+                self.metrics.rejected.inc()
+            raise ProtocolError(f"overloaded: {self.queued} users are waiting (--max-queue {p.max_queue}); retry later",
+                                503, {"retry-after": RETRY_AFTER})
+        loop = self._evloop
+        job = Job(kind, payload, size, width, loop.create_future(), time.perf_counter(), self.busy)
+        self.queue.append(job)
+        self.queued += size
+        if self.metrics is not None:
+            self.metrics.queue.set(self.queued)
+        if self._sleeping and (not self._gathering or self.queued >= p.max_batch):
+            self._wake.set()
+        timeout = p.timeout_s if timeout_s is None else min(timeout_s, p.timeout_s)
+        heapq.heappush(self._deadlines, (job.arrived + timeout, next(self._seq), weakref.ref(job.future), timeout))
+        try:
+            return await job.future
+        finally:
+            if not job.taken and not job.dropped:  # timed out or cancelled while queued: leave the queue
+                job.dropped = True
+                self.queued -= job.size
+
+    async def _sweep(self) -> None:
+        """Answer 504 to the jobs past their deadline (checked every few tens of milliseconds: a timer per
+        request costs more than the rest of the batcher's work for it)."""
+        period = min(0.02, self.policy.timeout_s / 4)
+        heap = self._deadlines
+        while True:
+            await asyncio.sleep(period)
+            now = time.perf_counter()
+            while heap and heap[0][0] <= now:
+                _, _, ref, timeout = heapq.heappop(heap)
+                future = ref()  # answered requests have dropped theirs
+                if future is not None and not future.done():
+                    future.set_exception(ProtocolError(f"no answer within {timeout * 1000:.0f} ms (--timeout-ms): "
+                                                           "the server is overloaded", 504))
+
+    # ------------------------------------------------------------------- dispatch
+    async def _sleep(self, timeout: float | None = None) -> None:
+        self._wake.clear()
+        self._sleeping = True
+        try:
+            if timeout is None:
+                await self._wake.wait()
+            else:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._sleeping = False
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self.queue and self.queue[0].dropped:
+                self.queue.popleft()
+            if not self.queue:
+                if self._closing:
+                    return
+                await self._sleep()
+                continue
+            head = self.queue[0]
+            if head.waits and self.policy.max_wait_s > 0:
+                await self._gather(head)
+            batch = self._take()
+            if not batch:
+                continue
+            self.busy = True
+            try:
+                results, seconds = await loop.run_in_executor(self._engine, self._run, batch)
+            finally:
+                self.busy = False
+            self._answer(batch, results, seconds)
+
+    async def _gather(self, head: Job) -> None:
+        """Wait until max_batch users are queued or max_wait after the head arrived."""
+        deadline = head.arrived + self.policy.max_wait_s
+        self._gathering = True
+        try:
+            while self.queued < self.policy.max_batch and not self._closing and not head.dropped:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                await self._sleep(remaining)
+        finally:
+            self._gathering = False
+
+    def _take(self) -> list[Job]:
+        """Queued jobs of the head's kind in arrival order (jobs of another kind keep their places), until
+        the next one would exceed max_batch users or max_cells padded ids."""
+        p = self.policy
+        batch: list[Job] = []
+        rest: deque[Job] = deque()
+        users = width = 0
+        while self.queue:
+            job = self.queue.popleft()
+            if job.dropped:
+                continue
+            if batch and job.kind != batch[0].kind:
+                rest.append(job)
+                continue
+            w = max(width, job.width)
+            if batch and (users + job.size > p.max_batch or (users + job.size) * w > p.max_cells):
+                self.queue.appendleft(job)
+                break
+            job.taken = True
+            self.queued -= job.size
+            batch.append(job)
+            users, width = users + job.size, w
+        rest.extend(self.queue)
+        self.queue = rest
+        if self.metrics is not None:
+            self.metrics.queue.set(self.queued)
+        return batch
+
+    def _run(self, batch: list[Job]) -> tuple[list, float]:
+        """On the engine thread: the batch's runner; an exception stands for every job of the batch."""
+        t0 = time.perf_counter()
+        try:
+            results = self.runners[batch[0].kind]([j.payload for j in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"runner {batch[0].kind!r} returned {len(results)} results for {len(batch)} jobs")
+        except Exception as e:  # noqa: BLE001 - one batch fails, the server keeps serving
+            log.error("engine failed on a batch of %d users (%d requests): %s", sum(j.size for j in batch),
+                      len(batch), e, exc_info=True)
+            results = e
+        return results, time.perf_counter() - t0
+
+    def _answer(self, batch: list[Job], results, seconds: float) -> None:
+        users = sum(j.size for j in batch)
+        self.stats.batches += 1
+        self.stats.users += users
+        self.stats.sizes = (self.stats.sizes + [users])[-1000:]
+        failed = isinstance(results, Exception)
+        if self.metrics is not None:
+            self.metrics.observe_batch(users, seconds, failed)
+        if failed:
+            self.stats.failures += 1
+            err = ProtocolError(f"the engine failed on this batch ({type(results).__name__}: "
+                                f"{str(results).splitlines()[0][:200] if str(results) else ''}); see the server log",
+                                500)
+            results = [err] * len(batch)
+        for job, r in zip(batch, results):
+            if job.future.done():  # timed out meanwhile
+                continue
+            if isinstance(r, BaseException):
+                job.future.set_exception(r)
+            else:
+                job.future.set_result(r)

@@ -1,0 +1,257 @@
+"""cddrec-serve, started for real (a subprocess, torch blocked) on the --triton-repo layout of a tiny graph:
+the KServe v2 protocol as tritonclient speaks it, the key route against cddrec-infer, dynamic batching under
+200 concurrent requests, and bad requests answered with their 4xx while everyone else is served."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+
+import numpy as np
+import pytest
+from serve_helpers import ServerProcess
+
+from cddrec.runtime.pipeline import run_batch
+from cddrec.runtime.recommender import Recommender
+from cddrec.runtime.triton_client import TritonClientCodec
+
+httpclient = pytest.importorskip("tritonclient.http")
+MAX_BODY = 200_000
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, trained_tiny_onnx):
+    from cddrec.export.triton import write_triton_repo
+
+    return write_triton_repo(trained_tiny_onnx, tmp_path_factory.mktemp("repo"), gpu=False)
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    proc = ServerProcess(["--model", repo.model_dir.parent, "--threads", "2", "--max-batch", "64",
+                          "--max-body-bytes", MAX_BODY])
+    yield proc
+    assert proc.stop() == 0, proc.output()
+    assert "Traceback" not in proc.output(), proc.output()
+
+
+@pytest.fixture(scope="module")
+def rec(trained_tiny_onnx):
+    return Recommender.load(trained_tiny_onnx, threads=1)
+
+
+def random_histories(rec, n: int, seed: int, max_len: int = 20) -> list[list]:
+    rng = np.random.default_rng(seed)
+    keys = [int(k) for k in rec.info.vocab.keys]
+    out = [[keys[j] for j in rng.integers(0, len(keys), int(rng.integers(1, max_len + 1)))] for _ in range(n)]
+    out[1] = ["never-seen", 10**9]  # cold start: the popularity list
+    out[2] = out[2] + ["unknown-item"]
+    out[3] = []
+    return out
+
+
+def test_health_and_metadata_from_the_contract(server, rec):
+    c = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("cddrec")
+    assert not c.is_model_ready("other")
+    meta = c.get_model_metadata("cddrec")  # the model folder's name, as Triton names it
+    assert meta["versions"] == ["1"] and meta["platform"] == "onnxruntime_onnx"
+    assert meta["inputs"] == [{"name": "item_ids", "datatype": "INT64", "shape": [-1, -1]}]
+    assert meta["outputs"][:2] == [{"name": "top_items", "datatype": "INT64", "shape": [-1, rec.info.K]},
+                                   {"name": "top_scores", "datatype": "FP32", "shape": [-1, rec.info.K]}]
+    assert meta["parameters"]["num_items"] == rec.contract.num_items and meta["parameters"]["L"] == rec.info.L
+    assert c.get_model_metadata("cddrec", "1") == meta
+    assert "binary_tensor_data" in c.get_server_metadata()["extensions"]
+    assert c.get_model_config("cddrec")["max_batch_size"] == 64
+    assert c.get_model_repository_index() == [{"name": "cddrec", "version": "1", "state": "READY"}]
+    assert server.json("/v2/models/cddrec/versions/7")[0] == 404
+
+
+def test_tritonclient_program_returns_the_recommenders_items(server, repo, rec):
+    """A program written for Triton and the --triton-repo model, unchanged: sidecar codec + tritonclient.http."""
+    codec = TritonClientCodec.load(repo.sidecar)
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    histories = random_histories(rec, 24, seed=5, max_len=3 * rec.info.L)  # wider than L too
+    batch = codec.encode(histories)
+    inp = httpclient.InferInput(codec.input_name, list(batch.item_ids.shape), "INT64")
+    inp.set_data_from_numpy(batch.item_ids)
+    want = rec.recommend(histories)
+    for kwargs in ({}, {"request_compression_algorithm": "gzip"},
+                   {"outputs": [httpclient.InferRequestedOutput("top_items", binary_data=False),
+                                httpclient.InferRequestedOutput("top_scores", binary_data=True)]}):
+        res = client.infer(codec.model_name, [inp], **kwargs)
+        assert res.get_response()["model_version"] == "1"
+        got = codec.decode(batch, res.as_numpy("top_items"), res.as_numpy("top_scores"))
+        for g, w in zip(got, want):
+            assert g["items"] == w.items and g["source"] == w.source
+            np.testing.assert_allclose(g["scores"], w.scores, rtol=1e-5, atol=1e-5)
+    one = httpclient.InferInput("item_ids", [1, 3], "INT64")
+    one.set_data_from_numpy(np.array([[0, 1, 2]], dtype=np.int64), binary_data=False)  # JSON tensor data
+    res = client.infer("cddrec", [one], model_version="1")
+    assert res.as_numpy("top_items").shape == (1, rec.info.K) and res.as_numpy("user_embedding").shape[0] == 1
+    assert res.as_numpy("top_items").tolist() == rec.backend.infer({"item_ids": np.array([[0, 1, 2]])})[
+        "top_items"].tolist()
+
+
+def test_recommend_route_equals_cddrec_infer(server, rec, tmp_path):
+    histories = random_histories(rec, 40, seed=7)
+    requests = [{"user": f"u{i}", "history": h} for i, h in enumerate(histories)]
+    src = tmp_path / "req.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    run_batch(rec, src, tmp_path / "out.jsonl", k=6)
+    want = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    status, got = server.json("/v1/recommend", [{**r, "k": 6} for r in requests])
+    assert status == 200 and len(got) == len(want)
+    status, single = server.json("/v1/recommend", {**requests[0], "k": 6})
+    assert status == 200 and single == got[0]
+    for g, w in zip(got, want):
+        assert set(g) == {"user", "items", "scores", "source"}
+        assert g["user"] == w["user"] and g["items"] == w["items"]
+        np.testing.assert_allclose(g["scores"], w["scores"], atol=2e-6)
+        assert g["source"] == w["source"]  # the same field and value as cddrec-infer's
+    assert got[1]["source"] == got[3]["source"] == "popularity" and got[0]["source"] == "model"
+    status, full = server.json("/v1/recommend", {"history": histories[0]})
+    assert status == 200 and full["user"] is None and len(full["items"]) == rec.info.K
+
+
+def test_200_concurrent_requests_are_answered_correctly_in_batches(server, rec):
+    import aiohttp
+
+    histories = random_histories(rec, 200, seed=9, max_len=2 * rec.info.L)
+    want = rec.recommend(histories, k=5)
+    known = [[rec.info.vocab.id(x) for x in h if rec.info.vocab.id(x)] for h in histories]
+    enc = [np.array([[0] * (max(rec.info.L, len(h)) - len(h)) + h], dtype=np.int64) for h in known]  # widths vary
+    batches_before = server.metric("cddrec_batch_size_count")
+
+    async def one(session, i):
+        if i % 2:  # half on the key route, half as tensors
+            async with session.post(server.url + "/v1/recommend", json={"user": i, "history": histories[i], "k": 5}) as r:
+                return r.status, await r.json()
+        body = {"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": list(enc[i].shape),
+                            "data": enc[i].ravel().tolist()}], "outputs": [{"name": "top_items"}]}
+        async with session.post(server.url + "/v2/models/cddrec/infer", json=body) as r:
+            return r.status, await r.json()
+
+    async def main():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as session:
+            return await asyncio.gather(*(one(session, i) for i in range(200)))
+
+    answers = asyncio.run(main())
+    for i, (status, body) in enumerate(answers):
+        assert status == 200, body
+        if i % 2:
+            assert body["user"] == i and body["items"] == want[i].items
+        elif known[i]:
+            ids = [int(x) for x in body["outputs"][0]["data"]][:5]
+            assert rec.mapper.keys(np.array(ids)).to_pylist() == want[i].items
+    batches = server.metric("cddrec_batch_size_count") - batches_before
+    assert 0 < batches < 200, f"{batches} batches for 200 requests: no request was batched with another"
+
+
+def _v2(ids, datatype="INT64", shape=None, **extra) -> dict:
+    arr = np.asarray(ids)
+    t = {"name": "item_ids", "datatype": datatype, "shape": list(arr.shape) if shape is None else shape,
+         "data": arr.ravel().tolist(), **extra}
+    return {"inputs": [t]}
+
+
+BAD = [  # (path, body or bytes, headers, status, words the error must hold)
+    ("/v1/recommend", {"history": "abc"}, {}, 400, ["history", "list"]),
+    ("/v1/recommend", {"history": [1, True]}, {}, 400, ["history", "entry 1", "bool"]),
+    ("/v1/recommend", {"history": ["x" * 300]}, {}, 400, ["characters", "at most 256"]),
+    ("/v1/recommend", {"user": [1], "history": []}, {}, 400, ["user"]),
+    ("/v1/recommend", {"hist": [1]}, {}, 400, ["missing field 'history'"]),
+    ("/v1/recommend", {"history": [1], "k": 1000}, {}, 400, ["k=1000", "at most K"]),
+    ("/v1/recommend", [{"history": [1]}, 5], {}, 400, ["request 1", "object"]),
+    ("/v1/recommend", b"{not json", {}, 400, ["not valid JSON"]),
+    ("/v1/recommend", [{"history": [1]}] * 65, {}, 400, ["at most 64"]),
+    ("/v1/recommend", {"history": list(range(40_000))}, {}, 413, ["over the limit", str(MAX_BODY)]),
+    ("/v1/recommend", b"abc", {"Content-Encoding": "br"}, 415, ["Content-Encoding"]),
+    ("/v2/models/cddrec/infer", _v2([[1, 2]], "INT32"), {}, 400, ["datatype", "INT64", "INT32"]),
+    ("/v2/models/cddrec/infer", _v2([1, 2]), {}, 400, ["shape", "[2]", "[-1, -1]"]),
+    ("/v2/models/cddrec/infer", _v2([[1, 2]], shape=[1, 3]), {}, 400, ["holds 2 values", "needs 3"]),
+    ("/v2/models/cddrec/infer", _v2([[1, 10**6]]), {}, 400, ["ids must lie in 0..", "1000000"]),
+    ("/v2/models/cddrec/infer", _v2([[1.5, 2]]), {}, 400, ["integers"]),
+    ("/v2/models/cddrec/infer", {"inputs": [{"name": "ids", "datatype": "INT64", "shape": [1, 1], "data": [1]}]}, {},
+     400, ["unknown input 'ids'", "item_ids"]),
+    ("/v2/models/cddrec/infer", {"inputs": []}, {}, 400, ["inputs"]),
+    ("/v2/models/cddrec/infer", {**_v2([[1]]), "outputs": [{"name": "scores"}]}, {}, 400, ["unknown output"]),
+    ("/v2/models/cddrec/infer", _v2([[1]] * 65), {}, 400, ["batch size 65", "1..64"]),
+    ("/v2/models/cddrec/infer", json.dumps({"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 2],
+                                                        "parameters": {"binary_data_size": 8}}]}).encode() + bytes(8),
+     {"Inference-Header-Content-Length": "95"}, 400, ["binary_data_size must be 16"]),
+    ("/v2/models/other/infer", _v2([[1]]), {}, 404, ["unknown model 'other'", "cddrec"]),
+    ("/v2/models/cddrec/versions/3/infer", _v2([[1]]), {}, 404, ["version '3'", "not loaded"]),
+    ("/v3/nothing", None, {}, 404, ["no route"]),
+    ("/v2/repository/models/cddrec/unload", {}, {}, 400, ["does not unload"]),
+]
+
+
+@pytest.mark.parametrize("path,body,headers,status,words", BAD, ids=[f"{b[3]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_request_gets_its_4xx_and_the_next_good_one_is_served(server, path, body, headers, status, words):
+    if isinstance(body, bytes) and "Inference-Header-Content-Length" in headers:
+        headers = {**headers, "Inference-Header-Content-Length": str(body.index(b"}]}") + 3)}
+    got, hdrs, raw = server.request(path, body, headers=headers)
+    assert got == status, raw
+    assert hdrs["content-type"] == "application/json"
+    err = json.loads(raw)["error"]
+    for w in words:
+        assert w in err, err
+    ok, answer = server.json("/v1/recommend", {"user": "next", "history": [1, 2, 3]})
+    assert ok == 200 and answer["user"] == "next"
+
+
+def test_wrong_method_and_gzip_body(server):
+    status, body = server.json("/v1/recommend", method="GET")
+    assert status == 405 and "method not allowed" in body["error"]
+    raw = gzip.compress(json.dumps({"user": 1, "history": [1, 2]}).encode())
+    status, _, out = server.request("/v1/recommend", raw, headers={"Content-Encoding": "gzip"})
+    assert status == 200 and json.loads(out)["user"] == 1
+
+
+def test_metrics_count_requests_by_route_and_status(server):
+    server.json("/v1/recommend", {"history": "bad"})
+    server.json("/v1/recommend", {"history": [1]})
+    _, _, raw = server.request("/metrics")
+    text = raw.decode()
+    assert 'cddrec_requests_total{route="/v1/recommend",status="400"}' in text
+    assert 'cddrec_requests_total{route="/v1/recommend",status="200"}' in text
+    assert 'cddrec_request_duration_seconds_bucket{le="0.005",route="/v1/recommend"}' in text
+    assert 'cddrec_model_version{model="cddrec"} 1.0' in text
+    for name in ("cddrec_batch_size_bucket", "cddrec_queue_users", "cddrec_batch_duration_seconds_count",
+                 "cddrec_requests_in_flight{route=\"/v1/recommend\"} 0.0"):
+        assert name in text
+
+
+def test_load_benchmark_reports_throughput_latency_batches_and_the_engine_alone(server, trained_tiny_onnx, tmp_path):
+    from cddrec.benchmarks.serve_load import bench_serve
+
+    table, paths = bench_serve(server.url, [1, 8], 0.4, ["v2", "keys"], str(trained_tiny_onnx), 1, tmp_path, "load",
+                               echo=lambda m: None)
+    doc = json.loads((tmp_path / "load.json").read_text())
+    assert doc["command"] and doc["commit"] and doc["server_model"]["name"] == "cddrec"
+    rows = {(r["route"], r["concurrency"]): r for r in doc["results"]}
+    assert set(rows) == {("v2", 1), ("v2", 8), ("keys", 1), ("keys", 8)}
+    for r in rows.values():
+        assert r["requests"] > 0 and r["errors"] == {} and r["p50_ms"] <= r["p99_ms"]
+        assert r["mean_batch"] is not None and r["mean_batch"] >= 1 and 0 < r["engine_busy"] < 1.2
+    assert rows[("v2", 1)]["mean_batch"] == pytest.approx(1.0, abs=0.05)  # one client: batches of one
+    assert set(doc["engine"]) == {"batch_256", "batch_1"} and doc["engine"]["batch_256"]["users_per_s"] > 0
+    assert "c1_p50_minus_ort_b1_p50_ms" in doc["ratios"]["v2"]
+    assert "| v2 | 8 |" in table and str(tmp_path / "load.md") in paths
+
+
+def test_command_errors_are_one_line(server, tmp_path):
+    from click.testing import CliRunner
+
+    from cddrec.app.serve import main
+
+    port = server.url.rsplit(":", 1)[1]
+    (tmp_path / "m.onnx").write_bytes(b"not even read: the port is taken")
+    for args, words in ((["--model", str(tmp_path / "missing.onnx"), "--port", "0"], "no such file"),
+                        (["--model", str(tmp_path), "--port", "0"], "expected a model file"),
+                        (["--model", str(tmp_path / "m.onnx"), "--port", port], "Address already in use"),
+                        (["--model", str(tmp_path), "--replicas", "2"], "add --ray")):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code in (1, 2) and words in r.output and "Traceback" not in r.output, r.output

@@ -1,0 +1,261 @@
+"""The server's parts in process: the dynamic batcher's rules, the KServe v2 codec as tritonclient builds and
+reads it, merging rows of different widths, and the model folder layout."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from cddrec.contract import GraphContract
+from cddrec.errors import ModelFileError
+from cddrec.runtime.server.batcher import Batcher, BatchPolicy
+from cddrec.runtime.server.models import model_source
+from cddrec.runtime.server.protocol import ProtocolError, encode_infer_response, parse_infer
+from cddrec.runtime.server.tensors import merge_feeds
+
+CONTRACT = GraphContract(k=3, steps=2, hidden=4, max_len=5, num_items=20)
+
+
+class Engine:
+    """A runner that records its batches and can be held (the engine 'busy') or made to fail."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.fail_on = None
+
+    def __call__(self, payloads):
+        self.release.wait(10)
+        self.batches.append(list(payloads))
+        if self.fail_on is not None and self.fail_on in payloads:
+            raise RuntimeError("engine exploded")
+        return [ValueError(f"refused {p}") if p == "refuse" else f"done {p}" for p in payloads]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _started(engine: Engine, **policy) -> Batcher:
+    b = Batcher({"a": engine, "b": engine}, BatchPolicy(**policy))
+    b.start()
+    return b
+
+
+def test_a_lone_request_on_an_idle_engine_never_waits_for_the_timeout():
+    async def main():
+        b = await _started(Engine(), max_wait_s=2.0)
+        t0 = time.perf_counter()
+        assert await b.submit("a", "x", 1) == "done x"
+        took = time.perf_counter() - t0
+        await b.close()
+        return took
+
+    assert run(main()) < 1.0  # the batch window is 2 s
+
+
+def test_requests_arriving_while_the_engine_runs_form_the_next_batches():
+    engine = Engine()
+
+    async def main():
+        b = await _started(engine, max_batch=4, max_wait_s=0.05)
+        engine.release.clear()  # the engine will be busy with the first batch
+        first = asyncio.ensure_future(b.submit("a", 0, 1))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(b.submit("a", i, 1)) for i in range(1, 11)]
+        await asyncio.sleep(0.05)
+        assert b.queued == 10
+        engine.release.set()
+        out = await asyncio.gather(first, *rest)
+        await b.close()
+        return out, b.stats
+
+    out, stats = run(main())
+    assert out == [f"done {i}" for i in range(11)]
+    assert [len(x) for x in engine.batches] == [1, 4, 4, 2] and stats.batches == 4
+
+
+def test_kinds_batch_apart_and_keep_their_order():
+    engine = Engine()
+
+    async def main():
+        b = await _started(engine, max_batch=8, max_wait_s=0)
+        engine.release.clear()
+        first = asyncio.ensure_future(b.submit("a", "a0", 1))
+        await asyncio.sleep(0.05)
+        jobs = [asyncio.ensure_future(b.submit(k, f"{k}{i}", 1)) for i in range(1, 4) for k in ("a", "b")]
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        await asyncio.gather(first, *jobs)
+        await b.close()
+
+    run(main())
+    assert engine.batches == [["a0"], ["a1", "a2", "a3"], ["b1", "b2", "b3"]]
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_a_timeout_504():
+    engine = Engine()
+
+    async def main():
+        b = await _started(engine, max_batch=2, max_queue=3, timeout_s=5.0)
+        engine.release.clear()
+        running = asyncio.ensure_future(b.submit("a", "run", 2))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(b.submit("a", "wait", 3))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ProtocolError) as full:
+            await b.submit("a", "over", 1)
+        with pytest.raises(ProtocolError) as late:
+            await b.submit("a", "late", 0, timeout_s=0.1)  # no room needed, but no answer in time
+        assert b.queued == 3  # the timed-out job left the queue
+        engine.release.set()
+        got = await asyncio.gather(running, waiting)
+        await b.close()
+        return full.value, late.value, got
+
+    full, late, got = run(main())
+    assert full.status == 503 and full.headers["retry-after"] == "1" and "--max-queue 3" in full.message
+    assert late.status == 504 and "100 ms" in late.message
+    assert got == ["done run", "done wait"]
+    assert all("late" not in batch for batch in engine.batches)
+
+
+def test_an_engine_failure_fails_only_its_batch_and_is_logged_once(caplog):
+    engine = Engine()
+    engine.fail_on = "boom"
+
+    async def main():
+        b = await _started(engine, max_batch=2, max_wait_s=0)
+        engine.release.clear()
+        first = asyncio.ensure_future(b.submit("a", "x", 1))
+        await asyncio.sleep(0.05)
+        doomed = [asyncio.ensure_future(b.submit("a", p, 1)) for p in ("boom", "y")]
+        after = [asyncio.ensure_future(b.submit("a", p, 1)) for p in ("z", "refuse")]
+        await asyncio.sleep(0.01)
+        engine.release.set()
+        res = await asyncio.gather(first, *doomed, *after, return_exceptions=True)
+        await b.close()
+        return res
+
+    with caplog.at_level(logging.ERROR, logger="cddrec.serve"):
+        res = run(main())
+    assert res[0] == "done x" and res[3] == "done z"
+    assert all(isinstance(r, ProtocolError) and r.status == 500 and "engine exploded" in r.message for r in res[1:3])
+    assert isinstance(res[4], ValueError) and "refused" in str(res[4])  # a job the runner refuses fails alone
+    assert len([r for r in caplog.records if "engine failed" in r.getMessage()]) == 1
+
+
+def test_close_runs_what_is_queued_and_refuses_new_requests():
+    engine = Engine()
+
+    async def main():
+        b = await _started(engine, max_batch=1, max_wait_s=0)
+        engine.release.clear()
+        jobs = [asyncio.ensure_future(b.submit("a", i, 1)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0.01)
+        with pytest.raises(ProtocolError) as refused:
+            await b.submit("a", "new", 1)
+        engine.release.set()
+        await closing
+        return await asyncio.gather(*jobs), refused.value
+
+    done, refused = run(main())
+    assert done == ["done 0", "done 1", "done 2"] and refused.status == 503
+
+
+# ------------------------------------------------------------------------------ protocol
+def test_binary_request_and_response_round_trip_as_tritonclient_builds_and_reads_them():
+    http = pytest.importorskip("tritonclient.http")
+    from tritonclient.http._utils import _get_inference_request
+
+    ids = np.array([[0, 3, 4, 5], [1, 2, 3, 20]], dtype=np.int64)
+    inp = http.InferInput("item_ids", list(ids.shape), "INT64")
+    inp.set_data_from_numpy(ids)
+    outs = [http.InferRequestedOutput("top_items"), http.InferRequestedOutput("top_scores", binary_data=False)]
+    body, json_size = _get_inference_request([inp], "req-7", outs, 0, False, False, 0, 2500, None)
+    req = parse_infer(body, str(json_size), CONTRACT, max_batch=8)
+    assert req.rows == 2 and req.width == 4 and req.id == "req-7" and req.timeout_s == 0.0025
+    np.testing.assert_array_equal(req.inputs["item_ids"], ids)
+    assert req.outputs == [("top_items", True), ("top_scores", False)]
+    top = {"top_items": np.array([[7, 8, 9], [1, 2, 3]], dtype=np.int64),
+           "top_scores": np.array([[0.5, 0.25, 0.125], [3.0, 2.0, 1.0]], dtype=np.float32)}
+    raw, headers = encode_infer_response("m", "2", req, top)
+    res = http.InferResult.from_response_body(raw, header_length=int(headers["inference-header-content-length"]))
+    np.testing.assert_array_equal(res.as_numpy("top_items"), top["top_items"])
+    np.testing.assert_array_equal(res.as_numpy("top_scores"), top["top_scores"])
+    assert res.get_response()["id"] == "req-7" and res.get_response()["model_version"] == "2"
+    req.outputs = [("top_scores", False)]
+    raw, headers = encode_infer_response("m", "2", req, top)  # all JSON: no header length
+    assert "inference-header-content-length" not in headers
+    np.testing.assert_array_equal(http.InferResult.from_response_body(raw).as_numpy("top_scores"), top["top_scores"])
+
+
+@pytest.mark.parametrize("body,header,words", [
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [1]}]}', "500",
+     ["Inference-Header-Content-Length is 500"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [1]}]}xyz', None,
+     ["not valid JSON"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [1]}]}abcdefgh', "85",
+     ["8 bytes of binary data", "belong to no input"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 0], "data": []}]}', None,
+     ["at least 1 item"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [-1]}]}', None,
+     ["0..20", "-1"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [1], '
+     b'"parameters": {"shared_memory_region": "r"}}]}', None, ["shared memory"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [1]}], '
+     b'"outputs": [{"name": "top_items", "parameters": {"classification": 2}}]}', None, ["classification"]),
+])
+def test_protocol_errors_name_the_field(body, header, words):
+    with pytest.raises(ProtocolError) as e:
+        parse_infer(body, header, CONTRACT, max_batch=8)
+    assert e.value.status == 400
+    for w in words:
+        assert w in e.value.message
+
+
+def test_rows_of_different_widths_are_left_padded_to_the_widest():
+    feeds = [{"item_ids": np.array([[1, 2]])}, {"item_ids": np.array([[0, 3, 4, 5], [6, 7, 8, 9]])},
+             {"item_ids": np.array([[9]])}]
+    merged = merge_feeds(feeds, CONTRACT)["item_ids"]
+    assert merged.tolist() == [[0, 0, 1, 2], [0, 3, 4, 5], [6, 7, 8, 9], [0, 0, 0, 9]]
+    stochastic = GraphContract(k=3, steps=2, hidden=4, max_len=5, num_items=20, stochastic=True)
+    noise = merge_feeds([{"item_ids": np.ones((1, 2), np.int64), "noise": np.zeros((2, 1, 4), np.float32)},
+                         {"item_ids": np.ones((3, 2), np.int64), "noise": np.ones((2, 3, 4), np.float32)}],
+                        stochastic)["noise"]
+    assert noise.shape == (2, 4, 4) and noise[:, 0].sum() == 0 and noise[:, 1:].min() == 1  # (T, batch, d)
+
+
+# -------------------------------------------------------------------------------- models
+def test_model_folder_layouts(tmp_path):
+    graph = tmp_path / "m.onnx"
+    graph.write_bytes(b"x")
+    assert model_source(graph).name == "m" and model_source(graph).newest() == (1, graph)
+    repo = tmp_path / "repo"
+    for v in (1, 2, 10):
+        (repo / "recs" / str(v)).mkdir(parents=True)
+        if v != 10:  # a version being copied: not yet a model
+            (repo / "recs" / str(v) / "model.onnx").write_bytes(b"x")
+    (repo / "recs" / "notes").mkdir()
+    for path in (repo / "recs", repo):  # the model folder, or the repository root holding it
+        src = model_source(path)
+        assert src.name == "recs" and sorted(src.versions()) == [1, 2]
+        assert src.newest() == (2, repo / "recs" / "2" / "model.onnx")
+    assert model_source(repo, name="other").name == "other"
+    (repo / "second" / "1").mkdir(parents=True)
+    with pytest.raises(ModelFileError, match="found 2 model folders"):
+        model_source(repo)
+    with pytest.raises(ModelFileError, match="no such file"):
+        model_source(tmp_path / "missing")
+    empty = tmp_path / "empty" / "1"
+    empty.mkdir(parents=True)
+    with pytest.raises(ModelFileError, match="no version folder holds model.onnx"):
+        model_source(empty.parent).newest()
