@@ -7,21 +7,74 @@ The one implementation of the serving-side encoding, used by ``Recommender`` (an
 - ``encode_flat`` / ``encode_histories``: histories (flat keys + offsets) -> the known ids per
   user, unknown items counted, optionally only the most recent ``max_history``;
 - ``left_pad``: flat ids -> the graph's (B, S) input, right-aligned after 0 padding;
-- ``TopK`` and ``fill_popular``: the engine's (n, K) outputs with the cold-start fallback.
+- ``TopK`` and ``fill_popular``: the engine's (n, K) outputs with the cold-start fallback;
+- ``request_problem`` / ``history_problem``: the one request rule (cddrec-infer's lines, the
+  server's bodies, ``Recommender.recommend``'s histories);
+- ``SOURCES``, ``source_of``, ``SCORE_DECIMALS``, ``round_scores``: what every output says.
 
 Letters: n users, N known ids in all, B engine batch, S padded history, K top-k.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from cddrec.vocab import Vocab, key_problem
+
+SCORE_DECIMALS = 6  # scores as every output writes them
+SOURCES = ("model", "popularity")  # where a user's list comes from: the graph, or the popularity fallback
+
+
+def source_of(fallback: bool) -> str:
+    return SOURCES[bool(fallback)]
+
+
+def round_scores(scores: np.ndarray) -> np.ndarray:
+    """Scores as float64 rounded to ``SCORE_DECIMALS``, as every output writes them."""
+    return np.round(np.asarray(scores).astype(np.float64), SCORE_DECIMALS)
+
+
+# ----------------------------------------------------------------------------- the request rule
+def _key_at(key, max_chars: int | None) -> str | None:
+    problem = key_problem(key)
+    if problem is None and max_chars is not None and type(key) is str and len(key) > max_chars:
+        problem = f"has {len(key)} characters; at most {max_chars}"
+    return problem
+
+
+def history_problem(hist, max_key_chars: int | None = None) -> str | None:
+    """Why ``hist`` is not a history (a list of item keys, each under the one key rule
+    ``cddrec.vocab.key_problem``), else None: "must be a list ..." or "entry J ..."."""
+    if isinstance(hist, (str, bytes)) or not isinstance(hist, Sequence):
+        return f"must be a list of item keys, got {type(hist).__name__}"
+    for j, item in enumerate(hist):
+        problem = _key_at(item, max_key_chars)
+        if problem:
+            return f"entry {j} {problem}"
+    return None
+
+
+def request_problem(obj, *, user_required: bool = True, max_key_chars: int | None = None) -> str | None:
+    """Why ``obj`` is not a request ``{"user": key, "history": [item keys]}``, else None: the one rule
+    of cddrec-infer's lines and the server's bodies (where ``user`` is optional: absent or null)."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    user = obj.get("user")
+    if "user" not in obj and user_required:
+        return "missing field 'user'"
+    if user is not None or user_required:
+        problem = _key_at(user, max_key_chars)
+        if problem:
+            return f"field 'user' {problem}"
+    if "history" not in obj:
+        return "missing field 'history'"
+    problem = history_problem(obj["history"], max_key_chars)
+    return f"field 'history' {problem}" if problem else None
 
 
 class KeyMapper:
@@ -117,16 +170,11 @@ def encode_flat(values: pa.Array, offsets: np.ndarray, mapper: KeyMapper, max_hi
 
 def encode_histories(histories: Sequence[Sequence], mapper: KeyMapper, max_history: int | None = None) -> Encoded:
     """Python histories (item keys, oldest first; ints and strings alike) -> ``Encoded``; a history that
-    is not a list of keys is a ValueError (the same rule as the request files' lines)."""
+    is not a list of keys is a ValueError (``history_problem``, the rule of the request files' lines)."""
     for i, h in enumerate(histories):
-        if isinstance(h, (str, bytes)) or not isinstance(h, Sequence):
-            raise ValueError(f"history {i} must be a list of item keys, got {type(h).__name__}")
-        for key in h:
-            problem = key_problem(key)
-            if problem and problem.startswith("must be"):
-                raise ValueError(f"history {i}: item keys are strings or integers, got {type(key).__name__} {key!r}")
-            if problem:
-                raise ValueError(f"history {i}: item key {problem}")
+        problem = history_problem(h)
+        if problem:
+            raise ValueError(f"history {i} {problem}")
     lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
     values = pa.array([str(key) for h in histories for key in h], pa.string())
     return encode_flat(values, np.concatenate([[0], np.cumsum(lens)]), mapper, max_history)

@@ -36,7 +36,7 @@ from cddrec.vocab import is_int_key
 from . import writers
 from .codec import Encoded, KeyMapper, TopK, encode_flat
 from .recommender import Recommender
-from .requests import RequestBlock, input_format, read_blocks
+from .requests import RequestBlock, compact, input_format, read_blocks
 from .writers import WRITERS, ErrorWriter
 
 KEY_MODES = ("auto", "str", "int")
@@ -244,7 +244,7 @@ def _drop(block: RequestBlock, rows: np.ndarray, reason) -> None:
     block.lines = block.lines[keep]
     block.users = [u for u, kk in zip(block.users, keep) if kk] if isinstance(block.users, list) \
         else block.users.filter(pa.array(keep))
-    block.histories = _compact(block.histories.filter(pa.array(keep)))
+    block.histories = compact(block.histories.filter(pa.array(keep)))
 
 
 def typed_users(users, keys: str) -> tuple[pa.Array | list, np.ndarray]:
@@ -259,11 +259,6 @@ def typed_users(users, keys: str) -> tuple[pa.Array | list, np.ndarray]:
     values = users if isinstance(users, list) else users.to_pylist()
     bad = np.array([not (type(u) is int or is_int_key(u)) for u in values], dtype=bool)
     return pa.array([0 if b else int(u) for u, b in zip(values, bad)], pa.int64()), bad
-
-
-def _compact(hist: pa.ListArray) -> pa.ListArray:
-    offs = np.asarray(hist.offsets, dtype=np.int64)
-    return pa.ListArray.from_arrays(pa.array((offs - offs[0]).astype(np.int32)), hist.flatten())
 
 
 def engine_options(backend: str, tf32: bool = False) -> dict:
