@@ -325,9 +325,28 @@ def typed_users(users, keys: str) -> tuple[pa.Array | list, np.ndarray]:
                 else users.cast(pa.string())), np.zeros(n, bool)
     if not isinstance(users, list) and pa.types.is_integer(users.type):
         return users.cast(pa.int64()), np.zeros(n, bool)
-    values = users if isinstance(users, list) else users.to_pylist()
-    bad = np.array([not (type(u) is int or is_int_key(u)) for u in values], dtype=bool)
-    return pa.array([0 if b else int(u) for u, b in zip(values, bad)], pa.int64()), bad
+    if not isinstance(users, list):
+        return _int_strings(users.cast(pa.string()))
+    bad = np.array([not (type(u) is int or is_int_key(u)) for u in users], dtype=bool)  # mixed keys (rare)
+    return pa.array([0 if b else int(u) for u, b in zip(users, bad)], pa.int64()), bad
+
+
+def _int_strings(strings: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """String keys as int64 (0 where not an integer) and a mask of those that are not (``is_int_key``,
+    vectorized: canonical ASCII integers by a regular expression, the few of 19+ digits checked one by one)."""
+    import pyarrow.compute as pc
+
+    canonical = np.asarray(pc.match_substring_regex(strings, r"^(0|-?[1-9][0-9]*)$").fill_null(False))
+    long = canonical & (np.asarray(pc.utf8_length(strings).fill_null(0)) >= 19)  # may not fit int64
+    short = canonical & ~long
+    values = np.zeros(len(strings), dtype=np.int64)
+    values[short] = pc.cast(strings.filter(pa.array(short)), pa.int64()).to_numpy()
+    ok = short.copy()
+    for i in np.flatnonzero(long):
+        key = strings[int(i)].as_py()
+        if is_int_key(key):
+            values[i], ok[i] = int(key), True
+    return pa.array(values), ~ok
 
 
 def engine_options(backend: str, tf32: bool = False) -> dict:

@@ -140,3 +140,17 @@ def test_host_lanes_start_low_and_go_normal_when_the_engine_starves():
         assert lanes.wait(lanes.write(_policy)) == os.SCHED_OTHER
     finally:
         lanes.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(INT64.map(str), st.integers(-(2**70), 2**70).map(str), st.text(max_size=6),
+                          st.text(alphabet="-0123456789٣１+ ", max_size=21)), max_size=40))
+def test_int_users_vectorized_as_the_key_rule(keys):
+    """--keys int on string users: the vectorized check is ``is_int_key``, key by key."""
+    from cddrec.runtime.pipeline import typed_users
+    from cddrec.vocab import is_int_key
+
+    keys = [k for k in keys if not any(0xD800 <= ord(c) < 0xE000 for c in k)]  # not valid Unicode
+    typed, bad = typed_users(pa.array(keys, pa.string()), "int")
+    assert bad.tolist() == [not is_int_key(k) for k in keys]
+    assert typed.to_pylist() == [0 if b else int(k) for k, b in zip(keys, bad)]
