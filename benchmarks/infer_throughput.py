@@ -3,6 +3,10 @@
     python -m cddrec.benchmarks.infer_throughput [--lines 1000000] [--preset tiny|paper]
         [--formats jsonl,parquet] [--model model.onnx] [--name NAME]
 
+    # the whole command against ONNX Runtime alone, both ways (Office's catalogue, paper size):
+    python -m cddrec.benchmarks.infer_throughput --lines 300000 --preset paper --items 2420 \
+        --threads 2 --engine-seconds 10 --outside-seconds 10 --repeat 3 --name infer_vs_engine_cpu
+
 Presets: ``paper`` (d=128, L=20, T=20, 12,101 items as Beauty) and ``tiny`` (d=8, T=1, same
 catalogue unless ``--items``). The JSONL file holds random histories of 1 to 50 known items (1% also
 carry an unknown integer key); the Parquet file the same requests (``user`` int64, ``history``
