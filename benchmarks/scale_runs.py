@@ -158,9 +158,11 @@ def objectives(data_dir, datasets, variants, time_budget, seed, threads, device,
                      + f" | {r['stop_reason']} |")
     text = "\n".join([*table, "", f"Each run: --time-budget {time_budget:g} (minutes of wall time, validation "
                       f"included) or early stopping, whichever comes first; seed {seed}, {threads} threads, the "
-                      "dataset's preset; test split, full ranking (exact evaluation for every objective). "
-                      "Seconds per epoch: training only.", "", "Commands:", "", *(f"- `{r['command']}`" for r in runs)])
-    record(name, {"runs": runs, "time_budget": time_budget}, text, out_dir,
+                      "dataset's preset" + (f", and `{train_args}`" if train_args else "") + "; test split, full "
+                      "ranking (exact evaluation for every objective). Seconds per epoch: training only.", "",
+                      "Commands:", "",
+                      *(f"- `{r['command']}`" for r in runs)])
+    record(name, {"runs": runs, "time_budget": time_budget, "train_args": train_args}, text, out_dir,
            title="Sampled softmax against the full softmax, the same time budget")
     click.echo(text)
 
