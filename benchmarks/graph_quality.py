@@ -24,7 +24,7 @@ from cddrec.metrics import metrics_from_ranks
 from cddrec.runtime.backends import OrtCpu
 from cddrec.vocab import Vocab
 
-from .record import RESULTS_DIR, record
+from .record import RESULTS_DIR, cell, record
 
 TOPK = 40
 GRAPHS = {"fp32": {}, "fused": {"optimize": True}, "int8": {"int8": True},
@@ -74,7 +74,7 @@ def graph_quality(model_pt: str, data: str, split_name: str = "test", threads: i
 def rel(r: dict, key: str) -> str:
     """A relative change in percent, '-' where the fp32 graph's metric is 0."""
     value = r["relative"][key]
-    return "-" if value is None else f"{value * 100:+.2f}%"
+    return cell(None if value is None else value * 100, "+.2f") + ("%" if value is not None else "")
 
 
 def table(res: dict) -> str:

@@ -63,13 +63,14 @@ def split_backend(name: str) -> tuple[str, int]:
 
 def default_backends(model: str) -> list[str]:
     """The backends this machine can run (``runnable_backends``) that read ``model``: for a graph
-    (``.onnx``), those that read graphs; for a model file or ``random``, all of them."""
+    (``.onnx``), the built-in ones that read graphs (entry-point backends are not loaded: loading the
+    torch ones would import torch; name a third-party graph backend with --backends); for a model file
+    or ``random``, all of them."""
     from cddrec.runtime.backends import backend_class, runnable_backends
 
-    names = runnable_backends()
     if model.endswith(".onnx"):
-        names = [n for n in names if backend_class(n).reads == "graph"]
-    return names
+        return [n for n in runnable_backends(builtin_only=True) if backend_class(n).reads == "graph"]
+    return runnable_backends()
 
 
 def require_torch(what: str) -> None:

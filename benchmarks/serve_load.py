@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 
+from .record import cell
 from .timer import time_calls
 
 POOL = 512  # distinct request bodies per route
@@ -319,10 +320,9 @@ def serve_table(res: dict) -> str:
              "engine ms/batch | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
-        batch = "-" if r["mean_batch"] is None else f"{r['mean_batch']:.1f}"
-        lines.append(f"| {r['route']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | "
-                     f"{r['p90_ms']:.2f} | {r['p99_ms']:.2f} | {batch} | {_fmt(r.get('engine_busy'), '.0%')} | "
-                     f"{_fmt(r.get('engine_ms_per_batch'), '.2f')} | {errs} |")
+        lines.append(f"| {r['route']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {cell(r['p50_ms'], '.2f')} | "
+                     f"{cell(r['p90_ms'], '.2f')} | {cell(r['p99_ms'], '.2f')} | {cell(r['mean_batch'], '.1f')} | "
+                     f"{cell(r.get('engine_busy'), '.0%')} | {cell(r.get('engine_ms_per_batch'), '.2f')} | {errs} |")
     if "engine" in res:
         e = res["engine"]
         lines += ["", "ONNX Runtime alone on the same graph, same run (session defaults, histories of L items):", "",
@@ -332,13 +332,9 @@ def serve_table(res: dict) -> str:
         lines += ["", "| route | c64 req/s / ORT b256 users/s (target >= 0.60) | c64 p99 ms (<= 50) | "
                       "c1 p50 - ORT b1 p50 ms (<= 0.5) |", "|---|---|---|---|"]
         for route, d in res.get("ratios", {}).items():
-            lines.append(f"| {route} | {_fmt(d.get('c64_throughput_vs_ort_b256'), '.2f')} | "
-                         f"{_fmt(d.get('c64_p99_ms'), '.1f')} | {_fmt(d.get('c1_p50_minus_ort_b1_p50_ms'), '+.2f')} |")
+            lines.append(f"| {route} | {cell(d.get('c64_throughput_vs_ort_b256'), '.2f')} | "
+                         f"{cell(d.get('c64_p99_ms'), '.1f')} | {cell(d.get('c1_p50_minus_ort_b1_p50_ms'), '+.2f')} |")
     return "\n".join(lines)
-
-
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def plot_serve(res: dict, out_dir: Path, name: str) -> list[str]:

@@ -214,5 +214,6 @@ def launch(device: str = "auto", timeout_minutes: float = 30.0) -> Iterator[Dist
         if getattr(e, "collective", False):
             raise
         raise RankError(f"{where}: {describe_error(e)}") from e
-    else:
+    else:  # only on success: after an error the command exits at once, and tearing down a group whose
+        # peers are gone or stuck in a collective can block (NCCL); the process exit releases it
         tdist.destroy_process_group()

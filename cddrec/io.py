@@ -298,6 +298,41 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json_dumps(obj, indent=2) + "\n")
 
 
+@contextlib.contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield a new empty folder beside ``target``; on success it replaces ``target`` whole (renamed into
+    place; an existing ``target`` is renamed aside first, put back if the rename fails, removed after).
+    On failure or a signal nothing changes and the staged folder is removed. OS errors become an
+    ``OutputError`` naming ``target``. The folder-sized ``atomic_path``: a Triton model folder, a demo run."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write: {e.strerror or e}") from None
+    _LIVE.add(stage)
+    try:
+        yield stage
+        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp's 0o700: the folder gets what mkdir would give
+        old = None
+        if target.exists() or target.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.rename(target, old / target.name)
+        try:
+            os.rename(stage, target)
+        except OSError:
+            if old is not None:
+                os.rename(old / target.name, target)  # put the previous folder back
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write: {e.strerror or e}; nothing was written") from None
+    finally:
+        _LIVE.discard(stage)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def json_safe(obj):
     """``obj`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
     if isinstance(obj, float):
@@ -471,7 +506,10 @@ def _is_file_output(p) -> bool:
 def _cleanup_and_exit(signum, frame):  # pragma: no cover - runs in a signal handler, tested by subprocess
     for tmp in list(_LIVE):
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)  # a staged folder (atomic_folder)
+            else:
+                os.unlink(tmp)
     _LIVE.clear()
     if signum == signal.SIGINT:
         raise KeyboardInterrupt

@@ -46,21 +46,18 @@ vocabulary).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from cddrec.contract import MASK_SCORE, MAX_HISTORY, serving_info
-from cddrec.errors import ExportError, ModelFileError, OutputError
-from cddrec.io import current_umask, json_dumps
+from cddrec.errors import ExportError, ModelFileError
+from cddrec.io import atomic_folder, json_dumps
 from cddrec.runtime.triton_client import FORMAT as CLIENT_FORMAT
 
 from .tensorrt import nonstandard_ops
@@ -287,37 +284,6 @@ def model_folder(repo_dir: str | Path, name: str, force: bool = False) -> Path:
     return model_dir
 
 
-@contextlib.contextmanager
-def staged_folder(target: Path):
-    """Yield a new empty folder beside ``target``; on success it replaces ``target`` (renamed into
-    place; an existing ``target`` is renamed aside first and removed after). On failure nothing
-    changes and the staged folder is removed. OS errors become an ``OutputError`` naming ``target``."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as e:
-        raise OutputError(f"{target}: cannot write: {e.strerror or e}") from None
-    try:
-        yield stage
-        os.chmod(stage, 0o777 & ~current_umask())  # mkdtemp's 0o700 would hide it from the server's user
-        old = None
-        if target.exists() or target.is_symlink():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.rename(target, old / target.name)
-        try:
-            os.rename(stage, target)
-        except OSError:
-            if old is not None:
-                os.rename(old / target.name, target)  # put the previous folder back
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        raise OutputError(f"{target}: cannot write: {e.strerror or e}; nothing was written") from None
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
 def write_triton_repo(graph_path: str | Path, repo_dir: str | Path, name: str = "cddrec", *, gpu: bool = True,
                       max_batch: int = 1024, force: bool = False, **config_options) -> TritonRepo:
     """Write the model folder ``REPO/NAME`` as one unit: ``config.pbtxt``, ``1/model.onnx`` (a copy
@@ -343,7 +309,7 @@ def write_triton_repo(graph_path: str | Path, repo_dir: str | Path, name: str = 
                "input": proto.graph.input[0].name, "outputs": [o.name for o in proto.graph.output],
                "max_batch_size": max_batch, "K": info["K"], "L": info["L"], "max_history": MAX_HISTORY,
                "mask_score": info["mask_score"], "vocab": info["vocab"], "popular_topk": info["popular_topk"]}
-    with staged_folder(model_dir) as stage:
+    with atomic_folder(model_dir) as stage:
         (stage / str(VERSION)).mkdir()
         shutil.copyfile(graph, stage / str(VERSION) / "model.onnx")
         (stage / SIDECAR_NAME).write_text(json_dumps(sidecar), encoding="utf-8")

@@ -138,10 +138,13 @@ def backend_class(name: str) -> type:
         raise BackendUnavailable(f"backend {name!r} needs {what} ({hint})") from e
 
 
-def runnable_backends() -> list[str]:
-    """The backends this machine can run (their libraries import and their device is present)."""
+def runnable_backends(builtin_only: bool = False) -> list[str]:
+    """The backends this machine can run (their libraries import and their device is present).
+
+    ``builtin_only``: only this package's own backends, without loading any entry point (loading the
+    torch backends' entry points imports torch)."""
     out = []
-    for name in available_backends():
+    for name in (BUILTIN if builtin_only else available_backends()):
         try:
             if backend_class(name).unavailable() is None:
                 out.append(name)

@@ -21,7 +21,6 @@ logging stays out of the terminal unless ``verbose``.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import re
@@ -32,6 +31,7 @@ from pathlib import Path
 from cddrec.errors import CDDRecError, DataError
 from cddrec.io import host_tag, output_lock, pid_alive
 
+from . import raycluster
 from .backends import backend_class
 from .pipeline import BatchStats, engine_options
 from .writers import output_format
@@ -137,16 +137,13 @@ def _commit(staging: Path, out_dir: Path, rows: list[dict]) -> None:
 def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str = "local", actors: int | None = None,
                 backend: str = "ort-cpu", threads: int = 1, gpus_per_actor: float | None = None,
                 out_fmt: str | None = None, k: int | None = None, batch_size: int = 256, strict: bool = False,
-                check_duplicates: bool = True, tf32: bool = False, keys: str = "auto", verbose: bool = False,
-                log=None) -> tuple[BatchStats, list[dict]]:
+                check_duplicates: bool = True, tf32: bool = False, keys: str = "auto",
+                verbose: bool = False) -> tuple[BatchStats, list[dict]]:
     """Serve every shard of ``spec`` into ``out_dir`` on Ray; returns the totals and one row per shard
     (``error`` is the one-line error of a shard that failed, else "").
 
     With ``strict``, the first error (in shard order) is raised and nothing is written."""
-    try:
-        import ray
-    except ImportError as e:
-        raise DataError("--ray needs Ray Data: pip install 'cddrec[ray]'") from e
+    ray = raycluster.import_ray()
     paths = expand_shards(spec)
     out_dir = Path(out_dir)
     _check_outputs(paths, out_dir, out_fmt)
@@ -161,7 +158,7 @@ def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str 
         staging = out_dir / f".cddrec-ray.{host_tag()}.{os.getpid()}.tmp"
         staging.mkdir()
         try:
-            with _quiet_ray(verbose):
+            with raycluster.quiet(verbose):
                 rows = _run_on_ray(ray, ray_address, paths, model, backend, threads, gpus_per_actor, options, staging,
                                    out_fmt, tf32, actors)
             failed = [r for r in rows if r["error"]]
@@ -192,17 +189,7 @@ def _check_outputs(paths: list[str], out_dir: Path, out_fmt: str | None) -> None
 
 def _run_on_ray(ray, ray_address, paths, model, backend, threads, gpus_per_actor, options, staging, out_fmt, tf32,
                 actors) -> list[dict]:
-    started = False
-    if not ray.is_initialized():
-        import logging
-
-        level = logging.ERROR
-        if ray_address == "local":
-            ray.init(num_cpus=actors or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, logging_level=level)
-        else:
-            ray.init(address=ray_address, log_to_driver=False, configure_logging=False, logging_level=level)
-        started = True
+    started = raycluster.connect(ray_address, num_cpus=actors)
     try:
         import logging
 
@@ -235,40 +222,3 @@ def _run_on_ray(ray, ray_address, paths, model, backend, threads, gpus_per_actor
             ray.shutdown()
 
 
-@contextlib.contextmanager
-def _quiet_ray(verbose: bool):
-    """Ray's own logging (Python loggers, and its core worker's C++ log on the process's stdout
-    and stderr) goes to a log file instead of the terminal, unless ``verbose``; the log file is
-    kept, and named, only when the run fails with something other than a one-line error."""
-    if verbose:
-        yield
-        return
-    import sys
-
-    fd, log = tempfile.mkstemp(prefix="cddrec-ray-", suffix=".log")
-    for f in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            f.flush()
-    saved = [os.dup(1), os.dup(2)]
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    ok = False
-    try:
-        with open(fd, "w", closefd=False) as text, contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
-            yield
-        ok = True
-    except CDDRecError:  # an expected error: its one line says it all
-        ok = True
-        raise
-    finally:
-        for f in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                f.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for x in (*saved, fd):
-            os.close(x)
-        if ok:
-            os.unlink(log)
-        else:
-            print(f"(Ray's log of this run: {log})", file=sys.stderr)

@@ -98,6 +98,11 @@ def test_default_backends_are_the_runnable_ones_that_read_the_model():
     graph = default_backends("m.onnx")
     assert "ort-cpu" in graph and set(graph) <= set(runnable)
     assert all(backend_class(n).reads == "graph" for n in graph) and "torch" not in graph
+    # choosing them loads no torch backend: a serving machine's bench of a graph never imports torch
+    probe = subprocess.run([sys.executable, "-c", "import sys; from cddrec.benchmarks.latency import default_backends; "
+                            "print(default_backends('m.onnx'), 'torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0 and probe.stdout.strip().endswith("False"), probe.stdout + probe.stderr
 
 
 def test_bench_of_a_missing_or_bad_graph_is_one_line(tmp_path):

@@ -8,11 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from infer_helpers import errors, infer
 
-from cddrec.app.infer import main as infer_main
 from cddrec.data import from_keys
 from cddrec.errors import DataError
 from cddrec.readers import read_interaction_table, read_sequence_file
@@ -25,15 +24,6 @@ from cddrec.vocab import Vocab, is_int_key
 @pytest.fixture(scope="module")
 def rec(trained_tiny_onnx):
     return Recommender.load(trained_tiny_onnx, threads=1)
-
-
-def _infer(graph, req, out, *extra):
-    return CliRunner().invoke(infer_main, ["--model", str(graph), "--batch", str(req), "-o", str(out), "--quiet",
-                                           *extra])
-
-
-def _errors(out):
-    return [json.loads(x) for x in out.with_name(out.name + ".errors.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------ the key rule
@@ -83,15 +73,15 @@ def test_lone_surrogate_and_huge_integers_are_bad_lines(tmp_path, trained_tiny_o
                    f'{{"user":{2**64},"history":[1]}}\n'
                    '{"user":"ok2","history":[2]}\n')
     out = tmp_path / "o.jsonl"
-    r = _infer(trained_tiny_onnx, req, out)
+    r = infer(trained_tiny_onnx, req, out)
     assert r.exit_code == 0, r.output
     assert [json.loads(x)["user"] for x in out.read_text().splitlines()] == ["ok", "ok2"]
-    errs = _errors(out)
+    errs = errors(out)
     assert [e["line"] for e in errs] == [2, 3, 4, 5]
     assert "lone surrogate" in errs[0]["reason"] and "lone surrogate" in errs[1]["reason"]
     assert "does not fit 64 bits" in errs[2]["reason"] and "does not fit 64 bits" in errs[3]["reason"]
     assert all(e["text"] for e in errs)
-    r = _infer(trained_tiny_onnx, req, out, "--strict")
+    r = infer(trained_tiny_onnx, req, out, "--strict")
     assert r.exit_code == 1 and "s.jsonl:2: field 'history' entry 0" in r.output
 
 
@@ -100,15 +90,15 @@ def test_uint64_beyond_int64_in_parquet_is_a_bad_row(tmp_path, trained_tiny_onnx
     pq.write_table(pa.table({"user": pa.array([1, 2**63, 3], pa.uint64()),
                              "history": pa.array([[1], [2], [2**64 - 1]], pa.list_(pa.uint64()))}), req)
     out = tmp_path / "o.jsonl"
-    r = _infer(trained_tiny_onnx, req, out)
+    r = infer(trained_tiny_onnx, req, out)
     assert r.exit_code == 0, r.output
     assert [json.loads(x)["user"] for x in out.read_text().splitlines()] == [1]
-    assert [(e["line"], "does not fit 64 bits" in e["reason"]) for e in _errors(out)] == [(2, True), (3, True)]
+    assert [(e["line"], "does not fit 64 bits" in e["reason"]) for e in errors(out)] == [(2, True), (3, True)]
     log = tmp_path / "log.parquet"
     pq.write_table(pa.table({"user": pa.array([1, 1, 2**64 - 1], pa.uint64()), "item": [1, 2, 3],
                              "timestamp": [1, 2, 3]}), log)
-    r = _infer(trained_tiny_onnx, log, out)
-    assert r.exit_code == 0 and [e["line"] for e in _errors(out)] == [4], r.output
+    r = infer(trained_tiny_onnx, log, out)
+    assert r.exit_code == 0 and [e["line"] for e in errors(out)] == [4], r.output
     with pytest.raises(DataError, match=r"log.parquet:4: user key integer 18446744073709551615 does not fit"):
         read_interaction_table(log)
 
@@ -120,14 +110,14 @@ def test_errors_file_keeps_the_text_of_every_bad_line(tmp_path, trained_tiny_onn
                    + json.dumps({"user": long_user, "history": [1]}) + "\n"
                    + json.dumps({"user": long_user, "history": [3]}) + "\n")
     out = tmp_path / "o.jsonl"
-    assert _infer(trained_tiny_onnx, req, out).exit_code == 0
-    errs = _errors(out)
+    assert infer(trained_tiny_onnx, req, out).exit_code == 0
+    errs = errors(out)
     assert [e["line"] for e in errs] == [2, 4] and "duplicate user" in errs[0]["reason"]
     assert errs[0]["text"] == '{"user": "a", "history": [2]}'
     assert errs[1]["text"].startswith('{"user": "uuu') and len(errs[1]["text"]) <= 203  # bounded
     pq.write_table(pa.table({"user": ["p", "p", None], "history": [[1], [2], [3]]}), tmp_path / "r.parquet")
-    assert _infer(trained_tiny_onnx, tmp_path / "r.parquet", out).exit_code == 0
-    errs = _errors(out)
+    assert infer(trained_tiny_onnx, tmp_path / "r.parquet", out).exit_code == 0
+    errs = errors(out)
     assert [e["line"] for e in errs] == [2, 3] and all(e["text"] for e in errs)
     assert json.loads(errs[0]["text"]) == {"user": "p", "history": [2]}
 
@@ -142,7 +132,7 @@ def test_keys_option_pins_the_written_types(tmp_path, trained_tiny_onnx, rec):
     out = tmp_path / "o.jsonl"
 
     def rows(*extra):
-        r = _infer(trained_tiny_onnx, req, out, *extra)
+        r = infer(trained_tiny_onnx, req, out, *extra)
         assert r.exit_code == 0, r.output
         return [json.loads(x) for x in out.read_text().splitlines()]
 
@@ -153,10 +143,10 @@ def test_keys_option_pins_the_written_types(tmp_path, trained_tiny_onnx, rec):
     assert [x["items"] for x in as_str] == [[str(i) for i in x["items"]] for x in auto]
     as_int = rows("--keys", "int")
     assert [x["user"] for x in as_int] == [7, 8] and [x["items"] for x in as_int] == [x["items"] for x in auto[:2]]
-    assert "user key 'x' is not an integer (--keys int)" in _errors(out)[0]["reason"]
+    assert "user key 'x' is not an integer (--keys int)" in errors(out)[0]["reason"]
     for fmt in ("parquet", "csv"):
         o = tmp_path / f"o.{fmt}"
-        assert _infer(trained_tiny_onnx, req, o, "--keys", "str").exit_code == 0
+        assert infer(trained_tiny_onnx, req, o, "--keys", "str").exit_code == 0
         if fmt == "parquet":
             t = pq.read_table(o)
             assert t.schema.field("user").type == pa.string() and t.schema.field("items").type == pa.list_(pa.string())
@@ -177,7 +167,7 @@ def test_keys_int_needs_an_integer_vocabulary(tmp_path, trained_tiny_onnx):
     write_metadata(graph, meta)
     req = tmp_path / "r.jsonl"
     req.write_text(json.dumps({"user": 1, "history": ["i1"]}) + "\n")
-    r = _infer(graph, req, tmp_path / "o.jsonl", "--keys", "int")
+    r = infer(graph, req, tmp_path / "o.jsonl", "--keys", "int")
     assert r.exit_code == 1 and "--keys int: the model's item keys are not all integers" in r.output, r.output
     assert not (tmp_path / "o.jsonl").exists()
 

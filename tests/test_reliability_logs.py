@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from infer_helpers import errors, infer
 
 from cddrec.app.evaluate import main as eval_main
-from cddrec.app.infer import main as infer_main
 from cddrec.app.train import main as train_main
 from cddrec.errors import DataError
 from cddrec.readers import read_interaction_table
@@ -23,15 +23,6 @@ from cddrec.runtime.recommender import Recommender
 @pytest.fixture(scope="module")
 def rec(trained_tiny_onnx):
     return Recommender.load(trained_tiny_onnx, threads=1)
-
-
-def _infer(graph, req, out, *extra):
-    return CliRunner().invoke(infer_main, ["--model", str(graph), "--batch", str(req), "-o", str(out), "--quiet",
-                                           *extra])
-
-
-def _errors(out):
-    return [json.loads(x) for x in out.with_name(out.name + ".errors.jsonl").read_text().splitlines()]
 
 
 def _rows(out):
@@ -50,7 +41,7 @@ BAD_CSV = {  # name: (file bytes, line of the bad row, words of the reason)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CSV))
-def test_one_csv_behaviour_for_train_eval_and_infer(tmp_path, trained_tiny, trained_tiny_onnx, name):
+def test_one_csv_behaviour_for_train_eval_andinfer(tmp_path, trained_tiny, trained_tiny_onnx, name):
     body, line, words = BAD_CSV[name]
     log = tmp_path / "log.csv"
     log.write_bytes(body)
@@ -62,9 +53,9 @@ def test_one_csv_behaviour_for_train_eval_and_infer(tmp_path, trained_tiny, trai
         assert r.exit_code == 1 and f"log.csv:{line}: " in r.output and words in r.output, r.output
         assert r.output.startswith("Error") and len(r.output.strip().splitlines()) == 1
     out = tmp_path / "o.jsonl"
-    r = _infer(trained_tiny_onnx, log, out)
+    r = infer(trained_tiny_onnx, log, out)
     assert r.exit_code == 0, r.output
-    errs = _errors(out)
+    errs = errors(out)
     assert [e["line"] for e in errs] == [line] and words in errs[0]["reason"] and errs[0]["text"]
     assert [x["user"] for x in _rows(out)] == ["u1"]
 
@@ -88,7 +79,7 @@ def test_cr_only_and_crlf_files(tmp_path, trained_tiny_onnx):
         log.write_bytes(sep.join([b"user,item,timestamp", b"u1,2,2", b"u1,1,1", b"u2,3,1"]) + sep)
         assert read_interaction_table(log) == want, sep
         out = tmp_path / "o.jsonl"
-        r = _infer(trained_tiny_onnx, log, out)
+        r = infer(trained_tiny_onnx, log, out)
         assert r.exit_code == 0 and "served 2 users" in r.output, (sep, r.output)
 
 
@@ -97,7 +88,7 @@ def test_duplicate_column_names_are_refused(tmp_path, trained_tiny_onnx):
     log.write_text("user,item,item,timestamp\nu1,1,2,1\n")
     with pytest.raises(DataError, match=r"log.csv:1: column\(s\) \['item'\] appear more than once"):
         read_interaction_table(log)
-    r = _infer(trained_tiny_onnx, log, tmp_path / "o.jsonl")
+    r = infer(trained_tiny_onnx, log, tmp_path / "o.jsonl")
     assert r.exit_code == 1 and "appear more than once" in r.output
     log.write_text("user,item,x,x,timestamp\nu1,1,2,3,1\nu1,2,2,3,2\n")  # unused duplicates are harmless
     assert read_interaction_table(log) == (["u1"], [["1", "2"]])
@@ -133,9 +124,9 @@ def test_float_item_column_reads_integral_floats_as_integers(tmp_path, rec, trai
     with pytest.raises(DataError, match=r"log.parquet:4: empty item value"):
         read_interaction_table(log)
     out = tmp_path / "o.jsonl"
-    r = _infer(trained_tiny_onnx, log, out)
+    r = infer(trained_tiny_onnx, log, out)
     assert r.exit_code == 0, r.output
-    errs = _errors(out)
+    errs = errors(out)
     assert [e["line"] for e in errs] == [4, 5] and "is not an integer" in errs[1]["reason"]
     rows = _rows(out)
     assert [x["user"] for x in rows] == [1, 3] and [x["source"] for x in rows] == ["model", "model"]
@@ -148,12 +139,12 @@ def test_mostly_fallback_run_says_so_and_exits_4(tmp_path, rec, trained_tiny_onn
     req = tmp_path / "r.jsonl"
     req.write_text("".join(json.dumps({"user": i, "history": [f"{keys[i]}.0"]}) + "\n" for i in range(3))
                    + json.dumps({"user": 9, "history": [keys[0]]}) + "\n")
-    r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
+    r = infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
     assert r.exit_code == 4 and "problem: 3 of 4 users (75%)" in r.output, r.output
     assert [x["source"] for x in _rows(tmp_path / "o.jsonl")] == ["popularity"] * 3 + ["model"]
     req.write_text("".join(json.dumps({"user": i, "history": [keys[i]]}) + "\n" for i in range(3))
                    + json.dumps({"user": 9, "history": ["nope"]}) + "\n")
-    r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
+    r = infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
     assert r.exit_code == 0 and "problem" not in r.output
 
 
@@ -192,10 +183,10 @@ def test_parquet_request_columns_of_every_list_type(tmp_path, rec, kind):
 def test_parquet_history_of_another_type_names_the_column(tmp_path, trained_tiny_onnx):
     req = tmp_path / "r.parquet"
     pq.write_table(pa.table({"user": ["a"], "history": ["[1, 2]"]}), req)
-    r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
+    r = infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
     assert r.exit_code == 1 and "column 'history' must be a list of item keys" in r.output and "string" in r.output
     pq.write_table(pa.table({"user": ["a"], "history": pa.array([[True]], pa.list_(pa.bool_()))}), req)
-    r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
+    r = infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
     assert r.exit_code == 1 and "bool" in r.output, r.output
 
 
@@ -203,7 +194,7 @@ def test_a_glob_or_folder_without_ray_says_how(tmp_path, trained_tiny_onnx):
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "a.jsonl").write_text(json.dumps({"user": "a", "history": [1]}) + "\n")
-    r = _infer(trained_tiny_onnx, shards / "*.jsonl", tmp_path / "o.jsonl")
+    r = infer(trained_tiny_onnx, shards / "*.jsonl", tmp_path / "o.jsonl")
     assert r.exit_code == 1 and "a glob: one run reads one file" in r.output and "--ray local" in r.output
-    r = _infer(trained_tiny_onnx, shards, tmp_path / "o.jsonl")
+    r = infer(trained_tiny_onnx, shards, tmp_path / "o.jsonl")
     assert r.exit_code == 1 and "is a directory" in r.output and "--ray" in r.output

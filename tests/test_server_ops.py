@@ -163,3 +163,25 @@ def test_reload_under_load_drops_nothing_and_a_broken_version_leaves_the_old_one
     assert server.metric('cddrec_model_reloads_total{result="failed"}') == 1
     assert server.metric("cddrec_model_version") == 4
     assert server.stop() == 0
+
+
+def test_ray_errors_are_one_line_before_anything_starts(tmp_path, trained_tiny_onnx):
+    """A Ray head that does not answer and a graph that does not load are one line each (no minutes of Ray
+    retries, no traceback from inside a replica), for cddrec-serve --ray and cddrec-infer --ray alike."""
+    from click.testing import CliRunner
+
+    from cddrec.app.infer import main as infer_main
+    from cddrec.app.serve import main as serve_main
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a graph")
+    req = tmp_path / "r.jsonl"
+    req.write_text('{"user": "u", "history": [1]}\n')
+    cases = [(serve_main, ["--model", str(trained_tiny_onnx), "--ray", "127.0.0.1:1"], "no Ray head answers"),
+             (serve_main, ["--model", str(bad), "--ray", "local"], "cannot load it as a graph"),
+             (infer_main, ["--model", str(trained_tiny_onnx), "--batch", str(req), "-o", str(tmp_path / "out"),
+                           "--ray", "127.0.0.1:1"], "no Ray head answers")]
+    for main, args, says in cases:
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
+        assert len([x for x in r.output.splitlines() if x.startswith("Error:")]) == 1, r.output

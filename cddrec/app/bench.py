@@ -100,14 +100,13 @@ def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue
 
 
 def catalogue_table(rows: list[dict]) -> str:
-    def cell(r, key, fmt):
-        return "-" if r.get(key) is None else format(r[key], fmt)
+    from cddrec.benchmarks.record import cell
 
     return ("Catalogue scaling (random weights, exact top-k):\n\n| items | backend | batch | users/s | p50 ms | "
             "peak RSS MB | roofline users/s (best case) |\n|---|---|---|---|---|---|---|\n" + "\n".join(
-                f"| {r['items']:,} | {r['backend']} | {r['batch']} | {cell(r, 'users_per_s', ',.0f')} | "
-                f"{cell(r, 'p50_ms', '.2f')} | {cell(r, 'peak_rss_mb', '.0f')} | "
-                f"{cell(r, 'roofline_users_per_s', ',.0f')} |" for r in rows))
+                f"| {r['items']:,} | {r['backend']} | {r['batch']} | {cell(r.get('users_per_s'), ',.0f')} | "
+                f"{cell(r.get('p50_ms'), '.2f')} | {cell(r.get('peak_rss_mb'), '.0f')} | "
+                f"{cell(r.get('roofline_users_per_s'), ',.0f')} |" for r in rows))
 
 
 if __name__ == "__main__":

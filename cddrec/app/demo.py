@@ -9,8 +9,6 @@ with the batch pipeline and timed. It lives in the app layer because it drives e
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +18,7 @@ from cddrec.config import from_flat
 from cddrec.data import eval_split
 from cddrec.errors import ConfigError
 from cddrec.evaluation import evaluate, evaluate_popularity, format_table
-from cddrec.io import current_umask
+from cddrec.io import atomic_folder
 from cddrec.synthetic import make_synthetic, write_sequence_file
 from cddrec.training import train
 
@@ -39,23 +37,8 @@ def run_demo(out_dir: str | Path, minutes: float = 1.0, seed: int = 0,
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise ConfigError(f"{out_dir} already exists and is not empty (an earlier demo run?); "
                           "use --force to replace it or --output another folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    work.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700: the folder gets what mkdir would give
-    try:
+    with atomic_folder(out_dir) as work:
         result = _run_demo(work, out_dir, minutes, seed, echo)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            out_dir.rename(old)
-        work.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     echo(f"\nwrote the demo run to {out_dir}/")
     return {k: (str(out_dir / Path(v).name) if k in ("model", "data") else v) for k, v in result.items()}
 

@@ -36,9 +36,10 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threa
 @option("--replicas", type=POSITIVE, default=1, show_default=True, help="Ray Serve replicas, one model each")
 @option("--replica-gpus", type=click.FloatRange(min=0), default=None,
         help="GPUs per Ray Serve replica [default: 1 for the CUDA backends, else 0]")
+@option("--verbose", is_flag=True, help="show Ray's own logging (with --ray)")
 @friendly_errors
 def main(model_path, model_name, host, port, backend, threads, max_batch, max_wait_ms, max_queue, timeout_ms,
-         max_body_bytes, access_log, tf32, ray_address, replicas, replica_gpus):
+         max_body_bytes, access_log, tf32, ray_address, replicas, replica_gpus, verbose):
     """Serve an exported graph online: KServe v2 (what Triton speaks over HTTP), POST /v1/recommend, /metrics."""
     from cddrec.runtime.pipeline import engine_options
     from cddrec.runtime.server.app import ServerConfig
@@ -52,7 +53,7 @@ def main(model_path, model_name, host, port, backend, threads, max_batch, max_wa
     if ray_address:
         from cddrec.runtime.server.ray_serve import serve_on_ray
 
-        serve_on_ray(config, ray_address, replicas, replica_gpus, host, port, echo=echo_err)
+        serve_on_ray(config, ray_address, replicas, replica_gpus, host, port, echo=echo_err, verbose=verbose)
         return
     from cddrec.runtime.server.standalone import serve
 

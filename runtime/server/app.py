@@ -91,6 +91,7 @@ class Server:
         self.metrics = ServerMetrics()
         self.batcher: Batcher | None = None
         self.ready = False
+        self._tasks: set[asyncio.Task] = set()
 
     # ----------------------------------------------------------------- lifecycle
     @contextlib.asynccontextmanager
@@ -118,12 +119,23 @@ class Server:
                 or not hasattr(signal, "SIGHUP"):
             return
         loop = asyncio.get_running_loop()
+
+        def on_sighup() -> None:
+            task = loop.create_task(self._reload_logged())
+            self._tasks.add(task)  # a reference until it is done: the loop keeps only a weak one
+            task.add_done_callback(self._tasks.discard)
+
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_logged()))
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
 
     async def _reload_logged(self) -> None:
-        with contextlib.suppress(ProtocolError):
+        """A SIGHUP reload: its outcome is logged (``reload`` logs a failed load), never raised into the loop."""
+        try:
             await self.reload()
+        except ProtocolError:
+            pass  # already logged by reload: the old version keeps serving
+        except Exception:  # noqa: BLE001 - e.g. the engine closing during shutdown: logged, not left unretrieved
+            log.exception("reload on SIGHUP failed; the running version keeps serving")
 
     async def reload(self) -> ServedModel:
         """Load the newest version and swap it in; a failure leaves the old one serving (ProtocolError 400)."""
@@ -214,7 +226,7 @@ class Server:
 
     # --------------------------------------------------------------------- table
     def endpoints(self) -> list[tuple[str, Endpoint]]:
-        """(path template, endpoint) of every route, the hot ones first."""
+        """(path template, endpoint) of every route; the ones in ``HOT_ROUTES`` are also reached by exact path."""
         def ep(handler, route: str, *methods: str) -> Endpoint:
             return Endpoint(handler, route, methods or ("GET",), self.metrics)
 
@@ -252,6 +264,9 @@ async def _not_found(request: Request, exc) -> Response:
     return Response(reply.body, 404, media_type="application/json")
 
 
+HOT_ROUTES = ("/v2/models/{name}/infer", "/v1/recommend")  # by exact path, outside Starlette's routing
+
+
 class App:
     """The ASGI app: the hot routes (infer of the served model, /v1/recommend) by their exact path, everything
     else (and lifespan) through Starlette's router, which reaches the same endpoints."""
@@ -262,7 +277,7 @@ class App:
                                 exception_handlers={404: _not_found})
         self.state = self.router.state
         self.state.server = server
-        self._hot = {path: ep for path, ep in endpoints[:2]}
+        self._hot = {path: ep for path, ep in endpoints if path in HOT_ROUTES}
         self.fast: dict[str, tuple[Endpoint, dict]] = {}
 
     @contextlib.asynccontextmanager

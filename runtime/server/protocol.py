@@ -21,6 +21,7 @@ server's own per-request timeout.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -66,16 +67,11 @@ class Tensors:
     dtypes: dict  # name -> numpy dtype
 
 
-_TENSORS: dict[int, tuple[GraphContract, Tensors]] = {}
-
-
+@functools.lru_cache(maxsize=8)  # a few models over a server's life (reloads): bounded, no id()-keyed leak
 def tensors_of(contract: GraphContract) -> Tensors:
-    hit = _TENSORS.get(id(contract))
-    if hit is None or hit[0] is not contract:
-        specs = {s.name: s for s in contract.inputs}
-        hit = _TENSORS[id(contract)] = (contract, Tensors(specs, contract.output_names,
-                                                          {n: np.dtype(s.dtype) for n, s in specs.items()}))
-    return hit[1]
+    """The contract's tensors in the form the request decoder uses (computed once per contract)."""
+    specs = {s.name: s for s in contract.inputs}
+    return Tensors(specs, contract.output_names, {n: np.dtype(s.dtype) for n, s in specs.items()})
 
 
 def kserve_shape(spec: TensorSpec) -> list[int]:

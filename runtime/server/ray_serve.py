@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
@@ -71,45 +70,80 @@ def deployment(config: ServerConfig, replicas: int = 1, replica_gpus: float | No
 
 
 def serve_on_ray(config: ServerConfig, address: str, replicas: int = 1, replica_gpus: float | None = None,
-                 host: str = "127.0.0.1", port: int = 8000, echo: Callable[[str], None] = print) -> None:
+                 host: str = "127.0.0.1", port: int = 8000, echo: Callable[[str], None] = print,
+                 verbose: bool = False) -> None:
     """Deploy on Ray (``address``: 'local' starts Ray here, 'auto' or a cluster address joins one), say where,
-    serve until SIGTERM/SIGINT; SIGHUP reloads every replica."""
-    import ray
+    serve until SIGTERM/SIGINT; SIGHUP reloads every replica. A bad --model, a Ray head that does not answer
+    and a deployment that fails are one line each; Ray's own logging stays out of the terminal unless
+    ``verbose``."""
     from ray import serve
 
+    from .. import raycluster
+    from ..recommender import read_serving_info
     from .models import model_source
 
-    model_source(config.model, config.name, config.backend).newest()  # a bad --model fails here, not in a replica
+    source = model_source(config.model, config.name, config.backend)
+    _, newest = source.newest()
+    if source.reads == "graph":
+        read_serving_info(newest)  # a graph that does not load fails here in one line, not inside a replica
     config = dataclasses.replace(config, model=str(Path(config.model).resolve()))  # replicas run elsewhere
-    if address == "local":
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
-    else:
-        ray.init(address=address, log_to_driver=False)
+    started = False
     try:
-        generation = 0
-        try:
-            serve.start(http_options={"host": host, "port": port})
-            serve.run(deployment(config, replicas, replica_gpus, generation), name=APP_NAME, route_prefix="/")
-        except Exception as e:  # noqa: BLE001 - Ray wraps the cause (a port in use, a replica that failed)
-            lines = [x for x in str(e).splitlines() if x.strip()]
-            raise ConfigError(f"Ray Serve could not start the application on {host}:{port}: "
-                              f"{lines[-1].strip() if lines else type(e).__name__}") from None
+        with raycluster.quiet(verbose):
+            started = raycluster.connect(address)
+            _deploy(config, replicas, replica_gpus, host, port, generation=0)
         url = f"http://{host}:{port}"
         echo(f"cddrec-serve: ready at {url} on Ray Serve ({replicas} replica(s); POST {url}/v1/recommend, "
              f"POST {url}/v2/models/NAME/infer)")
-        stop, hup = threading.Event(), threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: hup.set())
-        while not stop.wait(0.2):
-            if hup.is_set():
-                hup.clear()
-                generation += 1
-                serve.run(deployment(config, replicas, replica_gpus, generation), name=APP_NAME, route_prefix="/")
-                echo(f"cddrec-serve: reload {generation} sent to every replica")
+        _serve_until_stopped(config, replicas, replica_gpus, host, port, echo, verbose)
         echo("cddrec-serve: shutting down the Ray Serve application")
-        serve.shutdown()
+        with raycluster.quiet(verbose):
+            serve.shutdown()
     finally:
-        ray.shutdown()
+        if started:
+            import ray
+
+            with raycluster.quiet(verbose):
+                ray.shutdown()
     echo("cddrec-serve: stopped")
+
+
+def _deploy(config: ServerConfig, replicas: int, replica_gpus: float | None, host: str, port: int,
+            generation: int) -> None:
+    """(Re)deploy the application; a failure is one ``ConfigError`` line (Ray wraps the cause: a port in use, a
+    replica that failed)."""
+    from ray import serve
+
+    try:
+        if generation == 0:
+            serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(config, replicas, replica_gpus, generation), name=APP_NAME, route_prefix="/")
+    except Exception as e:  # noqa: BLE001 - Ray's exception types vary by version; its last line names the cause
+        lines = [x for x in str(e).splitlines() if x.strip()]
+        what = "start the application" if generation == 0 else f"send reload {generation}"
+        raise ConfigError(f"Ray Serve could not {what} on {host}:{port}: "
+                          f"{lines[-1].strip() if lines else type(e).__name__}") from None
+
+
+def _serve_until_stopped(config: ServerConfig, replicas: int, replica_gpus: float | None, host: str, port: int,
+                         echo: Callable[[str], None], verbose: bool) -> None:
+    """Wait for SIGTERM/SIGINT; each SIGHUP redeploys with a new generation (every replica reloads). A reload
+    that fails is said in one line and the running application keeps serving."""
+    from .. import raycluster
+
+    stop, hup = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: hup.set())
+    generation = 0
+    while not stop.wait(0.2):
+        if hup.is_set():
+            hup.clear()
+            generation += 1
+            try:
+                with raycluster.quiet(verbose):
+                    _deploy(config, replicas, replica_gpus, host, port, generation)
+                echo(f"cddrec-serve: reload {generation} sent to every replica")
+            except ConfigError as e:
+                echo(f"cddrec-serve: {e}; the running version keeps serving")
