@@ -32,8 +32,8 @@ from cddrec.errors import CDDRecError, DataError
 from cddrec.io import host_tag, output_lock, pid_alive
 
 from . import raycluster
-from .backends import backend_class
-from .pipeline import BatchStats, engine_options
+from .backends import backend_class, engine_options
+from .pipeline import BatchStats
 from .writers import output_format
 
 SHARD_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq")

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from cddrec.runtime.backends import available_backends
+from cddrec.runtime.backends import available_backends, engine_options, tf32_problem
 
 from .options import (
     CONTEXT,
@@ -65,11 +65,11 @@ def main(model_path, input_path, output, errors_path, keys, k, batch_size, backe
          output_format, input_format, allow_duplicates, quiet, verbose, ray_address, ray_actors, ray_gpus, user_col,
          item_col, time_col, sep):
     """Batched top-k recommendations for a file of user histories, original item keys in and out."""
-    from cddrec.runtime.pipeline import engine_options, run_batch
+    from cddrec.runtime.pipeline import run_batch
     from cddrec.runtime.recommender import Recommender
 
-    if tf32 and backend not in ("ort-cuda", "ort-cuda-graph"):
-        raise click.BadParameter(f"--tf32 applies to ort-cuda and ort-cuda-graph, not {backend}", param_hint="--tf32")
+    if tf32 and tf32_problem(backend):
+        raise click.BadParameter("--" + tf32_problem(backend), param_hint="--tf32")
     if ray_address:
         if input_format == "log" or (user_col, item_col, time_col, sep) != ("user", "item", "timestamp", None):
             raise click.UsageError("--ray serves request shards (JSONL or Parquet requests); interaction logs and "
