@@ -19,7 +19,8 @@ from cddrec.contract import GraphContract
 from cddrec.errors import ExportError, ModelFileError
 from cddrec.export.fusion import DEFAULT_FUSIONS, FUSIONS, FusedRecommender
 from cddrec.export.graph import UnrolledRecommender
-from cddrec.export.onnx_export import ExportOptions, export_model, read_metadata
+from cddrec.export.metadata import read_metadata
+from cddrec.export.onnx_export import ExportOptions, export_model
 from cddrec.flops import flops_by_operand, flops_per_user
 from cddrec.inference import reference_runner, reference_topk
 from cddrec.model import CDDRec
