@@ -242,3 +242,17 @@ def test_batch_run_keeps_max_history_as_recommend_does(tmp_path, trained_tiny_on
     got = json.loads(out.read_text())["items"]
     assert got == [int(x) for x in rec.recommend([hist], k=10)[0].items]
     assert got != [int(x) for x in Recommender.load(trained_tiny_onnx).recommend([hist], k=10)[0].items]
+
+
+def test_ray_summary_lines_come_from_the_library():
+    """cddrec-infer --ray prints runtime.distributed.summary_lines: each failed shard, the totals, the outputs."""
+    from cddrec.runtime.distributed import summary_lines
+    from cddrec.runtime.pipeline import BatchStats
+
+    rows = [{"error": "", "errors": "out/a.jsonl.errors.jsonl"}, {"error": "b.jsonl: line 1: invalid JSON", "errors": ""},
+            {"error": "", "errors": ""}]
+    lines = summary_lines(BatchStats(lines=9, served=8, bad=1, seconds=2.0), rows, "out")
+    assert lines[0] == "Error: b.jsonl: line 1: invalid JSON"
+    assert lines[1].startswith("served 8 users (4 users/s), bad lines 1") and lines[1].endswith(", shards 3")
+    assert lines[2] == "wrote 2 outputs to out; bad lines in 1 errors files; 1 shards failed and were not written"
+    assert summary_lines(BatchStats(served=1, seconds=1.0), rows[2:], "out")[1:] == ["wrote 1 outputs to out"]

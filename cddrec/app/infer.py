@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import click
 
@@ -77,23 +76,15 @@ def main(model_path, input_path, output, errors_path, keys, k, batch_size, backe
         if errors_path:
             raise click.UsageError("--errors names one file; with --ray each shard has its own errors file in the "
                                    "output folder")
-        from cddrec.runtime.distributed import run_sharded
+        from cddrec.runtime.distributed import run_sharded, summary_lines
 
-        t0 = time.perf_counter()
         stats, rows = run_sharded(model_path, input_path, output, ray_address=ray_address, actors=ray_actors,
                                   backend=backend, threads=threads or 1, gpus_per_actor=ray_gpus,
                                   out_fmt=output_format, k=k, batch_size=batch_size, strict=strict,
                                   check_duplicates=not allow_duplicates, tf32=tf32, keys=keys, verbose=verbose)
-        stats.seconds = time.perf_counter() - t0
-        failed = [r for r in rows if r["error"]]
-        for r in failed:
-            echo_err(f"Error: {r['error']}")
-        echo_err(stats.summary() + f", shards {len(rows)}")
-        bad = [r["errors"] for r in rows if r["errors"]]
-        echo_err(f"wrote {len(rows) - len(failed)} outputs to {output}"
-                 + (f"; bad lines in {len(bad)} errors files" if bad else "")
-                 + (f"; {len(failed)} shards failed and were not written" if failed else ""))
-        _exit(stats, failed=len(failed))
+        for line in summary_lines(stats, rows, output):
+            echo_err(line)
+        _exit(stats, failed=sum(bool(r["error"]) for r in rows))
         return
 
     rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **engine_options(backend, tf32))
