@@ -29,19 +29,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-import urllib.request
 from pathlib import Path
 
 import click
 import numpy as np
 
+from .options import int_list
 from .record import cell, record
 from .sizes import PAPER_ITEMS, random_model
 
@@ -162,28 +162,20 @@ def run_infer(model: str, backend: str, requests: Path, out: Path, batch_size: i
 
 
 # ------------------------------------------------------------------------------ cddrec-serve
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
-    """Poll ``GET URL/v2/health/ready`` until 200, the server exits, or ``timeout`` passes."""
+def ready_url(log: Path, proc: subprocess.Popen, timeout: float) -> str | None:
+    """The URL of ``cddrec-serve --port 0`` once its log says ``ready at URL`` (the port it got: nothing
+    can take it in between, as with a port picked here first); None when it exits or ``timeout`` passes."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.5)
-    return False
+        m = re.search(r"cddrec-serve: ready at (http://[^\s/]+)", log.read_text(errors="replace"))
+        if m:
+            return m.group(1)
+        time.sleep(0.2)
+    return None
 
 
 def run_serve(graph: str, backend: str, workdir: Path, concurrency: str, seconds: float, timeout: float) -> dict:
-    """``cddrec-serve --model GRAPH --backend BACKEND`` on a free local port, driven by
+    """``cddrec-serve --model GRAPH --backend BACKEND --port 0`` (a port of its own), driven by
     ``cddrec-bench --serve URL`` (both the commands themselves); the load generator's JSON report.
     Skipped when the ``cddrec-serve`` command is not installed."""
     serve = shutil.which("cddrec-serve")
@@ -191,15 +183,14 @@ def run_serve(graph: str, backend: str, workdir: Path, concurrency: str, seconds
         return {"skipped": "the cddrec-serve command is not installed (the online server is not in this build)"}
     beside = Path(serve).with_name("cddrec-bench")  # the load generator of the same install
     bench = str(beside) if beside.exists() else shutil.which("cddrec-bench") or "cddrec-bench"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = workdir / "serve.log"
     t0 = time.monotonic()
     with open(log, "w") as err:
-        proc = subprocess.Popen([serve, "--model", graph, "--backend", backend, "--host", "127.0.0.1", "--port",
-                                 str(port)], stdout=err, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([serve, "--model", graph, "--backend", backend, "--host", "127.0.0.1", "--port", "0"],
+                                stdout=err, stderr=subprocess.STDOUT)
         try:
-            if not wait_ready(url, proc, min(90.0, timeout / 2)):
+            url = ready_url(log, proc, min(90.0, timeout / 2))
+            if url is None:
                 return {"error": f"cddrec-serve not ready (rc {proc.poll()})", "log_tail": _tail(log)}
             ready = time.monotonic() - t0
             p = subprocess.run([bench, "--serve", url, "--concurrency", concurrency, "--seconds", str(seconds),
@@ -418,10 +409,6 @@ def export_all(tmp: Path, items: int, hidden: int, steps: int, exit_steps: int, 
     return files
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
@@ -449,9 +436,9 @@ def main(out_dir, device, items, hidden, steps, exit_steps, batch_sizes, parity_
     name = name or "gpu_check_" + "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    check = Check(out, device, items, hidden, steps, exit_steps, int_list(batch_sizes), int_list(parity_batches),
-                  seconds, n_requests, infer_batch, serve_concurrency, serve_seconds, budget_seconds, name,
-                  f"GPU check on {gpu}")
+    check = Check(out, device, items, hidden, steps, exit_steps, tuple(int_list(batch_sizes)),
+                  tuple(int_list(parity_batches)), seconds, n_requests, infer_batch, serve_concurrency, serve_seconds,
+                  budget_seconds, name, f"GPU check on {gpu}")
     check.rep.update({"device": gpu, "torch": torch.__version__, "items": items})
     try:
         import onnxruntime as ort
