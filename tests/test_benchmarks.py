@@ -278,3 +278,25 @@ def test_arch_refactor_json_is_built_from_its_two_runs():
         assert row["before_users_per_s"] == got["before"]["users_per_s"]
         assert row["after_p50_ms"] == got["after"]["p50_ms"]
         assert row["after_over_before"] == pytest.approx(got["after"]["users_per_s"] / got["before"]["users_per_s"])
+
+
+def test_metric_value_reads_a_metrics_page_with_prometheus_clients_parser():
+    """serve_load.metric_value (the load benchmark's and the server tests' reader of /metrics)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from cddrec.benchmarks.serve_load import metric_value
+
+    reg = CollectorRegistry()
+    requests = Counter("cddrec_requests", "requests", ["route", "status"], registry=reg)
+    requests.labels("/v1/recommend", "200").inc(3)
+    requests.labels("/v1/recommend", "400").inc()
+    requests.labels("/v2", "200").inc(5)
+    sizes = Histogram("cddrec_batch_size", "users", buckets=(1, 8), registry=reg)
+    for n in (1, 4, 16):
+        sizes.observe(n)
+    text = generate_latest(reg).decode()
+    assert metric_value(text, "cddrec_requests_total") == 9
+    assert metric_value(text, 'cddrec_requests_total{route="/v1/recommend",status="200"}') == 3
+    assert metric_value(text, 'cddrec_requests_total{status="200"}') == 8
+    assert (metric_value(text, "cddrec_batch_size_sum"), metric_value(text, "cddrec_batch_size_count")) == (21, 3)
+    assert metric_value(text, "cddrec_missing") == 0
