@@ -28,11 +28,11 @@ backend), >= 2,000,000 users/s at batch >= 4096 (fp16 allowed, parity stated), c
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
@@ -42,7 +42,7 @@ import click
 import numpy as np
 
 from .options import int_list
-from .record import cell, record
+from .record import cell, record, user_command
 from .sizes import PAPER_ITEMS, random_model
 
 TARGETS = {"batch1_p50_ms": 0.3, "users_per_s_at_4096": 2_000_000, "infer_users_per_s": 400_000}
@@ -145,7 +145,7 @@ def write_requests(path: Path, n: int, items: int, seed: int = 0, max_len: int =
 
 def run_infer(model: str, backend: str, requests: Path, out: Path, batch_size: int, n: int, timeout: float) -> dict:
     """The cddrec-infer command itself, timed from outside (load included)."""
-    cmd = [sys.executable, "-m", "cddrec.app.infer", "--model", model,
+    cmd = [*user_command("cddrec-infer"), "--model", model,
            "--batch", str(requests), "--output", str(out), "--backend", backend, "--batch-size", str(batch_size),
            "--quiet", "--allow-duplicates"]
     t0 = time.perf_counter()
@@ -178,22 +178,20 @@ def run_serve(graph: str, backend: str, workdir: Path, concurrency: str, seconds
     """``cddrec-serve --model GRAPH --backend BACKEND --port 0`` (a port of its own), driven by
     ``cddrec-bench --serve URL`` (both the commands themselves); the load generator's JSON report.
     Skipped when the ``cddrec-serve`` command is not installed."""
-    serve = shutil.which("cddrec-serve")
-    if serve is None:
+    if importlib.util.find_spec("cddrec.app.serve") is None:
         return {"skipped": "the cddrec-serve command is not installed (the online server is not in this build)"}
-    beside = Path(serve).with_name("cddrec-bench")  # the load generator of the same install
-    bench = str(beside) if beside.exists() else shutil.which("cddrec-bench") or "cddrec-bench"
+    serve, bench = user_command("cddrec-serve"), user_command("cddrec-bench")  # both of this install
     log = workdir / "serve.log"
     t0 = time.monotonic()
     with open(log, "w") as err:
-        proc = subprocess.Popen([serve, "--model", graph, "--backend", backend, "--host", "127.0.0.1", "--port", "0"],
+        proc = subprocess.Popen([*serve, "--model", graph, "--backend", backend, "--host", "127.0.0.1", "--port", "0"],
                                 stdout=err, stderr=subprocess.STDOUT)
         try:
             url = ready_url(log, proc, min(90.0, timeout / 2))
             if url is None:
                 return {"error": f"cddrec-serve not ready (rc {proc.poll()})", "log_tail": _tail(log)}
             ready = time.monotonic() - t0
-            p = subprocess.run([bench, "--serve", url, "--concurrency", concurrency, "--seconds", str(seconds),
+            p = subprocess.run([*bench, "--serve", url, "--concurrency", concurrency, "--seconds", str(seconds),
                                 "-o", str(workdir), "--name", "serve"], capture_output=True, text=True,
                                timeout=max(10.0, timeout - ready))
             if p.returncode != 0 or not (workdir / "serve.json").exists():

@@ -300,3 +300,18 @@ def test_metric_value_reads_a_metrics_page_with_prometheus_clients_parser():
     assert metric_value(text, 'cddrec_requests_total{status="200"}') == 8
     assert (metric_value(text, "cddrec_batch_size_sum"), metric_value(text, "cddrec_batch_size_count")) == (21, 3)
     assert metric_value(text, "cddrec_missing") == 0
+
+
+def test_benchmarks_run_the_console_script_a_user_types(monkeypatch, tmp_path):
+    """record.user_command: the script beside this Python, else on PATH, else ``python -m`` its module."""
+    import sys
+
+    from cddrec.benchmarks import record
+
+    fake_python = tmp_path / "bin" / "python"
+    fake_python.parent.mkdir()
+    monkeypatch.setattr(sys, "executable", str(fake_python))
+    monkeypatch.setattr(record.shutil, "which", lambda name: None)
+    assert record.user_command("cddrec-eval") == [str(fake_python), "-m", "cddrec.app.evaluate"]  # the entry point's
+    (tmp_path / "bin" / "cddrec-eval").write_text("#!/bin/sh\n")
+    assert record.user_command("cddrec-eval") == [str(tmp_path / "bin" / "cddrec-eval")]
