@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cddrec.runtime.backends import available_backends, engine_options, tf32_problem
+from cddrec.runtime.backends import available_backends, engine_options, tf32_backends, tf32_problem
 
 from .options import (
     CONTEXT,
@@ -42,7 +42,7 @@ from .options import (
 @option("--backend", type=click.Choice(sorted(available_backends())), default="ort-cpu", show_default=True,
         help="engine that runs the graph (torch backends read model.pt and need the [train] extra)")
 @threads_option()
-@option("--tf32", is_flag=True, help="ort-cuda/ort-cuda-graph: allow TF32 matmuls (faster, not fp32 parity)")
+@option("--tf32", is_flag=True, help=f"{'/'.join(tf32_backends())}: allow TF32 matmuls (faster, not fp32 parity)")
 @option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
 @option("--output-format", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
         help="[default: from the output suffix: .csv, .parquet/.pq, else jsonl]")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cddrec.runtime.backends import available_backends, engine_options, tf32_problem
+from cddrec.runtime.backends import available_backends, engine_options, tf32_backends, tf32_problem
 
 from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threads_option
 
@@ -30,7 +30,7 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threa
         help="per-request timeout (504)")
 @option("--max-body-bytes", type=POSITIVE, default=4 << 20, show_default=True, help="largest request body (413)")
 @option("--access-log", is_flag=True, help="one JSON line per request on stderr")
-@option("--tf32", is_flag=True, help="ort-cuda: allow TF32 matmuls (faster, not fp32 parity)")
+@option("--tf32", is_flag=True, help=f"{'/'.join(tf32_backends())}: allow TF32 matmuls (faster, not fp32 parity)")
 @option("--ray", "ray_address", default=None,
         help="deploy on Ray Serve: 'local' (start Ray here), 'auto' or a cluster address")
 @option("--replicas", type=POSITIVE, default=1, show_default=True, help="Ray Serve replicas, one model each")
