@@ -6,6 +6,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,21 @@ def machine() -> dict:
     except OSError:
         pass
     return info
+
+
+def user_command(script: str) -> list[str]:
+    """How to run ``script`` (``cddrec-train``, ``cddrec-infer``, ...) as a user types it: the console script
+    of this install (beside ``sys.executable``), else the one on PATH, else (not installed as scripts)
+    ``sys.executable -m`` its module, read from the install's entry point."""
+    beside = Path(sys.executable).with_name(script)
+    found = str(beside) if beside.exists() else shutil.which(script)
+    if found:
+        return [found]
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep for ep in entry_points(group="console_scripts")}
+    module = eps[script].module if script in eps else "cddrec.app." + script.removeprefix("cddrec-")
+    return [sys.executable, "-m", module]
 
 
 def command_line() -> str:

@@ -266,14 +266,7 @@ def _compact(hist: pa.ListArray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array((offs - offs[0]).astype(np.int32)), hist.flatten())
 
 
-def engine_options(backend: str, tf32: bool = False) -> dict:
-    """Backend options for batch serving: ONNX Runtime's CPU threads do not spin between ops, since the
-    pipeline's reader and writer threads share the cores (spinning measured 20% slower end to end on
-    2 cores, benchmarks/results/infer_throughput_paper.md); ``tf32`` for the CUDA backends that take it."""
-    opts: dict = {"allow_spinning": False} if backend == "ort-cpu" else {}
-    if tf32:
-        opts["tf32"] = True
-    return opts
+from .backends import engine_options  # noqa: E402,F401 - its home; benchmarks/infer_throughput imports it here
 
 
 def errors_path_for(output_path: str | Path) -> Path:
@@ -333,7 +326,7 @@ def run_batch(rec: Recommender, input_path: str | Path, output_path: str | Path,
         int_items = rec.info.vocab.key_type == "int" and keys != "str"
         wkw = {"user_type": pa.int64() if keys == "int" else pa.string() if keys == "str"
                else _parquet_user_type(input_path, fmt), "item_type": pa.int64() if int_items else pa.string()}
-    max_history = getattr(rec, "max_history", None) if getattr(rec.backend, "name", "") == "trt" else None
+    max_history = getattr(rec, "max_history", None)  # as Recommender.recommend and the server
     with output_lock(output_path, errors_path, option="--output"), _output_file(output_path, strict) as out, \
             _output_file(errors_path, strict) as err:
         writer = WRITERS[out_fmt](out, **wkw)
