@@ -6,6 +6,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -89,7 +90,7 @@ def command_line() -> str:
         head = f"python -m cddrec.benchmarks.{prog.stem}"
     else:
         head = prog.name
-    return " ".join([head] + sys.argv[1:])
+    return " ".join([head, shlex.join(sys.argv[1:])]).rstrip()  # quoted: the line can be pasted into a shell
 
 
 def dirty_commits(doc: dict) -> list[str]:
