@@ -32,6 +32,8 @@ from pathlib import Path
 
 import click
 
+from .latency import status_mb
+from .options import int_list
 from .record import RESULTS_DIR, record
 
 VARIANTS: dict[str, dict] = {
@@ -59,11 +61,6 @@ def synthetic_data(items: int, cache: Path):
     return path, seconds
 
 
-def vm_kib(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
-
-
 def child(spec: dict) -> dict:
     """One variant on one data set, in this process: seconds per batch and peak memory (or 'does not fit')."""
     cap = int(spec["memory_cap_gb"] * 2**30)
@@ -79,7 +76,7 @@ def child(spec: dict) -> dict:
         trainer = Trainer(*cfgs, data, Path(tmp) / "m.pt", progress=False, log=lambda m: None)
         out.update(batches_per_epoch=len(trainer.batches), objective=trainer.objective_words(),
                    rank_last_only=cfgs[1].rank_last_only(trainer.model_cfg),
-                   rss_after_setup_mb=vm_kib("VmRSS") / 1024, peak_after_setup_mb=vm_kib("VmHWM") / 1024)
+                   rss_after_setup_mb=status_mb("VmRSS"), peak_after_setup_mb=status_mb("VmHWM"))
         trainer.model.train()
         seconds, parts, targets = [], [], []
         try:
@@ -104,7 +101,7 @@ def child(spec: dict) -> dict:
                        tried_alloc_gb=round(int(tried.group(1)) / 2**30, 2) if tried else None)
         else:
             out["fits"] = True
-    out.update(seconds_per_batch=seconds, targets_per_batch=targets, peak_mb=vm_kib("VmHWM") / 1024)
+    out.update(seconds_per_batch=seconds, targets_per_batch=targets, peak_mb=status_mb("VmHWM"))
     if seconds:
         out["mean_seconds_per_batch"] = sum(seconds) / len(seconds)
         out["mean_forward_backward_adam"] = [sum(p[k] for p in parts) / len(parts) for k in range(3)]
@@ -168,7 +165,7 @@ def main(sizes, variants, batches, repeats, negatives, memory_cap_gb, timeout, c
     with tempfile.TemporaryDirectory() as tmp:
         cache_dir = Path(cache or tmp)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        for items in [int(x) for x in sizes.split(",")]:
+        for items in int_list(sizes):
             path, seconds = synthetic_data(items, cache_dir)
             if seconds is not None:
                 generated[items] = round(seconds, 1)

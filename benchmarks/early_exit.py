@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from .options import int_list
 from .record import RESULTS_DIR, cell, record
 from .sizes import PAPER_ITEMS, random_model
 
@@ -166,8 +167,8 @@ def main(model_path, data, steps, backends, batch_sizes, min_seconds, rounds, na
     tmp = Path(tempfile.mkdtemp(prefix="cddrec-early-exit-"))
     load_before = os.getloadavg()
     model_pt = random_model(tmp / "random.pt", PAPER_ITEMS) if model_path == "random" else Path(model_path)
-    sizes = [int(b) for b in batch_sizes.split(",")]
-    rep = run(model_pt, [int(s) for s in steps.split(",")], [b.strip() for b in backends.split(",")], sizes,
+    sizes = int_list(batch_sizes)
+    rep = run(model_pt, int_list(steps), [b.strip() for b in backends.split(",")], sizes,
               min_seconds, data, tmp, echo=lambda m: click.echo(m, err=True), rounds=rounds)
     rep["load_average"] = {"before": load_before, "after": os.getloadavg()}  # (1, 5, 15 min): a shared machine
     text = table(rep, sizes) + (f"\n\nLoad average (1/5/15 min) before {fmt_load(load_before)}, after "

@@ -18,6 +18,7 @@ import click
 from cddrec.export.onnx_export import ExportOptions, export_model
 from cddrec.runtime.session import ort_session
 
+from .options import int_list
 from .record import RESULTS_DIR, record
 from .sizes import PAPER_ITEMS, random_model
 
@@ -47,7 +48,7 @@ def measure(steps: list[int], items: int, optimize: bool, workdir: Path) -> list
 @click.option("--out", "out_dir", default=str(RESULTS_DIR), show_default=True)
 def main(steps, items, optimize, out_dir):
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure([int(s) for s in steps.split(",")], items, optimize, Path(tmp))
+        rows = measure(int_list(steps), items, optimize, Path(tmp))
     table = ["| T | graph MB | ops | ops after ORT optimization | export s | ORT session s (median of 5) | "
              "max abs diff |", "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -28,21 +28,21 @@ backend), >= 2,000,000 users/s at batch >= 4096 (fp16 allowed, parity stated), c
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import re
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
-import urllib.request
 from pathlib import Path
 
 import click
 import numpy as np
 
-from .record import cell, record
+from .options import int_list
+from .record import cell, record, user_command
 from .sizes import PAPER_ITEMS, random_model
 
 TARGETS = {"batch1_p50_ms": 0.3, "users_per_s_at_4096": 2_000_000, "infer_users_per_s": 400_000}
@@ -145,7 +145,7 @@ def write_requests(path: Path, n: int, items: int, seed: int = 0, max_len: int =
 
 def run_infer(model: str, backend: str, requests: Path, out: Path, batch_size: int, n: int, timeout: float) -> dict:
     """The cddrec-infer command itself, timed from outside (load included)."""
-    cmd = [sys.executable, "-m", "cddrec.app.infer", "--model", model,
+    cmd = [*user_command("cddrec-infer"), "--model", model,
            "--batch", str(requests), "--output", str(out), "--backend", backend, "--batch-size", str(batch_size),
            "--quiet", "--allow-duplicates"]
     t0 = time.perf_counter()
@@ -162,47 +162,36 @@ def run_infer(model: str, backend: str, requests: Path, out: Path, batch_size: i
 
 
 # ------------------------------------------------------------------------------ cddrec-serve
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
-    """Poll ``GET URL/v2/health/ready`` until 200, the server exits, or ``timeout`` passes."""
+def ready_url(log: Path, proc: subprocess.Popen, timeout: float) -> str | None:
+    """The URL of ``cddrec-serve --port 0`` once its log says ``ready at URL`` (the port it got: nothing
+    can take it in between, as with a port picked here first); None when it exits or ``timeout`` passes."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.5)
-    return False
+        m = re.search(r"cddrec-serve: ready at (http://[^\s/]+)", log.read_text(errors="replace"))
+        if m:
+            return m.group(1)
+        time.sleep(0.2)
+    return None
 
 
 def run_serve(graph: str, backend: str, workdir: Path, concurrency: str, seconds: float, timeout: float) -> dict:
-    """``cddrec-serve --model GRAPH --backend BACKEND`` on a free local port, driven by
+    """``cddrec-serve --model GRAPH --backend BACKEND --port 0`` (a port of its own), driven by
     ``cddrec-bench --serve URL`` (both the commands themselves); the load generator's JSON report.
     Skipped when the ``cddrec-serve`` command is not installed."""
-    serve = shutil.which("cddrec-serve")
-    if serve is None:
+    if importlib.util.find_spec("cddrec.app.serve") is None:
         return {"skipped": "the cddrec-serve command is not installed (the online server is not in this build)"}
-    beside = Path(serve).with_name("cddrec-bench")  # the load generator of the same install
-    bench = str(beside) if beside.exists() else shutil.which("cddrec-bench") or "cddrec-bench"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    serve, bench = user_command("cddrec-serve"), user_command("cddrec-bench")  # both of this install
     log = workdir / "serve.log"
     t0 = time.monotonic()
     with open(log, "w") as err:
-        proc = subprocess.Popen([serve, "--model", graph, "--backend", backend, "--host", "127.0.0.1", "--port",
-                                 str(port)], stdout=err, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*serve, "--model", graph, "--backend", backend, "--host", "127.0.0.1", "--port", "0"],
+                                stdout=err, stderr=subprocess.STDOUT)
         try:
-            if not wait_ready(url, proc, min(90.0, timeout / 2)):
+            url = ready_url(log, proc, min(90.0, timeout / 2))
+            if url is None:
                 return {"error": f"cddrec-serve not ready (rc {proc.poll()})", "log_tail": _tail(log)}
             ready = time.monotonic() - t0
-            p = subprocess.run([bench, "--serve", url, "--concurrency", concurrency, "--seconds", str(seconds),
+            p = subprocess.run([*bench, "--serve", url, "--concurrency", concurrency, "--seconds", str(seconds),
                                 "-o", str(workdir), "--name", "serve"], capture_output=True, text=True,
                                timeout=max(10.0, timeout - ready))
             if p.returncode != 0 or not (workdir / "serve.json").exists():
@@ -418,10 +407,6 @@ def export_all(tmp: Path, items: int, hidden: int, steps: int, exit_steps: int, 
     return files
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
-
-
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
@@ -449,9 +434,9 @@ def main(out_dir, device, items, hidden, steps, exit_steps, batch_sizes, parity_
     name = name or "gpu_check_" + "".join(c if c.isalnum() else "_" for c in gpu).strip("_").lower()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    check = Check(out, device, items, hidden, steps, exit_steps, int_list(batch_sizes), int_list(parity_batches),
-                  seconds, n_requests, infer_batch, serve_concurrency, serve_seconds, budget_seconds, name,
-                  f"GPU check on {gpu}")
+    check = Check(out, device, items, hidden, steps, exit_steps, tuple(int_list(batch_sizes)),
+                  tuple(int_list(parity_batches)), seconds, n_requests, infer_batch, serve_concurrency, serve_seconds,
+                  budget_seconds, name, f"GPU check on {gpu}")
     check.rep.update({"device": gpu, "torch": torch.__version__, "items": items})
     try:
         import onnxruntime as ort

@@ -140,7 +140,7 @@ def jsonl_to_parquet(src: Path, dst: Path) -> None:
 def engine_alone(graph: str, backend: str, batch_size: int, threads: int, seconds: float = 5.0) -> float:
     """users/s of the backend alone on left-padded random histories (1-50 items) at this batch size, with
     the options cddrec-infer serves with (``engine_options``)."""
-    from cddrec.runtime.pipeline import engine_options
+    from cddrec.runtime.backends import engine_options
     from cddrec.runtime.recommender import Recommender
 
     rec = Recommender.load(graph, backend=backend, threads=threads, **engine_options(backend))  # as cddrec-infer

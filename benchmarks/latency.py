@@ -201,14 +201,25 @@ def model_config(model_pt: str | None, graph: str | None):
     return ModelConfig.pick(json.loads(config) if isinstance(config, str) else config)
 
 
+def _reads(name: str) -> str | None:
+    """What backend ``name`` opens (``reads`` of its class: graph, engine, model); None when unknown here."""
+    from cddrec.runtime.backends import backend_class
+
+    try:
+        return backend_class(name).reads
+    except (ValueError, BackendUnavailable):
+        return None
+
+
 def export_graphs(model_pt: str, bases: set[str], batch_sizes: list[int], k: int, tmp: Path, trt_fp16: bool):
     """The graph (and TensorRT engine) of ``model_pt`` and the variant graphs the backends need."""
     from cddrec.export.onnx_export import ExportOptions, TensorRTOptions, export_model
 
     graph = engine = export_seconds = None
-    if bases & {"ort-cpu", "ort-cuda", "ort-cuda-graph", "trt"}:
+    reads = {_reads(b) for b in bases if b not in GRAPH_VARIANTS}  # what each backend opens (its class says)
+    if reads & {"graph", "engine"}:
         t0 = time.perf_counter()
-        engine = str(tmp / "model.plan") if "trt" in bases and _has_tensorrt() else None
+        engine = str(tmp / "model.plan") if "engine" in reads and _has_tensorrt() else None
         trt = TensorRTOptions(engine, fp16=trt_fp16, max_batch=max(batch_sizes),
                               opt_batch=min(256, max(batch_sizes))) if engine else None
         export_model(model_pt, tmp / "model.onnx", ExportOptions(k=k), trt)

@@ -6,6 +6,8 @@ import datetime as _dt
 import math
 import os
 import platform
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,13 +69,28 @@ def machine() -> dict:
     return info
 
 
+def user_command(script: str) -> list[str]:
+    """How to run ``script`` (``cddrec-train``, ``cddrec-infer``, ...) as a user types it: the console script
+    of this install (beside ``sys.executable``), else the one on PATH, else (not installed as scripts)
+    ``sys.executable -m`` its module, read from the install's entry point."""
+    beside = Path(sys.executable).with_name(script)
+    found = str(beside) if beside.exists() else shutil.which(script)
+    if found:
+        return [found]
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep for ep in entry_points(group="console_scripts")}
+    module = eps[script].module if script in eps else "cddrec.app." + script.removeprefix("cddrec-")
+    return [sys.executable, "-m", module]
+
+
 def command_line() -> str:
     prog = Path(sys.argv[0])
     if prog.suffix == ".py" and prog.parent.name == "benchmarks":  # python -m cddrec.benchmarks.NAME
         head = f"python -m cddrec.benchmarks.{prog.stem}"
     else:
         head = prog.name
-    return " ".join([head] + sys.argv[1:])
+    return " ".join([head, shlex.join(sys.argv[1:])]).rstrip()  # quoted: the line can be pasted into a shell
 
 
 def dirty_commits(doc: dict) -> list[str]:

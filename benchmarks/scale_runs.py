@@ -26,7 +26,7 @@ from pathlib import Path
 
 import click
 
-from .record import RESULTS_DIR, record
+from .record import RESULTS_DIR, record, user_command
 
 METRICS = ("R@10", "N@10", "MRR", "R@20", "N@20")
 
@@ -40,7 +40,7 @@ def train_and_test(train_cmd: list[str], model: Path, data: Path, summary: Path,
         raise click.ClickException(f"{shlex.join(train_cmd)} failed ({r.returncode}): "
                                    + " | ".join((r.stderr.strip().splitlines() or ["?"])[-3:]))
     s = json.loads(summary.read_text())
-    eval_cmd = [sys.executable, "-m", "cddrec.app.evaluate", str(model), str(data), "--json", "--device", device]
+    eval_cmd = [*user_command("cddrec-eval"), str(model), str(data), "--json", "--device", device]
     e = subprocess.run(eval_cmd, capture_output=True, text=True)
     if e.returncode != 0:
         raise click.ClickException(f"{shlex.join(eval_cmd)} failed: {e.stderr.strip()[-300:]}")
@@ -93,7 +93,7 @@ def processes(data, processes, threads_per_process, single_threads, batch_size, 
         common = [str(data), "--seed", str(seed), "--device", device, "--quiet", *extra]
         plan = {
             f"1 process x {single_threads} threads": [
-                sys.executable, "-m", "cddrec.app.train", *common, "--threads", str(single_threads),
+                *user_command("cddrec-train"), *common, "--threads", str(single_threads),
                 "--batch-size", str(batch_size)],
             f"torchrun {processes} x {threads_per_process} thread{'s' if threads_per_process > 1 else ''}": [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
@@ -144,7 +144,7 @@ def objectives(data_dir, datasets, variants, time_budget, seed, threads, device,
             for v in [x.strip() for x in variants.split(";") if x.strip()]:
                 i = len(runs)
                 model, summary = tmp / f"m{i}.pt", tmp / f"s{i}.json"
-                cmd = [sys.executable, "-m", "cddrec.app.train", str(data), "-o", str(model), "--loss", *shlex.split(v),
+                cmd = [*user_command("cddrec-train"), str(data), "-o", str(model), "--loss", *shlex.split(v),
                        "--time-budget", f"{time_budget:g}", "--seed", str(seed), "--threads", str(threads),
                        "--device", device, "--quiet", "--summary-json", str(summary), *shlex.split(train_args)]
                 click.echo(f"{ds} {v}: {shlex.join(cmd)}", err=True)
@@ -158,9 +158,11 @@ def objectives(data_dir, datasets, variants, time_budget, seed, threads, device,
                      + f" | {r['stop_reason']} |")
     text = "\n".join([*table, "", f"Each run: --time-budget {time_budget:g} (minutes of wall time, validation "
                       f"included) or early stopping, whichever comes first; seed {seed}, {threads} threads, the "
-                      "dataset's preset; test split, full ranking (exact evaluation for every objective). "
-                      "Seconds per epoch: training only.", "", "Commands:", "", *(f"- `{r['command']}`" for r in runs)])
-    record(name, {"runs": runs, "time_budget": time_budget}, text, out_dir,
+                      "dataset's preset" + (f", and `{train_args}`" if train_args else "") + "; test split, full "
+                      "ranking (exact evaluation for every objective). Seconds per epoch: training only.", "",
+                      "Commands:", "",
+                      *(f"- `{r['command']}`" for r in runs)])
+    record(name, {"runs": runs, "time_budget": time_budget, "train_args": train_args}, text, out_dir,
            title="Sampled softmax against the full softmax, the same time budget")
     click.echo(text)
 

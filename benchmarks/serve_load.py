@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -110,6 +111,17 @@ def key_bodies(keys: list, L: int, k: int, rng: np.random.Generator) -> list[tup
 
 
 # ------------------------------------------------------------------------------------ driving
+def metric_value(text: str, selector: str) -> float:
+    """The sum of the samples of a /metrics page (Prometheus text, read by prometheus_client's parser) that
+    ``selector`` picks: ``NAME`` (any labels) or ``NAME{label="value",...}`` (samples with those labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    name, _, labels = selector.partition("{")
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in want.items()))
+
+
 def batch_counters(url: str) -> dict[str, float]:
     """The server's batch histograms: users (``cddrec_batch_size``) and engine seconds
     (``cddrec_batch_duration_seconds``), their ``_sum`` and ``_count``."""
@@ -117,12 +129,8 @@ def batch_counters(url: str) -> dict[str, float]:
 
     with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
         text = r.read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line.startswith(("cddrec_batch_size_sum", "cddrec_batch_size_count", "cddrec_batch_duration_seconds_sum")):
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-    return values
+    return {name: metric_value(text, name)
+            for name in ("cddrec_batch_size_sum", "cddrec_batch_size_count", "cddrec_batch_duration_seconds_sum")}
 
 
 class _Connection(asyncio.Protocol):

@@ -350,12 +350,6 @@ def write_metadata(path: str | Path, meta: dict[str, str]) -> None:
     onnx.save(m, str(path))
 
 
-def read_metadata(path_or_model) -> dict[str, str]:
-    m = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model),
-                                                                                    load_external_data=False)
-    return {p.key: p.value for p in m.metadata_props}
-
-
 def cuda_available() -> bool:
     """Both a CUDA GPU for PyTorch and ONNX Runtime's CUDA provider."""
     return torch.cuda.is_available() and cuda_provider_available()

@@ -56,8 +56,10 @@ def check_trt_graph(onnx_path: str | Path) -> None:
     """Refuse a graph TensorRT's ONNX parser cannot read: contrib ops, or an ``--optimize`` export."""
     import onnx
 
+    from .metadata import read_metadata
+
     proto = onnx.load(str(onnx_path), load_external_data=False)
-    settings = json.loads({p.key: p.value for p in proto.metadata_props}.get("export_settings", "{}"))
+    settings = json.loads(read_metadata(proto).get("export_settings", "{}"))
     bad = nonstandard_ops(proto)
     if bad or settings.get("optimize"):
         raise ExportError(f"{onnx_path} was written with --optimize and holds ONNX Runtime contrib ops "
@@ -129,9 +131,9 @@ def write_engine_meta(onnx_path: str | Path, engine_path: str | Path) -> Path:
     """Copy the graph's metadata to ``ENGINE.meta.json`` (engines carry none), and its vocabulary
     sidecar beside the engine when the engine is written in another folder (``vocab_file`` is a
     plain file name beside what it describes)."""
-    import onnx
+    from .metadata import read_metadata
 
-    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    meta = read_metadata(onnx_path)
     if "vocab_file" in meta:  # a file name beside the graph, and beside the engine too: copied when elsewhere
         side = Path(onnx_path).with_name(vocab_file_name(meta, onnx_path))
         beside_engine = Path(engine_path).with_name(side.name)

@@ -60,6 +60,7 @@ from cddrec.errors import ExportError, ModelFileError
 from cddrec.io import atomic_folder, json_dumps
 from cddrec.runtime.triton_client import FORMAT as CLIENT_FORMAT
 
+from .metadata import read_metadata
 from .tensorrt import nonstandard_ops
 
 CLIENT_FORMAT_VERSION = 1
@@ -159,7 +160,7 @@ def _profile_shapes(inputs: list, batch: tuple[int, int, int], history: tuple[in
 def read_client_info(graph: Path, proto: onnx.ModelProto) -> dict:
     """What a client needs from the graph's metadata (vocabulary, popularity top-k, K, L), read and
     checked by serving's own reader, ``cddrec.contract.serving_info``."""
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = read_metadata(proto)
     try:
         info = serving_info(meta, graph)
         settings = json.loads(meta.get("export_settings") or "{}")

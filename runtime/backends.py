@@ -12,7 +12,11 @@ Every backend is a class with:
 
 It declares ``contract`` (``cddrec.contract.GraphContract``: the names, K, L and precision it
 serves), ``name``, ``device`` ("cpu" | "cuda"), ``reads`` ("graph" | "engine" | "model") and
-``unavailable()``, why it cannot run on this machine (None when it can).
+``unavailable()``, why it cannot run on this machine (None when it can), and its serving policy,
+which callers read from the class instead of testing names: ``max_history`` (the longest history
+it serves; longer ones keep their most recent items), ``takes_tf32``, ``serving_options(tf32)``
+(the options batch and online serving load it with: ``engine_options``) and
+``small_batch_threads(threads)`` (a second session for batches of few users, or None).
 
 Built in, torch-free: ``ort-cpu``, ``ort-cuda`` and ``ort-cuda-graph`` (ONNX Runtime on an
 exported graph; the last replays captured CUDA graphs per batch bucket) and ``trt`` (a TensorRT
@@ -24,6 +28,7 @@ third-party package would register its own; this package never names them.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -46,9 +51,25 @@ class BackendBase:
     name: ClassVar[str] = "backend"
     device: ClassVar[str] = "cpu"
     reads: ClassVar[str] = "graph"
+    max_history: ClassVar[int | None] = None  # longest history served (None: any length)
+    takes_tf32: ClassVar[bool] = False  # takes the option tf32=True (TF32 matmuls on CUDA)
     contract: GraphContract
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
+
+    @classmethod
+    def serving_options(cls, tf32: bool = False) -> dict:
+        """The options batch serving (cddrec-infer, Ray) and online serving (cddrec-serve) load this
+        backend with; ``tf32`` only where ``takes_tf32``."""
+        if tf32 and not cls.takes_tf32:
+            raise ValueError(tf32_problem(cls.name))
+        return {"tf32": True} if tf32 else {}
+
+    @classmethod
+    def small_batch_threads(cls, threads: int) -> int | None:
+        """Threads of a second session of the same model that a server runs batches of few users on
+        (None: no second session)."""
+        return None
 
     @classmethod
     def load(cls, path: str | Path, *, k: int | None = None, threads: int = 0, **options) -> "BackendBase":
@@ -151,6 +172,26 @@ def runnable_backends(builtin_only: bool = False) -> list[str]:
         except BackendUnavailable:
             continue
     return out
+
+
+def engine_options(backend: str, tf32: bool = False) -> dict:
+    """The options ``backend`` serves with (``serving_options`` of its class)."""
+    return backend_class(backend).serving_options(tf32)
+
+
+def tf32_backends() -> list[str]:
+    """The built-in backends that take ``tf32`` (named in messages; loads no entry point)."""
+    return [name for name in BUILTIN if backend_class(name).takes_tf32]
+
+
+def tf32_problem(backend: str) -> str | None:
+    """Why ``backend`` does not take ``tf32`` ("tf32 applies to ..., not NAME"), None when it does."""
+    try:
+        if backend_class(backend).takes_tf32:
+            return None
+    except BackendUnavailable:
+        pass
+    return f"tf32 applies to {' and '.join(tf32_backends())}, not {backend}"
 
 
 def load_backend(path: str | Path, backend: str = "ort-cpu", *, k: int | None = None, threads: int = 0,
@@ -298,9 +339,24 @@ class OrtCpu(OrtBackend):
     def __init__(self, path, *, k=None, threads: int = 0, **kwargs):
         super().__init__(path, "cpu", threads, **kwargs)
 
+    @classmethod
+    def serving_options(cls, tf32: bool = False) -> dict:
+        """ONNX Runtime's CPU threads do not spin between ops: a batch run's reader and writer threads
+        and a server's event loop share the cores (spinning measured 20% slower end to end on 2 cores,
+        benchmarks/results/infer_throughput_paper.md)."""
+        return {**super().serving_options(tf32), "allow_spinning": False}
+
+    @classmethod
+    def small_batch_threads(cls, threads: int) -> int | None:
+        """A one-thread session for batches of few users when the main one has several threads: a
+        multi-threaded session that does not spin wakes its pool for each of the graph's ops, which
+        costs more than the work of a batch of one."""
+        return 1 if (threads or os.cpu_count() or 1) > 1 else None
+
 
 class OrtCuda(OrtBackend):
     name, device = "ort-cuda", "cuda"
+    takes_tf32 = True
 
     def __init__(self, path, *, k=None, threads: int = 0, **kwargs):
         super().__init__(path, "cuda", threads, **kwargs)

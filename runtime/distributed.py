@@ -26,14 +26,15 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from cddrec.errors import CDDRecError, DataError
 from cddrec.io import host_tag, output_lock, pid_alive
 
 from . import raycluster
-from .backends import backend_class
-from .pipeline import BatchStats, engine_options
+from .backends import backend_class, engine_options
+from .pipeline import BatchStats
 from .writers import output_format
 
 SHARD_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq")
@@ -139,10 +140,12 @@ def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str 
                 out_fmt: str | None = None, k: int | None = None, batch_size: int = 256, strict: bool = False,
                 check_duplicates: bool = True, tf32: bool = False, keys: str = "auto",
                 verbose: bool = False) -> tuple[BatchStats, list[dict]]:
-    """Serve every shard of ``spec`` into ``out_dir`` on Ray; returns the totals and one row per shard
-    (``error`` is the one-line error of a shard that failed, else "").
+    """Serve every shard of ``spec`` into ``out_dir`` on Ray; returns the totals (``seconds``: the whole
+    run's, Ray's start included) and one row per shard (``error`` is the one-line error of a shard
+    that failed, else ""); ``summary_lines`` words them.
 
     With ``strict``, the first error (in shard order) is raised and nothing is written."""
+    t0 = time.perf_counter()
     ray = raycluster.import_ray()
     paths = expand_shards(spec)
     out_dir = Path(out_dir)
@@ -171,8 +174,20 @@ def run_sharded(model: str, spec: str, out_dir: str | Path, *, ray_address: str 
     for r in rows:
         total.add(BatchStats(lines=int(r["lines"]), served=int(r["served"]), bad=int(r["bad"]),
                              unknown_items=int(r["unknown_items"]), fallbacks=int(r["fallbacks"])))
-        total.seconds = max(total.seconds, float(r["seconds"]))
+    total.seconds = time.perf_counter() - t0
     return total, rows
+
+
+def summary_lines(stats: BatchStats, rows: list[dict], out_dir: str | Path) -> list[str]:
+    """What ``cddrec-infer --ray`` prints after ``run_sharded``: each failed shard's error, the totals,
+    and where the outputs (and any errors files) went."""
+    failed = [r for r in rows if r["error"]]
+    bad = [r["errors"] for r in rows if r["errors"]]
+    return ([f"Error: {r['error']}" for r in failed]
+            + [stats.summary() + f", shards {len(rows)}",
+               f"wrote {len(rows) - len(failed)} outputs to {out_dir}"
+               + (f"; bad lines in {len(bad)} errors files" if bad else "")
+               + (f"; {len(failed)} shards failed and were not written" if failed else "")])
 
 
 def _check_outputs(paths: list[str], out_dir: Path, out_fmt: str | None) -> None:

@@ -349,15 +349,6 @@ def _int_strings(strings: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return pa.array(values), ~ok
 
 
-def engine_options(backend: str, tf32: bool = False) -> dict:
-    """Backend options for batch serving: ONNX Runtime's CPU threads do not spin between ops, so that
-    the pipeline's reader and writer (at the lowest priority, :class:`HostLanes`) get the cores in
-    those gaps (spinning measured 13-20% slower end to end on 2 cores,
-    benchmarks/results/infer_throughput_paper.md); ``tf32`` for the CUDA backends that take it."""
-    opts: dict = {"allow_spinning": False} if backend == "ort-cpu" else {}
-    if tf32:
-        opts["tf32"] = True
-    return opts
 
 
 def errors_path_for(output_path: str | Path) -> Path:
@@ -417,7 +408,7 @@ def run_batch(rec: Recommender, input_path: str | Path, output_path: str | Path,
         int_items = rec.info.vocab.key_type == "int" and keys != "str"
         wkw = {"user_type": pa.int64() if keys == "int" else pa.string() if keys == "str"
                else _parquet_user_type(input_path, fmt), "item_type": pa.int64() if int_items else pa.string()}
-    max_history = getattr(rec, "max_history", None) if getattr(rec.backend, "name", "") == "trt" else None
+    max_history = getattr(rec, "max_history", None)  # as Recommender.recommend and the server
     with output_lock(output_path, errors_path, option="--output"), _output_file(output_path, strict) as out, \
             _output_file(errors_path, strict) as err:
         writer = WRITERS[out_fmt](out, **wkw)

@@ -5,10 +5,11 @@
 
 Histories are oldest first. Keys are mapped with the model's vocabulary; unknown items are
 dropped and counted; every known item is kept (the last L feed the model, all of them are
-excluded from the ranking; TensorRT engines, whose profiles stop at ``MAX_HISTORY``, keep the most
-recent ``MAX_HISTORY``). A history with no known item gets the training popularity top-k, marked
-``source="popularity"`` (its scores are training counts). Torch-free: graphs are read through
-``cddrec.contract`` and served by ``cddrec.runtime.backends``.
+excluded from the ranking; a backend that declares a ``max_history``, as TensorRT engines do
+(their profiles stop at ``MAX_HISTORY``), keeps the most recent ``max_history``). A history with
+no known item gets the training popularity top-k, marked ``source="popularity"`` (its scores are
+training counts). Torch-free: graphs are read through ``cddrec.contract`` and served by
+``cddrec.runtime.backends``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from cddrec.contract import MASK_SCORE, MAX_HISTORY, ServingInfo, serving_info
+from cddrec.contract import MASK_SCORE, ServingInfo, serving_info
 from cddrec.errors import ModelFileError
 
 from .backends import BackendBase, OrtBackend, load_backend
@@ -64,8 +65,8 @@ class Recommender:
         if path.is_dir():
             raise ModelFileError(f"{path}: is a directory, expected a model file")
         be = load_backend(path, backend, k=k, threads=threads, warmup=warmup, **options)
-        if backend == "trt" and max_history is None:
-            max_history = MAX_HISTORY  # TensorRT's profiles stop there
+        if max_history is None:
+            max_history = getattr(be, "max_history", None)  # the longest history the backend serves (None: any)
         return cls(be, read_serving_info(path, be), max_history, seed=seed)
 
     @property

@@ -97,7 +97,3 @@ def session_io(session) -> tuple[list[tuple], list[tuple]]:
 
     return specs(session.get_inputs()), specs(session.get_outputs())
 
-
-def graph_metadata(path: str | Path) -> dict[str, str]:
-    """The custom metadata of a graph, read by ONNX Runtime itself (no onnx, no torch)."""
-    return dict(ort_session(path, threads=1, level="disable").get_modelmeta().custom_metadata_map)

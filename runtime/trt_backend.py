@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cddrec.contract import GraphContract
+from cddrec.contract import MAX_HISTORY, GraphContract
 from cddrec.errors import BackendUnavailable, ModelFileError
 
 from .backends import BackendBase
@@ -83,10 +83,29 @@ def engine_metadata(path: str | Path) -> dict[str, str]:
         raise ModelFileError(f"{meta_json}: not readable engine metadata ({e})") from None
 
 
+def engine_io_problems(contract: GraphContract, tensors: list[tuple[str, bool, np.dtype, tuple]]) -> list[str]:
+    """What differs between an engine's io tensors ``[(name, is_input, numpy dtype, shape)]`` and its
+    contract, checked by the one contract check (``GraphContract.io_problems``: names, dtypes, ranks,
+    static sizes). An engine lists its tensors in its own order (taken in the contract's), marks a
+    dynamic axis -1 (a symbol to the check) and may run int64 tensors as int32 (TensorRT narrows
+    them; ``infer`` casts ids in and items out), so int32 stands for the contract's int64."""
+    declared = {t.name: t.dtype for t in contract.inputs + contract.outputs}
+
+    def io(want_input: bool, order: list[str]) -> list[tuple]:
+        rank = {name: i for i, name in enumerate(order)}
+        picked = sorted((t for t in tensors if t[1] == want_input), key=lambda t: rank.get(t[0], len(rank)))
+        return [(name, declared.get(name) if dtype == np.int32 and declared.get(name) == "int64" else dtype.name,
+                 tuple(None if d == -1 else int(d) for d in shape)) for name, _, dtype, shape in picked]
+
+    return contract.io_problems(io(True, contract.input_names), io(False, contract.output_names),
+                                axis_names=False, exact_sizes=False)
+
+
 class TrtBackend(BackendBase):
     """A serialized TensorRT engine (``.plan``); its metadata is ``ENGINE.meta.json``."""
 
     name, device, reads = "trt", "cuda", "engine"
+    max_history = MAX_HISTORY  # the engine's profile stops there (export/tensorrt.py)
 
     def __init__(self, path: str | Path, *, k: int | None = None, threads: int = 0):
         self._cudart = None
@@ -101,13 +120,13 @@ class TrtBackend(BackendBase):
             raise ModelFileError(f"{path}: TensorRT could not deserialize the engine (built by another TensorRT version?)")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_in = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        inputs, outputs = [n for n in names if is_in[n]], [n for n in names if not is_in[n]]
-        if sorted(inputs) != sorted(self.contract.input_names) or sorted(outputs) != sorted(self.contract.output_names):
-            raise ModelFileError(f"{path}: the engine's tensors {inputs}/{outputs} are not the ones its metadata declares "
-                                 f"({self.contract.input_names}/{self.contract.output_names}); rebuild it with "
-                                 "cddrec-export --trt")
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        tensors = [(n, self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT, self.dtypes[n],
+                    tuple(self.engine.get_tensor_shape(n))) for n in names]
+        problems = engine_io_problems(self.contract, tensors)
+        if problems:
+            raise ModelFileError(f"{path}: the engine does not match its cddrec metadata: {'; '.join(problems[:3])}; "
+                                 "rebuild it with cddrec-export --trt")
         self.stream = cuda_call(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self.load_seconds = time.perf_counter() - t0

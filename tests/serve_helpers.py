@@ -77,13 +77,11 @@ class ServerProcess:
         return status, json.loads(raw) if raw else None
 
     def metric(self, name: str) -> float:
-        """Sum of the samples of ``name`` (with any labels) on /metrics."""
+        """Sum of the samples on /metrics that ``name`` picks (``NAME`` or ``NAME{label="value"}``)."""
+        from cddrec.benchmarks.serve_load import metric_value
+
         _, _, raw = self.request("/metrics")
-        total = 0.0
-        for line in raw.decode().splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        return metric_value(raw.decode(), name)
 
     def wait_for(self, predicate, timeout: float = 30.0) -> None:
         end = time.time() + timeout

@@ -278,3 +278,40 @@ def test_arch_refactor_json_is_built_from_its_two_runs():
         assert row["before_users_per_s"] == got["before"]["users_per_s"]
         assert row["after_p50_ms"] == got["after"]["p50_ms"]
         assert row["after_over_before"] == pytest.approx(got["after"]["users_per_s"] / got["before"]["users_per_s"])
+
+
+def test_metric_value_reads_a_metrics_page_with_prometheus_clients_parser():
+    """serve_load.metric_value (the load benchmark's and the server tests' reader of /metrics)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from cddrec.benchmarks.serve_load import metric_value
+
+    reg = CollectorRegistry()
+    requests = Counter("cddrec_requests", "requests", ["route", "status"], registry=reg)
+    requests.labels("/v1/recommend", "200").inc(3)
+    requests.labels("/v1/recommend", "400").inc()
+    requests.labels("/v2", "200").inc(5)
+    sizes = Histogram("cddrec_batch_size", "users", buckets=(1, 8), registry=reg)
+    for n in (1, 4, 16):
+        sizes.observe(n)
+    text = generate_latest(reg).decode()
+    assert metric_value(text, "cddrec_requests_total") == 9
+    assert metric_value(text, 'cddrec_requests_total{route="/v1/recommend",status="200"}') == 3
+    assert metric_value(text, 'cddrec_requests_total{status="200"}') == 8
+    assert (metric_value(text, "cddrec_batch_size_sum"), metric_value(text, "cddrec_batch_size_count")) == (21, 3)
+    assert metric_value(text, "cddrec_missing") == 0
+
+
+def test_benchmarks_run_the_console_script_a_user_types(monkeypatch, tmp_path):
+    """record.user_command: the script beside this Python, else on PATH, else ``python -m`` its module."""
+    import sys
+
+    from cddrec.benchmarks import record
+
+    fake_python = tmp_path / "bin" / "python"
+    fake_python.parent.mkdir()
+    monkeypatch.setattr(sys, "executable", str(fake_python))
+    monkeypatch.setattr(record.shutil, "which", lambda name: None)
+    assert record.user_command("cddrec-eval") == [str(fake_python), "-m", "cddrec.app.evaluate"]  # the entry point's
+    (tmp_path / "bin" / "cddrec-eval").write_text("#!/bin/sh\n")
+    assert record.user_command("cddrec-eval") == [str(tmp_path / "bin" / "cddrec-eval")]

@@ -84,12 +84,12 @@ def test_version_1_model_files_load_export_and_serve(tmp_path):
 
     from cddrec.export.onnx_export import ExportOptions, export_model
     from cddrec.inference import reference_topk
+    from cddrec.runtime.backends import OrtBackend
     from cddrec.runtime.recommender import Recommender
-    from cddrec.runtime.session import graph_metadata
 
     graph = tmp_path / "v1.onnx"
     export_model(V1, graph, ExportOptions(k=5))  # validated against the PyTorch reference
-    assert json.loads(graph_metadata(graph)["config"]) == ckpt["model_config"]
+    assert json.loads(OrtBackend(graph, "cpu", 1).metadata()["config"]) == ckpt["model_config"]  # serving's reader
     vocab = Vocab.from_dict(raw["vocab"])
     histories = [[vocab.key(i) for i in (3, 7, 1)], [vocab.key(i) for i in (12, 4)]]
     with Recommender.load(graph) as rec:

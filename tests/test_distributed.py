@@ -9,7 +9,6 @@ one test runs the real ``torchrun`` and the model it writes through cddrec-eval,
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import traceback
@@ -20,18 +19,13 @@ import torch.multiprocessing as mp
 from click.testing import CliRunner
 from conftest import tiny_configs
 
+from cddrec.benchmarks.ports import free_port
 from cddrec.checkpoint import load_checkpoint, read_checkpoint
 from cddrec.distributed import launch
 from cddrec.training import resume_path, train
 
 QUIET = {"progress": False, "log": lambda m: None}
 EXACT = dict(dropout=0.0, attn_dropout=0.0, lam=0.0, loss="ce", patience=10)  # no randomness but the shuffle
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, fn, args: tuple, kwargs: dict, queue) -> None:
@@ -60,7 +54,7 @@ def run_job(fn, world: int, *args, timeout: float = 60.0, **kwargs) -> list:
     in rank order; an exception in a rank fails the test with its traceback."""
     _warm_imports()
     ctx = mp.get_context("fork")
-    queue, port = ctx.Queue(), _free_port()
+    queue, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, fn, args, kwargs, queue)) for r in range(world)]
     for p in procs:
         p.start()

@@ -7,7 +7,8 @@ The runnable-block convention (docs/contributing.md, "Commands in the docs"): ea
 does with it:
 
     <!-- test: run -->                      run it
-    <!-- test: run | OLD => NEW | ... -->   run it with these text replacements (smaller settings)
+    <!-- test: run | OLD => NEW | ... -->   run it with these text replacements (smaller settings; ``{port}``
+                                            in NEW is a port that was free when the page started)
     <!-- test: run exit=2 -->               run it; every cddrec command in it must exit with 2
     <!-- test: by tests/test_x.py::name --> run by that test (which must exist)
     <!-- test: skip REASON -->              not runnable here (a GPU, a Ray cluster, a package install)
@@ -19,7 +20,10 @@ from the files its walk left (``office.pt``, ``office.onnx``, ``requests.jsonl``
 
 Lines that call a ``cddrec-*`` console script (no pipes or redirections) run in this process through the
 script's own entry point (a fresh interpreter would pay torch's import for every line); anything else runs
-in ``bash``. Python blocks run in this process.
+in ``bash``. Python blocks run in this process. A line that ends in ``&`` starts a background job (a server)
+whose output goes to ``.jobN.log``; ``kill %N`` stops job N with SIGTERM and expects it to exit 0
+(``kill -HUP %N`` only sends the signal); a job that dies on its own fails the page, and every job left
+is stopped when the page ends.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from importlib import import_module
 from importlib.metadata import entry_points
@@ -53,8 +59,16 @@ COMMAND_LANGS = ("bash", "sh", "shell", "python")
 SHELL_OPERATORS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "<<", "2>", "2>&1", "(", ")"}
 # flags of programs other than cddrec that the docs show
 EXTERNAL_FLAGS = {"--no-deps", "--head", "--port", "--address", "--model-repository", "--strict", "-q", "-e",
-                  "-w", "-k", "--quiet", "--target", "--no-build-isolation", "--index-url", "--nproc-per-node"}
+                  "-w", "-k", "--quiet", "--target", "--no-build-isolation", "--index-url",
+                  # torchrun's
+                  "--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id", "--max-restarts",
+                  "--no-python", "--standalone", "--node-rank", "--master-addr", "--master-port",
+                  # benchmarks/gpu_check.sh's
+                  "--prepare", "--dry-run", "--install-only"}
 REPO_TOP = ("cddrec/", "export/", "runtime/", "benchmarks/", "tests/", "tools/", "docs/", ".ci/")
+BACKGROUND = re.compile(r"^(?P<cmd>.*[^&\s])\s*&\s*$")  # a line ending in a lone '&'
+KILL_JOB = re.compile(r"^\s*kill\s+(?:-(?P<sig>[A-Z0-9]+)\s+)?%(?P<job>\d+)\s*$")
+LINE_TIMEOUT = 300  # seconds a foreground line may take
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -85,11 +99,11 @@ class Block:
         m = re.search(r"\bexit=(\d+)", self.rest.split("|")[0])
         return int(m.group(1)) if m else 0
 
-    def runnable_code(self) -> str:
+    def runnable_code(self, port: int | None = None) -> str:
         code = self.code
         for old, new in self.subs:
             assert old in code, f"{self}: the replacement {old!r} => {new!r} does not match the block"
-            code = code.replace(old, new)
+            code = code.replace(old, new.replace("{port}", str(port)) if port is not None else new)
         return code
 
 
@@ -158,18 +172,28 @@ def console_scripts() -> dict:
 
 
 def command_of(program: str) -> click.Command | None:
-    """The click command of ``cddrec-NAME`` or ``python -m cddrec.benchmarks.NAME``."""
+    """The click command of ``cddrec-NAME`` or ``python -m cddrec.benchmarks.NAME`` / ``-m cddrec.app.NAME``."""
     scripts = console_scripts()
     if program in scripts:
         return scripts[program].load()
-    if program.startswith("cddrec.benchmarks."):
+    if program.startswith(("cddrec.benchmarks.", "cddrec.app.")):
         return getattr(import_module(program), "main", None)
     return None
 
 
+def subcommand(cmd: click.Command, args: list[str]) -> tuple[click.Command, list[str]]:
+    """A group's subcommand named by the first argument, with the rest of the arguments."""
+    if isinstance(cmd, click.Group) and args and args[0] in cmd.commands:
+        return cmd.commands[args[0]], args[1:]
+    return cmd, args
+
+
 def option_names(cmd: click.Command, hidden: bool = False) -> set[str]:
-    """Every spelling of ``cmd``'s options shown in --help (``hidden``: the old spellings too)."""
+    """Every spelling of ``cmd``'s options shown in --help (``hidden``: the old spellings too; a group's
+    subcommands' too)."""
     names = {"--help", "-h"}
+    for sub in getattr(cmd, "commands", {}).values():
+        names |= option_names(sub, hidden)
     for p in cmd.params:
         if isinstance(p, click.Option):
             if p.hidden and not hidden:
@@ -186,7 +210,7 @@ def invocations(line: str) -> list[tuple[str, list[str]]]:
         prog = None
         if t in console_scripts():
             prog, args = t, toks[i + 1:]
-        elif t == "-m" and i + 1 < len(toks) and toks[i + 1].startswith("cddrec.benchmarks."):
+        elif t == "-m" and i + 1 < len(toks) and toks[i + 1].startswith(("cddrec.benchmarks.", "cddrec.app.")):
             prog, args = toks[i + 1], toks[i + 2:]
         if prog:
             end = next((j for j, a in enumerate(args) if a in SHELL_OPERATORS), len(args))
@@ -206,21 +230,52 @@ def working_dir(path: Path):
 
 
 @dataclass
+class Job:
+    """A background command of a page (``cmd &``): a server the following lines talk to."""
+
+    number: int
+    line: str
+    proc: subprocess.Popen
+    log: Path
+    stopped: bool = False
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+@dataclass
 class Session:
-    """One page's scratch folder and shell variables."""
+    """One page's scratch folder, shell variables and background jobs."""
 
     cwd: Path
     env: dict = field(default_factory=dict)
     log: list = field(default_factory=list)
+    jobs: list = field(default_factory=list)
+    _port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """A TCP port that was free when first asked for (the page's server listens there)."""
+        if self._port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                self._port = s.getsockname()[1]
+        return self._port
 
     def expand(self, text: str) -> str:
         return re.sub(r"\$\{?(\w+)\}?", lambda m: self.env.get(m.group(1), m.group(0)), text)
 
+    def shell_env(self) -> dict:
+        """The environment of bash lines: this interpreter's scripts first on PATH (the console scripts)."""
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        return {**os.environ, "PATH": path, **self.env}
+
     def run_block(self, block: Block) -> None:
-        code = block.runnable_code()
+        code = block.runnable_code(self.port if "{port}" in block.rest else None)
         if block.lang == "python":
             with working_dir(self.cwd):
                 exec(compile(code, str(block), "exec"), {"__name__": "__main__"})  # noqa: S102 - the docs' own code
+            self.check_jobs(block)
             return
         for line in logical_lines(code):
             self.run_line(block, line)
@@ -230,17 +285,95 @@ class Session:
         if assign:
             self.env[assign.group(1)] = self.expand(shlex.split(assign.group(2) or "''")[0])
             return
+        background, kill = BACKGROUND.match(line), KILL_JOB.match(line)
+        if background and "<<" not in line:
+            self.start_job(line, background.group("cmd"))
+            return
+        if kill:
+            self.kill_job(block, int(kill.group("job")), kill.group("sig") or "TERM")
+            return
         toks = tokens(self.expand(line))
         expected = block.expected_exit if invocations(line) else 0  # exit=N applies to the cddrec commands
         if toks and toks[0] in console_scripts() and not SHELL_OPERATORS & set(toks) and "$(" not in line:
             code, output = self.in_process(toks[0], toks[1:])
         else:
-            proc = subprocess.run(["bash", "-c", line], cwd=self.cwd, env={**os.environ, **self.env},
-                                  capture_output=True, text=True, timeout=300)
-            code, output = proc.returncode, proc.stdout + proc.stderr
+            code, output = self.in_bash(block, line)
         self.log.append(f"$ {line}\n{output}")
+        self.check_jobs(block)
         if code != expected:
             pytest.fail(f"{block}: `{line.strip()}` exited {code}, expected {expected}:\n{output[-3000:]}")
+
+    def in_bash(self, block: Block, line: str) -> tuple[int, str]:
+        """Run a line in bash; a background job that dies meanwhile (a server that could not start) fails it
+        at once instead of after the line's timeout."""
+        proc = subprocess.Popen(["bash", "-c", line], cwd=self.cwd, env=self.shell_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + LINE_TIMEOUT
+        while True:
+            try:
+                output, _ = proc.communicate(timeout=0.5)
+                return proc.returncode, output
+            except subprocess.TimeoutExpired:
+                dead = [j for j in self.jobs if not j.stopped and j.proc.poll() is not None]
+                if dead or time.monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.communicate()
+                    self.check_jobs(block)
+                    pytest.fail(f"{block}: `{line.strip()}` took over {LINE_TIMEOUT} s")
+
+    def start_job(self, line: str, command: str) -> None:
+        number = len(self.jobs) + 1
+        log = self.cwd / f".job{number}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(["bash", "-c", command], cwd=self.cwd, env=self.shell_env(), stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.jobs.append(Job(number, line.strip(), proc, log))
+        self.log.append(f"$ {line}\n[{number}] {proc.pid}")
+
+    def check_jobs(self, block: Block) -> None:
+        for j in self.jobs:
+            if not j.stopped and j.proc.poll() is not None:
+                j.stopped = True
+                pytest.fail(f"{block}: background job %{j.number} `{j.line}` ended by itself (exit "
+                            f"{j.proc.returncode}):\n{j.output()}")
+
+    def kill_job(self, block: Block, number: int, sig: str) -> None:
+        """``kill [-SIG] %N``: SIGTERM (the default) must stop the job with exit status 0; other signals are sent."""
+        if not 1 <= number <= len(self.jobs) or self.jobs[number - 1].stopped:
+            pytest.fail(f"{block}: `kill %{number}`: no such running job")
+        self.check_jobs(block)
+        job = self.jobs[number - 1]
+        signum = getattr(signal, sig if sig.startswith("SIG") else f"SIG{sig}", None) if not sig.isdigit() \
+            else int(sig)
+        assert signum is not None, f"{block}: unknown signal {sig}"
+        os.killpg(job.proc.pid, signum)
+        self.log.append(f"$ kill -{sig} %{number}")
+        if signum not in (signal.SIGTERM, signal.SIGINT):
+            return
+        try:
+            code = job.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.proc.pid, signal.SIGKILL)
+            job.proc.wait()
+            code = "none within 60 s"
+        job.stopped = True
+        if code != 0:
+            pytest.fail(f"{block}: `{job.line}` did not stop cleanly on SIG{sig} (exit {code}):\n{job.output()}")
+
+    def stop_jobs(self) -> None:
+        """Stop every job still running (a page that failed half-way): SIGTERM, then SIGKILL."""
+        for j in self.jobs:
+            if j.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(j.proc.pid, signal.SIGTERM)
+                try:
+                    j.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(j.proc.pid, signal.SIGKILL)
+                    j.proc.wait()
+            j.stopped = True
 
     def in_process(self, program: str, args: list[str]) -> tuple[int, str]:
         """Run a console script through its entry point here, restoring what a command may change
@@ -285,9 +418,12 @@ def run_page(page: Path, root: Path, start_from: Path | None = None) -> Session:
     else:
         work.mkdir(parents=True)
     session = Session(work)
-    for block in command_blocks(page):
-        if block.kind == "run":
-            session.run_block(block)
+    try:
+        for block in command_blocks(page):
+            if block.kind == "run":
+                session.run_block(block)
+    finally:
+        session.stop_jobs()
     return session
 
 
@@ -332,6 +468,7 @@ def test_options_in_command_blocks_exist():
                     if cmd is None:
                         problems.append(f"{b}: {prog} is not a cddrec command")
                         continue
+                    cmd, args = subcommand(cmd, args)
                     known = option_names(cmd)
                     for a in args:
                         flag = a.split("=", 1)[0]

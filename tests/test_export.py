@@ -10,12 +10,12 @@ from cddrec.config import ModelConfig
 from cddrec.contract import FORBIDDEN_OPS, MASK_SCORE
 from cddrec.errors import CheckpointError, ExportError
 from cddrec.export.graph import UnrolledRecommender
+from cddrec.export.metadata import read_metadata
 from cddrec.export.onnx_export import (
     ExportOptions,
     TensorRTOptions,
     contract_for,
     export_model,
-    read_metadata,
     validate_graph,
 )
 from cddrec.inference import reference_runner, reference_topk

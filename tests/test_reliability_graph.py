@@ -123,7 +123,7 @@ def test_duplicate_vocabulary_keys_are_refused_at_load(tmp_path, trained_tiny_on
     import json
 
     from cddrec.errors import ModelFileError
-    from cddrec.export.onnx_export import read_metadata
+    from cddrec.export.metadata import read_metadata
     from cddrec.runtime.recommender import Recommender
 
     vocab = json.loads(read_metadata(trained_tiny_onnx)["vocab"])

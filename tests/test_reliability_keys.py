@@ -156,7 +156,8 @@ def test_keys_option_pins_the_written_types(tmp_path, trained_tiny_onnx, rec):
 def test_keys_int_needs_an_integer_vocabulary(tmp_path, trained_tiny_onnx):
     import shutil
 
-    from cddrec.export.onnx_export import read_metadata, write_metadata
+    from cddrec.export.metadata import read_metadata
+    from cddrec.export.onnx_export import write_metadata
 
     graph = tmp_path / "str.onnx"
     shutil.copy(trained_tiny_onnx, graph)

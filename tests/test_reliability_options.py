@@ -11,7 +11,8 @@ from cddrec.app.demo import main as demo_main
 from cddrec.app.export import main as export_main
 from cddrec.app.train import main as train_main
 from cddrec.errors import ModelFileError
-from cddrec.export.onnx_export import read_metadata, write_metadata
+from cddrec.export.metadata import read_metadata
+from cddrec.export.onnx_export import write_metadata
 
 
 @pytest.mark.parametrize("cmd,args", [

@@ -211,3 +211,48 @@ def test_recommend_refuses_what_is_not_a_history(trained_tiny_onnx):
         rec.recommend([[1], [5.0]])
     with pytest.raises(ValueError, match="at least 1"):
         rec.recommend([[1]], k=0)
+
+
+def test_backend_serving_policy_is_declared_by_its_class():
+    """max_history, tf32, the serving options and the small-batch session come from the backend
+    class (runtime/backends.py), not from callers testing names."""
+    from cddrec.contract import MAX_HISTORY
+    from cddrec.runtime.backends import OrtCpu, OrtCuda, OrtCudaGraph, backend_class, engine_options, tf32_problem
+
+    assert backend_class("trt").max_history == MAX_HISTORY and OrtCpu.max_history is None
+    assert engine_options("ort-cpu") == {"allow_spinning": False}
+    assert engine_options("ort-cuda", tf32=True) == {"tf32": True} and engine_options("ort-cuda-graph") == {}
+    assert tf32_problem("ort-cuda-graph") is None
+    assert tf32_problem("trt") == "tf32 applies to ort-cuda and ort-cuda-graph, not trt"
+    with pytest.raises(ValueError, match="tf32 applies to ort-cuda and ort-cuda-graph, not ort-cpu"):
+        engine_options("ort-cpu", tf32=True)
+    assert OrtCpu.small_batch_threads(4) == 1 and OrtCpu.small_batch_threads(1) is None
+    assert OrtCuda.small_batch_threads(4) is None and OrtCudaGraph.small_batch_threads(4) is None
+
+
+def test_batch_run_keeps_max_history_as_recommend_does(tmp_path, trained_tiny_onnx, tiny_data):
+    """A Recommender's max_history holds for run_batch as for recommend() and the server (run_batch
+    applied it to trt only)."""
+    keys = tiny_data.items.keys
+    hist = [int(keys[i % len(keys)]) for i in range(12)]
+    rec = Recommender.load(trained_tiny_onnx, max_history=3)
+    req, out = tmp_path / "req.jsonl", tmp_path / "recs.jsonl"
+    req.write_text(json.dumps({"user": "a", "history": hist}) + "\n")
+    run_batch(rec, req, out, k=10)
+    got = json.loads(out.read_text())["items"]
+    assert got == [int(x) for x in rec.recommend([hist], k=10)[0].items]
+    assert got != [int(x) for x in Recommender.load(trained_tiny_onnx).recommend([hist], k=10)[0].items]
+
+
+def test_ray_summary_lines_come_from_the_library():
+    """cddrec-infer --ray prints runtime.distributed.summary_lines: each failed shard, the totals, the outputs."""
+    from cddrec.runtime.distributed import summary_lines
+    from cddrec.runtime.pipeline import BatchStats
+
+    rows = [{"error": "", "errors": "out/a.jsonl.errors.jsonl"}, {"error": "b.jsonl: line 1: invalid JSON", "errors": ""},
+            {"error": "", "errors": ""}]
+    lines = summary_lines(BatchStats(lines=9, served=8, bad=1, seconds=2.0), rows, "out")
+    assert lines[0] == "Error: b.jsonl: line 1: invalid JSON"
+    assert lines[1].startswith("served 8 users (4 users/s), bad lines 1") and lines[1].endswith(", shards 3")
+    assert lines[2] == "wrote 2 outputs to out; bad lines in 1 errors files; 1 shards failed and were not written"
+    assert summary_lines(BatchStats(served=1, seconds=1.0), rows[2:], "out")[1:] == ["wrote 1 outputs to out"]

@@ -255,3 +255,27 @@ def test_command_errors_are_one_line(server, tmp_path):
                         (["--model", str(tmp_path), "--replicas", "2"], "add --ray")):
         r = CliRunner().invoke(main, args)
         assert r.exit_code in (1, 2) and words in r.output and "Traceback" not in r.output, r.output
+
+
+def test_gpu_check_takes_the_port_cddrec_serve_got(trained_tiny_onnx, tmp_path):
+    """The GPU check starts cddrec-serve with --port 0 and reads the port it got from its ready line
+    (no port picked first that another process could take in between)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from cddrec.benchmarks.gpu_bench import ready_url
+
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cddrec.app.serve", "--model", str(trained_tiny_onnx),
+                                 "--threads", "1", "--port", "0"], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = ready_url(log, proc, 120)
+            assert url is not None and not url.endswith(":0"), log.read_text()
+            with urllib.request.urlopen(url + "/v2/health/ready", timeout=10) as r:
+                assert r.status == 200
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    assert ready_url(log, proc, 5) is None  # an exited server: no URL, no wait

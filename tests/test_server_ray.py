@@ -3,36 +3,23 @@
 from __future__ import annotations
 
 import signal
-import socket
 
 import numpy as np
 import pytest
 from serve_helpers import ServerProcess
 
+from cddrec.benchmarks.ports import free_port
 from cddrec.runtime.recommender import Recommender
 
 pytest.importorskip("ray.serve")
 httpclient = pytest.importorskip("tritonclient.http")
 
 
-def _free_port() -> int:
-    """A free port below the ephemeral range, where Ray's own processes take theirs."""
-    rng = np.random.default_rng()
-    for port in rng.integers(20_000, 30_000, 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", int(port)))
-            except OSError:
-                continue
-            return int(port)
-    raise RuntimeError("no free port in 20000-29999")
-
-
 def test_ray_serve_replica_answers_both_protocols_reloads_and_stops(trained_tiny_onnx):
     rec = Recommender.load(trained_tiny_onnx, threads=1)
     keys = [int(k) for k in rec.info.vocab.keys]
     server = ServerProcess(["--model", trained_tiny_onnx, "--ray", "local", "--replicas", "1", "--threads", "1"],
-                           timeout=300, port=_free_port())
+                           timeout=300, port=free_port())
     try:
         history = keys[3:9]
         status, body = server.json("/v1/recommend", {"user": "r", "history": history, "k": 4})

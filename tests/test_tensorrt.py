@@ -106,3 +106,25 @@ def test_engine_metadata_keeps_the_vocabulary_beside_the_engine(trained_tiny, tm
     (engine.parent / "m.vocab.json").write_text('{"keys": ["someone else\'s"]}')
     with pytest.raises(ExportError, match="exists and is not the vocabulary"):
         write_engine_meta(graph, engine)
+
+
+def test_engine_io_checked_by_the_contract_check():
+    """An engine's io is checked by GraphContract.io_problems: its own tensor order, -1 for a dynamic
+    axis and int32 for int64 (TensorRT narrows it) pass; a missing output, another dtype or a fixed
+    dynamic axis is named."""
+    import numpy as np
+
+    from cddrec.contract import GraphContract
+    from cddrec.runtime.trt_backend import engine_io_problems
+
+    c = GraphContract(k=5, steps=4, hidden=16, max_len=8, num_items=50)
+    i32, i64, f32 = np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float32)
+    good = [("top_scores", False, f32, (-1, 5)), ("item_ids", True, i32, (-1, -1)),
+            ("user_embedding", False, f32, (-1, 16)), ("top_items", False, i64, (-1, 5))]
+    assert engine_io_problems(c, good) == []
+    assert "not the contract's" in engine_io_problems(c, good[:3])[0]  # top_items missing
+    wrong = [good[0], ("item_ids", True, f32, (-1, -1)), good[2], ("top_items", False, i64, (-1, 7))]
+    problems = engine_io_problems(c, wrong)
+    assert any("item_ids is float32" in p for p in problems) and any("top_items axis 1 is 7" in p for p in problems)
+    fixed = [good[0], ("item_ids", True, i64, (4, -1)), *good[2:]]
+    assert any("fixed at 4" in p for p in engine_io_problems(c, fixed))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cddrec.benchmarks.options import int_list
 from cddrec.contract import DEFAULT_K
 
 from .options import (
@@ -13,7 +14,6 @@ from .options import (
     POSITIVE,
     echo_err,
     friendly_errors,
-    int_list,
     k_option,
     lock_outputs,
     option,

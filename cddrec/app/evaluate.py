@@ -53,10 +53,6 @@ def main(model, data, split, as_json, save_topk, k, stages, steps, eval_batch_si
     refuse_overwrite_inputs({"--save-topk": save_topk}, {"MODEL": model, "DATA": data})
     lock_outputs(save_topk, option="--save-topk")
     net, ckpt = load_checkpoint(model)
-    if steps is not None and not 1 <= steps <= net.steps:
-        raise click.BadParameter(f"{model} runs T={net.steps} reverse steps; early exit takes S between 1 and {net.steps}"
-                                 if net.steps else f"{model} has no decoder (a SASRec baseline): no reverse steps to cut",
-                                 param_hint="--steps")
     net.to(resolve_device(device))
     vocab = Vocab.from_dict(ckpt["vocab"])
     res = evaluate_file(net, vocab, data, split, read_options=data_kwargs(user_col, item_col, time_col, sep),

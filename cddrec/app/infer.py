@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import click
 
-from cddrec.runtime.backends import available_backends
+from cddrec.runtime.backends import available_backends, engine_options, tf32_backends, tf32_problem
 
 from .options import (
     CONTEXT,
@@ -43,7 +42,7 @@ from .options import (
 @option("--backend", type=click.Choice(sorted(available_backends())), default="ort-cpu", show_default=True,
         help="engine that runs the graph (torch backends read model.pt and need the [train] extra)")
 @threads_option()
-@option("--tf32", is_flag=True, help="ort-cuda/ort-cuda-graph: allow TF32 matmuls (faster, not fp32 parity)")
+@option("--tf32", is_flag=True, help=f"{'/'.join(tf32_backends())}: allow TF32 matmuls (faster, not fp32 parity)")
 @option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
 @option("--output-format", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
         help="[default: from the output suffix: .csv, .parquet/.pq, else jsonl]")
@@ -65,11 +64,11 @@ def main(model_path, input_path, output, errors_path, keys, k, batch_size, backe
          output_format, input_format, allow_duplicates, quiet, verbose, ray_address, ray_actors, ray_gpus, user_col,
          item_col, time_col, sep):
     """Batched top-k recommendations for a file of user histories, original item keys in and out."""
-    from cddrec.runtime.pipeline import engine_options, run_batch
+    from cddrec.runtime.pipeline import run_batch
     from cddrec.runtime.recommender import Recommender
 
-    if tf32 and backend not in ("ort-cuda", "ort-cuda-graph"):
-        raise click.BadParameter(f"--tf32 applies to ort-cuda and ort-cuda-graph, not {backend}", param_hint="--tf32")
+    if tf32 and tf32_problem(backend):
+        raise click.BadParameter("--" + tf32_problem(backend), param_hint="--tf32")
     if ray_address:
         if input_format == "log" or (user_col, item_col, time_col, sep) != ("user", "item", "timestamp", None):
             raise click.UsageError("--ray serves request shards (JSONL or Parquet requests); interaction logs and "
@@ -77,23 +76,15 @@ def main(model_path, input_path, output, errors_path, keys, k, batch_size, backe
         if errors_path:
             raise click.UsageError("--errors names one file; with --ray each shard has its own errors file in the "
                                    "output folder")
-        from cddrec.runtime.distributed import run_sharded
+        from cddrec.runtime.distributed import run_sharded, summary_lines
 
-        t0 = time.perf_counter()
         stats, rows = run_sharded(model_path, input_path, output, ray_address=ray_address, actors=ray_actors,
                                   backend=backend, threads=threads or 1, gpus_per_actor=ray_gpus,
                                   out_fmt=output_format, k=k, batch_size=batch_size, strict=strict,
                                   check_duplicates=not allow_duplicates, tf32=tf32, keys=keys, verbose=verbose)
-        stats.seconds = time.perf_counter() - t0
-        failed = [r for r in rows if r["error"]]
-        for r in failed:
-            echo_err(f"Error: {r['error']}")
-        echo_err(stats.summary() + f", shards {len(rows)}")
-        bad = [r["errors"] for r in rows if r["errors"]]
-        echo_err(f"wrote {len(rows) - len(failed)} outputs to {output}"
-                 + (f"; bad lines in {len(bad)} errors files" if bad else "")
-                 + (f"; {len(failed)} shards failed and were not written" if failed else ""))
-        _exit(stats, failed=len(failed))
+        for line in summary_lines(stats, rows, output):
+            echo_err(line)
+        _exit(stats, failed=sum(bool(r["error"]) for r in rows))
         return
 
     rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **engine_options(backend, tf32))

@@ -180,16 +180,5 @@ def data_kwargs(user_col, item_col, time_col, sep) -> dict:
     return {"user_col": user_col, "item_col": item_col, "time_col": time_col or None, "sep": sep}
 
 
-def int_list(s: str) -> list[int]:
-    """``"1,8,64"`` -> [1, 8, 64]: comma-separated integers >= 1, else a usage error."""
-    try:
-        values = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {s!r}") from None
-    if not values or min(values) < 1:
-        raise click.BadParameter(f"expected comma-separated integers >= 1, got {s!r}")
-    return values
-
-
 def echo_err(message: str) -> None:
     click.echo(message, err=True)

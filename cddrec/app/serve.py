@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cddrec.runtime.backends import available_backends
+from cddrec.runtime.backends import available_backends, engine_options, tf32_backends, tf32_problem
 
 from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threads_option
 
@@ -30,7 +30,7 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threa
         help="per-request timeout (504)")
 @option("--max-body-bytes", type=POSITIVE, default=4 << 20, show_default=True, help="largest request body (413)")
 @option("--access-log", is_flag=True, help="one JSON line per request on stderr")
-@option("--tf32", is_flag=True, help="ort-cuda: allow TF32 matmuls (faster, not fp32 parity)")
+@option("--tf32", is_flag=True, help=f"{'/'.join(tf32_backends())}: allow TF32 matmuls (faster, not fp32 parity)")
 @option("--ray", "ray_address", default=None,
         help="deploy on Ray Serve: 'local' (start Ray here), 'auto' or a cluster address")
 @option("--replicas", type=POSITIVE, default=1, show_default=True, help="Ray Serve replicas, one model each")
@@ -41,11 +41,10 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threa
 def main(model_path, model_name, host, port, backend, threads, max_batch, max_wait_ms, max_queue, timeout_ms,
          max_body_bytes, access_log, tf32, ray_address, replicas, replica_gpus, verbose):
     """Serve an exported graph online: KServe v2 (what Triton speaks over HTTP), POST /v1/recommend, /metrics."""
-    from cddrec.runtime.pipeline import engine_options
     from cddrec.runtime.server.app import ServerConfig
 
-    if tf32 and backend not in ("ort-cuda", "ort-cuda-graph"):
-        raise click.BadParameter(f"--tf32 applies to ort-cuda and ort-cuda-graph, not {backend}", param_hint="--tf32")
+    if tf32 and tf32_problem(backend):
+        raise click.BadParameter("--" + tf32_problem(backend), param_hint="--tf32")
     if ray_address is None and (replicas != 1 or replica_gpus is not None):
         raise click.UsageError("--replicas and --replica-gpus deploy on Ray Serve: add --ray local|auto|ADDRESS")
     config = ServerConfig(model_path, model_name, backend, threads, engine_options(backend, tf32), max_batch,

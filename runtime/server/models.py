@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,7 @@ log = logging.getLogger("cddrec.serve")
 MODEL_FILES = {"graph": ("model.onnx",), "engine": ("model.plan", "model.engine", "model.trt"),
                "model": ("model.pt",)}
 PLATFORMS = {"graph": "onnxruntime_onnx", "engine": "tensorrt_plan", "model": "pytorch"}
-SMALL_BATCH = 4  # batches of at most this many users run on a session of their own (ort-cpu, threads != 1)
-SMALL_SESSION = {"threads": 1}  # its settings, over the server's
+SMALL_BATCH = 4  # batches of at most this many users run on a session of their own (small_batch_threads)
 
 
 @dataclass
@@ -103,9 +101,8 @@ class ServedModel:
         return self.rec.contract
 
     def for_batch(self, users: int) -> Recommender:
-        """The session a batch of ``users`` runs on: up to SMALL_BATCH users, the one-thread session (a
-        multi-threaded session that does not spin wakes its pool for each of the graph's ops, which
-        costs more than the work of a batch of one), else the multi-threaded one."""
+        """The session a batch of ``users`` runs on: up to SMALL_BATCH users, the small-batch session
+        (the backend's ``small_batch_threads``), else the main one."""
         return self.small if self.small is not None and users <= SMALL_BATCH else self.rec
 
     def close(self) -> None:
@@ -134,8 +131,9 @@ class ModelRepository:
         rec = Recommender.load(path, backend=self.backend, threads=self.threads, **self.options)
         rec.mapper = ServingKeyMapper(rec.info.vocab)  # the same ids, without a hash table per batch
         small = None
-        if self.backend == "ort-cpu" and (self.threads or os.cpu_count() or 1) > 1:
-            opts = {**self.options, "threads": self.threads, **SMALL_SESSION}
+        small_threads = type(rec.backend).small_batch_threads(self.threads)
+        if small_threads is not None:
+            opts = {**self.options, "threads": small_threads}
             small = Recommender(load_backend(path, self.backend, warmup=True, **opts), rec.info, rec.max_history)
             small.mapper = rec.mapper
         log.info("loaded %s version %d (%s) in %.2f s", self.name, version, path, time.perf_counter() - t0)
