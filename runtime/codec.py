@@ -7,15 +7,18 @@ The one implementation of the serving-side encoding, used by ``Recommender`` (an
 - ``encode_flat`` / ``encode_histories``: histories (flat keys + offsets) -> the known ids per
   user, unknown items counted, optionally only the most recent ``max_history``;
 - ``left_pad``: flat ids -> the graph's (B, S) input, right-aligned after 0 padding;
-- ``TopK`` and ``fill_popular``: the engine's (n, K) outputs with the cold-start fallback.
+- ``TopK`` and ``fill_popular``: the engine's (n, K) outputs with the cold-start fallback;
+- ``request_problem`` / ``history_problem``: the one request rule (cddrec-infer's lines, the
+  server's bodies, ``Recommender.recommend``'s histories);
+- ``SOURCES``, ``source_of``, ``SCORE_DECIMALS``, ``round_scores``: what every output says.
 
 Letters: n users, N known ids in all, B engine batch, S padded history, K top-k.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,22 +26,84 @@ import pyarrow.compute as pc
 
 from cddrec.vocab import Vocab, key_problem
 
+SCORE_DECIMALS = 6  # scores as every output writes them
+SOURCES = ("model", "popularity")  # where a user's list comes from: the graph, or the popularity fallback
+
+
+def source_of(fallback: bool) -> str:
+    return SOURCES[bool(fallback)]
+
+
+def round_scores(scores: np.ndarray) -> np.ndarray:
+    """Scores as float64 rounded to ``SCORE_DECIMALS``, as every output writes them."""
+    return np.round(np.asarray(scores).astype(np.float64), SCORE_DECIMALS)
+
+
+# ----------------------------------------------------------------------------- the request rule
+def _key_at(key, max_chars: int | None) -> str | None:
+    problem = key_problem(key)
+    if problem is None and max_chars is not None and type(key) is str and len(key) > max_chars:
+        problem = f"has {len(key)} characters; at most {max_chars}"
+    return problem
+
+
+def history_problem(hist, max_key_chars: int | None = None) -> str | None:
+    """Why ``hist`` is not a history (a list of item keys, each under the one key rule
+    ``cddrec.vocab.key_problem``), else None: "must be a list ..." or "entry J ..."."""
+    if isinstance(hist, (str, bytes)) or not isinstance(hist, Sequence):
+        return f"must be a list of item keys, got {type(hist).__name__}"
+    for j, item in enumerate(hist):
+        problem = _key_at(item, max_key_chars)
+        if problem:
+            return f"entry {j} {problem}"
+    return None
+
+
+def request_problem(obj, *, user_required: bool = True, max_key_chars: int | None = None) -> str | None:
+    """Why ``obj`` is not a request ``{"user": key, "history": [item keys]}``, else None: the one rule
+    of cddrec-infer's lines and the server's bodies (where ``user`` is optional: absent or null)."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    user = obj.get("user")
+    if "user" not in obj and user_required:
+        return "missing field 'user'"
+    if user is not None or user_required:
+        problem = _key_at(user, max_key_chars)
+        if problem:
+            return f"field 'user' {problem}"
+    if "history" not in obj:
+        return "missing field 'history'"
+    problem = history_problem(obj["history"], max_key_chars)
+    return f"field 'history' {problem}" if problem else None
+
 
 class KeyMapper:
     """Vectorized item key -> id (0 = unknown) and id -> key, with the model's vocabulary.
 
     A key matches as its string form, as ``Vocab.index.get(str(key))`` does: 17 and "17" are the
-    same item."""
+    same item. Integer keys spanning a range of at most ``LUT_SPAN_PER_KEY`` times their count
+    (plus ``LUT_SPAN_MIN``) are looked up in a dense table (one gather per key); sparser ones by a
+    binary search."""
+
+    LUT_SPAN_PER_KEY = 8
+    LUT_SPAN_MIN = 1 << 20
 
     def __init__(self, vocab: Vocab):
         self.keys_str = pa.array(vocab.keys, pa.string())
         self.is_int = vocab.key_type == "int"
-        self.sorted_int = self.order = None
+        self.sorted_int = self.order = self.lut = None
+        self.lo = 0
         if self.is_int:
             ints = np.array([int(k) for k in vocab.keys], dtype=np.int64)
             self.order = np.argsort(ints, kind="stable")
             self.sorted_int = ints[self.order]
             self.out_keys = pa.array(ints)
+            if len(ints):
+                self.lo = int(self.sorted_int[0])
+                span = int(self.sorted_int[-1]) - self.lo + 1
+                if span <= self.LUT_SPAN_PER_KEY * len(ints) + self.LUT_SPAN_MIN:
+                    self.lut = np.zeros(span + 1, dtype=np.int32)  # key - lo -> id; the last entry: unknown
+                    self.lut[(ints - self.lo)[::-1]] = np.arange(len(ints), 0, -1, dtype=np.int32)  # first wins
         else:
             self.out_keys = self.keys_str
 
@@ -48,6 +113,11 @@ class KeyMapper:
             return np.zeros(0, dtype=np.int64)
         if self.is_int and pa.types.is_integer(values.type):
             v = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            if self.lut is not None:
+                # v - lo wraps (mod 2**64) for keys below lo, so as unsigned every key outside the table is >= its size
+                span = len(self.lut) - 1
+                pos = np.minimum((v - np.int64(self.lo)).view(np.uint64), np.uint64(span))
+                return self.lut[pos].astype(np.int64)
             pos = np.searchsorted(self.sorted_int, v).clip(0, len(self.sorted_int) - 1)
             hit = self.sorted_int[pos] == v
             return np.where(hit, self.order[pos] + 1, 0).astype(np.int64)
@@ -80,15 +150,19 @@ def encode_flat(values: pa.Array, offsets: np.ndarray, mapper: KeyMapper, max_hi
     ids = mapper.ids(values.slice(int(offs[0]), int(offs[-1] - offs[0])))  # (total,)
     offs = offs - offs[0]
     n, lens = len(offs) - 1, np.diff(offs)
-    row = np.repeat(np.arange(n), lens)
     known = ids > 0
-    keep = known
-    if max_history:  # the most recent max_history known items (TensorRT profiles stop there)
-        kpos = np.flatnonzero(known)
-        kc = np.bincount(row[kpos], minlength=n)
-        kend = np.cumsum(kc)  # end of each row's run among the known items
-        keep = known.copy()
-        keep[kpos] = kend[row[kpos]] - 1 - np.arange(len(kpos)) < max_history
+    if not max_history:  # every known id: counts from a running count of known items
+        kept = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(known, out=kept[1:])
+        koffs = kept[offs]  # (n + 1,)
+        return Encoded(ids if kept[-1] == len(ids) else ids[known], koffs, lens - np.diff(koffs))
+    # the most recent max_history known items (TensorRT profiles stop there)
+    row = np.repeat(np.arange(n), lens)
+    kpos = np.flatnonzero(known)
+    kc = np.bincount(row[kpos], minlength=n)
+    kend = np.cumsum(kc)  # end of each row's run among the known items
+    keep = known.copy()
+    keep[kpos] = kend[row[kpos]] - 1 - np.arange(len(kpos)) < max_history
     counts = np.bincount(row[keep], minlength=n)
     unknown = lens - np.bincount(row[known], minlength=n)
     return Encoded(ids[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), unknown.astype(np.int64))
@@ -96,16 +170,11 @@ def encode_flat(values: pa.Array, offsets: np.ndarray, mapper: KeyMapper, max_hi
 
 def encode_histories(histories: Sequence[Sequence], mapper: KeyMapper, max_history: int | None = None) -> Encoded:
     """Python histories (item keys, oldest first; ints and strings alike) -> ``Encoded``; a history that
-    is not a list of keys is a ValueError (the same rule as the request files' lines)."""
+    is not a list of keys is a ValueError (``history_problem``, the rule of the request files' lines)."""
     for i, h in enumerate(histories):
-        if isinstance(h, (str, bytes)) or not isinstance(h, Sequence):
-            raise ValueError(f"history {i} must be a list of item keys, got {type(h).__name__}")
-        for key in h:
-            problem = key_problem(key)
-            if problem and problem.startswith("must be"):
-                raise ValueError(f"history {i}: item keys are strings or integers, got {type(key).__name__} {key!r}")
-            if problem:
-                raise ValueError(f"history {i}: item key {problem}")
+        problem = history_problem(h)
+        if problem:
+            raise ValueError(f"history {i} {problem}")
     lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
     values = pa.array([str(key) for h in histories for key in h], pa.string())
     return encode_flat(values, np.concatenate([[0], np.cumsum(lens)]), mapper, max_history)

@@ -3,7 +3,8 @@
     blocks = read_blocks(path, fmt)            # runtime.requests: Arrow blocks + bad lines
     stats = serve(rec, blocks, writer, ...)    # map, dedupe, pad, infer, decode, write
 
-Three stages overlap: a reader thread parses the next block, maps item keys to ids
+Three stages overlap (:class:`HostLanes`: the reader and writer run at the lowest CPU priority, in
+the engine's idle gaps): a reader thread parses the next block, maps item keys to ids
 (``cddrec.runtime.codec``, a vectorized lookup) and checks users for duplicates (:class:`SeenUsers`,
 64-bit hashes and first lines in sorted numpy runs: 16 bytes per user); the calling thread pads engine batches
 (numpy, from the list offsets) and runs the backend; a writer thread maps ids back to keys (a
@@ -19,8 +20,10 @@ users and a bounded number of padded ids).
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -36,7 +39,7 @@ from cddrec.vocab import is_int_key
 from . import writers
 from .codec import Encoded, KeyMapper, TopK, encode_flat
 from .recommender import Recommender
-from .requests import RequestBlock, input_format, read_blocks
+from .requests import RequestBlock, compact, input_format, read_blocks
 from .writers import WRITERS, ErrorWriter
 
 KEY_MODES = ("auto", "str", "int")
@@ -153,6 +156,71 @@ def encode_block(block: RequestBlock, mapper: KeyMapper, max_history: int | None
 
 
 # ----------------------------------------------------------------------------- the loop
+def lowest_priority() -> bool:
+    """Put the calling thread at the lowest CPU priority: Linux ``SCHED_IDLE`` (it runs when a core
+    would otherwise idle), else nice 19; False where neither is possible."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+        return True
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        return True
+    return False
+
+
+class HostLanes:
+    """The reader and writer threads of :func:`serve` (one each).
+
+    They start at the lowest CPU priority (:func:`lowest_priority`): the engine's threads keep the
+    cores, and parsing, encoding and writing (a few microseconds per user, against the engine's
+    hundreds) run in its idle gaps (ONNX Runtime's threads sleep between operators: batch serving
+    does not let them spin) instead of delaying one of its threads, which holds up the whole
+    operator. Should the engine have to wait for them ``STARVED_BLOCKS`` blocks in a row (the cores
+    are busy with other programs), they go on at normal priority: new threads, since a thread
+    cannot raise its own priority back."""
+
+    STARVED_BLOCKS = 3
+
+    def __init__(self, low: bool = True):
+        self.low = low
+        self.starved = 0
+        self.waited = False
+        self.retired: list[ThreadPoolExecutor] = []
+        self.reader, self.writer = self._pools()
+
+    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
+        init = lowest_priority if self.low else None
+        return (ThreadPoolExecutor(1, thread_name_prefix="read", initializer=init),
+                ThreadPoolExecutor(1, thread_name_prefix="write", initializer=init))
+
+    def read(self, fn, *args) -> Future:
+        return self.reader.submit(fn, *args)
+
+    def write(self, fn, *args) -> Future:
+        return self.writer.submit(fn, *args)
+
+    def wait(self, job: Future):
+        """``job``'s result, noting whether the engine had to wait for it."""
+        self.waited |= not job.done()
+        return job.result()
+
+    def next_block(self) -> None:
+        """After each block: count the blocks in a row the engine waited for the lanes; at
+        ``STARVED_BLOCKS``, later jobs go to new threads at normal priority (running ones finish)."""
+        self.starved = self.starved + 1 if self.waited else 0
+        self.waited = False
+        if self.low and self.starved >= self.STARVED_BLOCKS:
+            self.low = False
+            self.retired += [self.reader, self.writer]
+            for pool in self.retired:
+                pool.shutdown(wait=False)
+            self.reader, self.writer = self._pools()
+
+    def close(self) -> None:
+        for pool in (*self.retired, self.reader, self.writer):
+            pool.shutdown(wait=True)
+
+
 def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: ErrorWriter, *, k: int,
           batch_size: int = 256, strict: bool = False, check_duplicates: bool = True, source: str = "input",
           progress: bool = False, max_history: int | None = None, keys: str = "auto") -> BatchStats:
@@ -207,24 +275,25 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
         bar = tqdm(unit="user", desc="cddrec-infer", dynamic_ncols=True)
     t0 = time.perf_counter()
     it = iter(blocks)
+    lanes = HostLanes()
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
-                ThreadPoolExecutor(1, thread_name_prefix="write") as writer_pool:
-            pending = reader.submit(prepare, it)
-            write_job = None
-            while True:
-                got = pending.result()  # re-raises reader errors (strict mode, unreadable file)
-                if got is None:
-                    break
-                pending = reader.submit(prepare, it)  # read the next block during inference
-                block, enc = got
-                res = rec.infer_encoded(enc, k, batch_size)
-                if write_job is not None:
-                    write_job.result()
-                write_job = writer_pool.submit(write, block, enc, res)
+        pending = lanes.read(prepare, it)
+        write_job = None
+        while True:
+            got = lanes.wait(pending)  # re-raises reader errors (strict mode, unreadable file)
+            if got is None:
+                break
+            pending = lanes.read(prepare, it)  # read the next block during inference
+            block, enc = got
+            res = rec.infer_encoded(enc, k, batch_size)
             if write_job is not None:
-                write_job.result()
+                lanes.wait(write_job)
+            write_job = lanes.write(write, block, enc, res)
+            lanes.next_block()
+        if write_job is not None:
+            write_job.result()
     finally:
+        lanes.close()
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - t0
@@ -244,7 +313,7 @@ def _drop(block: RequestBlock, rows: np.ndarray, reason) -> None:
     block.lines = block.lines[keep]
     block.users = [u for u, kk in zip(block.users, keep) if kk] if isinstance(block.users, list) \
         else block.users.filter(pa.array(keep))
-    block.histories = _compact(block.histories.filter(pa.array(keep)))
+    block.histories = compact(block.histories.filter(pa.array(keep)))
 
 
 def typed_users(users, keys: str) -> tuple[pa.Array | list, np.ndarray]:
@@ -256,17 +325,30 @@ def typed_users(users, keys: str) -> tuple[pa.Array | list, np.ndarray]:
                 else users.cast(pa.string())), np.zeros(n, bool)
     if not isinstance(users, list) and pa.types.is_integer(users.type):
         return users.cast(pa.int64()), np.zeros(n, bool)
-    values = users if isinstance(users, list) else users.to_pylist()
-    bad = np.array([not (type(u) is int or is_int_key(u)) for u in values], dtype=bool)
-    return pa.array([0 if b else int(u) for u, b in zip(values, bad)], pa.int64()), bad
+    if not isinstance(users, list):
+        return _int_strings(users.cast(pa.string()))
+    bad = np.array([not (type(u) is int or is_int_key(u)) for u in users], dtype=bool)  # mixed keys (rare)
+    return pa.array([0 if b else int(u) for u, b in zip(users, bad)], pa.int64()), bad
 
 
-def _compact(hist: pa.ListArray) -> pa.ListArray:
-    offs = np.asarray(hist.offsets, dtype=np.int64)
-    return pa.ListArray.from_arrays(pa.array((offs - offs[0]).astype(np.int32)), hist.flatten())
+def _int_strings(strings: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """String keys as int64 (0 where not an integer) and a mask of those that are not (``is_int_key``,
+    vectorized: canonical ASCII integers by a regular expression, the few of 19+ digits checked one by one)."""
+    import pyarrow.compute as pc
+
+    canonical = np.asarray(pc.match_substring_regex(strings, r"^(0|-?[1-9][0-9]*)$").fill_null(False))
+    long = canonical & (np.asarray(pc.utf8_length(strings).fill_null(0)) >= 19)  # may not fit int64
+    short = canonical & ~long
+    values = np.zeros(len(strings), dtype=np.int64)
+    values[short] = pc.cast(strings.filter(pa.array(short)), pa.int64()).to_numpy()
+    ok = short.copy()
+    for i in np.flatnonzero(long):
+        key = strings[int(i)].as_py()
+        if is_int_key(key):
+            values[i], ok[i] = int(key), True
+    return pa.array(values), ~ok
 
 
-from .backends import engine_options  # noqa: E402,F401 - its home; benchmarks/infer_throughput imports it here
 
 
 def errors_path_for(output_path: str | Path) -> Path:

@@ -16,7 +16,8 @@ Inputs, all streamed in blocks except logs:
   memory (interactions stably sorted by time, users in order of first appearance); a bad row is
   reported with its line and the rest are served.
 
-Keys follow the one key rule (:func:`cddrec.vocab.key_problem`): a string (valid Unicode, kept
+Lines follow the one request rule (:func:`cddrec.runtime.codec.request_problem`); keys the one
+key rule (:func:`cddrec.vocab.key_problem`): a string (valid Unicode, kept
 byte for byte) or an integer that fits int64; anything else makes its line bad. Every block is a
 :class:`RequestBlock`: line numbers, users, histories (an Arrow list array of item keys), the bad
 lines among them and the text of any of its lines (for the errors file).
@@ -35,7 +36,9 @@ import pyarrow as pa
 
 from cddrec.errors import DataError
 from cddrec.readers import PARQUET_SUFFIXES, BadLine, read_log, shown
-from cddrec.vocab import INT64_MAX, key_problem, typed_key
+from cddrec.vocab import INT64_MAX, typed_key
+
+from .codec import request_problem
 
 LOG_SUFFIXES = (".csv", ".tsv")
 BLOCK_BYTES = 4 << 20  # JSONL bytes per block
@@ -99,23 +102,10 @@ def parse_line(text: str, lineno: int) -> tuple[object, list] | BadLine:
         return BadLine(lineno, "invalid JSON: nested too deeply", text_shown)
     except ValueError as e:  # integers over the int-string conversion limit
         return BadLine(lineno, f"invalid JSON: {str(e).splitlines()[0][:120]}", text_shown)
-    if not isinstance(obj, dict):
-        return BadLine(lineno, f"expected a JSON object, got {type(obj).__name__}", text_shown)
-    if "user" not in obj:
-        return BadLine(lineno, "missing field 'user'", text_shown)
-    problem = key_problem(obj["user"])
+    problem = request_problem(obj)
     if problem:
-        return BadLine(lineno, f"field 'user' {problem}", text_shown)
-    if "history" not in obj:
-        return BadLine(lineno, "missing field 'history'", text_shown)
-    hist = obj["history"]
-    if not isinstance(hist, list):
-        return BadLine(lineno, f"field 'history' must be a list of item keys, got {type(hist).__name__}", text_shown)
-    for j, item in enumerate(hist):
-        problem = key_problem(item)
-        if problem:
-            return BadLine(lineno, f"field 'history' entry {j} {problem}", text_shown)
-    return obj["user"], hist
+        return BadLine(lineno, problem, text_shown)
+    return obj["user"], obj["history"]
 
 
 def block_from_pairs(lines: list[int], users: list, hists: list[list], bad: list[BadLine], n_lines: int,
@@ -197,13 +187,15 @@ def _arrow_block(buf: bytes, first_line: int, n_lines: int, schema: list) -> Req
         if offs[-1] != offs[0]:  # nulls as items
             return None
         hist = pa.ListArray.from_arrays(pa.array(offs - offs[0], pa.int32()), pa.array([], pa.int64()))
-    hist = _zero_based(hist)
+    hist = compact(hist)
     schema[0] = pa.schema([("user", users.type), ("history", pa.list_(hist.type.value_type))])
     return RequestBlock(np.arange(first_line, first_line + n_lines, dtype=np.int64), users, hist, [], n_lines,
                         _buffer_lines(buf, first_line))
 
 
-def _zero_based(hist) -> pa.ListArray:
+def compact(hist) -> pa.ListArray:
+    """``hist`` as a list array with int32 offsets from 0 over its own values (string values, not large);
+    ``hist`` itself when it already is one."""
     offs = np.asarray(hist.offsets, dtype=np.int64)
     if offs[0] == 0 and not hist.offset and isinstance(hist, pa.ListArray) and not hist.values.offset \
             and len(hist.values) == offs[-1]:
@@ -251,7 +243,7 @@ def _mixed_block(buf: bytes, first_line: int, n_lines: int, ropts) -> RequestBlo
     if len(hist) != n_lines or hist.null_count or hist.values.null_count:
         return None
     return RequestBlock(np.arange(first_line, first_line + n_lines, dtype=np.int64), users.combine_chunks(),
-                        _zero_based(hist), [], n_lines, _buffer_lines(buf, first_line))
+                        compact(hist), [], n_lines, _buffer_lines(buf, first_line))
 
 
 def _slow_block(buf: bytes, first_line: int) -> RequestBlock:
@@ -457,13 +449,8 @@ def _parquet_block(batch: pa.RecordBatch, line: int) -> RequestBlock:
     hist = pa.ListArray.from_arrays(pa.array(offs.astype(np.int32)), vals)
     if not ok.all():
         keep = pa.array(ok)
-        users, lines, hist = users.filter(keep), lines[ok], _compact(hist.filter(keep))
+        users, lines, hist = users.filter(keep), lines[ok], compact(hist.filter(keep))
     return RequestBlock(lines, users, hist, bad, n, text_of)
-
-
-def _compact(hist: pa.ListArray) -> pa.ListArray:
-    offs = np.asarray(hist.offsets, dtype=np.int64)
-    return pa.ListArray.from_arrays(pa.array((offs - offs[0]).astype(np.int32)), hist.flatten())
 
 
 # --------------------------------------------------------------------------- interaction logs

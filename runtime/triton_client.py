@@ -27,7 +27,7 @@ from cddrec.contract import MASK_SCORE, check_distinct_keys
 from cddrec.errors import ModelFileError
 from cddrec.vocab import Vocab
 
-from .codec import KeyMapper, TopK, decode_rows, encode_histories, fill_popular, left_pad, popular_ids
+from .codec import KeyMapper, TopK, decode_rows, encode_histories, fill_popular, left_pad, popular_ids, source_of
 
 FORMAT = "cddrec-triton-client"
 
@@ -109,5 +109,5 @@ class TritonClientCodec:
         sent[batch.rows] = True
         fill_popular(top, ~sent, popular_ids(self.popular, self.mapper, k))
         keys, scores = decode_rows(top, self.mapper)
-        return [{"items": ks, "scores": ss, "source": "popularity" if fb else "model", "unknown": u}
+        return [{"items": ks, "scores": ss, "source": source_of(fb), "unknown": u}
                 for ks, ss, fb, u in zip(keys, scores, top.fallback, batch.unknown)]

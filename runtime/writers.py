@@ -7,8 +7,8 @@ comes from: ``source`` is ``"model"`` (the graph's top-k, scores on the model's 
 interaction counts).
 
 - JSONL: ``{"user": key, "items": [...], "scores": [...], "source": "model"}``; scores rounded
-  to 6 decimals.
-- CSV: a header, then ``user,rank,item,score,source`` rows (scores rounded to 6 decimals).
+  to ``codec.SCORE_DECIMALS`` (6) decimals.
+- CSV: a header, then ``user,rank,item,score,source`` rows (scores rounded the same way).
 - Parquet: columns ``user``, ``items`` (list), ``scores`` (list of float32) and ``source`` (string).
 
 Outputs are opened by the pipeline through :mod:`cddrec.io` (temporary file renamed at the end, or
@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .codec import SOURCES, round_scores
+
 OUTPUT_FORMATS = ("jsonl", "csv", "parquet")
-SOURCES = ("model", "popularity")
 
 
 def output_format(path: Path, fmt: str | None) -> str:
@@ -68,7 +69,7 @@ class JsonlWriter:
               ) -> None:
         import polars as pl
 
-        sc = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(np.round(scores.astype(np.float64), 6)))
+        sc = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(round_scores(scores)))
         src = _sources(fallback)
         for start, stop, arr in _json_user_runs(users):
             df = pl.from_arrow(pa.table({"user": arr, "items": items[start:stop], "scores": sc[start:stop],
@@ -95,7 +96,7 @@ class CsvWriter:
         rank = np.arange(len(row)) - np.repeat(offsets[:-1], lens) + 1
         table = pa.table({"user": _user_strings(users).take(pa.array(row)), "rank": pa.array(rank),
                           "item": items.flatten().cast(pa.string()),
-                          "score": pa.array(np.round(scores.astype(np.float64), 6)),
+                          "score": pa.array(round_scores(scores)),
                           "source": _sources(fallback).take(pa.array(row))})
         b = io.BytesIO()
         pl.from_arrow(table).write_csv(b, include_header=False)

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from cddrec.app.infer import main as infer_main
 from cddrec.io import output_lock
-from cddrec.runtime.codec import left_pad
+from cddrec.runtime.codec import KeyMapper, encode_flat, left_pad
 from cddrec.runtime.pipeline import SeenUsers, run_batch
 from cddrec.runtime.recommender import Recommender
+from cddrec.vocab import Vocab
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +308,40 @@ def test_parquet_log_with_a_typed_timestamp_column(tmp_path, trained_tiny_onnx, 
     got = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     want = rec.recommend([[keys[0], keys[1], keys[2]]])[0]
     assert got[0]["items"] == want.items
+
+
+# ------------------------------------------------------------------------- the codec's vectorized paths
+def _ids_by_dict(vocab, values):
+    return np.array([vocab.index.get(str(v), 0) for v in values], dtype=np.int64)
+
+
+@pytest.mark.parametrize("keys", [[5, 3, 1000, 7, 4], [0], list(range(-50, 50, 3)),
+                                  [-(2**63), 2**63 - 1, 12, -7], [2**62 + i for i in range(5)]])
+def test_int_key_lookup_equals_the_vocabulary(keys):
+    """The dense table (a small key range) and the binary search (a sparse one) both map as Vocab.index."""
+    vocab = Vocab.build(str(k) for k in keys)
+    mapper = KeyMapper(vocab)
+    lo, hi = min(keys), max(keys)
+    probe = keys + [lo - 1, hi + 1, 0, -1, 1, 2**63 - 1, -(2**63), 10**9, -(10**9)]
+    probe = [p for p in probe if -(2**63) <= p < 2**63]
+    got = mapper.ids(pa.array(probe, pa.int64()))
+    assert got.dtype == np.int64
+    assert got.tolist() == _ids_by_dict(vocab, probe).tolist()
+    assert (mapper.lut is not None) == (hi - lo < 2**20)  # both paths are exercised
+    assert mapper.ids(pa.array([str(p) for p in probe], pa.string())).tolist() == got.tolist()
+
+
+@pytest.mark.parametrize("max_history", [None, 2])
+def test_encode_flat_counts_known_and_unknown(max_history):
+    vocab = Vocab.build(str(k) for k in range(1, 30))
+    mapper = KeyMapper(vocab)
+    g = np.random.default_rng(3)
+    hists = [list(g.integers(0, 40, size=int(g.integers(0, 8)))) for _ in range(200)]
+    offsets = np.concatenate([[0], np.cumsum([len(h) for h in hists])])
+    values = pa.array([int(x) for h in hists for x in h], pa.int64())
+    enc = encode_flat(values, offsets, mapper, max_history)
+    for i, h in enumerate(hists):
+        known = [vocab.index[str(x)] for x in h if str(x) in vocab.index]
+        assert enc.unknown[i] == len(h) - len(known)
+        want = known[-max_history:] if max_history else known
+        assert enc.ids[enc.offsets[i]:enc.offsets[i + 1]].tolist() == want

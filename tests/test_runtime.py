@@ -207,7 +207,7 @@ def test_recommend_refuses_what_is_not_a_history(trained_tiny_onnx):
     rec = Recommender.load(trained_tiny_onnx)
     with pytest.raises(ValueError, match="history 0 must be a list"):
         rec.recommend(["332"])  # a string is not a list of item keys
-    with pytest.raises(ValueError, match="history 1: item keys are strings or integers, got float"):
+    with pytest.raises(ValueError, match="history 1 entry 0 must be a string or integer, got float"):
         rec.recommend([[1], [5.0]])
     with pytest.raises(ValueError, match="at least 1"):
         rec.recommend([[1]], k=0)

@@ -7,11 +7,11 @@ per request, is ``{"user", "items", "scores", "source"}``: ``source`` is ``"mode
 counts) stands in.
 
 Checks happen here, on the event loop, so that a bad request gets its 400 and never reaches a
-batch (the same rules as ``codec.encode_histories``); encoding, inference and decoding happen per
+batch (the one request rule, ``codec.request_problem``); encoding, inference and decoding happen per
 batch on the engine thread (``KeyRunner``), with the one serving codec (``cddrec.runtime.codec``:
 ``encode_flat``, ``decode_rows``) and ``Recommender.infer_encoded``: the keys,
-masking and fallback are exactly cddrec-infer's. Scores are rounded to 6 decimals, as cddrec-infer
-writes them.
+masking and fallback are exactly cddrec-infer's. Scores are rounded as cddrec-infer
+writes them (``codec.round_scores``).
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ import orjson
 import pyarrow as pa
 
 from cddrec.contract import GraphContract
-from cddrec.vocab import Vocab, key_problem
+from cddrec.vocab import Vocab
 
-from ..codec import KeyMapper, decode_rows, encode_flat
+from ..codec import KeyMapper, decode_rows, encode_flat, request_problem, round_scores, source_of
 from .protocol import ProtocolError
 
 MAX_KEY_CHARS = 256  # longest user or item key accepted (Amazon ASINs have 10)
-SCORE_DECIMALS = 6  # as cddrec-infer's writers
 
 
 @dataclass
@@ -48,28 +47,13 @@ class KeyRequest:
         return max(len(h) for h in self.histories)
 
 
-def _key(v, where: str, field: str) -> None:
-    """The one key rule (``cddrec.vocab.key_problem``: a string or an int64 integer, valid Unicode) and a length cap."""
-    problem = key_problem(v)
-    if problem is not None:
-        raise ProtocolError(f"{where}field {field}: a key {problem}")
-    if type(v) is str and len(v) > MAX_KEY_CHARS:
-        raise ProtocolError(f"{where}field {field}: a key of {len(v)} characters; at most {MAX_KEY_CHARS}")
-
-
 def _one(obj, where: str, contract: GraphContract) -> tuple[object, list, int | None]:
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"{where}expected an object {{\"user\", \"history\", \"k\"}}, got {type(obj).__name__}")
-    user = obj.get("user")
-    if user is not None:
-        _key(user, where, "'user'")
-    if "history" not in obj:
-        raise ProtocolError(f"{where}missing field 'history' (a list of item keys, oldest first)")
-    hist = obj["history"]
-    if not isinstance(hist, list):
-        raise ProtocolError(f"{where}field 'history' must be a list of item keys, got {type(hist).__name__}")
-    for j, item in enumerate(hist):
-        _key(item, where, f"'history' entry {j}")
+    """One request of a body, checked by the one request rule (``codec.request_problem``; ``user``
+    optional, keys at most ``MAX_KEY_CHARS``), then its ``k``."""
+    problem = request_problem(obj, user_required=False, max_key_chars=MAX_KEY_CHARS)
+    if problem:
+        raise ProtocolError(where + problem)
+    user, hist = obj.get("user"), obj["history"]
     k = obj.get("k")
     if k is not None:
         if type(k) is not int:
@@ -141,12 +125,12 @@ class KeyRunner:
         top = rec.infer_encoded(enc, K, self.batch_size)  # (n, K), popularity where nothing is known
         ks = np.fromiter((K if k is None else min(k, K) for p in payloads for k in p.ks), np.int64, len(hists))
         top.valid &= np.arange(K)[None, :] < ks[:, None]  # each request's own k
-        top.scores = np.round(top.scores.astype(np.float64), SCORE_DECIMALS)
+        top.scores = round_scores(top.scores)
         keys, scores = decode_rows(top, rec.mapper)
         fallback = top.fallback.tolist()
         out, i = [], 0
         for p in payloads:
-            recs = [{"user": u, "items": keys[j], "scores": scores[j], "source": "popularity" if fallback[j] else "model"}
+            recs = [{"user": u, "items": keys[j], "scores": scores[j], "source": source_of(fallback[j])}
                     for j, u in zip(range(i, i + p.size), p.users)]
             i += p.size
             out.append(orjson.dumps(recs[0] if p.single else recs))
