@@ -3,8 +3,7 @@
     blocks = read_blocks(path, fmt)            # runtime.requests: Arrow blocks + bad lines
     stats = serve(rec, blocks, writer, ...)    # map, dedupe, pad, infer, decode, write
 
-Three stages overlap (:class:`HostLanes`: the reader and writer run at the lowest CPU priority, in
-the engine's idle gaps): a reader thread parses the next block, maps item keys to ids
+Three stages overlap: a reader thread parses the next block, maps item keys to ids
 (``cddrec.runtime.codec``, a vectorized lookup) and checks users for duplicates (:class:`SeenUsers`,
 64-bit hashes and first lines in sorted numpy runs: 16 bytes per user); the calling thread pads engine batches
 (numpy, from the list offsets) and runs the backend; a writer thread maps ids back to keys (a
@@ -20,10 +19,8 @@ users and a bounded number of padded ids).
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -156,71 +153,6 @@ def encode_block(block: RequestBlock, mapper: KeyMapper, max_history: int | None
 
 
 # ----------------------------------------------------------------------------- the loop
-def lowest_priority() -> bool:
-    """Put the calling thread at the lowest CPU priority: Linux ``SCHED_IDLE`` (it runs when a core
-    would otherwise idle), else nice 19; False where neither is possible."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
-        return True
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        return True
-    return False
-
-
-class HostLanes:
-    """The reader and writer threads of :func:`serve` (one each).
-
-    They start at the lowest CPU priority (:func:`lowest_priority`): the engine's threads keep the
-    cores, and parsing, encoding and writing (a few microseconds per user, against the engine's
-    hundreds) run in its idle gaps (ONNX Runtime's threads sleep between operators: batch serving
-    does not let them spin) instead of delaying one of its threads, which holds up the whole
-    operator. Should the engine have to wait for them ``STARVED_BLOCKS`` blocks in a row (the cores
-    are busy with other programs), they go on at normal priority: new threads, since a thread
-    cannot raise its own priority back."""
-
-    STARVED_BLOCKS = 3
-
-    def __init__(self, low: bool = True):
-        self.low = low
-        self.starved = 0
-        self.waited = False
-        self.retired: list[ThreadPoolExecutor] = []
-        self.reader, self.writer = self._pools()
-
-    def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
-        init = lowest_priority if self.low else None
-        return (ThreadPoolExecutor(1, thread_name_prefix="read", initializer=init),
-                ThreadPoolExecutor(1, thread_name_prefix="write", initializer=init))
-
-    def read(self, fn, *args) -> Future:
-        return self.reader.submit(fn, *args)
-
-    def write(self, fn, *args) -> Future:
-        return self.writer.submit(fn, *args)
-
-    def wait(self, job: Future):
-        """``job``'s result, noting whether the engine had to wait for it."""
-        self.waited |= not job.done()
-        return job.result()
-
-    def next_block(self) -> None:
-        """After each block: count the blocks in a row the engine waited for the lanes; at
-        ``STARVED_BLOCKS``, later jobs go to new threads at normal priority (running ones finish)."""
-        self.starved = self.starved + 1 if self.waited else 0
-        self.waited = False
-        if self.low and self.starved >= self.STARVED_BLOCKS:
-            self.low = False
-            self.retired += [self.reader, self.writer]
-            for pool in self.retired:
-                pool.shutdown(wait=False)
-            self.reader, self.writer = self._pools()
-
-    def close(self) -> None:
-        for pool in (*self.retired, self.reader, self.writer):
-            pool.shutdown(wait=True)
-
-
 def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: ErrorWriter, *, k: int,
           batch_size: int = 256, strict: bool = False, check_duplicates: bool = True, source: str = "input",
           progress: bool = False, max_history: int | None = None, keys: str = "auto") -> BatchStats:
@@ -275,25 +207,24 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
         bar = tqdm(unit="user", desc="cddrec-infer", dynamic_ncols=True)
     t0 = time.perf_counter()
     it = iter(blocks)
-    lanes = HostLanes()
     try:
-        pending = lanes.read(prepare, it)
-        write_job = None
-        while True:
-            got = lanes.wait(pending)  # re-raises reader errors (strict mode, unreadable file)
-            if got is None:
-                break
-            pending = lanes.read(prepare, it)  # read the next block during inference
-            block, enc = got
-            res = rec.infer_encoded(enc, k, batch_size)
+        with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="write") as writer_pool:
+            pending = reader.submit(prepare, it)
+            write_job = None
+            while True:
+                got = pending.result()  # re-raises reader errors (strict mode, unreadable file)
+                if got is None:
+                    break
+                pending = reader.submit(prepare, it)  # read the next block during inference
+                block, enc = got
+                res = rec.infer_encoded(enc, k, batch_size)
+                if write_job is not None:
+                    write_job.result()
+                write_job = writer_pool.submit(write, block, enc, res)
             if write_job is not None:
-                lanes.wait(write_job)
-            write_job = lanes.write(write, block, enc, res)
-            lanes.next_block()
-        if write_job is not None:
-            write_job.result()
+                write_job.result()
     finally:
-        lanes.close()
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - t0

@@ -1,6 +1,5 @@
 """The serving codec's shared pieces: the key lookup against the vocabulary's dict on random keys, and
-the one request rule as cddrec-infer's lines, the server's bodies and Recommender histories see it;
-the pipeline's host threads (their priority)."""
+the one request rule as cddrec-infer's lines, the server's bodies and Recommender histories see it."""
 
 import json
 
@@ -102,44 +101,6 @@ def test_what_every_output_says():
     assert [codec.source_of(False), codec.source_of(np.bool_(True))] == list(codec.SOURCES) == ["model", "popularity"]
     s = np.array([0.1234567, -1.0000005], np.float32)
     assert codec.round_scores(s).tolist() == np.round(s.astype(np.float64), codec.SCORE_DECIMALS).tolist()
-
-
-# ------------------------------------------------------------------------- the pipeline's host threads
-def _policy():
-    import os
-    return os.sched_getscheduler(0)
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_IDLE"), reason="Linux scheduling policies")
-def test_host_lanes_start_low_and_go_normal_when_the_engine_starves():
-    import os
-    import threading
-
-    from cddrec.runtime.pipeline import HostLanes
-
-    lanes = HostLanes()
-    try:
-        assert lanes.read(_policy).result() == os.SCHED_IDLE
-        assert lanes.write(_policy).result() == os.SCHED_IDLE
-        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the engine's thread is left as it was
-        done = lanes.read(int)
-        done.result()
-        assert lanes.wait(done) == 0
-        lanes.next_block()
-        assert lanes.starved == 0 and lanes.low
-        gate = threading.Event()
-        for _ in range(HostLanes.STARVED_BLOCKS):
-            assert lanes.low
-            job = lanes.read(gate.wait, 5)
-            threading.Timer(0.05, gate.set).start()
-            assert lanes.wait(job) is True  # the engine waited for the reader
-            gate.clear()
-            lanes.next_block()
-        assert not lanes.low
-        assert lanes.wait(lanes.read(_policy)) == os.SCHED_OTHER
-        assert lanes.wait(lanes.write(_policy)) == os.SCHED_OTHER
-    finally:
-        lanes.close()
 
 
 @settings(max_examples=60, deadline=None)
