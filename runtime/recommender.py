@@ -24,7 +24,7 @@ from cddrec.contract import MASK_SCORE, ServingInfo, serving_info
 from cddrec.errors import ModelFileError
 
 from .backends import BackendBase, OrtBackend, load_backend
-from .codec import Encoded, KeyMapper, TopK, decode_rows, encode_histories, fill_popular, left_pad, popular_ids
+from .codec import Encoded, KeyMapper, TopK, decode_rows, encode_histories, fill_popular, left_pad, popular_ids, source_of
 
 MAX_CELLS = 1 << 22  # padded ids per engine batch (32 MB of int64)
 
@@ -122,7 +122,7 @@ class Recommender:
         enc = encode_histories(histories, self.mapper, self.max_history)
         top = self.infer_encoded(enc, k)
         keys, scores = decode_rows(top, self.mapper)
-        return [Recommendation(ks, ss, "popularity" if fb else "model", int(u))
+        return [Recommendation(ks, ss, source_of(fb), int(u))
                 for ks, ss, fb, u in zip(keys, scores, top.fallback, enc.unknown)]
 
     def check_k(self, k: int | None) -> int:
