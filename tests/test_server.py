@@ -227,17 +227,24 @@ def test_metrics_count_requests_by_route_and_status(server):
 def test_load_benchmark_reports_throughput_latency_batches_and_the_engine_alone(server, trained_tiny_onnx, tmp_path):
     from cddrec.benchmarks.serve_load import bench_serve
 
-    table, paths = bench_serve(server.url, [1, 8], 0.4, ["v2", "keys"], str(trained_tiny_onnx), 1, tmp_path, "load",
-                               echo=lambda m: None)
+    table, paths = bench_serve(server.url, [1, 8, 64], 0.4, ["v2", "keys"], str(trained_tiny_onnx), 1, tmp_path,
+                               "load", echo=lambda m: None)
     doc = json.loads((tmp_path / "load.json").read_text())
     assert doc["command"] and doc["commit"] and doc["server_model"]["name"] == "cddrec"
     rows = {(r["route"], r["concurrency"]): r for r in doc["results"]}
-    assert set(rows) == {("v2", 1), ("v2", 8), ("keys", 1), ("keys", 8)}
+    assert set(rows) == {(r, c) for r in ("v2", "keys") for c in (1, 8, 64)}
     for r in rows.values():
         assert r["requests"] > 0 and r["errors"] == {} and r["p50_ms"] <= r["p99_ms"]
         assert r["mean_batch"] is not None and r["mean_batch"] >= 1 and 0 < r["engine_busy"] < 1.2
     assert rows[("v2", 1)]["mean_batch"] == pytest.approx(1.0, abs=0.05)  # one client: batches of one
-    assert set(doc["engine"]) == {"batch_256", "batch_1"} and doc["engine"]["batch_256"]["users_per_s"] > 0
+    # ONNX Runtime alone timed around the steps it is compared with: batch 1 around c1, 256 around c64
+    assert [rows[("v2", c)]["engine_near"] and rows[("v2", c)]["engine_near"]["batch"] for c in (1, 8, 64)] \
+        == [1, None, 256]
+    near = rows[("keys", 64)]["engine_near"]
+    assert near["before"]["users_per_s"] > 0 and near["after"]["users_per_s"] > 0
+    assert near["users_per_s"] == pytest.approx((near["before"]["users_per_s"] + near["after"]["users_per_s"]) / 2)
+    ratio = doc["ratios"]["keys"]["c64_throughput_vs_ort_b256"]
+    assert ratio == pytest.approx(rows[("keys", 64)]["requests_per_s"] / near["users_per_s"])
     assert "c1_p50_minus_ort_b1_p50_ms" in doc["ratios"]["v2"]
     assert "| v2 | 8 |" in table and str(tmp_path / "load.md") in paths
 
