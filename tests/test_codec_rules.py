@@ -49,10 +49,15 @@ def test_sparse_int_keys_agree_with_the_dict(keys, probe):
     assert mapper.ids(pa.array(probe, pa.int64())).tolist() == _by_dict(vocab, probe)
 
 
-def test_string_keys_agree_with_the_dict():
+@pytest.mark.parametrize("small", [0, 4096])  # every lookup through the hash table / through the dict
+def test_string_keys_agree_with_the_dict(small, monkeypatch):
+    monkeypatch.setattr(KeyMapper, "SMALL", small)
     vocab = Vocab.build(["a", "B0", "17", "é", "٣"])
     probe = ["a", "b0", "17", "é", "٣", "3", "", "a "]
     assert KeyMapper(vocab).ids(pa.array(probe, pa.string())).tolist() == _by_dict(vocab, probe)
+    ints = KeyMapper(Vocab.build(["5", "17", "-3"]))  # an int vocabulary asked with string keys
+    probe = ["17", "017", "-3", "5 ", "x"]
+    assert ints.ids(pa.array(probe, pa.string())).tolist() == [2, 0, 3, 0, 0]
 
 
 BAD_REQUESTS = [

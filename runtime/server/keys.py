@@ -23,9 +23,8 @@ import orjson
 import pyarrow as pa
 
 from cddrec.contract import GraphContract
-from cddrec.vocab import Vocab
 
-from ..codec import KeyMapper, decode_rows, encode_flat, request_problem, round_scores, source_of
+from ..codec import decode_rows, encode_flat, request_problem, round_scores, source_of
 from .protocol import ProtocolError
 
 MAX_KEY_CHARS = 256  # longest user or item key accepted (Amazon ASINs have 10)
@@ -84,28 +83,6 @@ def parse_recommend(body: bytes, contract: GraphContract, max_batch: int) -> Key
         hists.append(hist)
         ks.append(k)
     return KeyRequest(users, hists, ks, single)
-
-
-class ServingKeyMapper(KeyMapper):
-    """``KeyMapper`` whose lookups of few keys go through the vocabulary's dict.
-
-    ``pyarrow.compute.index_in`` builds a hash table of the whole vocabulary on every call (about
-    1 ms for 12k keys): nothing for a block of 32k requests, most of the cost of a batch of one. Up
-    to ``SMALL`` keys are looked up in ``Vocab.index`` instead (the same ids: key -> position + 1, a
-    key as its string form). Belongs in ``cddrec.runtime.codec.KeyMapper.ids``."""
-
-    SMALL = 4096
-
-    def __init__(self, vocab: Vocab):
-        super().__init__(vocab)
-        self.index = vocab.index
-
-    def ids(self, values: pa.Array) -> np.ndarray:
-        if len(values) > self.SMALL:
-            return super().ids(values)
-        get = self.index.get
-        keys = values.cast(pa.string()).to_pylist()
-        return np.fromiter((get(k, 0) for k in keys), np.int64, len(keys))
 
 
 class KeyRunner:

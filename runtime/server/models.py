@@ -25,7 +25,6 @@ from cddrec.errors import ModelFileError
 
 from ..backends import backend_class, load_backend
 from ..recommender import Recommender
-from .keys import ServingKeyMapper
 
 log = logging.getLogger("cddrec.serve")
 # the file a version folder holds, by what the backend reads (Triton's default names first)
@@ -129,7 +128,6 @@ class ModelRepository:
         version, path = self.source.newest()
         t0 = time.perf_counter()
         rec = Recommender.load(path, backend=self.backend, threads=self.threads, **self.options)
-        rec.mapper = ServingKeyMapper(rec.info.vocab)  # the same ids, without a hash table per batch
         small = None
         small_threads = type(rec.backend).small_batch_threads(self.threads)
         if small_threads is not None:
