@@ -7,7 +7,6 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,17 +70,17 @@ def machine() -> dict:
 
 def user_command(script: str) -> list[str]:
     """How to run ``script`` (``cddrec-train``, ``cddrec-infer``, ...) as a user types it: the console script
-    of this install (beside ``sys.executable``), else the one on PATH, else (not installed as scripts)
-    ``sys.executable -m`` its module, read from the install's entry point."""
+    of this install (beside ``sys.executable``), else ``sys.executable -m`` its module, read from this
+    install's entry point (never another install's script found on PATH: it may run other code)."""
     beside = Path(sys.executable).with_name(script)
-    found = str(beside) if beside.exists() else shutil.which(script)
-    if found:
-        return [found]
+    if beside.exists():
+        return [str(beside)]
     from importlib.metadata import entry_points
 
     eps = {ep.name: ep for ep in entry_points(group="console_scripts")}
-    module = eps[script].module if script in eps else "cddrec.app." + script.removeprefix("cddrec-")
-    return [sys.executable, "-m", module]
+    if script not in eps:
+        raise LookupError(f"{script} is not a console script of this install: pip install -e . (or the wheel)")
+    return [sys.executable, "-m", eps[script].module]
 
 
 def command_line() -> str:

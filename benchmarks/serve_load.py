@@ -315,25 +315,27 @@ def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: lis
         echo(f"engine alone: ONNX Runtime on {model}, L={L}, timed before and after the steps it is compared with")
         engine = EngineAlone(model, L, threads, seconds=min(3.0, seconds))
     results = []
-    for route in routes:
-        if route == "v2":
-            bodies, path = v2_bodies(int(info["num_items"]), L, rng), f"/v2/models/{info['name']}/infer"
-        else:
-            keys = _vocab_keys(model) if model else gather_keys(url, K)
-            bodies, path = key_bodies(keys, L, K, rng), "/v1/recommend"
-        for c in concurrency:
-            def step(c=c, bodies=bodies, path=path, route=route) -> LoadResult:
-                return drive(url, path, route, bodies, c, seconds)
+    try:
+        for route in routes:
+            if route == "v2":
+                bodies, path = v2_bodies(int(info["num_items"]), L, rng), f"/v2/models/{info['name']}/infer"
+            else:
+                keys = _vocab_keys(model) if model else gather_keys(url, K)
+                bodies, path = key_bodies(keys, L, K, rng), "/v1/recommend"
+            for c in concurrency:
+                def step(c=c, bodies=bodies, path=path, route=route) -> LoadResult:
+                    return drive(url, path, route, bodies, c, seconds)
 
-            batch = engine_batch(c) if engine else None
-            r = engine.around(batch, step) if batch else step()
-            results.append(r)
-            near = (f"; ORT alone batch {batch}: {r.engine_near['users_per_s']:,.0f} users/s, p50 "
-                    f"{r.engine_near['p50_ms']:.3f} ms" if r.engine_near else "")
-            echo(f"  {route} concurrency {c}: {r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 "
-                 f"{r.p99_ms:.2f} ms, mean batch {r.mean_batch or 0:.1f}, errors {sum(r.errors.values())}{near}")
-    if engine:
-        engine.close()
+                batch = engine_batch(c) if engine else None
+                r = engine.around(batch, step) if batch else step()
+                results.append(r)
+                near = (f"; ORT alone batch {batch}: {r.engine_near['users_per_s']:,.0f} users/s, p50 "
+                        f"{r.engine_near['p50_ms']:.3f} ms" if r.engine_near else "")
+                echo(f"  {route} concurrency {c}: {r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 "
+                     f"{r.p99_ms:.2f} ms, mean batch {r.mean_batch or 0:.1f}, errors {sum(r.errors.values())}{near}")
+    finally:
+        if engine:
+            engine.close()
     res["results"] = [asdict(r) for r in results]
     if model:
         res["ratios"] = ratios(results)

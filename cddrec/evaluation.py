@@ -72,6 +72,14 @@ class EvalResult:
     fingerprint: str | None = None
 
 
+def reverse_timesteps(model: CDDRec, steps: int | None) -> list[int]:
+    """The reverse steps an evaluation runs (the first ``steps`` S of T, or all); a ValueError for an S out
+    of 1..T or for early exit on a model without a decoder (SASRec: one stage, [0])."""
+    if steps is not None and model.decoder is None:
+        raise ValueError("steps (early exit) needs a model with a decoder; this one is a SASRec baseline")
+    return list(model.diffusion.timesteps(steps)) if model.decoder is not None else [0]  # checks 1 <= S <= T
+
+
 @torch.no_grad()
 def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: bool = False,
              keep_topk: int = 0, progress: bool = False, steps: int | None = None) -> EvalResult:
@@ -81,9 +89,7 @@ def evaluate(model: CDDRec, split: EvalSplit, *, batch_size: int = 512, stages: 
     (``stages`` then lists stages 1..S, the same states as without ``steps``).
 
     Non-finite scores (a diverged model: NaN ranks would count as hits) raise ``NonFiniteError``."""
-    if steps is not None and model.decoder is None:
-        raise ValueError("steps (early exit) needs a model with a decoder; this one is a SASRec baseline")
-    timesteps = list(model.diffusion.timesteps(steps)) if model.decoder is not None else [0]  # checks 1 <= S <= T
+    timesteps = reverse_timesteps(model, steps)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -167,6 +173,7 @@ def evaluate_file(model: CDDRec, vocab: Vocab, path: str | Path, split: str = "t
                   **kwargs) -> EvalResult:
     """Evaluate ``model`` on a data file as it is: no k-core filter, every user with 3 or more items;
     unknown history items are dropped and unknown targets count as misses, all counted in ``report``."""
+    reverse_timesteps(model, kwargs.get("steps"))  # a bad --steps fails before the file is read
     users, seqs = read_keys(path, **(read_options or {}))
     split_, report = eval_split_from_keys(users, seqs, vocab, split, model.cfg.max_len)
     if not len(split_):

@@ -29,6 +29,27 @@ def is_int_key(k: str) -> bool:
             and INT64_MIN <= int(k) <= INT64_MAX)
 
 
+def int_keys(strings):
+    """``is_int_key`` over a pyarrow string array at once: (int64 array, 0 where not an integer; mask of the keys
+    that are not). Canonical ASCII integers by a regular expression; the few of 19+ digits (which may not fit
+    int64) checked one by one."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    canonical = np.asarray(pc.match_substring_regex(strings, r"^(0|-?[1-9][0-9]*)$").fill_null(False))
+    long = canonical & (np.asarray(pc.utf8_length(strings).fill_null(0)) >= 19)  # may not fit int64
+    short = canonical & ~long
+    values = np.zeros(len(strings), dtype=np.int64)
+    values[short] = pc.cast(strings.filter(pa.array(short)), pa.int64()).to_numpy()
+    ok = short.copy()
+    for i in np.flatnonzero(long):
+        key = strings[int(i)].as_py()
+        if is_int_key(key):
+            values[i], ok[i] = int(key), True
+    return pa.array(values), ~ok
+
+
 def key_problem(key) -> str | None:
     """Why ``key`` (a value read from a file or a request) cannot be a user or item key, else None.
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 from cddrec.errors import DataError
 from cddrec.io import atomic_open, atomic_path, output_lock, output_target, refuse_overwrite_inputs
 from cddrec.readers import BadLine
-from cddrec.vocab import is_int_key
+from cddrec.vocab import int_keys, is_int_key
 
 from . import writers
 from .codec import Encoded, KeyMapper, TopK, encode_flat
@@ -257,29 +257,9 @@ def typed_users(users, keys: str) -> tuple[pa.Array | list, np.ndarray]:
     if not isinstance(users, list) and pa.types.is_integer(users.type):
         return users.cast(pa.int64()), np.zeros(n, bool)
     if not isinstance(users, list):
-        return _int_strings(users.cast(pa.string()))
+        return int_keys(users.cast(pa.string()))
     bad = np.array([not (type(u) is int or is_int_key(u)) for u in users], dtype=bool)  # mixed keys (rare)
     return pa.array([0 if b else int(u) for u, b in zip(users, bad)], pa.int64()), bad
-
-
-def _int_strings(strings: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """String keys as int64 (0 where not an integer) and a mask of those that are not (``is_int_key``,
-    vectorized: canonical ASCII integers by a regular expression, the few of 19+ digits checked one by one)."""
-    import pyarrow.compute as pc
-
-    canonical = np.asarray(pc.match_substring_regex(strings, r"^(0|-?[1-9][0-9]*)$").fill_null(False))
-    long = canonical & (np.asarray(pc.utf8_length(strings).fill_null(0)) >= 19)  # may not fit int64
-    short = canonical & ~long
-    values = np.zeros(len(strings), dtype=np.int64)
-    values[short] = pc.cast(strings.filter(pa.array(short)), pa.int64()).to_numpy()
-    ok = short.copy()
-    for i in np.flatnonzero(long):
-        key = strings[int(i)].as_py()
-        if is_int_key(key):
-            values[i], ok[i] = int(key), True
-    return pa.array(values), ~ok
-
-
 
 
 def errors_path_for(output_path: str | Path) -> Path:

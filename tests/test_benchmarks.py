@@ -303,7 +303,9 @@ def test_metric_value_reads_a_metrics_page_with_prometheus_clients_parser():
 
 
 def test_benchmarks_run_the_console_script_a_user_types(monkeypatch, tmp_path):
-    """record.user_command: the script beside this Python, else on PATH, else ``python -m`` its module."""
+    """record.user_command: the script beside this Python, else ``python -m`` its entry point's module (never a
+    script of another install on PATH); a name that is no console script of this install is refused."""
+    import importlib.metadata
     import sys
 
     from cddrec.benchmarks import record
@@ -311,7 +313,15 @@ def test_benchmarks_run_the_console_script_a_user_types(monkeypatch, tmp_path):
     fake_python = tmp_path / "bin" / "python"
     fake_python.parent.mkdir()
     monkeypatch.setattr(sys, "executable", str(fake_python))
-    monkeypatch.setattr(record.shutil, "which", lambda name: None)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "cddrec-eval").write_text("#!/bin/sh\n")
+    (other / "cddrec-eval").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other}:{os.environ['PATH']}")  # another install's script: not taken
     assert record.user_command("cddrec-eval") == [str(fake_python), "-m", "cddrec.app.evaluate"]  # the entry point's
     (tmp_path / "bin" / "cddrec-eval").write_text("#!/bin/sh\n")
     assert record.user_command("cddrec-eval") == [str(tmp_path / "bin" / "cddrec-eval")]
+    (tmp_path / "bin" / "cddrec-eval").unlink()
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [])  # not installed: no guessing
+    with pytest.raises(LookupError, match="cddrec-eval is not a console script"):
+        record.user_command("cddrec-eval")

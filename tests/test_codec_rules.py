@@ -104,8 +104,8 @@ def test_the_server_and_recommend_use_the_same_rule():
 
 def test_what_every_output_says():
     assert [codec.source_of(False), codec.source_of(np.bool_(True))] == list(codec.SOURCES) == ["model", "popularity"]
-    s = np.array([0.1234567, -1.0000005], np.float32)
-    assert codec.round_scores(s).tolist() == np.round(s.astype(np.float64), codec.SCORE_DECIMALS).tolist()
+    s = np.array([0.1234567, -1.0000005, 308.0, 3.1415927], np.float32)  # float32 -1.0000005 is -1.00000048
+    assert codec.SCORE_DECIMALS == 6 and codec.round_scores(s).tolist() == [0.123457, -1.0, 308.0, 3.141593]
 
 
 @settings(max_examples=60, deadline=None)

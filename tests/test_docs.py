@@ -34,7 +34,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -257,9 +256,9 @@ class Session:
     def port(self) -> int:
         """A TCP port that was free when first asked for (the page's server listens there)."""
         if self._port is None:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                self._port = s.getsockname()[1]
+            from cddrec.benchmarks.ports import free_port
+
+            self._port = free_port()
         return self._port
 
     def expand(self, text: str) -> str:

@@ -219,6 +219,13 @@ def test_eval_steps_equals_the_stages_row(trained_tiny, tiny_data_file):
     r = runner.invoke(eval_main, [str(trained_tiny), str(tiny_data_file), "--steps", "5"])
     # the library's check (GaussianDiffusion.timesteps, the one place the chain's length is decided), one line
     assert r.exit_code == 1 and "steps must be an integer between 1 and T=4" in r.output and "Traceback" not in r.output
+    from cddrec.checkpoint import load_checkpoint
+    from cddrec.evaluation import evaluate_file
+    from cddrec.vocab import Vocab
+
+    net, ckpt = load_checkpoint(trained_tiny)
+    with pytest.raises(ValueError, match="between 1 and T=4"):  # before the data is read: this file does not exist
+        evaluate_file(net, Vocab.from_dict(ckpt["vocab"]), tiny_data_file.parent / "absent.txt", steps=5)
 
 
 
