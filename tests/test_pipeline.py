@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -169,6 +171,27 @@ def test_deep_nesting_and_huge_integers_are_bad_lines(tmp_path, trained_tiny_onn
     r = _infer(trained_tiny_onnx, req, out, "--strict")
     assert r.exit_code == 1 and "req.jsonl:2: invalid JSON" in r.output
     assert not isinstance(r.exception, RecursionError)
+
+
+def test_lines_that_are_not_objects_are_bad_lines_and_never_reach_pyarrow(tmp_path, trained_tiny_onnx):
+    """A top-level null first in a block ("null", "\\tnull", "nullx") kills the process inside pyarrow 26's
+    JSON reader (SIGSEGV, found by the property test below): such blocks go line by line. Run in a child
+    process, so a regression fails this test instead of killing the suite."""
+    from cddrec.runtime.requests import _not_all_objects
+
+    good = json.dumps({"user": "a", "history": [1]})
+    cases = [b"null", b"\tnull", b"nullx", b"null null", b"[1]", b"7", b'"x"']
+    assert all(_not_all_objects(c + b"\n" + good.encode() + b"\n") for c in cases)
+    assert not _not_all_objects(b"\n  " + good.encode() + b"\r\n\n" + good.encode() + b"\n")  # blank lines, spaces
+    req = tmp_path / "req.jsonl"
+    req.write_bytes(b"\n".join(cases + [good.encode()]) + b"\n")
+    out = tmp_path / "o.jsonl"
+    r = subprocess.run([sys.executable, "-m", "cddrec.app.infer", "--model", str(trained_tiny_onnx), "--batch",
+                        str(req), "-o", str(out), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])  # -11 before the fix
+    assert [json.loads(x)["user"] for x in out.read_text().splitlines()] == ["a"]
+    errs = [json.loads(x) for x in (tmp_path / "o.jsonl.errors.jsonl").read_text().splitlines()]
+    assert [e["line"] for e in errs] == list(range(1, len(cases) + 1))
 
 
 def test_long_history_excludes_every_item(tmp_path, rec):
