@@ -181,7 +181,7 @@ def run_serve(graph: str, backend: str, workdir: Path, concurrency: str, seconds
     if importlib.util.find_spec("cddrec.app.serve") is None:
         return {"skipped": "the cddrec-serve command is not installed (the online server is not in this build)"}
     serve, bench = user_command("cddrec-serve"), user_command("cddrec-bench")  # both of this install
-    log = workdir / "serve.log"
+    log, name = workdir / f"serve_{backend}.log", f"serve_{backend}"
     t0 = time.monotonic()
     with open(log, "w") as err:
         proc = subprocess.Popen([*serve, "--model", graph, "--backend", backend, "--host", "127.0.0.1", "--port", "0"],
@@ -192,11 +192,11 @@ def run_serve(graph: str, backend: str, workdir: Path, concurrency: str, seconds
                 return {"error": f"cddrec-serve not ready (rc {proc.poll()})", "log_tail": _tail(log)}
             ready = time.monotonic() - t0
             p = subprocess.run([*bench, "--serve", url, "--concurrency", concurrency, "--seconds", str(seconds),
-                                "-o", str(workdir), "--name", "serve"], capture_output=True, text=True,
+                                "-o", str(workdir), "--name", name], capture_output=True, text=True,
                                timeout=max(10.0, timeout - ready))
-            if p.returncode != 0 or not (workdir / "serve.json").exists():
+            if p.returncode != 0 or not (workdir / f"{name}.json").exists():
                 return {"error": f"cddrec-bench --serve rc {p.returncode}", "stderr_tail": p.stderr.splitlines()[-5:]}
-            res = json.loads((workdir / "serve.json").read_text())
+            res = json.loads((workdir / f"{name}.json").read_text())
             return {"backend": backend, "ready_seconds": ready, "results": res.get("results", []),
                     "server_model": res.get("server_model")}
         except subprocess.TimeoutExpired:
@@ -239,16 +239,15 @@ def table(rep: dict) -> str:
     for r in rep.get("infer", []):
         lines.append(f"\ncddrec-infer {r['backend']} batch {r['batch_size']}: {r['requests']:,} requests in "
                      f"{r['seconds']:.1f} s = {r['users_per_s_wall']:,.0f} users/s (rc {r['rc']})")
-    lines += serve_lines(rep.get("serve"))
+    for serve in rep.get("serve", []):
+        lines += serve_lines(serve)
     if rep.get("skipped"):
         lines.append("\nSkipped for lack of time: " + ", ".join(rep["skipped"]))
     lines.append("\nTargets: " + json.dumps(rep.get("summary", {})))
     return "\n".join(lines)
 
 
-def serve_lines(serve: dict | None) -> list[str]:
-    if not serve:
-        return []
+def serve_lines(serve: dict) -> list[str]:
     if "results" not in serve:
         return [f"\ncddrec-serve: {serve.get('skipped') or serve.get('error')}"]
     lines = [f"\ncddrec-serve --backend {serve['backend']} (ready in {serve['ready_seconds']:.1f} s), "
@@ -353,12 +352,13 @@ class Check:
             write_requests(req, self.n_requests, self.items)
             self.rep["infer"] = []
             self.infer(*infer[0], req, tmp)
-        if self.fits("serve"):
-            backend = "ort-cuda" if self.cuda else "ort-cpu"
-            self.step(f"cddrec-serve --backend {backend} under load")
-            self.rep["serve"] = run_serve(files.graph, backend, tmp, self.serve_concurrency, self.serve_seconds,
-                                          self.left())
-            self.save()
+        self.rep["serve"] = []
+        for backend in ("ort-cuda-graph", "ort-cuda") if self.cuda else ("ort-cpu",):
+            if self.fits("serve"):
+                self.step(f"cddrec-serve --backend {backend} under load")
+                self.rep["serve"].append(run_serve(files.graph, backend, tmp, self.serve_concurrency,
+                                                   self.serve_seconds, self.left()))
+                self.save()
         for backend, path in infer[1:]:
             if "infer" in self.rep and self.fits("infer"):
                 self.infer(backend, path, req, tmp)

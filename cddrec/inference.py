@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .contract import MASK_SCORE
 from .model import CDDRec
@@ -31,8 +30,12 @@ def valid_ids(item_ids: torch.Tensor, num_items: int) -> torch.Tensor:
 def fit_history(item_ids: torch.Tensor, L: int) -> torch.Tensor:
     """The model's input (B, L): the last L columns, left-padded with 0 when S < L.
 
-    Pad-then-slice has no branch on S, so a traced graph handles every history length."""
-    return F.pad(item_ids, (L, 0))[:, -L:]
+    Concatenate-then-slice has no branch on S, so a traced graph handles every history length. Not
+    ``F.pad``: ONNX Runtime's CUDA provider has no int64 Pad kernel, so that one node ran on the CPU
+    and ort-cuda-graph could not capture the graph (seen on an H200); zeros and Concat run on the GPU
+    and fold into a constant once batch and history are fixed."""
+    zeros = item_ids.new_zeros(item_ids.shape[0], L)  # (B, L)
+    return torch.cat([zeros, item_ids], dim=1)[:, -L:]  # (B, L)
 
 
 def always_excluded(num_items: int, device: torch.device | str | None = None) -> torch.Tensor:
