@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cddrec.benchmarks.sizes import open_gates as draw_gates
 from cddrec.config import ModelConfig, RunConfig, TrainConfig, from_flat
 from cddrec.model import CDDRec
 from cddrec.synthetic import make_synthetic, write_sequence_file
@@ -49,25 +50,16 @@ def tiny_configs_fixture():
     return tiny_configs
 
 
-def _open_gates(model: CDDRec) -> CDDRec:
-    """Draw the decoder's rezero gates, as after training: at their initial 0 the chain is the
-    identity (parity tests would not see the decoder) and the gated update gets no gradient."""
-    gate = model.decoder.gate if model.decoder is not None else None
-    if gate is not None:
-        torch.nn.init.normal_(gate)
-    return model
-
-
 @pytest.fixture
 def open_gates():
-    return _open_gates
+    return draw_gates
 
 
 @pytest.fixture
 def tiny_model(tiny_cfg) -> CDDRec:
     """A random tiny model, rezero gates drawn."""
     torch.manual_seed(0)
-    return _open_gates(CDDRec(tiny_cfg).eval())
+    return draw_gates(CDDRec(tiny_cfg).eval())
 
 
 @pytest.fixture(scope="session")
