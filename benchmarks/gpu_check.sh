@@ -212,6 +212,13 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 check() {
   OUT=${OUT:-$WORK/out}; mkdir -p "$OUT" "$WORK/run"
   export PYTHONUNBUFFERED=1
+  # the records name the checkout's commit (the installed cddrec has no git metadata), else its source hash
+  if CDDREC_COMMIT=$(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null); then
+    [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ] && CDDREC_COMMIT="$CDDREC_COMMIT+dirty"
+  else
+    CDDREC_COMMIT="unknown (no git here; source sha256 $(source_hash "$PY" | cut -c1-12))"
+  fi
+  export CDDREC_COMMIT
   cd "$WORK/run" || exit 1  # not the checkout: its cddrec/ would hide the installed package's wings
   local device=cuda gpu_tests bench_args
   gpu_tests=(-m gpu "$root/tests/test_roofline.py" "$root/tests/test_runtime.py" "$root/tests/test_export.py"

@@ -24,7 +24,10 @@ def cell(value: float | None, fmt: str) -> str:
 
 
 def git_commit() -> str:
-    """HEAD of the checkout this code runs from, with ``+dirty`` for uncommitted changes."""
+    """HEAD of the checkout this code runs from, with ``+dirty`` for uncommitted changes; ``CDDREC_COMMIT``
+    when set (an installed copy has no git metadata: the GPU check sets it from the checkout it built from)."""
+    if os.environ.get("CDDREC_COMMIT"):
+        return os.environ["CDDREC_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,

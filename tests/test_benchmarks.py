@@ -75,6 +75,14 @@ def test_record_writes_json_and_table(tmp_path):
     assert "cddrec-bench --test" in m.read_text()
 
 
+def test_record_names_the_commit_an_installed_copy_is_told(tmp_path, monkeypatch):
+    """The GPU check runs an installed wheel (no git metadata: its first records said 'unknown'); it
+    passes the checkout's commit in CDDREC_COMMIT."""
+    monkeypatch.setenv("CDDREC_COMMIT", "b30f5c3abcde")
+    j, m = record("x", {}, "table", tmp_path, command="c")
+    assert json.loads(j.read_text())["commit"] == "b30f5c3abcde" and "`b30f5c3abcde`" in m.read_text()
+
+
 def test_missing_values_are_dashes_never_nan():
     assert [cell(None, ".2f"), cell(float("nan"), ",.0f"), cell(1234.5, ",.0f"), cell(0.5, ".0%")] == \
         ["-", "-", "1,234", "50%"]
