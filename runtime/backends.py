@@ -71,6 +71,17 @@ class BackendBase:
         (None: no second session)."""
         return None
 
+    concurrent_runs: ClassVar[bool] = False  # one loaded backend may run batches from several threads at once
+
+    @classmethod
+    def serving_instances(cls, threads: int, instances: int) -> tuple[int, int]:
+        """(engine instances, threads each) of a server asked for ``--threads`` and ``--instances``
+        (0: the backend's choice). Here one instance: its runs cannot overlap (a captured CUDA graph
+        replays into fixed buffers) or would gain nothing."""
+        if instances > 1 and not cls.concurrent_runs:
+            raise ValueError(f"--instances {instances}: {cls.name} runs one batch at a time; use --instances 1")
+        return 1, threads
+
     @classmethod
     def load(cls, path: str | Path, *, k: int | None = None, threads: int = 0, **options) -> "BackendBase":
         return cls(path, k=k, threads=threads, **options)
@@ -352,6 +363,20 @@ class OrtCpu(OrtBackend):
         multi-threaded session that does not spin wakes its pool for each of the graph's ops, which
         costs more than the work of a batch of one."""
         return 1 if (threads or os.cpu_count() or 1) > 1 else None
+
+    concurrent_runs = True  # InferenceSession.run is thread-safe; each run computes on its calling thread
+
+    @classmethod
+    def serving_instances(cls, threads: int, instances: int) -> tuple[int, int]:
+        """By default one single-thread instance per core: this graph's ~900 small ops gain little from
+        intra-op threads (on 2 cores, 2 threads run batch 32 at 1.0-1.6x one thread), while two runs
+        side by side on one session do 8,500 users/s at batch 16-128 against 5,450 for one two-thread run
+        at batch 256 (benchmarks/results/serve_instances_cpu.md). Given one of the two, the other
+        divides the cores."""
+        cores = os.cpu_count() or 1
+        if instances == 0:
+            instances = max(1, cores // threads) if threads else cores
+        return instances, threads or max(1, cores // instances)
 
 
 class OrtCuda(OrtBackend):

@@ -333,3 +333,19 @@ def test_benchmarks_run_the_console_script_a_user_types(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kw: [])  # not installed: no guessing
     with pytest.raises(LookupError, match="cddrec-eval is not a console script"):
         record.user_command("cddrec-eval")
+
+
+def test_instances_benchmark_records_both_layouts(tmp_path, trained_tiny_onnx):
+    from click.testing import CliRunner
+
+    from cddrec.benchmarks.instances import main as instances
+
+    r = CliRunner().invoke(instances, ["--graph", str(trained_tiny_onnx), "--cores", "2", "--batch-sizes", "2,8",
+                                       "--seconds", "0.05", "--rounds", "2", "-o", str(tmp_path), "--name", "i"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "i.json").read_text())
+    assert {(row["layout"], row["batch"]) for row in doc["rows"]} == \
+        {(lay, b) for lay in ("one run, 2 threads", "2 runs, 1 thread each") for b in (2, 8)}
+    assert all(len(row["rounds"]) == 2 and row["median"] > 0 for row in doc["rows"])
+    assert doc["baseline"] == "one run, 2 threads, batch 8"
+    assert "| 2 runs, 1 thread each | 8 |" in (tmp_path / "i.md").read_text()

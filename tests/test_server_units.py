@@ -43,7 +43,9 @@ def run(coro):
 
 
 async def _started(engine: Engine, **policy) -> Batcher:
-    b = Batcher({"a": engine, "b": engine}, BatchPolicy(**policy))
+    """A started batcher; a lone request runs on a worker here (``inline_single`` off: these tests hold
+    the engine, which on the loop's own thread would hold the test too)."""
+    b = Batcher({"a": engine, "b": engine}, BatchPolicy(**{"inline_single": False, **policy}))
     b.start()
     return b
 
@@ -79,6 +81,58 @@ def test_requests_arriving_while_the_engine_runs_form_the_next_batches():
     out, stats = run(main())
     assert out == [f"done {i}" for i in range(11)]
     assert [len(x) for x in engine.batches] == [1, 4, 4, 2] and stats.batches == 4
+
+
+def test_a_lone_single_user_request_runs_on_the_loop_thread_and_the_rest_on_workers():
+    threads = []
+
+    def engine(payloads):
+        threads.append(threading.current_thread().name)
+        return [f"done {p}" for p in payloads]
+
+    async def main():
+        b = Batcher({"a": engine}, BatchPolicy(max_wait_s=0))
+        b.start()
+        assert await b.submit("a", "one", 1) == "done one"
+        assert await b.submit("a", "two users", 2) == "done two users"
+        await b.close()
+
+    run(main())
+    assert threads[0] == threading.main_thread().name and threads[1].startswith("engine")
+
+
+def test_instances_run_batches_side_by_side_and_a_retired_model_waits_for_them():
+    """Two engine workers: a second batch starts while the first is held; ``after_running`` (how a
+    reload closes the old model) runs only once both batches are answered."""
+    engine, started, events = Engine(), threading.Semaphore(0), []
+
+    def held(payloads):
+        started.release()
+        out = engine(payloads)
+        events.append(f"answered {payloads}")
+        return out
+
+    async def main():
+        b = Batcher({"a": held}, BatchPolicy(max_batch=2, max_wait_s=0, instances=2, inline_single=False))
+        b.start()
+        engine.release.clear()
+        first = asyncio.ensure_future(b.submit("a", 1, 1))
+        await asyncio.sleep(0.05)
+        second = asyncio.ensure_future(b.submit("a", 2, 1))
+        for _ in range(2):  # both batches on the engine at once, before any is released
+            assert await asyncio.to_thread(started.acquire, True, 5)
+        assert b.running == 2 and b.busy
+        retired = b.after_running(lambda: events.append("closed"))
+        await asyncio.sleep(0.05)
+        assert "closed" not in events
+        engine.release.set()
+        out = await asyncio.gather(first, second)
+        await retired
+        await b.close()
+        return out
+
+    assert run(main()) == ["done 1", "done 2"]
+    assert sorted(events[:2]) == ["answered [1]", "answered [2]"] and events[2] == "closed"
 
 
 def test_kinds_batch_apart_and_keep_their_order():

@@ -18,7 +18,11 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threa
 @option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="port (0: any free port)")
 @option("--backend", type=click.Choice(sorted(available_backends())), default="ort-cpu", show_default=True,
         help="engine that runs the graph")
-@threads_option()
+@threads_option(help_="CPU threads of each engine instance (0: the cores divided among the instances)")
+@option("--instances", type=click.IntRange(0, 256), default=0,
+        help="engine workers running batches side by side on one loaded model, like Triton's instance count "
+             "[default 0: the backend's choice: ort-cpu one single-thread instance per core (or the cores "
+             "divided by --threads), the other backends one]")
 @option("--max-batch", type=POSITIVE, default=256, show_default=True,
         help="most users per engine batch (and per request)")
 @option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
@@ -38,7 +42,7 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threa
         help="GPUs per Ray Serve replica [default: 1 for the CUDA backends, else 0]")
 @option("--verbose", is_flag=True, help="show Ray's own logging (with --ray)")
 @friendly_errors
-def main(model_path, model_name, host, port, backend, threads, max_batch, max_wait_ms, max_queue, timeout_ms,
+def main(model_path, model_name, host, port, backend, threads, instances, max_batch, max_wait_ms, max_queue, timeout_ms,
          max_body_bytes, access_log, tf32, ray_address, replicas, replica_gpus, verbose):
     """Serve an exported graph online: KServe v2 (what Triton speaks over HTTP), POST /v1/recommend, /metrics."""
     from cddrec.runtime.server.app import ServerConfig
@@ -48,7 +52,11 @@ def main(model_path, model_name, host, port, backend, threads, max_batch, max_wa
     if ray_address is None and (replicas != 1 or replica_gpus is not None):
         raise click.UsageError("--replicas and --replica-gpus deploy on Ray Serve: add --ray local|auto|ADDRESS")
     config = ServerConfig(model_path, model_name, backend, threads, engine_options(backend, tf32), max_batch,
-                          max_wait_ms, max_queue, timeout_ms, max_body_bytes, access_log)
+                          max_wait_ms, max_queue, timeout_ms, max_body_bytes, access_log, instances=instances)
+    try:
+        _ = config.layout  # a backend that cannot run side by side refuses --instances > 1 here
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--instances") from None
     if ray_address:
         from cddrec.runtime.server.ray_serve import serve_on_ray
 

@@ -44,6 +44,7 @@ from starlette.routing import Route
 
 from cddrec.errors import ModelFileError
 
+from ..backends import backend_class
 from .batcher import Batcher, BatchPolicy
 from .http import Call, Endpoint, Reply, error_reply, json_reply
 from .keys import KeyRunner, parse_recommend
@@ -73,13 +74,20 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     access_log: bool = False
     reload_on_sighup: bool = True
+    instances: int = 0  # engine workers side by side on one model (0: the backend's choice)
+
+    @property
+    def layout(self) -> tuple[int, int]:
+        """(engine instances, threads each), from ``--instances`` and ``--threads`` by the backend's rule."""
+        return backend_class(self.backend).serving_instances(self.threads, self.instances)
 
     @property
     def policy(self) -> BatchPolicy:
-        return BatchPolicy(self.max_batch, self.max_wait_ms / 1000, self.max_queue, self.timeout_ms / 1000)
+        return BatchPolicy(self.max_batch, self.max_wait_ms / 1000, self.max_queue, self.timeout_ms / 1000,
+                           instances=self.layout[0])
 
     def repository(self) -> ModelRepository:
-        return ModelRepository(model_source(self.model, self.name, self.backend), self.backend, self.threads,
+        return ModelRepository(model_source(self.model, self.name, self.backend), self.backend, self.layout[1],
                                self.engine_options)
 
 
@@ -140,7 +148,7 @@ class Server:
     async def reload(self) -> ServedModel:
         """Load the newest version and swap it in; a failure leaves the old one serving (ProtocolError 400)."""
         try:
-            old, new = await self.models.reload(retire=self.batcher.on_engine_thread)
+            old, new = await self.models.reload(retire=self.batcher.after_running)
         except ModelFileError as e:
             self.metrics.reloads.labels("failed").inc()
             log.error("%s", e)

@@ -143,8 +143,8 @@ class ModelRepository:
 
     async def reload(self, retire=None) -> tuple[ServedModel, ServedModel]:
         """Load the newest version in a thread, then swap it in; returns (old, new). ``retire(fn)`` runs
-        ``fn`` after the batches already started (the batcher's engine thread); the old model is closed
-        there. A failure raises ``ModelFileError`` and leaves the current version serving."""
+        ``fn`` once the batches already started are answered (the batcher's ``after_running``); the old
+        model is closed then. A failure raises ``ModelFileError`` and leaves the current version serving."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
