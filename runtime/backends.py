@@ -369,10 +369,9 @@ class OrtCpu(OrtBackend):
     @classmethod
     def serving_instances(cls, threads: int, instances: int) -> tuple[int, int]:
         """By default one single-thread instance per core: this graph's ~900 small ops gain little from
-        intra-op threads (on 2 cores, 2 threads run batch 32 at 1.0-1.6x one thread), while two runs
-        side by side on one session do 8,500 users/s at batch 16-128 against 5,450 for one two-thread run
-        at batch 256 (benchmarks/results/serve_instances_cpu.md). Given one of the two, the other
-        divides the cores."""
+        intra-op threads, and on 2 cores two one-thread runs side by side on one session did 1.07-1.16x
+        the users/s of one two-thread run (batch 16-256, benchmarks/results/serve_instances_cpu.md).
+        Given one of the two, the other divides the cores."""
         cores = os.cpu_count() or 1
         if instances == 0:
             instances = max(1, cores // threads) if threads else cores

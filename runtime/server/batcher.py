@@ -226,7 +226,7 @@ class Batcher:
                 continue
             if self.policy.inline_single and self.running == 0 and len(batch) == 1 and batch[0].size == 1:
                 # one user and every worker idle: run it here, on the loop's thread (nothing else is
-                # computing; two thread hand-offs saved: 0.13 ms of ~1 ms at concurrency 1 on 2 cores)
+                # computing; the two thread hand-offs saved are much of a lone request's overhead)
                 self.running += 1
                 try:
                     results, seconds = self._run(batch)
