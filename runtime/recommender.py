@@ -114,7 +114,9 @@ class Recommender:
             top.items[rows] = res["top_items"][:, :k]  # (B, k)
             top.scores[rows] = res["top_scores"][:, :k]
             top.valid[rows] = res["top_scores"][:, :k] > MASK_SCORE / 2  # fewer than k rankable items left
-        fill_popular(top, counts == 0, popular_ids(self.info.popular, self.mapper, k))
+        unknown = counts == 0
+        if unknown.any():  # mapping the popularity keys costs more than a batch of one's other work
+            fill_popular(top, unknown, popular_ids(self.info.popular, self.mapper, k))
         return top
 
     def recommend(self, histories: Sequence[Sequence], k: int | None = None) -> list[Recommendation]:
