@@ -14,6 +14,7 @@ training counts). Torch-free: graphs are read through ``cddrec.contract`` and se
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -49,16 +50,24 @@ class Recommendation:
 
 
 class Recommender:
-    def __init__(self, backend: BackendBase, info: ServingInfo, max_history: int | None = None, seed: int = 0):
+    def __init__(self, backend: BackendBase, info: ServingInfo, max_history: int | None = None, seed: int = 0,
+                 instances: int = 1):
         self.backend, self.info, self.max_history = backend, info, max_history
         self.mapper = KeyMapper(info.vocab)
         self.rng = np.random.default_rng(seed)  # the noise of a stochastic graph (sampled reverse chain)
+        if instances > 1 and not backend.concurrent_runs:
+            raise ValueError(f"--instances {instances}: {backend.name} runs one batch at a time; use --instances 1")
+        self.instances = instances  # engine batches of one call run side by side on this many threads
+        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "ort-cpu", *, threads: int = 0, k: int | None = None,
-             max_history: int | None = None, seed: int = 0, warmup: bool = True, **options) -> "Recommender":
+             max_history: int | None = None, seed: int = 0, warmup: bool = True, instances: int = 1,
+             **options) -> "Recommender":
         """Open a graph (ort-cpu, ort-cuda), an engine (trt) or a model file (torch backends), and warm
-        it up (``backend.warmup_seconds`` says how long that took) unless ``warmup=False``."""
+        it up (``backend.warmup_seconds`` says how long that took) unless ``warmup=False``.
+        ``instances``: engine batches run side by side on that many threads (``threads`` each), where the
+        backend's runs may overlap (``concurrent_runs``)."""
         path = Path(path)
         if not path.exists():
             raise ModelFileError(f"{path}: no such file")
@@ -67,7 +76,7 @@ class Recommender:
         be = load_backend(path, backend, k=k, threads=threads, warmup=warmup, **options)
         if max_history is None:
             max_history = getattr(be, "max_history", None)  # the longest history the backend serves (None: any)
-        return cls(be, read_serving_info(path, be), max_history, seed=seed)
+        return cls(be, read_serving_info(path, be), max_history, seed=seed, instances=instances)
 
     @property
     def contract(self):
@@ -80,6 +89,8 @@ class Recommender:
                 + (f" ({len(be.buckets)} batch buckets)" if getattr(be, "buckets", None) else ""))
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self.backend.close()
 
     def __enter__(self):
@@ -101,12 +112,21 @@ class Recommender:
         model_rows = np.flatnonzero(counts > 0)
         mcounts = counts[model_rows]
         moffs = np.concatenate([[0], np.cumsum(mcounts)])
+        spans, feeds = [], []
         for a, b in engine_batches(mcounts, batch_size, c.max_len):
             n = mcounts[a:b]
             feed = {"item_ids": left_pad(enc.ids[moffs[a]:moffs[b]], n, max(c.max_len, int(n.max())))}  # (B, S)
-            if c.stochastic:
+            if c.stochastic:  # drawn here, in order: the generator is not shared with the workers
                 feed["noise"] = self.rng.standard_normal((c.steps, b - a, c.hidden), dtype=np.float32)
-            res = self.backend.infer(feed)
+            spans.append((a, b))
+            feeds.append(feed)
+        if self.instances > 1 and len(feeds) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.instances, thread_name_prefix="instance")
+            outs = self._pool.map(self.backend.infer, feeds)  # in order, up to `instances` at once
+        else:
+            outs = map(self.backend.infer, feeds)
+        for (a, b), res in zip(spans, outs):
             if res["top_items"].shape[1] != c.k:
                 raise ModelFileError(f"the graph returns {res['top_items'].shape[1]} items per user but its metadata "
                                      f"says K={c.k}: the metadata does not belong to this graph; re-export it")

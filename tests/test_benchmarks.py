@@ -349,3 +349,16 @@ def test_instances_benchmark_records_both_layouts(tmp_path, trained_tiny_onnx):
     assert all(len(row["rounds"]) == 2 and row["median"] > 0 for row in doc["rows"])
     assert doc["baseline"] == "one run, 2 threads, batch 8"
     assert "| 2 runs, 1 thread each | 8 |" in (tmp_path / "i.md").read_text()
+
+
+def test_infer_instances_benchmark_runs_both_layouts(tmp_path, trained_tiny_onnx):
+    from click.testing import CliRunner
+
+    from cddrec.benchmarks.infer_instances import main as infer_instances
+
+    r = CliRunner().invoke(infer_instances, ["--graph", str(trained_tiny_onnx), "--requests", "300", "--cores", "2",
+                                             "--rounds", "1", "-o", str(tmp_path), "--name", "ii"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "ii.json").read_text())
+    assert set(doc["layouts"]) == {"--instances 1 --threads 2", "--instances 2 --threads 1"}
+    assert all(v["wall"][0] > 0 and v["served"][0] > 0 for v in doc["layouts"].values()) and doc["ratio_wall"] > 0

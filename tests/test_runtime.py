@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import onnx
@@ -228,6 +229,40 @@ def test_backend_serving_policy_is_declared_by_its_class():
         engine_options("ort-cpu", tf32=True)
     assert OrtCpu.small_batch_threads(4) == 1 and OrtCpu.small_batch_threads(1) is None
     assert OrtCuda.small_batch_threads(4) is None and OrtCudaGraph.small_batch_threads(4) is None
+    # engine instances: ort-cpu one single-thread instance per core by default, or the cores divided
+    cores = os.cpu_count() or 1
+    assert OrtCpu.serving_instances(0, 0) == (cores, 1) and OrtCpu.serving_instances(0, 1) == (1, cores)
+    assert OrtCpu.serving_instances(1, 0) == (cores, 1) and OrtCpu.serving_instances(2, 3) == (3, 2)
+    assert OrtCudaGraph.serving_instances(0, 0) == (1, 0) and OrtCuda.serving_instances(2, 1) == (1, 2)
+    with pytest.raises(ValueError, match="ort-cuda-graph runs one batch at a time; use --instances 1"):
+        OrtCudaGraph.serving_instances(0, 2)
+
+
+def test_instances_serve_exactly_what_one_instance_serves(tmp_path, trained_tiny_onnx, tiny_data, make_histories):
+    """Engine batches side by side (``instances``) on one session: the same rows in the same order,
+    through the library and through cddrec-infer; a backend whose runs cannot overlap refuses."""
+    from cddrec.app.infer import main as infer_main
+
+    one, two = Recommender.load(trained_tiny_onnx, threads=1), Recommender.load(trained_tiny_onnx, threads=1,
+                                                                                  instances=2)
+    keys = list(one.info.vocab.keys)
+    ids = make_histories(len(keys), 300, 12, seed=11).numpy()  # (300, 12) left-padded with 0
+    hists = [[keys[i - 1] for i in row if i > 0] for row in ids]
+    a, b = one.recommend(hists, k=10), two.recommend(hists, k=10)
+    assert [r.items for r in a] == [r.items for r in b] and [r.scores for r in a] == [r.scores for r in b]
+    req = write_jsonl(tmp_path / "req.jsonl", requests_for_split(tiny_data))
+    outs = []
+    for n in ("1", "3"):
+        out = tmp_path / f"o{n}.jsonl"
+        r = CliRunner().invoke(infer_main, ["--model", str(trained_tiny_onnx), "--batch", str(req), "-o", str(out),
+                                            "--instances", n, "--batch-size", "7", "--quiet"])
+        assert r.exit_code == 0, r.output
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] and outs[0].count("\n") == len(requests_for_split(tiny_data))
+    r = CliRunner().invoke(infer_main, ["--model", str(trained_tiny_onnx), "--batch", str(req), "-o",
+                                        str(tmp_path / "x.jsonl"), "--backend", "ort-cuda-graph", "--instances", "2"])
+    assert r.exit_code == 2 and "ort-cuda-graph runs one batch at a time" in r.output
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_batch_run_keeps_max_history_as_recommend_does(tmp_path, trained_tiny_onnx, tiny_data):

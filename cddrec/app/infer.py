@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cddrec.runtime.backends import available_backends, engine_options, tf32_backends, tf32_problem
+from cddrec.runtime.backends import available_backends, backend_class, engine_options, tf32_backends, tf32_problem
 
 from .options import (
     CONTEXT,
@@ -41,7 +41,11 @@ from .options import (
 @option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="users per engine call")
 @option("--backend", type=click.Choice(sorted(available_backends())), default="ort-cpu", show_default=True,
         help="engine that runs the graph (torch backends read model.pt and need the [train] extra)")
-@threads_option()
+@threads_option(help_="CPU threads of each engine instance (0: the cores divided among the instances)")
+@option("--instances", type=click.IntRange(0, 256), default=0,
+        help="engine batches run side by side on this many threads, sharing one loaded model [default 0: the "
+             "backend's choice: ort-cpu one single-thread instance per core (or the cores divided by --threads), "
+             "the other backends one]")
 @option("--tf32", is_flag=True, help=f"{'/'.join(tf32_backends())}: allow TF32 matmuls (faster, not fp32 parity)")
 @option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
 @option("--output-format", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,
@@ -60,7 +64,7 @@ from .options import (
         help="GPUs per actor [default: 1 for the CUDA backends, else 0]")
 @data_options
 @friendly_errors
-def main(model_path, input_path, output, errors_path, keys, k, batch_size, backend, threads, tf32, strict,
+def main(model_path, input_path, output, errors_path, keys, k, batch_size, backend, threads, instances, tf32, strict,
          output_format, input_format, allow_duplicates, quiet, verbose, ray_address, ray_actors, ray_gpus, user_col,
          item_col, time_col, sep):
     """Batched top-k recommendations for a file of user histories, original item keys in and out."""
@@ -87,7 +91,12 @@ def main(model_path, input_path, output, errors_path, keys, k, batch_size, backe
         _exit(stats, failed=sum(bool(r["error"]) for r in rows))
         return
 
-    rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, **engine_options(backend, tf32))
+    try:
+        instances, threads = backend_class(backend).serving_instances(threads, instances)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--instances") from None
+    rec = Recommender.load(model_path, backend=backend, threads=threads, k=k, instances=instances,
+                           **engine_options(backend, tf32))
     stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
                       output_format=output_format, in_format=input_format, check_duplicates=not allow_duplicates,
                       progress=not quiet and sys.stderr.isatty(), keys=keys, errors_path=errors_path,
