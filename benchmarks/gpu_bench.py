@@ -16,7 +16,7 @@ paper-size random model, ``cddrec-infer`` end to end, and ``cddrec-serve`` under
    and the early-exit graph, ort-cuda-graph on the fp16 graph, each against its roofline
    (``benchmarks/roofline.py``; an early-exit graph's FLOPs count its S steps);
 4. ``cddrec-infer`` (the command itself, in a subprocess) on generated JSONL requests;
-5. ``cddrec-serve`` on ort-cuda under load (``cddrec-bench --serve``), when the command exists.
+5. ``cddrec-serve`` on ort-cuda-graph and ort-cuda under load (``cddrec-bench --serve``), when the command exists.
 
 Every phase checks the time left (``--budget-seconds``) and is skipped, with a note, rather than
 cut off; the report is written after each phase. Targets (issue 21): batch-1 p50 <= 0.3 ms (best

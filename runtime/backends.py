@@ -205,6 +205,14 @@ def tf32_problem(backend: str) -> str | None:
     return f"tf32 applies to {' and '.join(tf32_backends())}, not {backend}"
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def load_backend(path: str | Path, backend: str = "ort-cpu", *, k: int | None = None, threads: int = 0,
                  warmup: bool = False, **options) -> BackendBase:
     """Open ``path`` with the backend called ``backend``; ``k`` is used by backends that build their
@@ -260,6 +268,7 @@ class OrtBackend(BackendBase):
                 raise ValueError("captured/bucketed sessions serve deterministic graphs (this one takes noise)")
             self.buckets = check_buckets(DEFAULT_BUCKETS if buckets is None else buckets)
             self.history = int(history or self.contract.max_len)
+            self.concurrent_runs = False  # one bound input/output buffer per bucket: runs must not overlap
             if self.history < 1:
                 raise ValueError(f"history must be >= 1, got {history}")
 
@@ -364,7 +373,7 @@ class OrtCpu(OrtBackend):
         costs more than the work of a batch of one."""
         return 1 if (threads or os.cpu_count() or 1) > 1 else None
 
-    concurrent_runs = True  # InferenceSession.run is thread-safe; each run computes on its calling thread
+    concurrent_runs = True  # InferenceSession.run is thread-safe (not so a bucketed one: see OrtBackend)
 
     @classmethod
     def serving_instances(cls, threads: int, instances: int) -> tuple[int, int]:
@@ -372,7 +381,7 @@ class OrtCpu(OrtBackend):
         intra-op threads, and on 2 cores two one-thread runs side by side on one session did 1.07-1.16x
         the users/s of one two-thread run (batch 16-256, benchmarks/results/serve_instances_cpu.md).
         Given one of the two, the other divides the cores."""
-        cores = os.cpu_count() or 1
+        cores = available_cores()
         if instances == 0:
             instances = max(1, cores // threads) if threads else cores
         return instances, threads or max(1, cores // instances)

@@ -14,6 +14,7 @@ training counts). Torch-free: graphs are read through ``cddrec.contract`` and se
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,21 +113,16 @@ class Recommender:
         model_rows = np.flatnonzero(counts > 0)
         mcounts = counts[model_rows]
         moffs = np.concatenate([[0], np.cumsum(mcounts)])
-        spans, feeds = [], []
-        for a, b in engine_batches(mcounts, batch_size, c.max_len):
-            n = mcounts[a:b]
-            feed = {"item_ids": left_pad(enc.ids[moffs[a]:moffs[b]], n, max(c.max_len, int(n.max())))}  # (B, S)
-            if c.stochastic:  # drawn here, in order: the generator is not shared with the workers
-                feed["noise"] = self.rng.standard_normal((c.steps, b - a, c.hidden), dtype=np.float32)
-            spans.append((a, b))
-            feeds.append(feed)
-        if self.instances > 1 and len(feeds) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.instances, thread_name_prefix="instance")
-            outs = self._pool.map(self.backend.infer, feeds)  # in order, up to `instances` at once
-        else:
-            outs = map(self.backend.infer, feeds)
-        for (a, b), res in zip(spans, outs):
+
+        def feeds() -> Iterator[tuple[tuple[int, int], dict]]:
+            for a, b in engine_batches(mcounts, batch_size, c.max_len):
+                n = mcounts[a:b]
+                feed = {"item_ids": left_pad(enc.ids[moffs[a]:moffs[b]], n, max(c.max_len, int(n.max())))}  # (B, S)
+                if c.stochastic:  # drawn on this thread, in batch order
+                    feed["noise"] = self.rng.standard_normal((c.steps, b - a, c.hidden), dtype=np.float32)
+                yield (a, b), feed
+
+        for (a, b), res in self._run_all(feeds()):
             if res["top_items"].shape[1] != c.k:
                 raise ModelFileError(f"the graph returns {res['top_items'].shape[1]} items per user but its metadata "
                                      f"says K={c.k}: the metadata does not belong to this graph; re-export it")
@@ -138,6 +134,25 @@ class Recommender:
         if unknown.any():  # mapping the popularity keys costs more than a batch of one's other work
             fill_popular(top, unknown, popular_ids(self.info.popular, self.mapper, k))
         return top
+
+    def _run_all(self, feeds: Iterator[tuple[tuple[int, int], dict]]) -> Iterator[tuple[tuple[int, int], dict]]:
+        """(span, outputs) of every feed, in order; with ``instances`` > 1, up to that many engine runs at
+        once, each feed built only when a run frees (memory holds ``instances`` batches, not the block)."""
+        if self.instances == 1:
+            for span, feed in feeds:
+                yield span, self.backend.infer(feed)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.instances, thread_name_prefix="instance")
+        window: deque = deque()
+        for span, feed in feeds:
+            window.append((span, self._pool.submit(self.backend.infer, feed)))
+            if len(window) == self.instances:
+                span0, fut = window.popleft()
+                yield span0, fut.result()
+        while window:
+            span0, fut = window.popleft()
+            yield span0, fut.result()
 
     def recommend(self, histories: Sequence[Sequence], k: int | None = None) -> list[Recommendation]:
         """Top-k item keys and scores for each history (item keys, oldest first)."""

@@ -1,5 +1,4 @@
 import json
-import os
 
 import numpy as np
 import onnx
@@ -218,7 +217,15 @@ def test_backend_serving_policy_is_declared_by_its_class():
     """max_history, tf32, the serving options and the small-batch session come from the backend
     class (runtime/backends.py), not from callers testing names."""
     from cddrec.contract import MAX_HISTORY
-    from cddrec.runtime.backends import OrtCpu, OrtCuda, OrtCudaGraph, backend_class, engine_options, tf32_problem
+    from cddrec.runtime.backends import (
+        OrtCpu,
+        OrtCuda,
+        OrtCudaGraph,
+        available_cores,
+        backend_class,
+        engine_options,
+        tf32_problem,
+    )
 
     assert backend_class("trt").max_history == MAX_HISTORY and OrtCpu.max_history is None
     assert engine_options("ort-cpu") == {"allow_spinning": False}
@@ -230,7 +237,7 @@ def test_backend_serving_policy_is_declared_by_its_class():
     assert OrtCpu.small_batch_threads(4) == 1 and OrtCpu.small_batch_threads(1) is None
     assert OrtCuda.small_batch_threads(4) is None and OrtCudaGraph.small_batch_threads(4) is None
     # engine instances: ort-cpu one single-thread instance per core by default, or the cores divided
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     assert OrtCpu.serving_instances(0, 0) == (cores, 1) and OrtCpu.serving_instances(0, 1) == (1, cores)
     assert OrtCpu.serving_instances(1, 0) == (cores, 1) and OrtCpu.serving_instances(2, 3) == (3, 2)
     assert OrtCudaGraph.serving_instances(0, 0) == (1, 0) and OrtCuda.serving_instances(2, 1) == (1, 2)

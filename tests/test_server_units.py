@@ -43,9 +43,7 @@ def run(coro):
 
 
 async def _started(engine: Engine, **policy) -> Batcher:
-    """A started batcher; a lone request runs on a worker here (``inline_single`` off: these tests hold
-    the engine, which on the loop's own thread would hold the test too)."""
-    b = Batcher({"a": engine, "b": engine}, BatchPolicy(**{"inline_single": False, **policy}))
+    b = Batcher({"a": engine, "b": engine}, BatchPolicy(**policy))
     b.start()
     return b
 
@@ -84,55 +82,119 @@ def test_requests_arriving_while_the_engine_runs_form_the_next_batches():
 
 
 def test_a_lone_single_user_request_runs_on_the_loop_thread_and_the_rest_on_workers():
-    threads = []
+    """``inline_single``: one user, nothing else queued, every worker idle: the loop's own thread;
+    a request of two users, or one arriving while a worker is busy, goes to a worker."""
+    threads, release = [], threading.Event()
 
     def engine(payloads):
-        threads.append(threading.current_thread().name)
+        threads.append((threading.current_thread().name, list(payloads)))
+        if "hold" in payloads:
+            release.wait(5)
         return [f"done {p}" for p in payloads]
 
     async def main():
-        b = Batcher({"a": engine}, BatchPolicy(max_wait_s=0))
+        b = Batcher({"a": engine}, BatchPolicy(max_wait_s=0, instances=2, inline_single=True))
         b.start()
         assert await b.submit("a", "one", 1) == "done one"
         assert await b.submit("a", "two users", 2) == "done two users"
+        held = asyncio.ensure_future(b.submit("a", "hold", 2))  # two users: a worker
+        await asyncio.sleep(0.05)
+        assert b.running == 1
+        assert await b.submit("a", "beside", 1) == "done beside"  # a worker is busy: not inline
+        release.set()
+        await held
         await b.close()
 
     run(main())
-    assert threads[0] == threading.main_thread().name and threads[1].startswith("engine")
+    where = {p[0]: name for name, p in threads}
+    assert where["one"] == threading.main_thread().name
+    assert where["two users"].startswith("engine") and where["beside"].startswith("engine")
 
 
-def test_instances_run_batches_side_by_side_and_a_retired_model_waits_for_them():
-    """Two engine workers: a second batch starts while the first is held; ``after_running`` (how a
-    reload closes the old model) runs only once both batches are answered."""
-    engine, started, events = Engine(), threading.Semaphore(0), []
+class Held:
+    """A runner whose batches each wait for their own release."""
 
-    def held(payloads):
-        started.release()
-        out = engine(payloads)
-        events.append(f"answered {payloads}")
-        return out
+    def __init__(self):
+        self.gates: dict = {}
+        self.events: list[str] = []
+        self.started = threading.Semaphore(0)
+
+    def gate(self, p) -> threading.Event:
+        return self.gates.setdefault(p, threading.Event())
+
+    def __call__(self, payloads):
+        self.started.release()
+        for p in payloads:
+            self.gate(p).wait(5)
+        self.events.append(f"ran {payloads}")
+        return [f"done {p}" for p in payloads]
+
+
+def test_instances_run_batches_side_by_side_and_a_retired_model_waits_for_every_one():
+    """Two workers: a second batch starts while the first is held; ``after_running`` (how a reload
+    closes the old model) waits until the last batch handed to the workers is done, not the first."""
+    eng = Held()
 
     async def main():
-        b = Batcher({"a": held}, BatchPolicy(max_batch=2, max_wait_s=0, instances=2, inline_single=False))
+        b = Batcher({"a": eng}, BatchPolicy(max_batch=1, max_wait_s=0, instances=2))
         b.start()
-        engine.release.clear()
         first = asyncio.ensure_future(b.submit("a", 1, 1))
-        await asyncio.sleep(0.05)
         second = asyncio.ensure_future(b.submit("a", 2, 1))
-        for _ in range(2):  # both batches on the engine at once, before any is released
-            assert await asyncio.to_thread(started.acquire, True, 5)
+        for _ in range(2):  # both batches on the engine at once, neither released
+            assert await asyncio.to_thread(eng.started.acquire, True, 5)
         assert b.running == 2 and b.busy
-        retired = b.after_running(lambda: events.append("closed"))
+        retired = b.after_running(lambda: eng.events.append("closed"))
+        eng.gate(1).set()
+        assert await first == "done 1"
         await asyncio.sleep(0.05)
-        assert "closed" not in events
-        engine.release.set()
-        out = await asyncio.gather(first, second)
+        assert "closed" not in eng.events  # the second batch still runs on the old model
+        eng.gate(2).set()
+        assert await second == "done 2"
         await retired
         await b.close()
-        return out
 
-    assert run(main()) == ["done 1", "done 2"]
-    assert sorted(events[:2]) == ["answered [1]", "answered [2]"] and events[2] == "closed"
+    run(main())
+    assert eng.events == ["ran [1]", "ran [2]", "closed"]
+
+
+def test_one_worker_retires_on_its_own_thread_after_the_batches_handed_to_it():
+    eng, where = Held(), []
+
+    async def main():
+        b = Batcher({"a": eng}, BatchPolicy(max_batch=1, max_wait_s=0))
+        b.start()
+        job = asyncio.ensure_future(b.submit("a", 1, 1))
+        assert await asyncio.to_thread(eng.started.acquire, True, 5)
+        retired = b.after_running(lambda: where.append(threading.current_thread().name))
+        await asyncio.sleep(0.05)
+        assert not where
+        eng.gate(1).set()
+        await job
+        await retired
+        await b.close()
+
+    run(main())
+    assert where and where[0].startswith("engine")
+
+
+def test_close_answers_the_batches_running_on_every_worker():
+    eng = Held()
+
+    async def main():
+        b = Batcher({"a": eng}, BatchPolicy(max_batch=1, max_wait_s=0, instances=3))
+        b.start()
+        jobs = [asyncio.ensure_future(b.submit("a", i, 1)) for i in range(5)]
+        for _ in range(3):
+            assert await asyncio.to_thread(eng.started.acquire, True, 5)
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0.05)
+        assert not closing.done()
+        for i in range(5):
+            eng.gate(i).set()
+        await closing
+        return await asyncio.gather(*jobs)
+
+    assert run(main()) == [f"done {i}" for i in range(5)]
 
 
 def test_kinds_batch_apart_and_keep_their_order():

@@ -81,10 +81,20 @@ class ServerConfig:
         """(engine instances, threads each), from ``--instances`` and ``--threads`` by the backend's rule."""
         return backend_class(self.backend).serving_instances(self.threads, self.instances)
 
+    def check_loaded(self, backend) -> None:
+        """A loaded backend whose runs cannot overlap (e.g. ort-cpu opened with ``buckets=``: one bound
+        buffer per bucket) refuses several engine instances."""
+        instances = self.layout[0]
+        if instances > 1 and not backend.concurrent_runs:
+            raise ModelFileError(f"--instances {instances}: this {backend.name} backend runs one batch at a time "
+                                 "with these options; use --instances 1")
+
     @property
     def policy(self) -> BatchPolicy:
+        """The batcher's rules; a lone one-user request runs on the loop's thread only on backends whose
+        runs may overlap (ONNX Runtime on the CPU: fast, and no per-thread CUDA graph captures)."""
         return BatchPolicy(self.max_batch, self.max_wait_ms / 1000, self.max_queue, self.timeout_ms / 1000,
-                           instances=self.layout[0])
+                           instances=self.layout[0], inline_single=backend_class(self.backend).concurrent_runs)
 
     def repository(self) -> ModelRepository:
         return ModelRepository(model_source(self.model, self.name, self.backend), self.backend, self.layout[1],
@@ -108,9 +118,11 @@ class Server:
             self.models = self.config.repository()
         if self.models.current is None:
             await asyncio.to_thread(self.models.open)
+        policy = self.config.policy
+        self.config.check_loaded(self.models.current.rec.backend)
         self.batcher = Batcher({"tensors": TensorRunner(self.models),
                                 "keys": KeyRunner(self.models, self.config.max_batch)},
-                               self.config.policy, self.metrics)
+                               policy, self.metrics)
         self.batcher.start()
         self._set_version(self.models.current)
         self._install_sighup()

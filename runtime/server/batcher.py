@@ -1,4 +1,4 @@
-"""The dynamic batcher: concurrent requests queue and run together on one engine thread.
+"""The dynamic batcher: concurrent requests queue and run together on the engine's workers.
 
 - A request is a ``Job`` of ``size`` users; jobs of one ``kind`` (a runner: tensors or keys) run
   together, in arrival order, up to ``max_batch`` users and ``max_cells`` padded ids.
@@ -10,8 +10,9 @@
   past: the engine ran meanwhile).
 - The engine runs off the event loop (``run_in_executor``): the loop keeps parsing, queueing and
   answering while batches run, and the queue it fills is the next batch. One exception
-  (``inline_single``): a lone request of one user while every worker is idle runs on the loop's
-  own thread, saving the two thread hand-offs that dominate a batch of one's overhead.
+  (``inline_single``, for fast backends whose runs may overlap): a lone request of one user, with
+  nothing else queued and every worker idle, runs on the loop's own thread, saving the two thread
+  hand-offs that are much of a batch of one's overhead; the loop then yields before the next.
 - ``max_queue`` bounds the users waiting: beyond it ``submit`` answers 503 with ``Retry-After``;
   a job not answered within its timeout answers 504 (and leaves the queue if it had not started).
 - A runner returns one result per job, or an exception for a job it refuses (that job alone
@@ -47,7 +48,7 @@ class BatchPolicy:
     timeout_s: float = 10.0  # per request, from arrival to answer (504)
     max_cells: int = MAX_CELLS
     instances: int = 1  # engine workers running batches at the same time
-    inline_single: bool = True  # a lone one-user request on an idle engine runs on the loop's thread
+    inline_single: bool = False  # a lone one-user request on an idle engine runs on the loop's thread
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.instances < 1:
@@ -130,14 +131,22 @@ class Batcher:
         self._engine.shutdown(wait=True)
 
     def after_running(self, fn: Callable[[], Any]) -> asyncio.Task:
-        """Run ``fn`` in a thread once the batches already handed to the workers are answered (e.g. close
-        a replaced model: a batch that started on it finishes on it)."""
+        """Run ``fn`` once the batches already handed to the workers are done (e.g. close a replaced
+        model: a batch that started on it finishes on it). With one worker, on that worker's thread
+        after them, as the engine's own work (a CUDA graph backend keeps its captures per thread);
+        with several, in a thread once they are answered. A failure is logged."""
         pending = list(self._inflight)
 
         async def later():
-            if pending:
-                await asyncio.wait(pending)
-            await asyncio.to_thread(fn)
+            try:
+                if self.policy.instances == 1:
+                    await asyncio.wrap_future(self._engine.submit(fn))
+                    return
+                if pending:
+                    await asyncio.wait(pending)
+                await asyncio.to_thread(fn)
+            except Exception:  # noqa: BLE001 - a retired model that fails to close must not go unnoticed
+                log.exception("closing a replaced model failed")
 
         task = self._evloop.create_task(later(), name="cddrec-retire")
         self._retiring.add(task)
@@ -224,15 +233,17 @@ class Batcher:
             batch = self._take()
             if not batch:
                 continue
-            if self.policy.inline_single and self.running == 0 and len(batch) == 1 and batch[0].size == 1:
-                # one user and every worker idle: run it here, on the loop's thread (nothing else is
-                # computing; the two thread hand-offs saved are much of a lone request's overhead)
+            if (self.policy.inline_single and self.running == 0 and not self.queue and len(batch) == 1
+                    and batch[0].size == 1 and not batch[0].future.done()):
+                # one user, nothing else queued, every worker idle: run it here, on the loop's thread
+                # (the two thread hand-offs saved are much of a lone request's overhead), then yield
                 self.running += 1
                 try:
                     results, seconds = self._run(batch)
                 finally:
                     self.running -= 1
                 self._answer(batch, results, seconds)
+                await asyncio.sleep(0)
                 continue
             self.running += 1
             task = loop.create_task(self._dispatch(loop, batch))

@@ -8,8 +8,8 @@ number whose folder holds the model file) is served.
 ``ModelRepository.reload`` loads the newest version beside the one serving (a thread: the event
 loop and the engine keep going), warms it up (``Recommender.load``) and only then swaps the
 reference the batches read: a batch reads the model once, when it starts, so requests in flight
-finish on the old graph, later batches run on the new one, and the old one is closed on the engine
-thread after the batches already handed to it. A version that fails to load, validate or warm up
+finish on the old graph, later batches run on the new one, and the old one is closed once the
+batches already handed to the engine are done (``Batcher.after_running``). A version that fails to load, validate or warm up
 leaves the old one serving (the error says so).
 """
 

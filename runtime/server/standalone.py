@@ -141,6 +141,7 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     sock = bind(host, port)  # then a port in use, before the model loads
     configure_logging(config.access_log)
     m = models.open()
+    config.check_loaded(m.rec.backend)
     instances, threads = config.layout
     echo(f"cddrec-serve: {m.name} version {m.version} ({m.path}) on {config.backend}: K={m.contract.k}, "
          f"L={m.contract.max_len}, {m.contract.num_items:,} items; {instances} engine instance(s) x "
