@@ -32,7 +32,8 @@ class CDDRecReplica:
     """One Ray Serve replica: the app of ``config`` (Ray wraps this class with ``serve.ingress``)."""
 
     def __init__(self, config: ServerConfig):
-        self.config = dataclasses.replace(config, reload_on_sighup=False)
+        # a replica asks Ray for at most one CPU: one engine instance each unless told (scale with --replicas)
+        self.config = dataclasses.replace(config, reload_on_sighup=False, instances=config.instances or 1)
         self._app = None
 
     def __serve_build_asgi_app__(self):
