@@ -132,9 +132,9 @@ class Batcher:
 
     def after_running(self, fn: Callable[[], Any]) -> asyncio.Task:
         """Run ``fn`` once the batches already handed to the workers are done (e.g. close a replaced
-        model: a batch that started on it finishes on it). With one worker, on that worker's thread
-        after them, as the engine's own work (a CUDA graph backend keeps its captures per thread);
-        with several, in a thread once they are answered. A failure is logged."""
+        model: a batch that started on it finishes on it). With one worker, on that worker's thread after
+        them, as the engine's own work (the GPU backends' case: nothing of theirs runs on another
+        thread); with several, in a thread once they are answered. A failure is logged."""
         pending = list(self._inflight)
 
         async def later():
