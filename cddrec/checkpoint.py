@@ -80,6 +80,9 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: is a directory, expected a model file (model.pt)")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), expected a model file saved by cddrec-train")
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(f"{path}: an exported graph, not a model file (model.pt): serve it with --backend "
+                              "ort-cpu (or ort-cuda), or give the torch backends the model.pt it was exported from")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

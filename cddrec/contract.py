@@ -195,7 +195,9 @@ class GraphContract:
         if k > self.k == self.num_items:  # the graph already returns every item: that is all there is
             return self.k
         if not 1 <= k <= self.k:
-            raise ValueError(f"k={k}: this graph returns at most K={self.k} items; re-export with cddrec-export --k {k}")
+            fix = (f"re-export with cddrec-export --k {k}" if k <= self.num_items else
+                   f"the catalogue has {self.num_items:,} items")
+            raise ValueError(f"k={k}: this graph returns at most K={self.k} items; {fix}")
         return k
 
     # ----------------------------------------------------------------- metadata

@@ -79,7 +79,7 @@ class BackendBase:
         (0: the backend's choice). Here one instance: its runs cannot overlap (a captured CUDA graph
         replays into fixed buffers) or have not been measured side by side."""
         if instances > 1 and not cls.concurrent_runs:
-            raise ValueError(f"--instances {instances}: {cls.name} runs one batch at a time; use --instances 1")
+            raise ValueError(f"{cls.name} runs one batch at a time: use --instances 1, not {instances}")
         return 1, threads
 
     @classmethod

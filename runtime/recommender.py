@@ -57,7 +57,7 @@ class Recommender:
         self.mapper = KeyMapper(info.vocab)
         self.rng = np.random.default_rng(seed)  # the noise of a stochastic graph (sampled reverse chain)
         if instances > 1 and not backend.concurrent_runs:
-            raise ValueError(f"--instances {instances}: {backend.name} runs one batch at a time; use --instances 1")
+            raise ValueError(f"{backend.name} runs one batch at a time: use --instances 1, not {instances}")
         self.instances = instances  # engine batches of one call run side by side on this many threads
         self._pool: ThreadPoolExecutor | None = None
 
@@ -86,8 +86,10 @@ class Recommender:
     def startup_line(self) -> str:
         """How long opening the model and warming the backend up took (printed by cddrec-infer)."""
         be = self.backend
+        threads = getattr(be, "threads", None)
         return (f"{be.name}: loaded in {be.load_seconds:.2f} s, warm-up {be.warmup_seconds:.2f} s"
-                + (f" ({len(be.buckets)} batch buckets)" if getattr(be, "buckets", None) else ""))
+                + (f" ({len(be.buckets)} batch buckets)" if getattr(be, "buckets", None) else "")
+                + f"; {self.instances} engine instance(s)" + (f" x {threads} thread(s)" if threads else ""))
 
     def close(self) -> None:
         if self._pool is not None:

@@ -65,7 +65,8 @@ def providers_for(device: str, *, tf32: bool = False, cuda_options: dict | None 
     if device != "cuda":
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if not cuda_provider_available():
-        raise BackendUnavailable("ort-cuda needs onnxruntime-gpu with CUDA (pip install onnxruntime-gpu; available "
+        raise BackendUnavailable("ort-cuda and ort-cuda-graph need onnxruntime-gpu with CUDA (pip install "
+                                 "onnxruntime-gpu; available "
                                  f"providers here: {import_ort().get_available_providers()})")
     opts = {"use_tf32": "1" if tf32 else "0", **{k: str(v) for k, v in (cuda_options or {}).items()}}
     return [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]

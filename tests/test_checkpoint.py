@@ -63,6 +63,9 @@ def test_bad_model_files(tmp_path, tiny_cfg):
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="not a readable model file"):
         read_checkpoint(tmp_path / "trunc.pt")
+    (tmp_path / "graph.onnx").write_bytes(b"onnx bytes")  # a graph given to a torch backend: says what to do
+    with pytest.raises(CheckpointError, match="an exported graph, not a model file .* --backend ort-cpu"):
+        read_checkpoint(tmp_path / "graph.onnx")
 
 
 V1 = Path(__file__).parent / "data" / "model_v1.pt"  # written by cddrec 0.2.0: format version 1, one flat "config"

@@ -393,7 +393,8 @@ def test_infer_says_how_long_loading_and_warm_up_took(trained_tiny_onnx, tmp_pat
                                         str(tmp_path / "o.jsonl"), "--quiet"])
     assert r.exit_code == 0, r.output
     line = next(x for x in r.output.splitlines() if x.startswith("ort-cpu: loaded in"))
-    assert re.match(r"ort-cpu: loaded in \d+\.\d\d s, warm-up \d+\.\d\d s; served 1 users", line), line
+    assert re.match(r"ort-cpu: loaded in \d+\.\d\d s, warm-up \d+\.\d\d s; \d+ engine instance\(s\) x \d+ "
+                    r"thread\(s\); served 1 users", line), line
 
 
 def test_infer_tf32_flag_only_for_ort_cuda(tmp_path, trained_tiny_onnx):

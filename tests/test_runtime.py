@@ -241,7 +241,7 @@ def test_backend_serving_policy_is_declared_by_its_class():
     assert OrtCpu.serving_instances(0, 0) == (cores, 1) and OrtCpu.serving_instances(0, 1) == (1, cores)
     assert OrtCpu.serving_instances(1, 0) == (cores, 1) and OrtCpu.serving_instances(2, 3) == (3, 2)
     assert OrtCudaGraph.serving_instances(0, 0) == (1, 0) and OrtCuda.serving_instances(2, 1) == (1, 2)
-    with pytest.raises(ValueError, match="ort-cuda-graph runs one batch at a time; use --instances 1"):
+    with pytest.raises(ValueError, match="ort-cuda-graph runs one batch at a time: use --instances 1, not 2"):
         OrtCudaGraph.serving_instances(0, 2)
 
 

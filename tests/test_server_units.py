@@ -375,3 +375,11 @@ def test_model_folder_layouts(tmp_path):
     empty.mkdir(parents=True)
     with pytest.raises(ModelFileError, match="no version folder holds model.onnx"):
         model_source(empty.parent).newest()
+
+
+def test_a_k_beyond_the_graph_says_what_would_help():
+    with pytest.raises(ValueError, match=r"k=10: this graph returns at most K=3 items; re-export with cddrec-export --k 10"):
+        CONTRACT.check_k(10)
+    with pytest.raises(ValueError, match="k=1000000000: .*; the catalogue has 20 items"):  # no re-export can give that
+        CONTRACT.check_k(1_000_000_000)
+    assert CONTRACT.check_k(None) == 3 and CONTRACT.check_k(2) == 2

@@ -43,9 +43,9 @@ from .options import (
         help="engine that runs the graph (torch backends read model.pt and need the [train] extra)")
 @threads_option(help_="CPU threads of each engine instance (0: the cores divided among the instances)")
 @option("--instances", type=click.IntRange(0, 256), default=0,
-        help="engine batches run side by side on this many threads, sharing one loaded model [default 0: the "
-             "backend's choice: ort-cpu one single-thread instance per core (or the cores divided by --threads), "
-             "the other backends one]")
+        help="engine batches run side by side on this many threads, sharing one loaded model [default: 0, the "
+             "backend's choice: ort-cpu one single-thread instance per core (or the cores divided by --threads); "
+             "the other backends run one batch at a time and refuse more than 1]")
 @option("--tf32", is_flag=True, help=f"{'/'.join(tf32_backends())}: allow TF32 matmuls (faster, not fp32 parity)")
 @option("--strict", is_flag=True, help="stop at the first bad line, exit non-zero, write no output")
 @option("--output-format", type=click.Choice(["jsonl", "csv", "parquet"]), default=None,

@@ -21,8 +21,8 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threa
 @threads_option(help_="CPU threads of each engine instance (0: the cores divided among the instances)")
 @option("--instances", type=click.IntRange(0, 256), default=0,
         help="engine workers running batches side by side on one loaded model, like Triton's instance count "
-             "[default 0: the backend's choice: ort-cpu one single-thread instance per core (or the cores "
-             "divided by --threads), the other backends one]")
+             "[default: 0, the backend's choice: ort-cpu one single-thread instance per core (or the cores "
+             "divided by --threads); the other backends run one batch at a time and refuse more than 1]")
 @option("--max-batch", type=POSITIVE, default=256, show_default=True,
         help="most users per engine batch (and per request)")
 @option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,

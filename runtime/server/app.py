@@ -86,8 +86,8 @@ class ServerConfig:
         buffer per bucket) refuses several engine instances."""
         instances = self.layout[0]
         if instances > 1 and not backend.concurrent_runs:
-            raise ModelFileError(f"--instances {instances}: this {backend.name} backend runs one batch at a time "
-                                 "with these options; use --instances 1")
+            raise ModelFileError(f"this {backend.name} backend runs one batch at a time with these options: use "
+                                 f"--instances 1, not {instances}")
 
     @property
     def policy(self) -> BatchPolicy:
