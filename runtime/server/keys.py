@@ -8,7 +8,7 @@ counts) stands in.
 
 Checks happen here, on the event loop, so that a bad request gets its 400 and never reaches a
 batch (the one request rule, ``codec.request_problem``); encoding, inference and decoding happen per
-batch on the engine thread (``KeyRunner``), with the one serving codec (``cddrec.runtime.codec``:
+batch on an engine worker (``KeyRunner``), with the one serving codec (``cddrec.runtime.codec``:
 ``encode_flat``, ``decode_rows``) and ``Recommender.infer_encoded``: the keys,
 masking and fallback are exactly cddrec-infer's. Scores are rounded as cddrec-infer
 writes them (``codec.round_scores``).
@@ -86,7 +86,7 @@ def parse_recommend(body: bytes, contract: GraphContract, max_batch: int) -> Key
 
 
 class KeyRunner:
-    """On the engine thread: encode a batch of key requests at once, infer, decode, serialize per request."""
+    """On an engine worker: encode a batch of key requests at once, infer, decode, serialize per request."""
 
     def __init__(self, models, batch_size: int):
         self.models, self.batch_size = models, batch_size

@@ -38,7 +38,7 @@ def merge_feeds(feeds: list[dict[str, np.ndarray]], contract: GraphContract) -> 
 
 
 class TensorRunner:
-    """``fn(requests) -> [(model, outputs) or ProtocolError]`` for the batcher (engine thread)."""
+    """``fn(requests) -> [(model, outputs) or ProtocolError]`` for the batcher (on an engine worker)."""
 
     def __init__(self, models):
         self.models = models
