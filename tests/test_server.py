@@ -29,7 +29,8 @@ def repo(tmp_path_factory, trained_tiny_onnx):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    proc = ServerProcess(["--model", repo.model_dir.parent, "--threads", "2", "--max-batch", "64",
+    # two engine instances: every test of this module runs on batches side by side
+    proc = ServerProcess(["--model", repo.model_dir.parent, "--instances", "2", "--threads", "1", "--max-batch", "64",
                           "--max-body-bytes", MAX_BODY])
     yield proc
     assert proc.stop() == 0, proc.output()
@@ -63,7 +64,8 @@ def test_health_and_metadata_from_the_contract(server, rec):
     assert meta["parameters"]["num_items"] == rec.contract.num_items and meta["parameters"]["L"] == rec.info.L
     assert c.get_model_metadata("cddrec", "1") == meta
     assert "binary_tensor_data" in c.get_server_metadata()["extensions"]
-    assert c.get_model_config("cddrec")["max_batch_size"] == 64
+    config = c.get_model_config("cddrec")
+    assert config["max_batch_size"] == 64 and config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
     assert c.get_model_repository_index() == [{"name": "cddrec", "version": "1", "state": "READY"}]
     assert server.json("/v2/models/cddrec/versions/7")[0] == 404
 
@@ -218,7 +220,7 @@ def test_metrics_count_requests_by_route_and_status(server):
     assert 'cddrec_requests_total{route="/v1/recommend",status="400"}' in text
     assert 'cddrec_requests_total{route="/v1/recommend",status="200"}' in text
     assert 'cddrec_request_duration_seconds_bucket{le="0.005",route="/v1/recommend"}' in text
-    assert 'cddrec_model_version{model="cddrec"} 1.0' in text
+    assert 'cddrec_model_version{model="cddrec"} 1.0' in text and "cddrec_engine_instances 2.0" in text
     for name in ("cddrec_batch_size_bucket", "cddrec_queue_users", "cddrec_batch_duration_seconds_count",
                  "cddrec_requests_in_flight{route=\"/v1/recommend\"} 0.0"):
         assert name in text

@@ -124,6 +124,7 @@ class Server:
                                 "keys": KeyRunner(self.models, self.config.max_batch)},
                                policy, self.metrics)
         self.batcher.start()
+        self.metrics.instances.set(policy.instances)
         self._set_version(self.models.current)
         self._install_sighup()
         self.ready = True
@@ -224,7 +225,8 @@ class Server:
 
     async def model_config(self, call: Call) -> Reply:
         m = self.model(call)
-        return json_reply(model_config(m.name, m.contract, self.config.max_batch, self.models.platform))
+        return json_reply(model_config(m.name, m.contract, self.config.max_batch, self.models.platform,
+                                       self.batcher.policy.instances, m.rec.backend.device))
 
     async def repository_index(self, call: Call) -> Reply:
         m = self.model_any()

@@ -36,6 +36,8 @@ class ServerMetrics:
         self.rejected = Counter("cddrec_rejected", "Requests refused because the queue was full (503)", registry=r)
         self.version = Gauge("cddrec_model_version", "Model version served", ["model"], registry=r)
         self.reloads = Counter("cddrec_model_reloads", "Model reloads by result", ["result"], registry=r)
+        self.instances = Gauge("cddrec_engine_instances", "Engine workers that run batches side by side",
+                               registry=r)
         self._children: dict = {}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:

@@ -298,9 +298,11 @@ def model_metadata(name: str, versions: list[str], contract: GraphContract, plat
                            "num_items": contract.num_items, "kind": contract.kind}}
 
 
-def model_config(name: str, contract: GraphContract, max_batch: int, platform: str) -> dict:
+def model_config(name: str, contract: GraphContract, max_batch: int, platform: str, instances: int = 1,
+                 device: str = "cpu") -> dict:
     """``GET /v2/models/{name}/config``, as Triton's JSON model configuration: ``max_batch_size`` and
-    dims without the batch axis when every tensor is batched along its first axis (else 0 and full dims)."""
+    dims without the batch axis when every tensor is batched along its first axis (else 0 and full dims);
+    ``instance_group`` the engine instances (``--instances``)."""
     batched = all(s.shape[0] == "batch" for s in contract.inputs + contract.outputs)
 
     def tensors(specs):
@@ -308,4 +310,5 @@ def model_config(name: str, contract: GraphContract, max_batch: int, platform: s
                  "dims": kserve_shape(s)[1:] if batched else kserve_shape(s)} for s in specs]
 
     return {"name": name, "platform": platform, "max_batch_size": max_batch if batched else 0,
-            "input": tensors(contract.inputs), "output": tensors(contract.outputs)}
+            "input": tensors(contract.inputs), "output": tensors(contract.outputs),
+            "instance_group": [{"count": instances, "kind": "KIND_GPU" if device == "cuda" else "KIND_CPU"}]}
