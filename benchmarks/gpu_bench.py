@@ -15,7 +15,8 @@ paper-size random model, ``cddrec-infer`` end to end, and ``cddrec-serve`` under
    16384: torch-cuda and torch-cuda-fp16 on the model file, ort-cuda and ort-cuda-graph on the fp32
    and the early-exit graph, ort-cuda-graph on the fp16 graph, each against its roofline
    (``benchmarks/roofline.py``; an early-exit graph's FLOPs count its S steps);
-4. ``cddrec-infer`` (the command itself, in a subprocess) on generated JSONL requests;
+4. ``cddrec-infer`` (the command itself, in a subprocess) on generated JSONL requests, and the same
+   requests as Parquet (in and out) on the first backend;
 5. ``cddrec-serve`` on ort-cuda-graph and ort-cuda under load (``cddrec-bench --serve``), when the command exists.
 
 Every phase checks the time left (``--budget-seconds``) and is skipped, with a note, rather than
@@ -143,6 +144,16 @@ def write_requests(path: Path, n: int, items: int, seed: int = 0, max_len: int =
             f.write("".join(lines))
 
 
+def requests_as_parquet(jsonl: Path) -> Path:
+    """The JSONL requests as a Parquet file beside them (user: string, history: list of strings)."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    out = jsonl.with_suffix(".parquet")
+    pq.write_table(pj.read_json(jsonl), out)
+    return out
+
+
 def run_infer(model: str, backend: str, requests: Path, out: Path, batch_size: int, n: int, timeout: float) -> dict:
     """The cddrec-infer command itself, timed from outside (load included)."""
     cmd = [*user_command("cddrec-infer"), "--model", model,
@@ -155,7 +166,8 @@ def run_infer(model: str, backend: str, requests: Path, out: Path, batch_size: i
     except subprocess.TimeoutExpired as e:
         rc, err = "timeout", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else str(e.stderr)
     secs = time.perf_counter() - t0
-    res = {"backend": backend, "batch_size": batch_size, "requests": n, "rc": rc, "seconds": secs,
+    res = {"backend": backend, "format": requests.suffix[1:], "batch_size": batch_size, "requests": n, "rc": rc,
+           "seconds": secs,
            "users_per_s_wall": n / secs, "stderr_tail": (err or "").strip().splitlines()[-3:]}
     out.unlink(missing_ok=True)
     return res
@@ -237,7 +249,8 @@ def table(rep: dict) -> str:
                 lines.append(f"| {r['backend']} ({label}) | {t['batch']} | {t['p50_ms']:.3f} | {t['p99_ms']:.3f} | "
                              f"{t['users_per_s']:,.0f} | {cell(t.get('share_of_roofline'), '.3f')} |")
     for r in rep.get("infer", []):
-        lines.append(f"\ncddrec-infer {r['backend']} batch {r['batch_size']}: {r['requests']:,} requests in "
+        lines.append(f"\ncddrec-infer {r['backend']} ({r.get('format', 'jsonl')}) batch {r['batch_size']}: "
+                     f"{r['requests']:,} requests in "
                      f"{r['seconds']:.1f} s = {r['users_per_s_wall']:,.0f} users/s (rc {r['rc']})")
     for serve in rep.get("serve", []):
         lines += serve_lines(serve)
@@ -352,6 +365,9 @@ class Check:
             write_requests(req, self.n_requests, self.items)
             self.rep["infer"] = []
             self.infer(*infer[0], req, tmp)
+            if self.fits("infer"):  # the same requests as Parquet in and out: the columnar reader and writer
+                self.step("cddrec-infer: the requests as Parquet")
+                self.infer(*infer[0], requests_as_parquet(req), tmp)
         self.rep["serve"] = []
         for backend in ("ort-cuda-graph", "ort-cuda") if self.cuda else ("ort-cpu",):
             if self.fits("serve"):
@@ -384,9 +400,10 @@ class Check:
             self.save()
 
     def infer(self, backend: str, path: str, req: Path, tmp: Path) -> None:
-        self.step(f"cddrec-infer --backend {backend}")
-        self.rep["infer"].append(run_infer(path, backend, req, tmp / "recs.jsonl", self.infer_batch, self.n_requests,
-                                           self.left()))
+        """cddrec-infer on ``req``, writing the same format (JSONL or Parquet)."""
+        self.step(f"cddrec-infer --backend {backend} ({req.suffix[1:]})")
+        self.rep["infer"].append(run_infer(path, backend, req, tmp / f"recs{req.suffix}", self.infer_batch,
+                                           self.n_requests, self.left()))
         self.save()
 
 
