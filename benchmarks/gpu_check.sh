@@ -29,10 +29,12 @@
 #     4: run(command="bash benchmarks/gpu_check.sh", carry=[".gpucarry4"], timeout_s=540)  # part 4, install
 #        (~30 s), environment, GPU tests (<= 100 s), gpu_bench (the rest): <= 420 s from its start
 # Expected device time: the machine's start 1-3 min, calls 1-3 about 0.5 min each (transfers), call 4
-# at most 7.5 min: about 10-12 minutes in all, under the 15-minute lease (no second try fits after a
-# full run; give the machine back after call 4). A call that finds earlier parts gone (a fresh
-# machine) prints which it has: start again from call 1. On a machine still warm that installed
-# everything, call 4's command alone (no carry) reruns the check; a changed tree is reinstalled from
+# at most 7.5 min: about 10-12 minutes in all, under the 15-minute lease. Measured on an H200
+# (2026-11-29): start and call 1 together 30-40 s, calls 2-3 about 6 s each, call 4 192-239 s (install
+# 26 s, GPU tests 40 s, gpu_bench the rest): about 5 minutes a round, so a fix and a second round fit;
+# give the machine back while you work on a fix (it is held, and counted, 30 s after each call).
+# A call that finds earlier parts gone (a fresh machine) prints which it has: start again from call 1.
+# On a machine still warm that installed everything, call 4's command alone (no carry) reruns the check; a changed tree is reinstalled from
 # the checkout (its cddrec wheel rebuilt there with the image's setuptools).
 # Rehearsed without a GPU (see --dry-run): the same 4 calls, each in a fresh copy of the tree with only
 # its part, a fake nvidia-smi and an image-like venv (the image's packages, none of the carried ones),
