@@ -97,6 +97,7 @@ class KeyMapper:
         self.index = vocab.index  # key (as its string form) -> id
         self.is_int = vocab.key_type == "int"
         self.sorted_int = self.order = self.lut = None
+        self._key_objects: list | None = None  # out_keys as Python objects (key_list)
         self.lo = 0
         if self.is_int:
             ints = np.array([int(k) for k in vocab.keys], dtype=np.int64)
@@ -134,6 +135,16 @@ class KeyMapper:
 
     def keys(self, ids: np.ndarray) -> pa.Array:
         return self.out_keys.take(pa.array(np.asarray(ids, dtype=np.int64) - 1))
+
+    def key_list(self, ids: np.ndarray) -> list:
+        """The keys of ``ids`` as Python objects: a few by list lookups (pyarrow's take and to_pylist cost
+        tens of microseconds, most of a one-user answer's decoding), many through ``keys``."""
+        if len(ids) > self.SMALL:
+            return self.keys(ids).to_pylist()
+        if self._key_objects is None:  # built once, on first use (two threads may both build it: same list)
+            self._key_objects = self.out_keys.to_pylist()
+        objs = self._key_objects
+        return [objs[i - 1] for i in np.asarray(ids, dtype=np.int64).tolist()]
 
 
 @dataclass
@@ -238,7 +249,7 @@ def fill_popular(top: TopK, rows: np.ndarray, popular: tuple[np.ndarray, np.ndar
 def decode_rows(top: TopK, mapper: KeyMapper) -> tuple[list[list], list[list[float]]]:
     """Per user: the item keys and scores of the valid entries (Python lists)."""
     counts = top.valid.sum(axis=1)
-    keys = mapper.keys(top.items[top.valid]).to_pylist()
+    keys = mapper.key_list(top.items[top.valid])
     scores = top.scores[top.valid].astype(np.float64).tolist()
     ends = np.cumsum(counts).tolist()
     starts = [0] + ends[:-1]

@@ -45,6 +45,7 @@ def test_unicode_digit_keys_stay_distinct_strings():
     ids = mapper.ids(pa.array(["17", "١٧", "²", "5", "x"]))
     assert ids.tolist() == [1, 2, 3, 4, 0]
     assert mapper.keys(np.array([1, 2, 3])).to_pylist() == ["17", "١٧", "²"]
+    assert mapper.key_list(np.array([3, 1, 2, 1])) == ["²", "17", "١٧", "17"]
     # a vocabulary saved under the old rule (key_type "int" with "²") is read as strings
     assert Vocab.from_dict({"keys": ["17", "²"], "key_type": "int"}).key_type == "str"
     assert Vocab.from_dict({"keys": ["17", "3"], "key_type": "int"}).key(1) == 17
@@ -217,3 +218,14 @@ def test_any_unicode_key_is_served_or_reported_and_never_merged(tmp_path_factory
         if e["reason"].startswith("duplicate user"):
             first = int(e["reason"].rsplit("line ", 1)[1].rstrip(")"))
             assert str(lines[e["line"] - 1][0]) == str(lines[first - 1][0])
+
+
+@pytest.mark.parametrize("keys", [["17", "١٧", "²", "5"], ["17", "3", "-2", str(2**62)]])
+def test_key_list_is_keys_as_python_objects_on_both_paths(keys, monkeypatch):
+    mapper = KeyMapper(Vocab.build(keys))
+    ids = np.random.default_rng().integers(1, len(keys) + 1, size=50)
+    want = mapper.keys(ids).to_pylist()
+    assert mapper.key_list(ids) == want  # a few: list lookups
+    monkeypatch.setattr(KeyMapper, "SMALL", 10)
+    assert mapper.key_list(ids) == want  # many: pyarrow
+    assert all(type(k) is (int if mapper.is_int else str) for k in want)

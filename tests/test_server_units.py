@@ -15,7 +15,7 @@ from cddrec.contract import GraphContract
 from cddrec.errors import ModelFileError
 from cddrec.runtime.server.batcher import Batcher, BatchPolicy
 from cddrec.runtime.server.models import model_source
-from cddrec.runtime.server.protocol import ProtocolError, encode_infer_response, parse_infer
+from cddrec.runtime.server.protocol import ProtocolError, encode_infer_response, parse_infer, tensors_of
 from cddrec.runtime.server.tensors import merge_feeds
 
 CONTRACT = GraphContract(k=3, steps=2, hidden=4, max_len=5, num_items=20)
@@ -155,6 +155,35 @@ def test_instances_run_batches_side_by_side_and_a_retired_model_waits_for_every_
 
     run(main())
     assert eng.events == ["ran [1]", "ran [2]", "closed"]
+
+
+def test_several_workers_split_the_waiting_users_into_fair_shares():
+    """One user runs on worker 1; 63 arrive meanwhile: worker 2 takes 32 (ceil(64 users / 2)), not all
+    63, and the remaining 31 go to worker 1 once it frees; one worker alone would take them all."""
+    def sizes(instances: int) -> list[int]:
+        eng = Held()
+
+        async def main():
+            b = Batcher({"a": eng}, BatchPolicy(max_wait_s=0, instances=instances))
+            b.start()
+            first = asyncio.ensure_future(b.submit("a", 0, 1))
+            assert await asyncio.to_thread(eng.started.acquire, True, 5)
+            rest = [asyncio.ensure_future(b.submit("a", i, 1)) for i in range(1, 64)]
+            await asyncio.sleep(0.05)
+            eng.gate(0).set()  # worker 1 frees while worker 2 holds its batch
+            await first
+            await asyncio.sleep(0.05)
+            for i in range(64):
+                eng.gate(i).set()
+            out = await asyncio.gather(first, *rest)
+            await b.close()
+            assert out == [f"done {i}" for i in range(64)]
+            return sorted(b.stats.sizes)  # in the order they were answered
+
+        return run(main())
+
+    assert sizes(2) == [1, 31, 32]
+    assert sizes(1) == [1, 63]
 
 
 def test_one_worker_retires_on_its_own_thread_after_the_batches_handed_to_it():
@@ -336,6 +365,36 @@ def test_protocol_errors_name_the_field(body, header, words):
     assert e.value.status == 400
     for w in words:
         assert w in e.value.message
+
+
+def test_a_repeated_binary_header_is_decoded_once_and_its_data_still_checked():
+    """tritonclient sends one JSON header for every request of a shape: the second request with it takes
+    the remembered plan, which must read the same arrays and refuse the same bad data as the full parse."""
+    contract = GraphContract(k=3, steps=2, hidden=4, max_len=5, num_items=20, stochastic=False)
+    head = (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [2, 3], '
+            b'"parameters": {"binary_data_size": 48}}], "parameters": {"binary_data_output": true, "timeout": 7000}}')
+    rng = np.random.default_rng()
+
+    def body(ids: np.ndarray) -> bytes:
+        return head + ids.astype("<i8").tobytes()
+
+    plans = tensors_of(contract).plans
+    for _ in range(5):  # the first parse remembers the plan; the others use it
+        ids = rng.integers(0, 21, size=(2, 3))
+        req = parse_infer(body(ids), str(len(head)), contract, max_batch=8)
+        np.testing.assert_array_equal(req.inputs["item_ids"], ids)
+        assert (req.rows, req.width, req.timeout_s, req.id) == (2, 3, 0.007, None)
+        assert req.outputs == [(name, True) for name in contract.output_names]
+        assert len(plans) == 1
+    for bad, words in [(body(np.array([[1, 2, 3], [4, 5, 21]])), ["0..20", "21"]),
+                       (body(np.array([[1, 2, 3], [-4, 5, 6]])), ["0..20", "-4"]),
+                       (body(np.zeros((2, 3)))[:-8], ["48 bytes of binary data", "40"]),
+                       (body(np.zeros((2, 3))) + b"\0" * 8, ["48 bytes of binary data", "56"])]:
+        with pytest.raises(ProtocolError) as e:
+            parse_infer(bad, str(len(head)), contract, max_batch=8)
+        assert e.value.status == 400 and all(w in e.value.message for w in words), e.value.message
+    with pytest.raises(ProtocolError, match="1..1"):  # the plan is per --max-batch
+        parse_infer(body(np.ones((2, 3))), str(len(head)), contract, max_batch=1)
 
 
 def test_rows_of_different_widths_are_left_padded_to_the_widest():

@@ -100,15 +100,16 @@ class Endpoint:
 
     def __init__(self, handler, route: str, methods: tuple[str, ...], metrics):
         self.handler, self.route, self.methods, self.metrics = handler, route, methods, metrics
-        self.in_flight = metrics.in_flight.labels(route)
+        self.active = 0  # requests in flight: read when /metrics is scraped, not a gauge update per request
+        metrics.in_flight.labels(route).set_function(lambda: self.active)
 
     async def __call__(self, scope, receive, send, path_params: dict | None = None) -> None:
         t0 = time.perf_counter()
-        self.in_flight.inc()
+        self.active += 1
         try:
             await self._answer(scope, receive, send, path_params, t0)
         finally:
-            self.in_flight.dec()
+            self.active -= 1
 
     async def _answer(self, scope, receive, send, path_params: dict | None, t0: float) -> None:
         if scope["method"] not in self.methods:
