@@ -3,7 +3,8 @@
 The one implementation of the serving-side encoding, used by ``Recommender`` (and so by
 ``cddrec-infer``'s streaming pipeline) and by the Triton client:
 
-- ``KeyMapper``: item key -> id (0 = unknown) by a vectorized lookup, id -> key by a take;
+- ``KeyMapper``: item key -> id (0 = unknown) by a vectorized lookup, id -> key by a take (a few
+  keys, as a server's batch has: by the vocabulary's dict and a Python list, no Arrow round trip);
 - ``encode_flat`` / ``encode_histories``: histories (flat keys + offsets) -> the known ids per
   user, unknown items counted, optionally only the most recent ``max_history``;
 - ``left_pad``: flat ids -> the graph's (B, S) input, right-aligned after 0 padding;
@@ -113,10 +114,16 @@ class KeyMapper:
         else:
             self.out_keys = self.keys_str
 
-    def ids(self, values: pa.Array) -> np.ndarray:
-        """(n,) int64 ids of the keys, 0 where unknown."""
+    def ids(self, values: pa.Array | list) -> np.ndarray:
+        """(n,) int64 ids of the keys (an Arrow array, or a list of checked keys: ints and strings), 0 where
+        unknown."""
         if len(values) == 0:
             return np.zeros(0, dtype=np.int64)
+        if isinstance(values, list):  # a few: straight to the dict, no Arrow round trip
+            if len(values) <= self.SMALL:
+                get = self.index.get
+                return np.fromiter((get(k if type(k) is str else str(k), 0) for k in values), np.int64, len(values))
+            values = pa.array([k if type(k) is str else str(k) for k in values], pa.string())
         if self.is_int and pa.types.is_integer(values.type):
             v = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
             if self.lut is not None:
@@ -163,10 +170,13 @@ class Encoded:
         return len(self.unknown)
 
 
-def encode_flat(values: pa.Array, offsets: np.ndarray, mapper: KeyMapper, max_history: int | None = None) -> Encoded:
-    """Histories given as flat item keys ``values`` and ``offsets`` (n + 1,) -> ``Encoded``."""
+def encode_flat(values: pa.Array | list, offsets: np.ndarray, mapper: KeyMapper, max_history: int | None = None
+                ) -> Encoded:
+    """Histories given as flat item keys ``values`` (an Arrow array or a list) and ``offsets`` (n + 1,) ->
+    ``Encoded``."""
     offs = np.asarray(offsets, dtype=np.int64)
-    ids = mapper.ids(values.slice(int(offs[0]), int(offs[-1] - offs[0])))  # (total,)
+    lo, hi = int(offs[0]), int(offs[-1])
+    ids = mapper.ids(values[lo:hi] if isinstance(values, list) else values.slice(lo, hi - lo))  # (total,)
     offs = offs - offs[0]
     n, lens = len(offs) - 1, np.diff(offs)
     known = ids > 0
@@ -195,7 +205,7 @@ def encode_histories(histories: Sequence[Sequence], mapper: KeyMapper, max_histo
         if problem:
             raise ValueError(f"history {i} {problem}")
     lens = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
-    values = pa.array([str(key) for h in histories for key in h], pa.string())
+    values = [key for h in histories for key in h]
     return encode_flat(values, np.concatenate([[0], np.cumsum(lens)]), mapper, max_history)
 
 

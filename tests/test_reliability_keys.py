@@ -229,3 +229,18 @@ def test_key_list_is_keys_as_python_objects_on_both_paths(keys, monkeypatch):
     monkeypatch.setattr(KeyMapper, "SMALL", 10)
     assert mapper.key_list(ids) == want  # many: pyarrow
     assert all(type(k) is (int if mapper.is_int else str) for k in want)
+
+
+@pytest.mark.parametrize("keys", [["17", "١٧", "²", "5"], ["17", "3", "-2", str(2**62)]])
+def test_ids_of_a_python_list_are_the_ids_of_its_arrow_array_on_both_paths(keys, monkeypatch):
+    """A server's request and ``encode_histories`` give keys as Python objects (ints or strings, 17 and "17"
+    being the same item); a few go straight to the vocabulary's dict, many through Arrow."""
+    mapper = KeyMapper(Vocab.build(keys))
+    rng = np.random.default_rng()
+    pool = keys + [int(k) for k in keys if k.lstrip("-").isascii() and k.lstrip("-").isdigit()] + ["x", 4, "-0"]
+    values = [pool[i] for i in rng.integers(0, len(pool), size=60)]
+    want = mapper.ids(pa.array([str(v) for v in values], pa.string())).tolist()
+    assert mapper.ids(values).tolist() == want
+    monkeypatch.setattr(KeyMapper, "SMALL", 10)
+    assert mapper.ids(values).tolist() == want
+    assert 0 in want and any(w > 0 for w in want)

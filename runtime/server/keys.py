@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-import pyarrow as pa
 
 from cddrec.contract import GraphContract
 
@@ -97,7 +96,7 @@ class KeyRunner:
         rec = m.for_batch(len(hists))
         K = rec.contract.k
         lens = np.fromiter((len(h) for h in hists), np.int64, len(hists))
-        flat = pa.array([k if type(k) is str else str(k) for h in hists for k in h], pa.string())  # checked keys
+        flat = [k for h in hists for k in h]  # checked keys
         enc = encode_flat(flat, np.concatenate([[0], np.cumsum(lens)]), rec.mapper, rec.max_history)
         top = rec.infer_encoded(enc, K, self.batch_size)  # (n, K), popularity where nothing is known
         ks = np.fromiter((K if k is None else min(k, K) for p in payloads for k in p.ks), np.int64, len(hists))
