@@ -186,6 +186,37 @@ def test_several_workers_split_the_waiting_users_into_fair_shares():
     assert sizes(1) == [1, 63]
 
 
+def test_a_freed_worker_waits_for_its_share_not_for_max_batch_users():
+    """Both workers busy with 4 users each, 4 more queue; when one frees, its share (ceil((4 waiting + 4
+    running) / 2) = 4) is already there, so the batch starts at once instead of waiting --max-wait (2 s)
+    for 256 users."""
+    eng = Held()
+
+    async def main():
+        b = Batcher({"a": eng}, BatchPolicy(max_wait_s=2.0, instances=2))
+        b.start()
+        a = asyncio.ensure_future(b.submit("a", "A", 4))
+        held = asyncio.ensure_future(b.submit("a", "B", 4))
+        for _ in range(2):
+            assert await asyncio.to_thread(eng.started.acquire, True, 5)
+        rest = [asyncio.ensure_future(b.submit("a", i, 1)) for i in range(4)]
+        await asyncio.sleep(0.05)
+        for i in ("A", 0, 1, 2, 3):
+            eng.gate(i).set()
+        t0 = time.perf_counter()
+        out = await asyncio.gather(a, *rest)
+        took = time.perf_counter() - t0
+        assert not held.done()  # B still holds the other worker
+        eng.gate("B").set()
+        await held
+        await b.close()
+        return out, took
+
+    out, took = run(main())
+    assert out == ["done A"] + [f"done {i}" for i in range(4)]
+    assert took < 1.0  # the window is 2 s
+
+
 def test_one_worker_retires_on_its_own_thread_after_the_batches_handed_to_it():
     eng, where = Held(), []
 

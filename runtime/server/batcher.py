@@ -6,12 +6,13 @@
   count): a batch runs on each free worker. A job that arrives while a worker is free is
   dispatched at once (with whatever else is queued): a lone request never waits for the timeout. A
   job that arrives while every worker is busy waits; when one frees, the batch starts as soon as
-  ``max_batch`` users are waiting or ``max_wait`` after the first of them arrived (usually already
-  past: the engine ran meanwhile).
-- With several workers a batch takes at most its fair share of the users waiting or running,
-  ceil((waiting + running) / instances): under steady load the users split into even batches, one
-  per worker, instead of one worker running nearly all of them while the other runs the stragglers
-  one by one (on ONNX Runtime a one-user batch costs about 2.4 times a user's share of a batch of 16).
+  a full batch is waiting or ``max_wait`` after the first of them arrived (usually already past: the
+  engine ran meanwhile).
+- A full batch is ``max_batch`` users; with several workers, a fair share of the users waiting or
+  running, ceil((waiting + running) / instances): under steady load the users split into even
+  batches, one per worker, instead of one worker running nearly all of them while the other runs the
+  stragglers one by one (on ONNX Runtime a one-user batch costs about 2.4 times a user's share of a
+  batch of 16), and a freed worker waits for its share, not for ``max_batch`` users that never come.
 - The engine runs off the event loop (``run_in_executor``): the loop keeps parsing, queueing and
   answering while batches run, and the queue it fills is the next batch. One exception
   (``inline_single``, for fast backends whose runs may overlap): a lone request of one user, with
@@ -175,7 +176,7 @@ class Batcher:
         job = Job(kind, payload, size, width, loop.create_future(), time.perf_counter(), self.busy)
         self.queue.append(job)
         self.queued += size
-        if self._sleeping and not self._full and (not self._gathering or self.queued >= p.max_batch):
+        if self._sleeping and not self._full and (not self._gathering or self.queued >= self._share()):
             self._wake.set()
         timeout = p.timeout_s if timeout_s is None else min(timeout_s, p.timeout_s)
         heapq.heappush(self._deadlines, (job.arrived + timeout, next(self._seq), weakref.ref(job.future), timeout))
@@ -269,17 +270,25 @@ class Batcher:
         self._answer(batch, results, seconds)
 
     async def _gather(self, head: Job) -> None:
-        """Wait until max_batch users are queued or max_wait after the head arrived."""
+        """Wait until a full batch is queued (``_share``) or max_wait after the head arrived."""
         deadline = head.arrived + self.policy.max_wait_s
         self._gathering = True
         try:
-            while self.queued < self.policy.max_batch and not self._closing and not head.dropped:
+            while self.queued < self._share() and not self._closing and not head.dropped:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
                 await self._sleep(remaining)
         finally:
             self._gathering = False
+
+    def _share(self) -> int:
+        """The most users the next batch takes: max_batch; with several workers, at most a fair share of the
+        users waiting or running (see the module's doc)."""
+        p = self.policy
+        if p.instances == 1:
+            return p.max_batch
+        return min(p.max_batch, -(-(self.queued + self.users_running) // p.instances))
 
     def _take(self) -> list[Job]:
         """Queued jobs of the head's kind in arrival order (jobs of another kind keep their places), until
@@ -288,9 +297,7 @@ class Batcher:
         batch: list[Job] = []
         rest: deque[Job] = deque()
         users = width = 0
-        cap = p.max_batch  # several workers: at most a fair share of the users waiting or running (see module doc)
-        if p.instances > 1:
-            cap = min(cap, -(-(self.queued + self.users_running) // p.instances))
+        cap = self._share()
         while self.queue:
             job = self.queue.popleft()
             if job.dropped:
