@@ -46,6 +46,7 @@
 #                        installed with GPU_CHECK_PYTHON (e.g. a venv of the image's packages) into a
 #                        scratch GPU_CHECK_HOME, then the check on CPU backends with small sizes
 #     --install-only     with --dry-run (or on the device): stop after the install and the environment report
+#     --source-hash      the checkout's source hash, as a device record names it next to the commit
 # Environment: GPU_CHECK_PYTHON (python3), GPU_CHECK_HOME (/tmp/cddrec-gpu), GPU_CHECK_PYVER (3.12),
 # GPU_CHECK_BUDGET (420 seconds for the final call), GPU_CHECK_XZ_LEVEL (9; 1 for a quick rehearsal
 # bundle), GPU_CHECK_WHEELS (the pinned list below), OUT (the device tool's result folder).
@@ -64,7 +65,8 @@ mode=device; install_only=0
 for a in "$@"; do
   case "$a" in
     --prepare) mode=prepare ;; --dry-run) mode=dry-run ;; --install-only) install_only=1 ;;
-    *) echo "unknown option $a (--prepare, --dry-run, --install-only)"; exit 2 ;;
+    --source-hash) mode=source-hash ;;
+    *) echo "unknown option $a (--prepare, --dry-run, --install-only, --source-hash)"; exit 2 ;;
   esac
 done
 if [ "$mode" = dry-run ]; then WORK=${GPU_CHECK_HOME:-$(mktemp -d /tmp/cddrec-gpu-dry.XXXXXX)}; else WORK=${GPU_CHECK_HOME:-/tmp/cddrec-gpu}; fi
@@ -214,11 +216,15 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 check() {
   OUT=${OUT:-$WORK/out}; mkdir -p "$OUT" "$WORK/run"
   export PYTHONUNBUFFERED=1
-  # the records name the checkout's commit (the installed cddrec has no git metadata), else its source hash
+  # the records name the checkout's commit (the installed cddrec has no git metadata) and always its source
+  # hash: the device tool's copy may carry git metadata older than the tree it sends (seen 2026-11-30: HEAD of
+  # the session's start, the tree of a later commit, so "+dirty"); compare the hash with `--source-hash` here
+  local src; src=$(source_hash "$PY" | cut -c1-12)
   if CDDREC_COMMIT=$(git -C "$root" rev-parse --short=12 HEAD 2>/dev/null); then
     [ -n "$(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ] && CDDREC_COMMIT="$CDDREC_COMMIT+dirty"
+    CDDREC_COMMIT="$CDDREC_COMMIT (source sha256 $src)"
   else
-    CDDREC_COMMIT="unknown (no git here; source sha256 $(source_hash "$PY" | cut -c1-12))"
+    CDDREC_COMMIT="unknown (no git here; source sha256 $src)"
   fi
   export CDDREC_COMMIT
   cd "$WORK/run" || exit 1  # not the checkout: its cddrec/ would hide the installed package's wings
@@ -281,6 +287,7 @@ PY
 # ---------------------------------------------------------------------------------------- main
 case "$mode" in
   prepare) prepare; exit 0 ;;
+  source-hash) source_hash "$PY" | cut -c1-12; exit 0 ;;
 esac
 if [ "$mode" = device ] && ! command -v nvidia-smi >/dev/null; then
   echo "no GPU here (no nvidia-smi): the device sequence collects the carried parts; use --dry-run on this machine"; exit 1
