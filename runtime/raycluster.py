@@ -36,7 +36,7 @@ def check_address(address: str) -> None:
     if address in ("local", "auto") or "://" in address:
         return
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise ConfigError(f"--ray {address!r}: expected 'local', 'auto' or HOST:PORT of a Ray head (ray start --head)")
     try:
         with socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS):

@@ -186,6 +186,10 @@ BAD = [  # (path, body or bytes, headers, status, words the error must hold)
     ("/v2/models/other/infer", _v2([[1]]), {}, 404, ["unknown model 'other'", "cddrec"]),
     ("/v2/models/cddrec/versions/3/infer", _v2([[1]]), {}, 404, ["version '3'", "not loaded"]),
     ("/v3/nothing", None, {}, 404, ["no route"]),
+    ("/v1/recommend/", {"history": [1]}, {}, 404, ["no route", "/v1/recommend/"]),  # not an empty 307
+    ("/v1/recommend", gzip.compress(b'{"history": [1]}')[:-4], {"Content-Encoding": "gzip"}, 400, ["truncated gzip"]),
+    ("/v1/recommend", gzip.compress(b'{"history": [1]}') + b"xx", {"Content-Encoding": "gzip"}, 400,
+     ["2 bytes after the end"]),
     ("/v2/repository/models/cddrec/unload", {}, {}, 400, ["does not unload"]),
 ]
 
@@ -248,6 +252,14 @@ def test_load_benchmark_reports_throughput_latency_batches_and_the_engine_alone(
     ratio = doc["ratios"]["keys"]["c64_throughput_vs_ort_b256"]
     assert ratio == pytest.approx(rows[("keys", 64)]["requests_per_s"] / near["users_per_s"])
     assert "c1_p50_minus_ort_b1_p50_ms" in doc["ratios"]["v2"]
+    # and in the server's engine layout (its instances, one thread each), when it has several
+    instances = doc["server_model"]["instances"]
+    assert instances >= 1 and ("layout" in near) == (instances > 1)
+    if instances > 1:
+        assert near["layout"]["callers"] == instances and near["layout"]["users_per_s"] > 0
+        assert doc["ratios"]["keys"]["c64_throughput_vs_ort_layout_b256"] == pytest.approx(
+            rows[("keys", 64)]["requests_per_s"] / near["layout"]["users_per_s"])
+        assert "server's engine layout" in table
     assert "| v2 | 8 |" in table and str(tmp_path / "load.md") in paths
 
 
@@ -261,7 +273,11 @@ def test_command_errors_are_one_line(server, tmp_path):
     for args, words in ((["--model", str(tmp_path / "missing.onnx"), "--port", "0"], "no such file"),
                         (["--model", str(tmp_path), "--port", "0"], "expected a model file"),
                         (["--model", str(tmp_path / "m.onnx"), "--port", port], "Address already in use"),
-                        (["--model", str(tmp_path), "--replicas", "2"], "add --ray")):
+                        (["--model", str(tmp_path), "--replicas", "2"], "add --ray"),
+                        (["--model", str(tmp_path), "--max-wait-ms", "nan"], "not a finite number"),
+                        (["--model", str(tmp_path), "--timeout-ms", "inf"], "not a finite number"),
+                        (["--model", str(tmp_path), "--model-name", "a/b"], "one path segment"),
+                        (["--model", str(tmp_path), "--model-name", ""], "one path segment")):
         r = CliRunner().invoke(main, args)
         assert r.exit_code in (1, 2) and words in r.output and "Traceback" not in r.output, r.output
 

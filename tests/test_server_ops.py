@@ -185,3 +185,27 @@ def test_ray_errors_are_one_line_before_anything_starts(tmp_path, trained_tiny_o
         r = CliRunner().invoke(main, args)
         assert r.exit_code == 1 and says in r.output and "Traceback" not in r.output, r.output
         assert len([x for x in r.output.splitlines() if x.startswith("Error:")]) == 1, r.output
+
+
+def test_a_port_another_server_claims_while_the_model_loads_is_a_one_line_error(trained_tiny_onnx, monkeypatch):
+    """Two servers started at once may both bind the port (SO_REUSEADDR, neither listening yet); the one that
+    listens second gets the one-line error, not uvicorn's tracebacks."""
+    import socket
+
+    from cddrec.errors import ConfigError
+    from cddrec.runtime.server import standalone
+    from cddrec.runtime.server.app import ServerConfig
+
+    ours = standalone.bind("127.0.0.1", 0)  # bound, not listening: as after our own bind()
+    port = ours.getsockname()[1]
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    other.bind(("127.0.0.1", port))  # allowed: neither listens yet
+    other.listen()  # the other server gets there first
+    monkeypatch.setattr(standalone, "bind", lambda host, p: ours)
+    try:
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}: .*in use.*choose another --port"):
+            standalone.serve(ServerConfig(str(trained_tiny_onnx)), "127.0.0.1", port, echo=lambda m: None)
+    finally:
+        ours.close()
+        other.close()

@@ -389,6 +389,21 @@ def test_binary_request_and_response_round_trip_as_tritonclient_builds_and_reads
      b'"parameters": {"shared_memory_region": "r"}}]}', None, ["shared memory"]),
     (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [1]}], '
      b'"outputs": [{"name": "top_items", "parameters": {"classification": 2}}]}', None, ["classification"]),
+    # non-ASCII digits pass str.isdigit() but not int(): a 400, not a 500
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [1]}]}', "\u00b2",
+     ["Inference-Header-Content-Length must be an integer"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 3], "data": [0, 5, true]}]}', None,
+     ["list of numbers"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": 5}]}', None,
+     ["list of numbers"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [1], "parameters": []}]}',
+     None, ["'parameters' must be an object"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [1]}], "outputs": []}', None,
+     ["non-empty list", "leave it out"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "data": [1]}], '
+     b'"outputs": [{"name": "top_items"}, {"name": "top_items"}]}', None, ["asked for twice"]),
+    (b'{"inputs": [{"name": "item_ids", "datatype": "INT64", "shape": [1, 1], "parameters": {"binary_data_size": 8}}]}'
+     b'\x01\x00\x00\x00\x00\x00\x00\x00', None, ["needs the header Inference-Header-Content-Length"]),
 ])
 def test_protocol_errors_name_the_field(body, header, words):
     with pytest.raises(ProtocolError) as e:
@@ -451,6 +466,8 @@ def test_model_folder_layouts(tmp_path):
         if v != 10:  # a version being copied: not yet a model
             (repo / "recs" / str(v) / "model.onnx").write_bytes(b"x")
     (repo / "recs" / "notes").mkdir()
+    (repo / "recs" / "\u00b2").mkdir()  # isdigit() but not a number: not a version, not a crash
+    (repo / "recs" / "\u00b2" / "model.onnx").write_bytes(b"x")
     for path in (repo / "recs", repo):  # the model folder, or the repository root holding it
         src = model_source(path)
         assert src.name == "recs" and sorted(src.versions()) == [1, 2]

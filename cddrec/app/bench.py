@@ -12,6 +12,7 @@ from cddrec.contract import DEFAULT_K
 from .options import (
     CONTEXT,
     POSITIVE,
+    Finite,
     echo_err,
     friendly_errors,
     k_option,
@@ -31,7 +32,7 @@ from .options import (
 @option("--items", default=None, type=POSITIVE, help="catalogue size of the random model [default: the paper's 12,101]")
 @k_option(DEFAULT_K)
 @threads_option()
-@option("--min-seconds", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@option("--min-seconds", default=1.0, show_default=True, type=Finite(min=0, min_open=True),
         help="timed seconds per backend and batch size")
 @option("--catalogue-sizes", default="", help="also measure item tables of these sizes, e.g. 10000,100000,1000000")
 @option("--catalogue-backends", default="ort-cpu", show_default=True,
@@ -44,7 +45,7 @@ from .options import (
 @option("--serve", "serve_url", default=None,
         help="drive a running cddrec-serve at URL instead (with --model GRAPH: also ONNX Runtime alone on it)")
 @option("--concurrency", default="1,8,64,256", show_default=True, help="--serve: comma-separated client counts")
-@option("--seconds", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@option("--seconds", default=10.0, show_default=True, type=Finite(min=0, min_open=True),
         help="--serve: measured seconds per concurrency")
 @option("--serve-routes", default="v2,keys", show_default=True,
         help="--serve: v2 (KServe v2 infer, binary tensors) and/or keys (POST /v1/recommend)")

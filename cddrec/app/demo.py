@@ -22,7 +22,7 @@ from cddrec.io import atomic_folder
 from cddrec.synthetic import make_synthetic, write_sequence_file
 from cddrec.training import train
 
-from .options import CONTEXT, friendly_errors, option
+from .options import CONTEXT, Finite, friendly_errors, option
 
 DEMO_CONFIG = dict(hidden_size=64, num_heads=2, max_len=20, steps=10, beta_T=0.04, batch_size=128,
                    epochs=40, patience=5)
@@ -109,7 +109,7 @@ def quick_speed(model_path: Path, graph: Path, L: int, num_items: int, seconds: 
 @click.command(context_settings=CONTEXT)
 @option("--output", "-o", "out_dir", default="cddrec-demo", show_default=True, type=click.Path(file_okay=False),
         hidden_aliases=("--out",), help="folder for the demo's data, model, graph and recommendations")
-@option("--minutes", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@option("--minutes", default=1.0, show_default=True, type=Finite(min=0, min_open=True),
         help="training time budget")
 @option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="seed of the data and the training")
 @option("--force", is_flag=True, help="replace an earlier demo run in the folder")

@@ -12,6 +12,7 @@ from .options import (
     CONTEXT,
     EXIT_NOTHING_SERVED,
     EXIT_PROBLEMS,
+    Finite,
     data_kwargs,
     data_options,
     echo_err,
@@ -60,7 +61,7 @@ from .options import (
         help="serve shards on Ray Data: 'local' (start Ray here), 'auto' or a cluster address")
 @option("--ray-actors", type=click.IntRange(min=1), default=None,
         help="actors, each with one model [default: one per CPU, at most one per shard]")
-@option("--ray-gpus", type=click.FloatRange(min=0), default=None,
+@option("--ray-gpus", type=Finite(min=0), default=None,
         help="GPUs per actor [default: 1 for the CUDA backends, else 0]")
 @data_options
 @friendly_errors

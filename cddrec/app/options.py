@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 import os
 import sys
 
@@ -47,6 +48,18 @@ from cddrec.io import install_signal_cleanup, output_lock
 CONTEXT = {"max_content_width": 110, "help_option_names": ["-h", "--help"]}
 TRAIN_MODULES = ("torch", "onnx", "onnxscript")  # what the [train] extra brings
 POSITIVE = click.IntRange(min=1)
+
+
+class Finite(click.FloatRange):
+    """A float range that also refuses nan and inf (``click.FloatRange`` lets them through)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return v
+
+
 MAX_THREADS_PER_CORE = 4
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING_SERVED, EXIT_PROBLEMS = 0, 1, 2, 3, 4
 # what the libraries say when the OS refuses a thread (Python, ONNX Runtime, libgomp, pthreads)

@@ -6,7 +6,7 @@ import click
 
 from cddrec.runtime.backends import available_backends, engine_options, tf32_backends, tf32_problem
 
-from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threads_option
+from .options import CONTEXT, POSITIVE, Finite, echo_err, friendly_errors, option, threads_option
 
 
 @click.command(context_settings=CONTEXT)
@@ -25,12 +25,12 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threa
              "divided by --threads); the other backends run one batch at a time and refuse more than 1]")
 @option("--max-batch", type=POSITIVE, default=256, show_default=True,
         help="most users per engine batch (and per request)")
-@option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+@option("--max-wait-ms", type=Finite(min=0), default=2.0, show_default=True,
         help="once the engine is free, how long a batch may wait for more users (a request on an idle engine "
              "never waits)")
 @option("--max-queue", type=POSITIVE, default=1024, show_default=True,
         help="most users waiting for the engine; beyond it: 503 with Retry-After")
-@option("--timeout-ms", type=click.FloatRange(min=0, min_open=True), default=10_000, show_default=True,
+@option("--timeout-ms", type=Finite(min=0, min_open=True), default=10_000, show_default=True,
         help="per-request timeout (504)")
 @option("--max-body-bytes", type=POSITIVE, default=4 << 20, show_default=True, help="largest request body (413)")
 @option("--access-log", is_flag=True, help="one JSON line per request on stderr")
@@ -38,7 +38,7 @@ from .options import CONTEXT, POSITIVE, echo_err, friendly_errors, option, threa
 @option("--ray", "ray_address", default=None,
         help="deploy on Ray Serve: 'local' (start Ray here), 'auto' or a cluster address")
 @option("--replicas", type=POSITIVE, default=1, show_default=True, help="Ray Serve replicas, one model each")
-@option("--replica-gpus", type=click.FloatRange(min=0), default=None,
+@option("--replica-gpus", type=Finite(min=0), default=None,
         help="GPUs per Ray Serve replica [default: 1 for the CUDA backends, else 0]")
 @option("--verbose", is_flag=True, help="show Ray's own logging (with --ray)")
 @friendly_errors
@@ -47,6 +47,9 @@ def main(model_path, model_name, host, port, backend, threads, instances, max_ba
     """Serve an exported graph online: KServe v2 (what Triton speaks over HTTP), POST /v1/recommend, /metrics."""
     from cddrec.runtime.server.app import ServerConfig
 
+    if model_name is not None and (not model_name.strip() or "/" in model_name):
+        raise click.BadParameter(f"{model_name!r}: a model name is one path segment of /v2/models/NAME (not empty, "
+                                 "no '/')", param_hint="--model-name")
     if tf32 and tf32_problem(backend):
         raise click.BadParameter("--" + tf32_problem(backend), param_hint="--tf32")
     if ray_address is None and (replicas != 1 or replica_gpus is not None):

@@ -31,6 +31,7 @@ from cddrec.io import refuse_overwrite_inputs
 from .options import (
     CONTEXT,
     MAX_THREADS_PER_CORE,
+    Finite,
     data_kwargs,
     data_options,
     echo_err,
@@ -97,7 +98,7 @@ def build_config(data: str | None, config_file: str | None, preset: bool,
 @option("--auto-resume", is_flag=True, help="continue from OUTPUT.resume.pt if it exists, else start (a job that "
         "torchrun --max-restarts restarts, a nightly job)")
 @option("--quiet", is_flag=True, help="no progress bar or progress lines")
-@option("--progress-every", default=30.0, show_default=True, type=click.FloatRange(0, min_open=True),
+@option("--progress-every", default=30.0, show_default=True, type=Finite(0, min_open=True),
         help="seconds between progress lines when stderr is not a terminal (logs, CI, nohup)")
 @option("--summary-json", type=click.Path(dir_okay=False), help="write the training summary here")
 @data_options

@@ -297,6 +297,7 @@ class App:
         self.server = server
         self.router = Starlette(routes=[Route(path, ep) for path, ep in endpoints], lifespan=self._lifespan,
                                 exception_handlers={404: _not_found})
+        self.router.router.redirect_slashes = False  # a path with a trailing slash is a JSON 404, not an empty 307
         self.state = self.router.state
         self.state.server = server
         self._hot = {path: ep for path, ep in endpoints if path in HOT_ROUTES}

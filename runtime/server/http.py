@@ -85,6 +85,10 @@ class Call:
             raise ProtocolError(f"the body is not valid {encoding} data ({e})") from None
         if len(out) > limit or d.unconsumed_tail:
             raise ProtocolError(f"decompressed request body over the limit of {limit} bytes (--max-body-bytes)", 413)
+        if not d.eof:
+            raise ProtocolError(f"the body is truncated {encoding} data (the stream does not end)")
+        if d.unused_data:
+            raise ProtocolError(f"the body has {len(d.unused_data)} bytes after the end of its {encoding} data")
         return out
 
 

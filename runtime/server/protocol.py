@@ -110,17 +110,33 @@ def _json_header(body: bytes, header_length: str | None) -> tuple[dict, memoryvi
     try:
         doc = orjson.loads(body[:n])
     except orjson.JSONDecodeError as e:
-        raise ProtocolError(f"the request is not valid JSON ({e})") from None
+        hint = ("; binary tensor data after the JSON needs the header Inference-Header-Content-Length"
+                if header_length is None and "content after document" in str(e) else "")
+        raise ProtocolError(f"the request is not valid JSON ({e}){hint}") from None
     if not isinstance(doc, dict):
         raise ProtocolError(f"the request must be a JSON object, got {type(doc).__name__}")
     return doc, memoryview(body)[n:]
 
 
 def _params(obj: dict, where: str) -> dict:
-    p = obj.get("parameters") or {}
+    p = obj.get("parameters")
+    if p is None:
+        return {}
     if not isinstance(p, dict):
         raise ProtocolError(f"{where}: 'parameters' must be an object, got {type(p).__name__}")
     return p
+
+
+def _holds_bool(data: list) -> bool:
+    """Whether a nested list holds a JSON true/false anywhere (numpy would read it as 0/1)."""
+    stack = [data]
+    while stack:
+        for v in stack.pop():
+            if v is True or v is False:
+                return True
+            if isinstance(v, list):
+                stack.append(v)
+    return False
 
 
 def _shape(t: dict, spec: TensorSpec, where: str, max_batch: int) -> tuple[int, ...]:
@@ -162,8 +178,11 @@ def _tensor(t: dict, spec: TensorSpec, dtype: np.dtype, binary: memoryview, offs
         return arr.reshape(shape), offset + size
     if "data" not in t:
         raise ProtocolError(f"{where}: no 'data' and no binary_data_size parameter")
+    data = t["data"]
+    if not isinstance(data, list) or _holds_bool(data):
+        raise ProtocolError(f"{where}: 'data' must be a flat or nested list of numbers (row major)")
     try:
-        arr = np.asarray(t["data"])
+        arr = np.asarray(data)
     except (ValueError, TypeError):
         raise ProtocolError(f"{where}: 'data' must be a flat or nested list of numbers (row major)") from None
     kinds = "iu" if dtype.kind in "iu" else "iuf"
@@ -197,7 +216,8 @@ MAX_PLANS = 256  # headers remembered per model; once full, a new header is deco
 def parse_infer(body: bytes, header_length: str | None, contract: GraphContract, max_batch: int) -> InferRequest:
     """Decode and check an infer request against ``contract``; ``ProtocolError`` (400) naming the field."""
     tables = tensors_of(contract)
-    if header_length is not None and header_length.isdigit() and int(header_length) <= len(body):
+    if header_length is not None and header_length.isascii() and header_length.isdigit() \
+            and int(header_length) <= len(body):
         n = int(header_length)
         plan = tables.plans.get((body[:n], max_batch))
         if plan is not None:
@@ -284,16 +304,17 @@ def _outputs(doc: dict, params: dict, names: list[str]) -> list[tuple[str, bool]
     wanted = doc.get("outputs")
     if wanted is None:
         return [(n, default_binary) for n in names]
-    if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
-        raise ProtocolError("'outputs' must be a list of objects {name, parameters}")
+    if not isinstance(wanted, list) or not wanted or not all(isinstance(o, dict) for o in wanted):
+        raise ProtocolError("'outputs' must be a non-empty list of objects {name, parameters} (leave it out for "
+                            f"every output: {names})")
     out = []
     for o in wanted:
         name = o.get("name")
         if name not in names:
             raise ProtocolError(f"unknown output {name!r}: this model returns {names}")
-        p = o.get("parameters") or {}
-        if type(p) is not dict:
-            raise ProtocolError(f"output '{name}': 'parameters' must be an object, got {type(p).__name__}")
+        if any(name == n for n, _ in out):
+            raise ProtocolError(f"output {name!r} is asked for twice")
+        p = _params(o, f"output '{name}'")
         if p.get("classification"):
             raise ProtocolError(f"output '{name}': the classification extension is not supported")
         if not SHARED_MEMORY.isdisjoint(p):

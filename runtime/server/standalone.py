@@ -115,8 +115,8 @@ def _uvicorn_server_class():
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (0: any free port), not listening yet (uvicorn listens once the model is
-    ready, so connections are refused until then); a port in use is a one-line error."""
+    """A socket bound to ``host:port`` (0: any free port), not listening yet (``serve`` listens once the model
+    is loaded, so connections are refused until then); a port in use is a one-line error."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
@@ -159,6 +159,10 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
         f"cddrec-serve: ready at {url} (model {m.name!r}: POST {url}/v2/models/{m.name}/infer, "
         f"POST {url}/v1/recommend, GET {url}/metrics; max-batch {config.max_batch}, "
         f"max-wait {config.max_wait_ms:g} ms, max-queue {config.max_queue})")
+    try:  # claim the port now: two servers may both bind it (SO_REUSEADDR) while neither listens
+        sock.listen(uv.backlog)
+    except OSError as e:
+        raise ConfigError(f"{host}:{port}: {e.strerror or e} (choose another --port)") from None
     gc.collect()
     gc.freeze()  # the model and the libraries stay out of every later collection
     server.run(sockets=[sock])
