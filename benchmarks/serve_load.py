@@ -16,11 +16,12 @@ around concurrency 1. The issue's ratios are against the mean of the two timings
 (throughput at concurrency 64 against ONNX Runtime's at batch 256; p50 at concurrency 1 against
 ONNX Runtime's batch-1 p50): a shared host's speed drifts by tens of percent within minutes, so a
 denominator timed once at the start can flatter or sink a ratio. At batch 256 ONNX Runtime is also
-timed in the server's own engine layout (as many one-thread runs side by side as the server has
-instances, from its model config), the best this graph does on the machine's cores; the ratio against
-it is the stricter one. On 2 cores the default session's intra-op pool is erratic (5,400-7,700
-users/s at batch 256 within one recording, ``serve_instances_cpu.md``) where two one-thread runs
-hold 8,000-9,000, so the default's ratio moves with the host more than with the server.
+timed in the server's own engine layout (as many runs side by side as the server has instances, each
+with their threads, from its model config); on 2 cores its default, two one-thread runs, is
+the most this graph does there, and the ratio against it the stricter one. The default session's
+two-thread pool is erratic on 2 cores (5,400-7,700 users/s at batch 256 within one recording,
+``serve_instances_cpu.md``) where two one-thread runs stay near 7,500-8,600, so the default's ratio
+moves with the host more than with the server.
 
 Histories are random: ids 1..num_items for ``v2`` (from the model metadata's parameters); for
 ``keys``, item keys of the graph's vocabulary with ``--model``, else keys gathered from the
@@ -80,9 +81,12 @@ def server_model(url: str) -> dict:
     index = _get(f"{url}/v2/repository/index", "POST")
     name = next(m["name"] for m in index if m.get("state") == "READY")
     meta = _get(f"{url}/v2/models/{name}")
-    group = (_get(f"{url}/v2/models/{name}/config").get("instance_group") or [{}])[0]
+    config = _get(f"{url}/v2/models/{name}/config")
+    group = (config.get("instance_group") or [{}])[0]
+    threads = (config.get("parameters") or {}).get("threads_per_instance", {}).get("string_value", "0")
     return {"name": name, "version": meta["versions"][-1], **meta.get("parameters", {}),
-            "instances": int(group.get("count", 1)), "instance_kind": group.get("kind", "KIND_CPU")}
+            "instances": int(group.get("count", 1)), "instance_kind": group.get("kind", "KIND_CPU"),
+            "threads_per_instance": int(threads) if threads.isdigit() else 0}
 
 
 def v2_bodies(num_items: int, L: int, rng: np.random.Generator) -> list[tuple[bytes, dict]]:
@@ -259,18 +263,21 @@ def drive(url: str, path: str, route: str, bodies: list, concurrency: int, secon
 # ------------------------------------------------------------------------------- engine alone
 class EngineAlone:
     """ONNX Runtime alone on the graph (session defaults), full histories of L items, timed next to the
-    load steps it is compared with (``around``); with ``callers`` > 1, also in the server's engine layout
-    (that many one-thread runs side by side) at batch 256."""
+    load steps it is compared with (``around``); with ``layout`` = (instances, threads each) of several
+    instances, also in that layout (the server's engine: that many runs side by side) at batch 256."""
 
-    def __init__(self, model: str, L: int, threads: int = 0, seconds: float = 3.0, callers: int = 1):
+    def __init__(self, model: str, L: int, threads: int = 0, seconds: float = 3.0,
+                 layout: tuple[int, int] = (1, 0)):
         from cddrec.runtime.backends import load_backend
 
         self.be = load_backend(model, "ort-cpu", threads=threads, warmup=True)
-        self.one_thread = load_backend(model, "ort-cpu", threads=1, warmup=True) if callers > 1 else None
+        self.callers, self.threads_each = layout[0], layout[1] or 1
+        self.side_by_side = (load_backend(model, "ort-cpu", threads=self.threads_each, warmup=True)
+                             if self.callers > 1 else None)
         rng = np.random.default_rng(0)
         n = self.be.contract.num_items
         self.pools = {b: [rng.integers(1, n + 1, size=(b, L), dtype=np.int64) for _ in range(8)] for b in (256, 1)}
-        self.seconds, self.callers, self.L = seconds, callers, L
+        self.seconds, self.L = seconds, L
 
     def time(self, batch: int) -> dict:
         pool = self.pools[batch]
@@ -278,14 +285,14 @@ class EngineAlone:
                           min_seconds=self.seconds).as_dict()
 
     def time_layout(self, batch: int) -> float:
-        """Users/s of ``callers`` one-thread runs side by side at ``batch`` (the server's engine layout)."""
-        return users_per_s(self.one_thread.session, batch, self.seconds, self.callers,
+        """Users/s of the layout's runs side by side at ``batch`` (the server's engine layout)."""
+        return users_per_s(self.side_by_side.session, batch, self.seconds, self.callers,
                            self.be.contract.num_items, self.L, seed=1)
 
     def around(self, batch: int, step: Callable[[], LoadResult]) -> LoadResult:
         """Run ``step`` between two timings at ``batch``; the result carries both and their mean (at batch
         256, the server's layout too, under ``layout``)."""
-        layout = self.one_thread is not None and batch == 256
+        layout = self.side_by_side is not None and batch == 256
         before = self.time(batch)
         before_layout = self.time_layout(batch) if layout else None
         r = step()
@@ -294,14 +301,14 @@ class EngineAlone:
         r.engine_near = {"batch": batch, "before": before, "after": after,
                          **{k: (before[k] + after[k]) / 2 for k in ("users_per_s", "p50_ms")}}
         if layout:
-            r.engine_near["layout"] = {"callers": self.callers, "threads": 1, "before": before_layout,
+            r.engine_near["layout"] = {"callers": self.callers, "threads": self.threads_each, "before": before_layout,
                                        "after": after_layout, "users_per_s": (before_layout + after_layout) / 2}
         return r
 
     def close(self) -> None:
         self.be.close()
-        if self.one_thread is not None:
-            self.one_thread.close()
+        if self.side_by_side is not None:
+            self.side_by_side.close()
 
 
 def engine_batch(concurrency: int) -> int | None:
@@ -340,8 +347,8 @@ def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: lis
     engine = None
     if model:
         echo(f"engine alone: ONNX Runtime on {model}, L={L}, timed before and after the steps it is compared with")
-        callers = info["instances"] if info["instance_kind"] == "KIND_CPU" else 1
-        engine = EngineAlone(model, L, threads, seconds=min(3.0, seconds), callers=callers)
+        layout = (info["instances"], info["threads_per_instance"]) if info["instance_kind"] == "KIND_CPU" else (1, 0)
+        engine = EngineAlone(model, L, threads, seconds=min(3.0, seconds), layout=layout)
     results = []
     try:
         for route in routes:
@@ -361,7 +368,8 @@ def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: lis
                         f"{r.engine_near['p50_ms']:.3f} ms" if r.engine_near else "")
                 if r.engine_near and "layout" in r.engine_near:
                     lay = r.engine_near["layout"]
-                    near += f"; in the server's layout ({lay['callers']} x 1 thread): {lay['users_per_s']:,.0f} users/s"
+                    near += (f"; in the server's layout ({lay['callers']} x {lay['threads']} thread(s)): "
+                             f"{lay['users_per_s']:,.0f} users/s")
                 echo(f"  {route} concurrency {c}: {r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 "
                      f"{r.p99_ms:.2f} ms, mean batch {r.mean_batch or 0:.1f}, errors {sum(r.errors.values())}{near}")
     finally:
@@ -406,8 +414,8 @@ def serve_table(res: dict) -> str:
         layouts = [r for r in near if "layout" in r["engine_near"]]
         if layouts:
             lay = layouts[0]["engine_near"]["layout"]
-            lines += ["", f"The same in the server's engine layout ({lay['callers']} one-thread runs side by side, "
-                      "the graph's best on these cores):", "",
+            lines += ["", f"The same in the server's engine layout ({lay['callers']} runs of {lay['threads']} "
+                      "thread(s) side by side):", "",
                       "| route | concurrency | ORT batch | users/s before | users/s after |", "|---|---|---|---|---|"]
             for r in layouts:
                 e = r["engine_near"]["layout"]

@@ -21,11 +21,16 @@ def _digits(k: str) -> str:
     return k[1:] if k.startswith("-") else k
 
 
+def ascii_digits(s: str) -> bool:
+    """Only the digits 0-9 (``str.isdigit`` alone also takes "²" and "١٧", which ``int`` refuses or reads)."""
+    return s.isascii() and s.isdigit()
+
+
 def is_int_key(k: str) -> bool:
     """True for canonical integers in ASCII that fit int64 ("0", "17", "-3"; not "007", "-0", "²",
     "١٧" or "+5"): these round-trip through int. Every other key is a string, byte for byte."""
     d = _digits(k)
-    return (d.isascii() and d.isdigit() and (d == "0" or not d.startswith("0")) and k != "-0"
+    return (ascii_digits(d) and (d == "0" or not d.startswith("0")) and k != "-0"
             and INT64_MIN <= int(k) <= INT64_MAX)
 
 
@@ -61,7 +66,7 @@ def key_problem(key) -> str | None:
     if isinstance(key, int):
         return None if INT64_MIN <= key <= INT64_MAX else f"integer {_short(str(key))} does not fit 64 bits"
     d = _digits(key)
-    if d.isascii() and d.isdigit() and (d == "0" or not d.startswith("0")) and key != "-0" and len(d) >= 19 \
+    if ascii_digits(d) and (d == "0" or not d.startswith("0")) and key != "-0" and len(d) >= 19 \
             and not INT64_MIN <= int(key) <= INT64_MAX:
         return f"integer {_short(key)} does not fit 64 bits"
     try:

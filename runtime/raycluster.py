@@ -19,6 +19,7 @@ import tempfile
 from typing import Iterator
 
 from cddrec.errors import BackendUnavailable, CDDRecError, ConfigError
+from cddrec.vocab import ascii_digits
 
 CONNECT_SECONDS = 5.0
 
@@ -36,7 +37,7 @@ def check_address(address: str) -> None:
     if address in ("local", "auto") or "://" in address:
         return
     host, sep, port = address.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()):
+    if not sep or not ascii_digits(port):
         raise ConfigError(f"--ray {address!r}: expected 'local', 'auto' or HOST:PORT of a Ray head (ray start --head)")
     try:
         with socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS):

@@ -66,6 +66,7 @@ def test_health_and_metadata_from_the_contract(server, rec):
     assert "binary_tensor_data" in c.get_server_metadata()["extensions"]
     config = c.get_model_config("cddrec")
     assert config["max_batch_size"] == 64 and config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    assert config["parameters"] == {"threads_per_instance": {"string_value": "1"}}  # the fixture's --threads 1
     assert c.get_model_repository_index() == [{"name": "cddrec", "version": "1", "state": "READY"}]
     assert server.json("/v2/models/cddrec/versions/7")[0] == 404
 
@@ -190,6 +191,7 @@ BAD = [  # (path, body or bytes, headers, status, words the error must hold)
     ("/v1/recommend", gzip.compress(b'{"history": [1]}')[:-4], {"Content-Encoding": "gzip"}, 400, ["truncated gzip"]),
     ("/v1/recommend", gzip.compress(b'{"history": [1]}') + b"xx", {"Content-Encoding": "gzip"}, 400,
      ["2 bytes after the end"]),
+    ("/v1/recommend", gzip.compress(b"{}") * 65, {"Content-Encoding": "gzip"}, 400, ["over 64 members"]),
     ("/v2/repository/models/cddrec/unload", {}, {}, 400, ["does not unload"]),
 ]
 
@@ -211,9 +213,14 @@ def test_bad_request_gets_its_4xx_and_the_next_good_one_is_served(server, path, 
 def test_wrong_method_and_gzip_body(server):
     status, body = server.json("/v1/recommend", method="GET")
     assert status == 405 and "method not allowed" in body["error"]
+    status, headers, raw = server.request("/v2/health/ready", method="HEAD")  # as load balancers probe
+    assert status == 200 and raw == b"" and int(headers["content-length"]) > 0
     raw = gzip.compress(json.dumps({"user": 1, "history": [1, 2]}).encode())
     status, _, out = server.request("/v1/recommend", raw, headers={"Content-Encoding": "gzip"})
     assert status == 200 and json.loads(out)["user"] == 1
+    raw = gzip.compress(b'{"user": 2, ') + gzip.compress(b'"history": [1, 2]}')  # two members (RFC 1952)
+    status, _, out = server.request("/v1/recommend", raw, headers={"Content-Encoding": "gzip"})
+    assert status == 200 and json.loads(out)["user"] == 2
 
 
 def test_metrics_count_requests_by_route_and_status(server):
@@ -252,11 +259,13 @@ def test_load_benchmark_reports_throughput_latency_batches_and_the_engine_alone(
     ratio = doc["ratios"]["keys"]["c64_throughput_vs_ort_b256"]
     assert ratio == pytest.approx(rows[("keys", 64)]["requests_per_s"] / near["users_per_s"])
     assert "c1_p50_minus_ort_b1_p50_ms" in doc["ratios"]["v2"]
-    # and in the server's engine layout (its instances, one thread each), when it has several
+    # and in the server's engine layout (its instances and their threads, from its model config)
     instances = doc["server_model"]["instances"]
-    assert instances >= 1 and ("layout" in near) == (instances > 1)
+    assert (instances, doc["server_model"]["threads_per_instance"]) == (2, 1)  # the fixture's server
+    assert ("layout" in near) == (instances > 1)
     if instances > 1:
-        assert near["layout"]["callers"] == instances and near["layout"]["users_per_s"] > 0
+        assert near["layout"]["callers"] == instances and near["layout"]["threads"] == 1
+        assert near["layout"]["users_per_s"] > 0
         assert doc["ratios"]["keys"]["c64_throughput_vs_ort_layout_b256"] == pytest.approx(
             rows[("keys", 64)]["requests_per_s"] / near["layout"]["users_per_s"])
         assert "server's engine layout" in table

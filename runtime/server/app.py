@@ -226,7 +226,7 @@ class Server:
     async def model_config(self, call: Call) -> Reply:
         m = self.model(call)
         return json_reply(model_config(m.name, m.contract, self.config.max_batch, self.models.platform,
-                                       self.batcher.policy.instances, m.rec.backend.device))
+                                       self.batcher.policy.instances, m.rec.backend.device, self.config.layout[1]))
 
     async def repository_index(self, call: Call) -> Reply:
         m = self.model_any()
@@ -250,7 +250,7 @@ class Server:
     def endpoints(self) -> list[tuple[str, Endpoint]]:
         """(path template, endpoint) of every route; the ones in ``HOT_ROUTES`` are also reached by exact path."""
         def ep(handler, route: str, *methods: str) -> Endpoint:
-            return Endpoint(handler, route, methods or ("GET",), self.metrics)
+            return Endpoint(handler, route, methods or ("GET", "HEAD"), self.metrics)  # HEAD: uvicorn drops the body
 
         model, versioned = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
         infer = ep(self.infer, model + "/infer", "POST")

@@ -22,6 +22,7 @@ from .protocol import ProtocolError
 
 log = logging.getLogger("cddrec.serve")
 JSON = b"application/json"
+MAX_GZIP_MEMBERS = 64  # gzip members one body may hold (each costs a decompressor)
 
 
 @dataclass
@@ -78,18 +79,27 @@ class Call:
             return data
         if encoding not in ("gzip", "deflate"):
             raise ProtocolError(f"Content-Encoding {encoding!r} is not supported (gzip, deflate or none)", 415)
-        d = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
-        try:
-            out = d.decompress(data, limit + 1)
-        except zlib.error as e:
-            raise ProtocolError(f"the body is not valid {encoding} data ({e})") from None
-        if len(out) > limit or d.unconsumed_tail:
-            raise ProtocolError(f"decompressed request body over the limit of {limit} bytes (--max-body-bytes)", 413)
-        if not d.eof:
-            raise ProtocolError(f"the body is truncated {encoding} data (the stream does not end)")
-        if d.unused_data:
-            raise ProtocolError(f"the body has {len(d.unused_data)} bytes after the end of its {encoding} data")
-        return out
+        parts, size, rest = [], 0, data
+        while True:  # gzip may hold several members one after another (RFC 1952); deflate is one stream
+            d = zlib.decompressobj(zlib.MAX_WBITS | (16 if encoding == "gzip" else 0))
+            try:
+                part = d.decompress(rest, limit + 1 - size)
+            except zlib.error as e:
+                raise ProtocolError(f"the body is not valid {encoding} data ({e})") from None
+            size += len(part)
+            if size > limit or d.unconsumed_tail:
+                raise ProtocolError(f"decompressed request body over the limit of {limit} bytes (--max-body-bytes)",
+                                    413)
+            if not d.eof:
+                raise ProtocolError(f"the body is truncated {encoding} data (the stream does not end)")
+            parts.append(part)
+            rest = d.unused_data
+            if not rest:
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+            if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
+                raise ProtocolError(f"the body has {len(rest)} bytes after the end of its {encoding} data")
+            if len(parts) == MAX_GZIP_MEMBERS:
+                raise ProtocolError(f"the gzip body has over {MAX_GZIP_MEMBERS} members")
 
 
 async def send_reply(send, reply: Reply) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cddrec.errors import ModelFileError
+from cddrec.vocab import ascii_digits
 
 from ..backends import backend_class, load_backend
 from ..recommender import Recommender
@@ -49,7 +50,7 @@ class ModelSource:
             return {1: self.file}
         out = {}
         for d in self.folder.iterdir():
-            if d.is_dir() and is_version(d.name):
+            if d.is_dir() and ascii_digits(d.name):
                 f = next((d / n for n in MODEL_FILES[self.reads] if (d / n).is_file()), None)
                 if f is not None:
                     out[int(d.name)] = f
@@ -63,11 +64,6 @@ class ModelSource:
         return max(versions.items())
 
 
-def is_version(name: str) -> bool:
-    """A version folder's name: ASCII digits (as Triton reads them; other folders are not versions)."""
-    return name.isascii() and name.isdigit()
-
-
 def model_source(path: str | Path, name: str | None = None, backend: str = "ort-cpu") -> ModelSource:
     """The model behind ``--model``: a file, a model folder of versions, or a repository root with one model."""
     path = Path(path)
@@ -78,7 +74,7 @@ def model_source(path: str | Path, name: str | None = None, backend: str = "ort-
         return ModelSource(name or path.stem, file=path, reads=reads)
 
     def has_versions(d: Path) -> bool:
-        return any(v.is_dir() and is_version(v.name) for v in d.iterdir())
+        return any(v.is_dir() and ascii_digits(v.name) for v in d.iterdir())
 
     folder = path
     if not has_versions(path):

@@ -30,6 +30,7 @@ import numpy as np
 import orjson
 
 from cddrec.contract import GraphContract, TensorSpec
+from cddrec.vocab import ascii_digits
 
 # KServe v2 datatype <-> numpy dtype (BYTES, variable-length strings, has no numpy twin here)
 DATATYPES = {"BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
@@ -100,11 +101,9 @@ def _json_header(body: bytes, header_length: str | None) -> tuple[dict, memoryvi
     if header_length is None:
         n = len(body)
     else:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise ProtocolError(f"header Inference-Header-Content-Length must be an integer, got {header_length!r}") \
-                from None
+        if not ascii_digits(header_length):  # int() would also read " 10", "+10", "1_0" and "١٠"
+            raise ProtocolError(f"header Inference-Header-Content-Length must be an integer, got {header_length!r}")
+        n = int(header_length)
         if not 0 <= n <= len(body):
             raise ProtocolError(f"header Inference-Header-Content-Length is {n} but the body has {len(body)} bytes")
     try:
@@ -154,9 +153,9 @@ def _shape(t: dict, spec: TensorSpec, where: str, max_batch: int) -> tuple[int, 
     return tuple(shape)
 
 
-def _tensor(t: dict, spec: TensorSpec, dtype: np.dtype, binary: memoryview, offset: int, max_batch: int
-            ) -> tuple[np.ndarray, int]:
-    """The input's array and the new offset into the binary part."""
+def _tensor(t: dict, spec: TensorSpec, dtype: np.dtype, binary: memoryview, offset: int, max_batch: int,
+            bools: bool = True) -> tuple[np.ndarray, int]:
+    """The input's array and the new offset into the binary part (``bools``: the JSON may hold true/false)."""
     where = f"input '{spec.name}'"
     want = kserve_datatype(spec.dtype)
     if t.get("datatype") != want:
@@ -179,7 +178,7 @@ def _tensor(t: dict, spec: TensorSpec, dtype: np.dtype, binary: memoryview, offs
     if "data" not in t:
         raise ProtocolError(f"{where}: no 'data' and no binary_data_size parameter")
     data = t["data"]
-    if not isinstance(data, list) or _holds_bool(data):
+    if not isinstance(data, list) or (bools and _holds_bool(data)):
         raise ProtocolError(f"{where}: 'data' must be a flat or nested list of numbers (row major)")
     try:
         arr = np.asarray(data)
@@ -216,8 +215,7 @@ MAX_PLANS = 256  # headers remembered per model; once full, a new header is deco
 def parse_infer(body: bytes, header_length: str | None, contract: GraphContract, max_batch: int) -> InferRequest:
     """Decode and check an infer request against ``contract``; ``ProtocolError`` (400) naming the field."""
     tables = tensors_of(contract)
-    if header_length is not None and header_length.isascii() and header_length.isdigit() \
-            and int(header_length) <= len(body):
+    if header_length is not None and ascii_digits(header_length) and int(header_length) <= len(body):
         n = int(header_length)
         plan = tables.plans.get((body[:n], max_batch))
         if plan is not None:
@@ -255,6 +253,8 @@ def _parse_infer(body: bytes, header_length: str | None, contract: GraphContract
                  tables: Tensors) -> tuple[InferRequest, dict]:
     """The full decode and checks: the request and its JSON header."""
     doc, binary = _json_header(body, header_length)
+    n = len(body) - len(binary)
+    bools = body.find(b"true", 0, n) >= 0 or body.find(b"false", 0, n) >= 0  # else no list holds one: no walk
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
         raise ProtocolError("'inputs' must be a non-empty list of tensor objects {name, shape, datatype, data}")
@@ -269,7 +269,7 @@ def _parse_infer(body: bytes, header_length: str | None, contract: GraphContract
                                             for s in contract.inputs))
         if name in arrays:
             raise ProtocolError(f"input {name!r} is given twice")
-        arrays[name], offset = _tensor(t, specs[name], tables.dtypes[name], binary, offset, max_batch)
+        arrays[name], offset = _tensor(t, specs[name], tables.dtypes[name], binary, offset, max_batch, bools)
     if offset != len(binary):
         raise ProtocolError(f"{len(binary) - offset} bytes of binary data after the JSON header belong to no input")
     missing = [n for n in specs if n not in arrays]
@@ -379,10 +379,11 @@ def model_metadata(name: str, versions: list[str], contract: GraphContract, plat
 
 
 def model_config(name: str, contract: GraphContract, max_batch: int, platform: str, instances: int = 1,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", threads: int = 0) -> dict:
     """``GET /v2/models/{name}/config``, as Triton's JSON model configuration: ``max_batch_size`` and
     dims without the batch axis when every tensor is batched along its first axis (else 0 and full dims);
-    ``instance_group`` the engine instances (``--instances``)."""
+    ``instance_group`` the engine instances (``--instances``); the parameter ``threads_per_instance``
+    their CPU threads (0: the backend's default)."""
     batched = all(s.shape[0] == "batch" for s in contract.inputs + contract.outputs)
 
     def tensors(specs):
@@ -391,4 +392,5 @@ def model_config(name: str, contract: GraphContract, max_batch: int, platform: s
 
     return {"name": name, "platform": platform, "max_batch_size": max_batch if batched else 0,
             "input": tensors(contract.inputs), "output": tensors(contract.outputs),
-            "instance_group": [{"count": instances, "kind": "KIND_GPU" if device == "cuda" else "KIND_CPU"}]}
+            "instance_group": [{"count": instances, "kind": "KIND_GPU" if device == "cuda" else "KIND_CPU"}],
+            "parameters": {"threads_per_instance": {"string_value": str(threads)}}}

@@ -127,9 +127,13 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        raise ConfigError(f"{host}:{port}: {e.strerror or e} (choose another --port)") from None
+        raise _port_taken(host, port, e) from None
     sock.set_inheritable(True)
     return sock
+
+
+def _port_taken(host: str, port: int, e: OSError) -> ConfigError:
+    return ConfigError(f"{host}:{port}: {e.strerror or e} (choose another --port)")
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
@@ -162,7 +166,9 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     try:  # claim the port now: two servers may both bind it (SO_REUSEADDR) while neither listens
         sock.listen(uv.backlog)
     except OSError as e:
-        raise ConfigError(f"{host}:{port}: {e.strerror or e} (choose another --port)") from None
+        sock.close()
+        models.close()
+        raise _port_taken(host, port, e) from None
     gc.collect()
     gc.freeze()  # the model and the libraries stay out of every later collection
     server.run(sockets=[sock])
