@@ -32,6 +32,8 @@ from pathlib import Path
 
 import click
 
+from cddrec.errors import first_line
+
 from .latency import status_mb
 from .options import int_list
 from .record import RESULTS_DIR, record
@@ -97,7 +99,7 @@ def child(spec: dict) -> dict:
                     parts.append((t1 - t0, t2 - t1, t3 - t2))
         except (RuntimeError, MemoryError) as e:
             tried = re.search(r"allocate (\d+) bytes", str(e))
-            out.update(fits=False, error=str(e).splitlines()[0][:200],
+            out.update(fits=False, error=first_line(e, 200),
                        tried_alloc_gb=round(int(tried.group(1)) / 2**30, 2) if tried else None)
         else:
             out["fits"] = True

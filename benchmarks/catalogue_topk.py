@@ -31,6 +31,7 @@ from onnx import helper as oh
 from onnx import numpy_helper as nh
 
 from cddrec.contract import MASK_SCORE
+from cddrec.errors import first_line
 from cddrec.parity import topk_overlap
 from cddrec.runtime.session import ort_session
 
@@ -117,7 +118,7 @@ def sessions(d: int, k: int, threads: int, workdir: Path):
         try:
             out[label] = ort_session(path, threads=threads)  # the serving session factory
         except Exception as e:  # noqa: BLE001 - a variant this ONNX Runtime cannot run is reported
-            out[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            out[label] = f"{type(e).__name__}: {first_line(e, 120)}"
     return out
 
 

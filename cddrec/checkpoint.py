@@ -81,8 +81,9 @@ def read_checkpoint(path: str | Path) -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), expected a model file saved by cddrec-train")
     if path.suffix.lower() == ".onnx":
-        raise CheckpointError(f"{path}: an exported graph, not a model file (model.pt): serve it with --backend "
-                              "ort-cpu (or ort-cuda), or give the torch backends the model.pt it was exported from")
+        raise CheckpointError(f"{path}: an exported graph, not a model file (model.pt): give this command the "
+                              "model.pt it was exported from (the graph is served by cddrec-infer and cddrec-serve "
+                              "with --backend ort-cpu or ort-cuda)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

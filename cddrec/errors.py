@@ -43,3 +43,9 @@ class NonFiniteError(CDDRecError, ArithmeticError):
 
 class OutputError(CDDRecError, OSError):
     """An output that cannot be written, or that would replace one of the command's inputs."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (libraries add context lines), at most ``limit``
+    characters; the exception's type name when the message is empty."""
+    return next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)[:limit]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DataError
+from .errors import DataError, first_line
 from .vocab import key_problem
 
 SEQUENCE_SUFFIXES = (".txt", ".seq")
@@ -330,7 +330,7 @@ def read_parquet_table(path: Path, cols: list[str]):
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e, 160)})") from None
     names = schema.names
     missing = [c for c in cols if c not in names]
     if missing:
@@ -341,7 +341,7 @@ def read_parquet_table(path: Path, cols: list[str]):
     try:
         return pq.read_table(path, columns=list(dict.fromkeys(cols)))
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e, 160)})") from None
 
 
 def _parquet_values(col, name: str, is_time: bool) -> list:

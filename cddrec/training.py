@@ -37,7 +37,7 @@ from .checkpoint import UNREADABLE, save_checkpoint, save_torch
 from .config import ModelConfig, RunConfig, TrainConfig, from_flat
 from .data import SequenceData, eval_split
 from .distributed import Dist
-from .errors import CheckpointError, ConfigError, NonFiniteError
+from .errors import CheckpointError, ConfigError, NonFiniteError, first_line
 from .evaluation import evaluate
 from .losses import objective
 from .model import CDDRec
@@ -459,7 +459,7 @@ def read_resume(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except UNREADABLE as e:
-        raise CheckpointError(f"{path}: unreadable resume state: {str(e).splitlines()[0][:200]}") from e
+        raise CheckpointError(f"{path}: unreadable resume state: {first_line(e, 200)}") from e
     if "config" in state:  # version 1
         try:
             model_cfg, train_cfg, run_cfg = from_flat(state.pop("config"))

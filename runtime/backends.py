@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 
 from cddrec.contract import GraphContract
-from cddrec.errors import BackendUnavailable, ModelFileError
+from cddrec.errors import BackendUnavailable, ModelFileError, first_line
 
 from .buckets import DEFAULT_BUCKETS, check_buckets, run_bucketed
 from .session import cuda_provider_available, import_ort, ort_session, session_io
@@ -290,11 +290,11 @@ class OrtBackend(BackendBase):
                      if hasattr(self._errors, n)) as e:
             if (opts.get("cuda_options") or {}).get("enable_cuda_graph"):
                 raise BackendUnavailable(f"{self.path}: ONNX Runtime cannot capture this graph as a CUDA graph "
-                                         f"({str(e).splitlines()[0][:300]})") from None
+                                         f"({first_line(e, 300)})") from None
             hint = ("; it looks like a model file (model.pt): export it with cddrec-export, or serve it with "
                     "--backend torch") if Path(self.path).suffix.lower() in (".pt", ".pth") else ""
             raise ModelFileError(f"{self.path}: ONNX Runtime cannot load it as a graph "
-                                 f"({str(e).splitlines()[0][:200]}){hint}") from None
+                                 f"({first_line(e, 200)}){hint}") from None
 
     def metadata(self) -> dict[str, str]:
         return dict(self.session.get_modelmeta().custom_metadata_map)

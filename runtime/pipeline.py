@@ -269,8 +269,10 @@ def errors_path_for(output_path: str | Path) -> Path:
     return out.path.with_name(out.path.name + ".errors.jsonl") if out.is_file else Path(STREAM_ERRORS_FILE)
 
 
-def check_paths(input_path: Path, output_path: Path, errors_path: Path | None = None) -> None:
-    """Refuse a missing input, and an output (or its errors file) that is the input, or resolves to it."""
+def check_paths(input_path: Path, output_path: Path, errors_path: Path | None = None,
+                model_path: Path | None = None) -> None:
+    """Refuse a missing input, and an output (or its errors file) that is the input or the model, or resolves
+    to one of them."""
     if not input_path.exists():
         hint = ""
         if any(c in str(input_path) for c in "*?["):
@@ -280,7 +282,7 @@ def check_paths(input_path: Path, output_path: Path, errors_path: Path | None = 
     if input_path.is_dir():
         raise DataError(f"{input_path}: is a directory, expected a request file (a folder of shards needs --ray)")
     refuse_overwrite_inputs({"--output": output_path, "errors file": errors_path or errors_path_for(output_path)},
-                            {"--batch": input_path})
+                            {"--batch": input_path, "--model": model_path})
 
 
 def run_batch(rec: Recommender, input_path: str | Path, output_path: str | Path, *, k: int | None = None,
@@ -308,7 +310,7 @@ def run_batch(rec: Recommender, input_path: str | Path, output_path: str | Path,
         raise DataError(f"--keys int: the model's item keys are not all integers (for example {example!r}); "
                         "use --keys auto or str")
     errors_path = Path(errors_path) if errors_path else errors_path_for(output_path)
-    check_paths(input_path, output_path, errors_path)
+    check_paths(input_path, output_path, errors_path, rec.path)
     k = rec.check_k(k)
     fmt = input_format(input_path, in_format)
     out_fmt = writers.output_format(output_path, output_format)

@@ -60,6 +60,7 @@ class Recommender:
             raise ValueError(f"{backend.name} runs one batch at a time: use --instances 1, not {instances}")
         self.instances = instances  # engine batches of one call run side by side on this many threads
         self._pool: ThreadPoolExecutor | None = None
+        self.path: Path | None = None  # the model file it was loaded from (no output may replace it)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "ort-cpu", *, threads: int = 0, k: int | None = None,
@@ -77,7 +78,9 @@ class Recommender:
         be = load_backend(path, backend, k=k, threads=threads, warmup=warmup, **options)
         if max_history is None:
             max_history = getattr(be, "max_history", None)  # the longest history the backend serves (None: any)
-        return cls(be, read_serving_info(path, be), max_history, seed=seed, instances=instances)
+        rec = cls(be, read_serving_info(path, be), max_history, seed=seed, instances=instances)
+        rec.path = path
+        return rec
 
     @property
     def contract(self):

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from cddrec.errors import DataError
+from cddrec.errors import DataError, first_line
 from cddrec.readers import PARQUET_SUFFIXES, BadLine, read_log, shown
 from cddrec.vocab import INT64_MAX, typed_key
 
@@ -102,7 +102,7 @@ def parse_line(text: str, lineno: int) -> tuple[object, list] | BadLine:
     except RecursionError:
         return BadLine(lineno, "invalid JSON: nested too deeply", text_shown)
     except ValueError as e:  # integers over the int-string conversion limit
-        return BadLine(lineno, f"invalid JSON: {str(e).splitlines()[0][:120]}", text_shown)
+        return BadLine(lineno, f"invalid JSON: {first_line(e, 120)}", text_shown)
     problem = request_problem(obj)
     if problem:
         return BadLine(lineno, problem, text_shown)
@@ -331,7 +331,7 @@ def parquet_is_requests(path: Path) -> bool:
     try:
         schema = pq.read_schema(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e, 160)})") from None
     return "history" in schema.names
 
 
@@ -423,7 +423,7 @@ def read_parquet_blocks(path: Path, block_rows: int = BLOCK_ROWS) -> Iterator[Re
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:160]}); "
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e, 160)}); "
                         "is --input-format right?") from None
     _check_request_schema(path, pf.schema_arrow)
     line = 1
@@ -433,7 +433,7 @@ def read_parquet_blocks(path: Path, block_rows: int = BLOCK_ROWS) -> Iterator[Re
             batch = next(batches, None)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: not a readable Parquet file after row {line - 1} "
-                            f"({str(e).splitlines()[0][:160]})") from None
+                            f"({first_line(e, 160)})") from None
         if batch is None:
             return
         yield _parquet_block(batch, line)

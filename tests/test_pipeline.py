@@ -216,6 +216,23 @@ def test_output_that_is_the_input_is_refused(tmp_path, trained_tiny_onnx):
     assert req.read_text() == before
 
 
+def test_output_or_errors_file_that_is_the_model_is_refused(tmp_path, trained_tiny_onnx):
+    """-o or --errors naming the graph (or a link to it) would replace the model with recommendations."""
+    import shutil
+
+    graph = tmp_path / "g.onnx"
+    shutil.copy(trained_tiny_onnx, graph)
+    (tmp_path / "link.onnx").symlink_to(graph)
+    before = graph.read_bytes()
+    req = tmp_path / "req.jsonl"
+    req.write_text(json.dumps({"user": "a", "history": [1]}) + "\n")
+    for args in ((graph,), (tmp_path / "o.jsonl", "--errors", str(graph)), (tmp_path / "o.jsonl", "--errors",
+                                                                           str(tmp_path / "link.onnx"))):
+        r = _infer(tmp_path / "link.onnx" if args[0] == graph else graph, req, *args)
+        assert r.exit_code == 1 and "is the input --model" in r.output and "Traceback" not in r.output, r.output
+    assert graph.read_bytes() == before and not (tmp_path / "o.jsonl").exists()
+
+
 def test_utf16_file_exits_3_and_bom_is_accepted(tmp_path, trained_tiny_onnx):
     body = "".join(json.dumps({"user": f"u{i}", "history": [1, 2]}) + "\n" for i in range(5))
     req = tmp_path / "u16.jsonl"

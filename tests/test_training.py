@@ -75,3 +75,12 @@ def test_synthetic_data_of_a_seed_is_the_data_it_always_was(tiny_data):
     """The generator was rewritten to scale to a million items with the same draws: the tiny data set of
     every test is the one the first version made (its fingerprint, recorded with that version)."""
     assert tiny_data.fingerprint() == "75424b9a5574ceb22f6ed9ae4520219801157891898a5ac50522059864397137"
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file", b"\x80\x04K\x01."])
+def test_an_empty_or_foreign_resume_file_is_one_line(tmp_path, tiny_configs, tiny_data, content):
+    """An empty file's exception has no message: the error still names the file (it was an IndexError)."""
+    resume_path(tmp_path / "m.pt").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"m\.pt\.resume\.pt: unreadable resume state: \S") as e:
+        train(*tiny_configs(epochs=1), tiny_data, tmp_path / "m.pt", resume=True, progress=False, log=lambda m: None)
+    assert "\n" not in str(e.value)

@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from cddrec.errors import first_line
+
 from ..recommender import MAX_CELLS
 from .protocol import ProtocolError
 
@@ -341,7 +343,7 @@ class Batcher:
         if failed:
             self.stats.failures += 1
             err = ProtocolError(f"the engine failed on this batch ({type(results).__name__}: "
-                                f"{str(results).splitlines()[0][:200] if str(results) else ''}); see the server log",
+                                f"{first_line(results, 200)}); see the server log",
                                 500)
             results = [err] * len(batch)
         for job, r in zip(batch, results):
