@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -155,9 +155,11 @@ def encode_block(block: RequestBlock, mapper: KeyMapper, max_history: int | None
 # ----------------------------------------------------------------------------- the loop
 def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: ErrorWriter, *, k: int,
           batch_size: int = 256, strict: bool = False, check_duplicates: bool = True, source: str = "input",
-          progress: bool = False, max_history: int | None = None, keys: str = "auto") -> BatchStats:
+          progress: bool = False, max_history: int | None = None, keys: str = "auto", progress_every: float = 0.0,
+          log: Callable[[str], None] | None = None) -> BatchStats:
     """Serve every block: read ahead on one thread, infer here, write behind on another. ``keys``
-    (auto | str | int): the type of the keys written (see ``run_batch``)."""
+    (auto | str | int): the type of the keys written (see ``run_batch``). ``progress``: a tqdm bar (a
+    terminal); ``progress_every`` > 0: a line through ``log`` at most that often (logs, CI, nohup)."""
     mapper = rec.mapper
     out_keys = mapper.keys_str if keys == "str" else mapper.out_keys
     seen = SeenUsers() if check_duplicates else None
@@ -199,6 +201,12 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
         stats.fallbacks += int(res.fallback.sum())
         if bar is not None:
             bar.update(len(blk))
+        elif progress_every and log is not None:
+            now = time.perf_counter()
+            if now - last_line[0] >= progress_every:
+                last_line[0] = now
+                log(f"cddrec-infer: {stats.lines:,} lines read, {stats.served:,} users served "
+                    f"({stats.served / (now - t0):,.0f}/s), {stats.bad:,} bad lines, {now - t0:.0f} s")
 
     bar = None
     if progress:
@@ -206,6 +214,7 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
 
         bar = tqdm(unit="user", desc="cddrec-infer", dynamic_ncols=True)
     t0 = time.perf_counter()
+    last_line = [t0]  # when the last progress line was written (by the writer thread)
     it = iter(blocks)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
@@ -289,7 +298,8 @@ def run_batch(rec: Recommender, input_path: str | Path, output_path: str | Path,
               batch_size: int = 256, strict: bool = False, output_format: str | None = None,
               in_format: str | None = None, check_duplicates: bool = True, progress: bool = False,
               log_options: dict | None = None, block_bytes: int | None = None, keys: str = "auto",
-              errors_path: str | Path | None = None, name: str | None = None) -> BatchStats:
+              errors_path: str | Path | None = None, name: str | None = None, progress_every: float = 0.0,
+              log: Callable[[str], None] | None = None) -> BatchStats:
     """Serve every request of ``input_path`` into ``output_path``; returns the counts.
 
     ``output_path``: a file (temporary file, then rename, under the output's lock), or ``-``, a FIFO
@@ -299,7 +309,7 @@ def run_batch(rec: Recommender, input_path: str | Path, output_path: str | Path,
     ``keys``: the type of the keys written: auto (items as the model's vocabulary: integers when
     every key is an integer; users as they came), str (every key a string) or int (every key an
     integer: the vocabulary's must be, a user that is not is a bad line). ``name`` is the input's
-    name in messages (default its path)."""
+    name in messages (default its path). ``progress`` / ``progress_every`` / ``log``: see ``serve``."""
     input_path, output_path = Path(input_path), Path(output_path)
     if batch_size < 1:
         raise DataError(f"batch size must be at least 1, got {batch_size}")
@@ -328,7 +338,8 @@ def run_batch(rec: Recommender, input_path: str | Path, output_path: str | Path,
         try:
             stats = serve(rec, blocks, writer, ErrorWriter(err), k=k, batch_size=batch_size, strict=strict,
                           check_duplicates=check_duplicates and fmt != "log", source=name or str(input_path),
-                          progress=progress, max_history=max_history, keys=keys)
+                          progress=progress, max_history=max_history, keys=keys, progress_every=progress_every,
+                          log=log)
         except BaseException:
             with contextlib.suppress(Exception):  # the run's own error is the one to report
                 writer.close()

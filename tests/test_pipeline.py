@@ -385,3 +385,17 @@ def test_encode_flat_counts_known_and_unknown(max_history):
         assert enc.unknown[i] == len(h) - len(known)
         want = known[-max_history:] if max_history else known
         assert enc.ids[enc.offsets[i]:enc.offsets[i + 1]].tolist() == want
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, trained_tiny_onnx):
+    """Long runs in logs (CI, nohup) show progress as lines, as cddrec-train does; --quiet silences them."""
+    req = tmp_path / "req.jsonl"
+    req.write_text("".join(json.dumps({"user": f"u{i}", "history": [1 + i % 5, 2]}) + "\n" for i in range(300))
+                   + "not json\n")
+    r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")  # --quiet
+    assert "users served" not in r.output
+    r = CliRunner().invoke(infer_main, ["--model", str(trained_tiny_onnx), "--batch", str(req), "-o",
+                                        str(tmp_path / "o.jsonl"), "--progress-every", "1e-9"])
+    lines = [x for x in r.output.splitlines() if "users served" in x]
+    assert r.exit_code == 0 and lines, r.output
+    assert lines[-1].startswith("cddrec-infer: 301 lines read, 300 users served (") and "1 bad lines" in lines[-1]

@@ -19,6 +19,7 @@ from .options import (
     friendly_errors,
     k_option,
     option,
+    progress_every_option,
     threads_option,
 )
 
@@ -55,7 +56,8 @@ from .options import (
         help="[default: log for .csv/.tsv and Parquet without a list column 'history', "
              "parquet (requests) for Parquet with one, else jsonl]")
 @option("--allow-duplicates", is_flag=True, help="do not check for repeated users (saves memory)")
-@option("--quiet", is_flag=True, help="no progress bar")
+@option("--quiet", is_flag=True, help="no progress bar or progress lines")
+@progress_every_option()
 @option("--verbose", is_flag=True, help="show Ray's own logging (with --ray)")
 @option("--ray", "ray_address", default=None,
         help="serve shards on Ray Data: 'local' (start Ray here), 'auto' or a cluster address")
@@ -66,8 +68,8 @@ from .options import (
 @data_options
 @friendly_errors
 def main(model_path, input_path, output, errors_path, keys, k, batch_size, backend, threads, instances, tf32, strict,
-         output_format, input_format, allow_duplicates, quiet, verbose, ray_address, ray_actors, ray_gpus, user_col,
-         item_col, time_col, sep):
+         output_format, input_format, allow_duplicates, quiet, progress_every, verbose, ray_address, ray_actors,
+         ray_gpus, user_col, item_col, time_col, sep):
     """Batched top-k recommendations for a file of user histories, original item keys in and out."""
     from cddrec.runtime.pipeline import run_batch
     from cddrec.runtime.recommender import Recommender
@@ -100,7 +102,9 @@ def main(model_path, input_path, output, errors_path, keys, k, batch_size, backe
                            **engine_options(backend, tf32))
     stats = run_batch(rec, input_path, output, k=k, batch_size=batch_size, strict=strict,
                       output_format=output_format, in_format=input_format, check_duplicates=not allow_duplicates,
-                      progress=not quiet and sys.stderr.isatty(), keys=keys, errors_path=errors_path,
+                      progress=not quiet and sys.stderr.isatty(),
+                      progress_every=0.0 if quiet or sys.stderr.isatty() else progress_every, log=echo_err,
+                      keys=keys, errors_path=errors_path,
                       log_options=data_kwargs(user_col, item_col, time_col, sep))
     echo_err(rec.startup_line() + "; " + stats.summary())  # after the run: a refused output stays one line
     echo_err(f"wrote {'stdout' if output == '-' else output}"

@@ -166,6 +166,11 @@ def threads_option(default: int = 0, help_: str = "CPU threads (0 = every core)"
                   help=f"{help_}; at most {MAX_THREADS_PER_CORE} x the cores ({max_threads()})")
 
 
+def progress_every_option():
+    return option("--progress-every", default=30.0, show_default=True, type=Finite(0, min_open=True),
+                  help="seconds between progress lines when stderr is not a terminal (logs, CI, nohup)")
+
+
 def k_option(default: int | None, help_: str = "items per user", **kwargs):
     return option("--k", type=POSITIVE, default=default, show_default=default is not None, help=help_, **kwargs)
 

@@ -31,7 +31,6 @@ from cddrec.io import refuse_overwrite_inputs
 from .options import (
     CONTEXT,
     MAX_THREADS_PER_CORE,
-    Finite,
     data_kwargs,
     data_options,
     echo_err,
@@ -39,6 +38,7 @@ from .options import (
     lock_outputs,
     max_threads,
     option,
+    progress_every_option,
 )
 
 SKIP_FIELDS = {"num_items", "extra"}  # set from the data, or free-form
@@ -98,8 +98,7 @@ def build_config(data: str | None, config_file: str | None, preset: bool,
 @option("--auto-resume", is_flag=True, help="continue from OUTPUT.resume.pt if it exists, else start (a job that "
         "torchrun --max-restarts restarts, a nightly job)")
 @option("--quiet", is_flag=True, help="no progress bar or progress lines")
-@option("--progress-every", default=30.0, show_default=True, type=Finite(0, min_open=True),
-        help="seconds between progress lines when stderr is not a terminal (logs, CI, nohup)")
+@progress_every_option()
 @option("--summary-json", type=click.Path(dir_okay=False), help="write the training summary here")
 @data_options
 @config_options
