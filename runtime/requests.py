@@ -292,6 +292,29 @@ def _slow_block(buf: bytes, first_line: int) -> RequestBlock:
     return block_from_pairs(lines, users, hists, bad, len(raw_lines), _buffer_lines(buf, first_line))
 
 
+def _not_text(head: bytes) -> bool:
+    """A file whose start is not UTF-8 text of lines: many NUL bytes (UTF-16, archives), or several NUL bytes
+    and invalid UTF-8 together (binaries); a corrupt line or two among good ones stay bad lines."""
+    zeros = head.count(b"\x00")
+    if zeros < 8 and zeros * 10 < len(head):
+        return False
+    if zeros * 10 >= len(head):
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(head) - 3  # not just a character cut at the block's end
+    return False
+
+
+def _binary_kind(head: bytes) -> str:
+    if head.startswith(b"PAR1"):
+        return "a Parquet file: name it .parquet or pass --input-format parquet"
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") or head[1:2] == b"\x00" or head[:1] == b"\x00":
+        return "UTF-16 text, perhaps: save it as UTF-8"
+    return "binary data"
+
+
 def read_jsonl_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[RequestBlock]:
     schema: list = [None]  # the last schema that parsed, tried first on the next block
     line = 1
@@ -304,6 +327,9 @@ def read_jsonl_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[Re
                 first = False
                 if chunk.startswith(BOM):
                     chunk = chunk[len(BOM):]
+                if _not_text(chunk[:4096]):
+                    raise DataError(f"{path}: not JSONL requests: it holds NUL bytes ({_binary_kind(chunk)}); "
+                                    "expected UTF-8 text, one JSON object per line")
             if not chunk:
                 buf, rest = rest, b""
             else:

@@ -233,12 +233,19 @@ def test_output_or_errors_file_that_is_the_model_is_refused(tmp_path, trained_ti
     assert graph.read_bytes() == before and not (tmp_path / "o.jsonl").exists()
 
 
-def test_utf16_file_exits_3_and_bom_is_accepted(tmp_path, trained_tiny_onnx):
+def test_utf16_or_binary_file_is_one_error_and_bom_is_accepted(tmp_path, trained_tiny_onnx):
     body = "".join(json.dumps({"user": f"u{i}", "history": [1, 2]}) + "\n" for i in range(5))
     req = tmp_path / "u16.jsonl"
-    req.write_bytes(body.encode("utf-16"))
+    for data, words in ((body.encode("utf-16"), "UTF-16"), (body.encode("utf-16-le"), "UTF-16"),
+                        (trained_tiny_onnx.read_bytes(), "binary data"), (b"PAR1\x00\x15" + bytes(50), "Parquet")):
+        req.write_bytes(data)
+        r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
+        assert r.exit_code == 1 and "not JSONL requests: it holds NUL bytes" in r.output and words in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o.jsonl.errors.jsonl").exists()
+    lines = body.splitlines(keepends=True)  # one corrupt line (a NUL, invalid UTF-8) among good ones: a bad line
+    req.write_bytes("".join(lines[:2]).encode() + b'{"user": "x\x00\xff", "history": [1]}\n' + "".join(lines[2:]).encode())
     r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
-    assert r.exit_code == 3 and "served 0 users" in r.output
+    assert r.exit_code == 0 and "served 5 users" in r.output and "bad lines 1" in r.output, r.output
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + body.encode())
     r = _infer(trained_tiny_onnx, bom, tmp_path / "o2.jsonl")
