@@ -20,7 +20,7 @@ timed in the server's own engine layout (as many runs side by side as the server
 with their threads, from its model config); on 2 cores its default, two one-thread runs, is
 the most this graph does there, and the ratio against it the stricter one. The default session's
 two-thread pool is erratic on 2 cores (5,400-7,700 users/s at batch 256 within one recording,
-``serve_instances_cpu.md``) where two one-thread runs stay near 7,500-8,600, so the default's ratio
+``serve_instances_cpu.md``) where the two one-thread runs move less, so the default's ratio
 moves with the host more than with the server.
 
 Histories are random: ids 1..num_items for ``v2`` (from the model metadata's parameters); for
