@@ -205,8 +205,9 @@ def serve(rec: Recommender, blocks: Iterable[RequestBlock], writer, errors: Erro
             now = time.perf_counter()
             if now - last_line[0] >= progress_every:
                 last_line[0] = now
-                log(f"cddrec-infer: {stats.lines:,} lines read, {stats.served:,} users served "
-                    f"({stats.served / (now - t0):,.0f}/s), {stats.bad:,} bad lines, {now - t0:.0f} s")
+                with contextlib.suppress(OSError):  # a closed stderr must not fail the run
+                    log(f"cddrec-infer: {stats.lines:,} lines read, {stats.served:,} users served "
+                        f"({stats.served / (now - t0):,.0f}/s), {stats.bad:,} bad lines, {now - t0:.0f} s")
 
     bar = None
     if progress:

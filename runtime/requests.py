@@ -292,11 +292,15 @@ def _slow_block(buf: bytes, first_line: int) -> RequestBlock:
     return block_from_pairs(lines, users, hists, bad, len(raw_lines), _buffer_lines(buf, first_line))
 
 
+NOT_TEXT_MIN_BYTES = 256  # a shorter file is judged line by line
+
+
 def _not_text(head: bytes) -> bool:
-    """A file whose start is not UTF-8 text of lines: many NUL bytes (UTF-16, archives), or several NUL bytes
-    and invalid UTF-8 together (binaries); a corrupt line or two among good ones stay bad lines."""
+    """A file whose start (at least NOT_TEXT_MIN_BYTES) is not UTF-8 text of lines: many NUL bytes (UTF-16,
+    archives), or several NUL bytes and invalid UTF-8 together (binaries); a corrupt line or two among good
+    ones stay bad lines, and so does every line of a short file (an empty one has no requests)."""
     zeros = head.count(b"\x00")
-    if zeros < 8 and zeros * 10 < len(head):
+    if len(head) < NOT_TEXT_MIN_BYTES or zeros < 8 and zeros * 10 < len(head):
         return False
     if zeros * 10 >= len(head):
         return True

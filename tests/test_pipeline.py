@@ -237,11 +237,15 @@ def test_utf16_or_binary_file_is_one_error_and_bom_is_accepted(tmp_path, trained
     body = "".join(json.dumps({"user": f"u{i}", "history": [1, 2]}) + "\n" for i in range(5))
     req = tmp_path / "u16.jsonl"
     for data, words in ((body.encode("utf-16"), "UTF-16"), (body.encode("utf-16-le"), "UTF-16"),
-                        (trained_tiny_onnx.read_bytes(), "binary data"), (b"PAR1\x00\x15" + bytes(50), "Parquet")):
+                        (trained_tiny_onnx.read_bytes(), "binary data"), (b"PAR1\x00\x15" + bytes(300), "Parquet")):
         req.write_bytes(data)
         r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
         assert r.exit_code == 1 and "not JSONL requests: it holds NUL bytes" in r.output and words in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o.jsonl.errors.jsonl").exists()
+    for data in (b"", b"\xef\xbb\xbf"):  # empty, or only a byte-order mark: no requests, not a binary file
+        req.write_bytes(data)
+        r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
+        assert r.exit_code == 0 and "served 0 users" in r.output, r.output
     lines = body.splitlines(keepends=True)  # one corrupt line (a NUL, invalid UTF-8) among good ones: a bad line
     req.write_bytes("".join(lines[:2]).encode() + b'{"user": "x\x00\xff", "history": [1]}\n' + "".join(lines[2:]).encode())
     r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")
@@ -310,6 +314,11 @@ _line = st.one_of(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(_line, min_size=1, max_size=25))
 def test_any_bytes_every_line_served_or_reported(tmp_path_factory, rec, lines):
+    """Line by line: 64-byte blocks keep the first block under NOT_TEXT_MIN_BYTES, so no file here is refused
+    whole as not text (that rule has its own test, test_utf16_or_binary_file_is_one_error_and_bom_is_accepted)."""
+    from cddrec.runtime.requests import NOT_TEXT_MIN_BYTES
+
+    assert 64 < NOT_TEXT_MIN_BYTES
     d = tmp_path_factory.mktemp("prop")
     req = d / "req.jsonl"
     req.write_bytes(b"\n".join(lines) + b"\n")
@@ -399,8 +408,8 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, trained_tiny_onn
     req = tmp_path / "req.jsonl"
     req.write_text("".join(json.dumps({"user": f"u{i}", "history": [1 + i % 5, 2]}) + "\n" for i in range(300))
                    + "not json\n")
-    r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl")  # --quiet
-    assert "users served" not in r.output
+    r = _infer(trained_tiny_onnx, req, tmp_path / "o.jsonl", "--progress-every", "1e-9")  # with --quiet
+    assert r.exit_code == 0 and "users served" not in r.output
     r = CliRunner().invoke(infer_main, ["--model", str(trained_tiny_onnx), "--batch", str(req), "-o",
                                         str(tmp_path / "o.jsonl"), "--progress-every", "1e-9"])
     lines = [x for x in r.output.splitlines() if "users served" in x]

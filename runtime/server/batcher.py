@@ -342,9 +342,9 @@ class Batcher:
             self.metrics.observe_batch(users, seconds, failed)
         if failed:
             self.stats.failures += 1
-            err = ProtocolError(f"the engine failed on this batch ({type(results).__name__}: "
-                                f"{first_line(results, 200)}); see the server log",
-                                500)
+            said = f": {first_line(results, 200)}" if str(results).strip() else ""
+            err = ProtocolError(f"the engine failed on this batch ({type(results).__name__}{said}); see the server "
+                                "log", 500)
             results = [err] * len(batch)
         for job, r in zip(batch, results):
             if job.future.done():  # timed out meanwhile
