@@ -83,10 +83,24 @@ def server_model(url: str) -> dict:
     meta = _get(f"{url}/v2/models/{name}")
     config = _get(f"{url}/v2/models/{name}/config")
     group = (config.get("instance_group") or [{}])[0]
-    threads = (config.get("parameters") or {}).get("threads_per_instance", {}).get("string_value", "0")
+    params = config.get("parameters") or {}
+    threads = params.get("threads_per_instance", {}).get("string_value", "0")
+    batching = config.get("dynamic_batching") or {}
     return {"name": name, "version": meta["versions"][-1], **meta.get("parameters", {}),
             "instances": int(group.get("count", 1)), "instance_kind": group.get("kind", "KIND_CPU"),
-            "threads_per_instance": int(threads) if threads.isdigit() else 0}
+            "threads_per_instance": int(threads) if threads.isdigit() else 0,
+            "max_wait_ms": batching.get("max_queue_delay_microseconds", 0) / 1000 if batching else None,
+            "idle_poll_ms": float(params["idle_poll_ms"]["string_value"]) if "idle_poll_ms" in params else None}
+
+
+def server_settings(info: dict) -> str:
+    """The engine layout and batching settings of a server, from ``server_model``, in words."""
+    out = f"{info['instances']} instance(s) x {info['threads_per_instance'] or 'default'} thread(s)"
+    if info.get("max_wait_ms") is not None:
+        out += f", max-wait {info['max_wait_ms']:g} ms"
+    if info.get("idle_poll_ms") is not None:
+        out += f", idle-poll {info['idle_poll_ms']:g} ms"
+    return out
 
 
 def v2_bodies(num_items: int, L: int, rng: np.random.Generator) -> list[tuple[bytes, dict]]:
@@ -337,11 +351,21 @@ def ratios(results: list[LoadResult]) -> dict:
     return out
 
 
+def route_requests(url: str, info: dict, route: str, model: str | None, rng: np.random.Generator
+                   ) -> tuple[list, str]:
+    """(request bodies, path) of one route: random histories of L items, as ``v2_bodies``/``key_bodies``."""
+    L, K = int(info.get("L", 20)), int(info.get("K", 10))
+    if route == "v2":
+        return v2_bodies(int(info["num_items"]), L, rng), f"/v2/models/{info['name']}/infer"
+    keys = _vocab_keys(model) if model else gather_keys(url, K)
+    return key_bodies(keys, L, K, rng), "/v1/recommend"
+
+
 def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: list[str], model: str | None = None,
                    threads: int = 0, echo: Callable[[str], None] = print) -> dict:
     url = url.rstrip("/")
     info = server_model(url)
-    L, K = int(info.get("L", 20)), int(info.get("K", 10))
+    L = int(info.get("L", 20))
     rng = np.random.default_rng(0)
     res: dict = {"url": url, "server_model": info, "seconds": seconds, "concurrency": concurrency, "routes": routes}
     engine = None
@@ -352,11 +376,7 @@ def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: lis
     results = []
     try:
         for route in routes:
-            if route == "v2":
-                bodies, path = v2_bodies(int(info["num_items"]), L, rng), f"/v2/models/{info['name']}/infer"
-            else:
-                keys = _vocab_keys(model) if model else gather_keys(url, K)
-                bodies, path = key_bodies(keys, L, K, rng), "/v1/recommend"
+            bodies, path = route_requests(url, info, route, model, rng)
             for c in concurrency:
                 def step(c=c, bodies=bodies, path=path, route=route) -> LoadResult:
                     return drive(url, path, route, bodies, c, seconds)
@@ -386,6 +406,85 @@ def _vocab_keys(model: str) -> list:
 
     vocab = read_serving_info(model).vocab
     return [int(k) for k in vocab.keys] if vocab.key_type == "int" else list(vocab.keys)
+
+
+# --------------------------------------------------------------------- several servers, interleaved
+def compare_servers(urls: list[str], concurrency: list[int], seconds: float, routes: list[str], rounds: int,
+                    model: str | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Drive several servers of the same model in turn, ``rounds`` times over: in each round, each route
+    and concurrency, every server one after another (the first server of round r is the r-th, so no server
+    always goes first). On a shared host whose speed drifts within minutes, only such interleaved runs
+    compare settings fairly; the summary is each server's median over the rounds and the median of its
+    per-round ratio (throughput) and difference (p50, p99) against the first server's step next to it."""
+    urls = [u.rstrip("/") for u in urls]
+    infos = [server_model(u) for u in urls]
+    same = {(i["name"], i.get("num_items"), i.get("K"), i.get("L")) for i in infos}
+    if len(same) > 1:
+        raise ValueError("the servers compared must serve the same model (name, items, K, L): got "
+                         + "; ".join(f"{u}: {i['name']}, {i.get('num_items')} items, K={i.get('K')}, L={i.get('L')}"
+                                     for u, i in zip(urls, infos)))
+    rng = np.random.default_rng(0)
+    requests = {route: route_requests(urls[0], infos[0], route, model, rng) for route in routes}
+    results: list[dict] = []
+    for rnd in range(rounds):
+        for route in routes:
+            bodies, path = requests[route]
+            for c in concurrency:
+                for j in range(len(urls)):
+                    s = (rnd + j) % len(urls)
+                    r = drive(urls[s], path, route, bodies, c, seconds)
+                    results.append({"round": rnd, "server": s, **asdict(r)})
+                    echo(f"  round {rnd + 1}/{rounds} {route} concurrency {c} server {s + 1}: "
+                         f"{r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, "
+                         f"errors {sum(r.errors.values())}")
+    return {"urls": urls, "server_models": infos, "settings": [server_settings(i) for i in infos],
+            "seconds": seconds, "concurrency": concurrency, "routes": routes, "rounds": rounds,
+            "results": results, "summary": compare_summary(results, len(urls))}
+
+
+def compare_summary(results: list[dict], servers: int) -> list[dict]:
+    """Per route, concurrency and server: medians over the rounds, and against the first server per round."""
+    out = []
+    steps = sorted({(r["route"], r["concurrency"]) for r in results}, key=lambda k: (ROUTES.index(k[0]), k[1]))
+    for route, c in steps:
+        by = {(r["round"], r["server"]): r for r in results if r["route"] == route and r["concurrency"] == c}
+        rounds = sorted({k[0] for k in by})
+        for s in range(servers):
+            mine = [by[(n, s)] for n in rounds]
+            first = [by[(n, 0)] for n in rounds]
+            ratio = [m["requests_per_s"] / f["requests_per_s"] for m, f in zip(mine, first) if f["requests_per_s"]]
+            out.append({"route": route, "concurrency": c, "server": s,
+                        "requests_per_s": [m["requests_per_s"] for m in mine],
+                        "p50_ms": [m["p50_ms"] for m in mine],
+                        "median_requests_per_s": float(np.median([m["requests_per_s"] for m in mine])),
+                        "median_p50_ms": float(np.median([m["p50_ms"] for m in mine])),
+                        "median_p99_ms": float(np.median([m["p99_ms"] for m in mine])),
+                        "throughput_vs_first": float(np.median(ratio)) if ratio else None,
+                        "p50_minus_first_ms": float(np.median([m["p50_ms"] - f["p50_ms"] for m, f in zip(mine, first)])),
+                        "p99_minus_first_ms": float(np.median([m["p99_ms"] - f["p99_ms"] for m, f in zip(mine, first)])),
+                        "errors": sum(sum(m["errors"].values()) for m in mine)})
+    return out
+
+
+def compare_table(res: dict) -> str:
+    m = res["server_models"][0]
+    lines = [f"Servers of model {m['name']} (K={m.get('K')}, L={m.get('L')}, {m.get('num_items', 0):,} items), "
+             f"{res['rounds']} interleaved round(s) of {res['seconds']:g} s per step, one user per request:", ""]
+    lines += [f"- server {i + 1}: {u} ({s})" for i, (u, s) in enumerate(zip(res["urls"], res["settings"]))]
+    lines += ["", "| route | clients | server | requests/s per round | median requests/s | vs server 1 | "
+              "p50 ms per round | median p50 ms | p50 - server 1 ms | p99 - server 1 ms | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in res["summary"]:
+        first = d["server"] == 0
+        lines.append(f"| {d['route']} | {d['concurrency']} | {d['server'] + 1} | "
+                     f"{' / '.join(f'{x:,.0f}' for x in d['requests_per_s'])} | {d['median_requests_per_s']:,.0f} | "
+                     f"{'-' if first else cell(d['throughput_vs_first'], '.2f')} | "
+                     f"{' / '.join(f'{x:.2f}' for x in d['p50_ms'])} | {d['median_p50_ms']:.2f} | "
+                     f"{'-' if first else format(d['p50_minus_first_ms'], '+.2f')} | "
+                     f"{'-' if first else format(d['p99_minus_first_ms'], '+.2f')} | {d['errors']} |")
+    lines += ["", "vs server 1: the median over the rounds of each round's ratio (or difference) to server 1's "
+              "step of the same round."]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ report
@@ -471,20 +570,32 @@ def plot_serve(res: dict, out_dir: Path, name: str) -> list[str]:
     return [str(p)]
 
 
-def bench_serve(url: str, concurrency: list[int], seconds: float, routes: list[str], model: str | None,
-                threads: int, out_dir: str | Path, name: str, echo: Callable[[str], None] = print) -> tuple[str, list]:
-    """Run, then record JSON + markdown + plot under ``out_dir``; returns the table and the written paths."""
+def bench_serve(urls: str | list[str], concurrency: list[int], seconds: float, routes: list[str],
+                model: str | None, threads: int, out_dir: str | Path, name: str, echo: Callable[[str], None] = print,
+                rounds: int = 1) -> tuple[str, list]:
+    """Run, then record JSON + markdown (+ plot) under ``out_dir``; returns the table and the written paths.
+    One URL: the load steps (and ONNX Runtime alone with ``model``); several: ``compare_servers`` (``model``
+    then only gives the keys of the key route)."""
     import datetime
 
     from .record import command_line, git_commit, machine, record
 
+    urls = [urls] if isinstance(urls, str) else list(urls)
     bad = [r for r in routes if r not in ROUTES]
     if bad:
         raise ValueError(f"--serve-routes must be among {', '.join(ROUTES)}, got {bad}")
+    if rounds > 1 and len(urls) < 2:
+        raise ValueError("--rounds interleaves several servers: give --serve URL1,URL2,...")
     meta = {"command": command_line(), "commit": git_commit(), "machine": machine(),  # of the code that ran
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    res = run_serve_load(url, concurrency, seconds, routes, model, threads, echo)
     out = Path(out_dir)
+    if len(urls) > 1:
+        res = compare_servers(urls, concurrency, seconds, routes, rounds, model, echo)
+        out.mkdir(parents=True, exist_ok=True)
+        table = compare_table(res)
+        paths = record(name, res, table, out, title="cddrec-serve settings compared under load", meta=meta)
+        return table, [str(p) for p in paths]
+    res = run_serve_load(urls[0], concurrency, seconds, routes, model, threads, echo)
     out.mkdir(parents=True, exist_ok=True)
     res["plots"] = plot_serve(res, out, name)
     table = serve_table(res)

@@ -31,7 +31,7 @@ def repo(tmp_path_factory, trained_tiny_onnx):
 def server(repo):
     # two engine instances: every test of this module runs on batches side by side
     proc = ServerProcess(["--model", repo.model_dir.parent, "--instances", "2", "--threads", "1", "--max-batch", "64",
-                          "--max-body-bytes", MAX_BODY])
+                          "--max-body-bytes", MAX_BODY, "--idle-poll-ms", "0.5"])
     yield proc
     assert proc.stop() == 0, proc.output()
     assert "Traceback" not in proc.output(), proc.output()
@@ -66,7 +66,10 @@ def test_health_and_metadata_from_the_contract(server, rec):
     assert "binary_tensor_data" in c.get_server_metadata()["extensions"]
     config = c.get_model_config("cddrec")
     assert config["max_batch_size"] == 64 and config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
-    assert config["parameters"] == {"threads_per_instance": {"string_value": "1"}}  # the fixture's --threads 1
+    assert config["parameters"] == {"threads_per_instance": {"string_value": "1"},  # the fixture's --threads 1
+                                    "idle_poll_ms": {"string_value": "0.5"}}
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 2000, "default_queue_policy": {
+        "max_queue_size": 1024, "default_timeout_microseconds": 10_000_000}}  # the defaults
     assert c.get_model_repository_index() == [{"name": "cddrec", "version": "1", "state": "READY"}]
     assert server.json("/v2/models/cddrec/versions/7")[0] == 404
 
@@ -270,6 +273,40 @@ def test_load_benchmark_reports_throughput_latency_batches_and_the_engine_alone(
             rows[("keys", 64)]["requests_per_s"] / near["layout"]["users_per_s"])
         assert "server's engine layout" in table
     assert "| v2 | 8 |" in table and str(tmp_path / "load.md") in paths
+
+
+def test_load_benchmark_compares_servers_in_interleaved_rounds(server, tmp_path, monkeypatch):
+    """``--serve URL1,URL2 --rounds N``: every step on each server in turn, the first server rotating by
+    round; medians over the rounds and per-round ratios against server 1; servers of different models
+    are refused."""
+    from cddrec.benchmarks import serve_load
+    from cddrec.benchmarks.serve_load import bench_serve
+
+    order = []
+    real_drive = serve_load.drive
+    monkeypatch.setattr(serve_load, "drive", lambda url, *a: order.append(url) or real_drive(url, *a))
+    urls = [server.url, server.url + "/"]  # the same server twice: two names for the comparison's bookkeeping
+    table, paths = bench_serve(urls, [1, 8], 0.3, ["v2"], None, 1, tmp_path, "cmp", echo=lambda m: None, rounds=2)
+    doc = json.loads((tmp_path / "cmp.json").read_text())
+    assert order == [server.url] * 8 and len(doc["results"]) == 8
+    assert [r["server"] for r in doc["results"]] == [0, 1, 0, 1, 1, 0, 1, 0]  # round 2 starts with server 2
+    assert all(r["requests"] > 0 and r["errors"] == {} for r in doc["results"])
+    assert doc["settings"][0] == "2 instance(s) x 1 thread(s), max-wait 2 ms, idle-poll 0.5 ms"  # from its config
+    rows = {(d["concurrency"], d["server"]): d for d in doc["summary"]}
+    assert set(rows) == {(c, s) for c in (1, 8) for s in (0, 1)}
+    by = {(r["round"], r["concurrency"], r["server"]): r for r in doc["results"]}
+    want = np.median([by[(n, 8, 1)]["requests_per_s"] / by[(n, 8, 0)]["requests_per_s"] for n in (0, 1)])
+    assert rows[(8, 1)]["throughput_vs_first"] == pytest.approx(want)
+    assert rows[(8, 0)]["throughput_vs_first"] == pytest.approx(1.0) and "| v2 | 8 | 2 |" in table
+    assert str(tmp_path / "cmp.md") in paths
+
+    real_model = serve_load.server_model
+    monkeypatch.setattr(serve_load, "server_model",
+                        lambda url: {**real_model(url), **({"num_items": 7} if "localhost" in url else {})})
+    with pytest.raises(ValueError, match="same model"):
+        bench_serve([server.url, server.url.replace("127.0.0.1", "localhost")], [1], 0.3, ["v2"], None, 1, tmp_path, "cmp2", echo=lambda m: None, rounds=1)
+    with pytest.raises(ValueError, match="several servers"):
+        bench_serve(server.url, [1], 0.3, ["v2"], None, 1, tmp_path, "cmp3", echo=lambda m: None, rounds=2)
 
 
 def test_command_errors_are_one_line(server, tmp_path):

@@ -111,6 +111,29 @@ def test_a_lone_single_user_request_runs_on_the_loop_thread_and_the_rest_on_work
     assert where["two users"].startswith("engine") and where["beside"].startswith("engine")
 
 
+@pytest.mark.parametrize("poll_s", [0.0, 0.5])
+def test_after_a_lone_inline_request_the_dispatcher_polls_for_the_next_then_sleeps(poll_s):
+    """``idle_poll``: the dispatcher keeps turning the loop (not asleep) for that long after a lone
+    request ran inline, serves what arrives meanwhile at once, then sleeps; close() ends a poll."""
+
+    async def main():
+        b = Batcher({"a": Engine()}, BatchPolicy(max_wait_s=0, instances=2, inline_single=True, idle_poll_s=poll_s))
+        b.start()
+        assert await b.submit("a", "one", 1) == "done one"
+        await asyncio.sleep(0.02)
+        polling = not b._sleeping
+        assert await b.submit("a", "next", 1) == "done next"  # arrives during the poll: served
+        await asyncio.sleep(poll_s + 0.3)
+        asleep_after = b._sleeping
+        assert await b.submit("a", "again", 1) == "done again"
+        t0 = time.perf_counter()
+        await b.close()  # during the poll that request started
+        return polling, asleep_after, time.perf_counter() - t0
+
+    polling, asleep_after, closing = run(main())
+    assert polling is (poll_s > 0) and asleep_after and closing < poll_s + 0.25
+
+
 class Held:
     """A runner whose batches each wait for their own release."""
 

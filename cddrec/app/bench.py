@@ -43,24 +43,28 @@ from .options import (
         hidden_aliases=("--out",), help="folder for the JSON, markdown and plots")
 @option("--name", default="bench", show_default=True, help="file name stem of the results")
 @option("--serve", "serve_url", default=None,
-        help="drive a running cddrec-serve at URL instead (with --model GRAPH: also ONNX Runtime alone on it)")
+        help="drive a running cddrec-serve at URL instead (with --model GRAPH: also ONNX Runtime alone on it); "
+             "URL1,URL2,...: compare servers of one model, interleaved (see --rounds)")
 @option("--concurrency", default="1,8,64,256", show_default=True, help="--serve: comma-separated client counts")
 @option("--seconds", default=10.0, show_default=True, type=Finite(min=0, min_open=True),
         help="--serve: measured seconds per concurrency")
 @option("--serve-routes", default="v2,keys", show_default=True,
         help="--serve: v2 (KServe v2 infer, binary tensors) and/or keys (POST /v1/recommend)")
+@option("--rounds", type=POSITIVE, default=1, show_default=True,
+        help="--serve URL1,URL2,...: rounds over the servers, each round every step on each server in turn")
 @friendly_errors
 def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
-         catalogue_batch, out_dir, name, serve_url, concurrency, seconds, serve_routes):
+         catalogue_batch, out_dir, name, serve_url, concurrency, seconds, serve_routes, rounds):
     """Latency percentiles and throughput per backend and batch size, against the roofline; or, with
     --serve URL, requests/s and latency of a running cddrec-serve per concurrency."""
     lock_outputs(out_dir, option="--output", make_folder=True)  # refused before any timing, not after
     if serve_url:
         from cddrec.benchmarks.serve_load import bench_serve
 
-        table, paths = bench_serve(serve_url, int_list(concurrency), seconds,
-                                   [r.strip() for r in serve_routes.split(",") if r.strip()],
-                                   None if model == "random" else model, threads, out_dir, name, echo=echo_err)
+        table, paths = bench_serve([u.strip() for u in serve_url.split(",") if u.strip()], int_list(concurrency),
+                                   seconds, [r.strip() for r in serve_routes.split(",") if r.strip()],
+                                   None if model == "random" else model, threads, out_dir, name, echo=echo_err,
+                                   rounds=rounds)
         click.echo(table)
         click.echo(f"\nwrote {', '.join(paths)}")
         return

@@ -28,6 +28,9 @@ from .options import CONTEXT, POSITIVE, Finite, echo_err, friendly_errors, optio
 @option("--max-wait-ms", type=Finite(min=0), default=2.0, show_default=True,
         help="once the engine is free, how long a batch may wait for more users (a request on an idle engine "
              "never waits)")
+@option("--idle-poll-ms", type=Finite(min=0), default=1.0, show_default=True,
+        help="after a lone request ran on an idle engine, how long the event loop keeps polling for the next "
+             "one instead of sleeping (lower latency for a lone client, up to this much CPU per request; 0: off)")
 @option("--max-queue", type=POSITIVE, default=1024, show_default=True,
         help="most users waiting for the engine; beyond it: 503 with Retry-After")
 @option("--timeout-ms", type=Finite(min=0, min_open=True), default=10_000, show_default=True,
@@ -42,8 +45,8 @@ from .options import CONTEXT, POSITIVE, Finite, echo_err, friendly_errors, optio
         help="GPUs per Ray Serve replica [default: 1 for the CUDA backends, else 0]")
 @option("--verbose", is_flag=True, help="show Ray's own logging (with --ray)")
 @friendly_errors
-def main(model_path, model_name, host, port, backend, threads, instances, max_batch, max_wait_ms, max_queue, timeout_ms,
-         max_body_bytes, access_log, tf32, ray_address, replicas, replica_gpus, verbose):
+def main(model_path, model_name, host, port, backend, threads, instances, max_batch, max_wait_ms, idle_poll_ms,
+         max_queue, timeout_ms, max_body_bytes, access_log, tf32, ray_address, replicas, replica_gpus, verbose):
     """Serve an exported graph online: KServe v2 (what Triton speaks over HTTP), POST /v1/recommend, /metrics."""
     from cddrec.runtime.server.app import ServerConfig
 
@@ -55,7 +58,8 @@ def main(model_path, model_name, host, port, backend, threads, instances, max_ba
     if ray_address is None and (replicas != 1 or replica_gpus is not None):
         raise click.UsageError("--replicas and --replica-gpus deploy on Ray Serve: add --ray local|auto|ADDRESS")
     config = ServerConfig(model_path, model_name, backend, threads, engine_options(backend, tf32), max_batch,
-                          max_wait_ms, max_queue, timeout_ms, max_body_bytes, access_log, instances=instances)
+                          max_wait_ms, max_queue, timeout_ms, max_body_bytes, access_log, instances=instances,
+                          idle_poll_ms=idle_poll_ms)
     try:
         _ = config.layout  # a backend that cannot run side by side refuses --instances > 1 here
     except ValueError as e:

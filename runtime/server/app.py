@@ -75,6 +75,7 @@ class ServerConfig:
     access_log: bool = False
     reload_on_sighup: bool = True
     instances: int = 0  # engine workers side by side on one model (0: the backend's choice)
+    idle_poll_ms: float = 1.0  # after a lone request ran inline, the loop polls this long for the next
 
     @property
     def layout(self) -> tuple[int, int]:
@@ -91,10 +92,13 @@ class ServerConfig:
 
     @property
     def policy(self) -> BatchPolicy:
-        """The batcher's rules; a lone one-user request runs on the loop's thread only on backends whose
-        runs may overlap (ONNX Runtime on the CPU: fast, and no per-thread CUDA graph captures)."""
+        """The batcher's rules; a lone one-user request runs on the loop's thread (and the loop then polls
+        for the next) only on backends whose runs may overlap (ONNX Runtime on the CPU: fast, and no
+        per-thread CUDA graph captures)."""
+        inline = backend_class(self.backend).concurrent_runs
         return BatchPolicy(self.max_batch, self.max_wait_ms / 1000, self.max_queue, self.timeout_ms / 1000,
-                           instances=self.layout[0], inline_single=backend_class(self.backend).concurrent_runs)
+                           instances=self.layout[0], inline_single=inline,
+                           idle_poll_s=self.idle_poll_ms / 1000 if inline else 0.0)
 
     def repository(self) -> ModelRepository:
         return ModelRepository(model_source(self.model, self.name, self.backend), self.backend, self.layout[1],
@@ -226,7 +230,8 @@ class Server:
     async def model_config(self, call: Call) -> Reply:
         m = self.model(call)
         return json_reply(model_config(m.name, m.contract, self.config.max_batch, self.models.platform,
-                                       self.batcher.policy.instances, m.rec.backend.device, self.config.layout[1]))
+                                       self.batcher.policy.instances, m.rec.backend.device, self.config.layout[1],
+                                       self.batcher.policy))
 
     async def repository_index(self, call: Call) -> Reply:
         m = self.model_any()

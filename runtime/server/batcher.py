@@ -18,6 +18,10 @@
   (``inline_single``, for fast backends whose runs may overlap): a lone request of one user, with
   nothing else queued and every worker idle, runs on the loop's own thread, saving the two thread
   hand-offs that are much of a batch of one's overhead; the loop then yields before the next.
+  After such a request the dispatcher polls (``idle_poll``): for that long, while the engine stays
+  idle and nothing is queued, it turns the event loop without letting it block in the kernel, so the
+  next request of a lone client is read at once by a core that is awake (on a virtual machine a core
+  that went to sleep takes tens of microseconds to wake, and the engine then runs on cold caches).
 - ``max_queue`` bounds the users waiting: beyond it ``submit`` answers 503 with ``Retry-After``;
   a job not answered within its timeout answers 504 (and leaves the queue if it had not started).
 - A runner returns one result per job, or an exception for a job it refuses (that job alone
@@ -56,13 +60,15 @@ class BatchPolicy:
     max_cells: int = MAX_CELLS
     instances: int = 1  # engine workers running batches at the same time
     inline_single: bool = False  # a lone one-user request on an idle engine runs on the loop's thread
+    idle_poll_s: float = 0.0  # after a lone request ran inline, how long the loop polls for the next one
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.instances < 1:
             raise ValueError(f"max_batch, max_queue and instances must be >= 1, got {self.max_batch}, "
                              f"{self.max_queue} and {self.instances}")
-        if self.max_wait_s < 0 or self.timeout_s <= 0:
-            raise ValueError(f"max_wait must be >= 0 and timeout > 0, got {self.max_wait_s} and {self.timeout_s}")
+        if self.max_wait_s < 0 or self.idle_poll_s < 0 or self.timeout_s <= 0:
+            raise ValueError(f"max_wait and idle_poll must be >= 0 and timeout > 0, got {self.max_wait_s}, "
+                             f"{self.idle_poll_s} and {self.timeout_s}")
 
 
 @dataclass(eq=False)
@@ -102,6 +108,7 @@ class Batcher:
         self._sleeping = False
         self._gathering = False
         self._full = False  # the dispatcher sleeps until a worker frees: new jobs need not wake it
+        self._poll_until = 0.0  # the dispatcher polls instead of sleeping until then (engine idle)
         self._inflight: set[asyncio.Task] = set()  # batches handed to the workers, until answered
         self._retiring: set[asyncio.Task] = set()
         self._wake: asyncio.Event | None = None
@@ -226,6 +233,9 @@ class Batcher:
             if not self.queue:
                 if self._closing:
                     return
+                if self.running == 0 and time.perf_counter() < self._poll_until:
+                    await asyncio.sleep(0)  # one turn of the loop: it polls the sockets without blocking
+                    continue
                 await self._sleep()
                 continue
             if self.busy:  # woken by a worker that frees
@@ -251,6 +261,8 @@ class Batcher:
                 finally:
                     self.running -= 1
                 self._answer(batch, results, seconds)
+                if self.policy.idle_poll_s:
+                    self._poll_until = time.perf_counter() + self.policy.idle_poll_s
                 await asyncio.sleep(0)
                 continue
             self.running += 1

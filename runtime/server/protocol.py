@@ -379,18 +379,26 @@ def model_metadata(name: str, versions: list[str], contract: GraphContract, plat
 
 
 def model_config(name: str, contract: GraphContract, max_batch: int, platform: str, instances: int = 1,
-                 device: str = "cpu", threads: int = 0) -> dict:
+                 device: str = "cpu", threads: int = 0, policy=None) -> dict:
     """``GET /v2/models/{name}/config``, as Triton's JSON model configuration: ``max_batch_size`` and
     dims without the batch axis when every tensor is batched along its first axis (else 0 and full dims);
     ``instance_group`` the engine instances (``--instances``); the parameter ``threads_per_instance``
-    their CPU threads (0: the backend's default)."""
+    their CPU threads (0: the backend's default); with the batcher's ``policy``, ``dynamic_batching``
+    (``--max-wait-ms``, ``--max-queue``, ``--timeout-ms``) and the parameter ``idle_poll_ms``."""
     batched = all(s.shape[0] == "batch" for s in contract.inputs + contract.outputs)
 
     def tensors(specs):
         return [{"name": s.name, "data_type": "TYPE_" + kserve_datatype(s.dtype),
                  "dims": kserve_shape(s)[1:] if batched else kserve_shape(s)} for s in specs]
 
-    return {"name": name, "platform": platform, "max_batch_size": max_batch if batched else 0,
-            "input": tensors(contract.inputs), "output": tensors(contract.outputs),
-            "instance_group": [{"count": instances, "kind": "KIND_GPU" if device == "cuda" else "KIND_CPU"}],
-            "parameters": {"threads_per_instance": {"string_value": str(threads)}}}
+    doc = {"name": name, "platform": platform, "max_batch_size": max_batch if batched else 0,
+           "input": tensors(contract.inputs), "output": tensors(contract.outputs),
+           "instance_group": [{"count": instances, "kind": "KIND_GPU" if device == "cuda" else "KIND_CPU"}],
+           "parameters": {"threads_per_instance": {"string_value": str(threads)}}}
+    if policy is not None:
+        doc["dynamic_batching"] = {"max_queue_delay_microseconds": round(policy.max_wait_s * 1e6),
+                                   "default_queue_policy": {"max_queue_size": policy.max_queue,
+                                                            "default_timeout_microseconds":
+                                                                round(policy.timeout_s * 1e6)}}
+        doc["parameters"]["idle_poll_ms"] = {"string_value": f"{policy.idle_poll_s * 1000:g}"}
+    return doc
