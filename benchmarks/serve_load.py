@@ -415,7 +415,9 @@ def compare_servers(urls: list[str], concurrency: list[int], seconds: float, rou
     and concurrency, every server one after another (the first server of round r is the r-th, so no server
     always goes first). On a shared host whose speed drifts within minutes, only such interleaved runs
     compare settings fairly; the summary is each server's median over the rounds and the median of its
-    per-round ratio (throughput) and difference (p50, p99) against the first server's step next to it."""
+    per-round ratio (throughput) and difference (p50, p99) against the first server's step next to it.
+    The servers must serve one model (name, items, K, L; versions may differ, each is listed); the keys of
+    the key route come from ``model``'s vocabulary or from the first server's answers."""
     urls = [u.rstrip("/") for u in urls]
     infos = [server_model(u) for u in urls]
     same = {(i["name"], i.get("num_items"), i.get("K"), i.get("L")) for i in infos}
@@ -437,7 +439,8 @@ def compare_servers(urls: list[str], concurrency: list[int], seconds: float, rou
                     echo(f"  round {rnd + 1}/{rounds} {route} concurrency {c} server {s + 1}: "
                          f"{r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, "
                          f"errors {sum(r.errors.values())}")
-    return {"urls": urls, "server_models": infos, "settings": [server_settings(i) for i in infos],
+    return {"urls": urls, "server_models": infos,
+            "settings": [f"version {i['version']}, {server_settings(i)}" for i in infos],
             "seconds": seconds, "concurrency": concurrency, "routes": routes, "rounds": rounds,
             "results": results, "summary": compare_summary(results, len(urls))}
 
@@ -479,9 +482,9 @@ def compare_table(res: dict) -> str:
         lines.append(f"| {d['route']} | {d['concurrency']} | {d['server'] + 1} | "
                      f"{' / '.join(f'{x:,.0f}' for x in d['requests_per_s'])} | {d['median_requests_per_s']:,.0f} | "
                      f"{'-' if first else cell(d['throughput_vs_first'], '.2f')} | "
-                     f"{' / '.join(f'{x:.2f}' for x in d['p50_ms'])} | {d['median_p50_ms']:.2f} | "
-                     f"{'-' if first else format(d['p50_minus_first_ms'], '+.2f')} | "
-                     f"{'-' if first else format(d['p99_minus_first_ms'], '+.2f')} | {d['errors']} |")
+                     f"{' / '.join(cell(x, '.2f') for x in d['p50_ms'])} | {cell(d['median_p50_ms'], '.2f')} | "
+                     f"{'-' if first else cell(d['p50_minus_first_ms'], '+.2f')} | "
+                     f"{'-' if first else cell(d['p99_minus_first_ms'], '+.2f')} | {d['errors']} |")
     lines += ["", "vs server 1: the median over the rounds of each round's ratio (or difference) to server 1's "
               "step of the same round."]
     return "\n".join(lines)
@@ -572,10 +575,10 @@ def plot_serve(res: dict, out_dir: Path, name: str) -> list[str]:
 
 def bench_serve(urls: str | list[str], concurrency: list[int], seconds: float, routes: list[str],
                 model: str | None, threads: int, out_dir: str | Path, name: str, echo: Callable[[str], None] = print,
-                rounds: int = 1) -> tuple[str, list]:
+                rounds: int | None = None) -> tuple[str, list]:
     """Run, then record JSON + markdown (+ plot) under ``out_dir``; returns the table and the written paths.
-    One URL: the load steps (and ONNX Runtime alone with ``model``); several: ``compare_servers`` (``model``
-    then only gives the keys of the key route)."""
+    One URL: the load steps (and ONNX Runtime alone with ``model``); several: ``compare_servers``, ``rounds``
+    of them (default: one per server), where ``model`` only gives the keys of the key route."""
     import datetime
 
     from .record import command_line, git_commit, machine, record
@@ -584,13 +587,13 @@ def bench_serve(urls: str | list[str], concurrency: list[int], seconds: float, r
     bad = [r for r in routes if r not in ROUTES]
     if bad:
         raise ValueError(f"--serve-routes must be among {', '.join(ROUTES)}, got {bad}")
-    if rounds > 1 and len(urls) < 2:
+    if rounds is not None and rounds > 1 and len(urls) < 2:
         raise ValueError("--rounds interleaves several servers: give --serve URL1,URL2,...")
     meta = {"command": command_line(), "commit": git_commit(), "machine": machine(),  # of the code that ran
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(out_dir)
     if len(urls) > 1:
-        res = compare_servers(urls, concurrency, seconds, routes, rounds, model, echo)
+        res = compare_servers(urls, concurrency, seconds, routes, rounds or len(urls), model, echo)
         out.mkdir(parents=True, exist_ok=True)
         table = compare_table(res)
         paths = record(name, res, table, out, title="cddrec-serve settings compared under load", meta=meta)

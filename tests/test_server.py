@@ -291,20 +291,20 @@ def test_load_benchmark_compares_servers_in_interleaved_rounds(server, tmp_path,
     assert order == [server.url] * 8 and len(doc["results"]) == 8
     assert [r["server"] for r in doc["results"]] == [0, 1, 0, 1, 1, 0, 1, 0]  # round 2 starts with server 2
     assert all(r["requests"] > 0 and r["errors"] == {} for r in doc["results"])
-    assert doc["settings"][0] == "2 instance(s) x 1 thread(s), max-wait 2 ms, idle-poll 0.5 ms"  # from its config
+    assert doc["settings"][0] == "version 1, 2 instance(s) x 1 thread(s), max-wait 2 ms, idle-poll 0.5 ms"
     rows = {(d["concurrency"], d["server"]): d for d in doc["summary"]}
     assert set(rows) == {(c, s) for c in (1, 8) for s in (0, 1)}
     by = {(r["round"], r["concurrency"], r["server"]): r for r in doc["results"]}
     want = np.median([by[(n, 8, 1)]["requests_per_s"] / by[(n, 8, 0)]["requests_per_s"] for n in (0, 1)])
     assert rows[(8, 1)]["throughput_vs_first"] == pytest.approx(want)
-    assert rows[(8, 0)]["throughput_vs_first"] == pytest.approx(1.0) and "| v2 | 8 | 2 |" in table
+    assert "| v2 | 8 | 2 |" in table and f"- server 2: {server.url} (version 1, 2 instance(s)" in table
     assert str(tmp_path / "cmp.md") in paths
 
     real_model = serve_load.server_model
-    monkeypatch.setattr(serve_load, "server_model",
-                        lambda url: {**real_model(url), **({"num_items": 7} if "localhost" in url else {})})
+    other = {**real_model(server.url), "num_items": 7}
+    monkeypatch.setattr(serve_load, "server_model", lambda url: other if "other" in url else real_model(url))
     with pytest.raises(ValueError, match="same model"):
-        bench_serve([server.url, server.url.replace("127.0.0.1", "localhost")], [1], 0.3, ["v2"], None, 1, tmp_path, "cmp2", echo=lambda m: None, rounds=1)
+        bench_serve([server.url, "http://other:1"], [1], 0.3, ["v2"], None, 1, tmp_path, "cmp2", echo=lambda m: None)
     with pytest.raises(ValueError, match="several servers"):
         bench_serve(server.url, [1], 0.3, ["v2"], None, 1, tmp_path, "cmp3", echo=lambda m: None, rounds=2)
 

@@ -114,24 +114,42 @@ def test_a_lone_single_user_request_runs_on_the_loop_thread_and_the_rest_on_work
 @pytest.mark.parametrize("poll_s", [0.0, 0.5])
 def test_after_a_lone_inline_request_the_dispatcher_polls_for_the_next_then_sleeps(poll_s):
     """``idle_poll``: the dispatcher keeps turning the loop (not asleep) for that long after a lone
-    request ran inline, serves what arrives meanwhile at once, then sleeps; close() ends a poll."""
+    request ran inline, serves what arrives meanwhile, then sleeps."""
+    threads = []
+
+    def engine(payloads):
+        threads.append(threading.current_thread().name)
+        return [f"done {p}" for p in payloads]
 
     async def main():
-        b = Batcher({"a": Engine()}, BatchPolicy(max_wait_s=0, instances=2, inline_single=True, idle_poll_s=poll_s))
+        b = Batcher({"a": engine}, BatchPolicy(max_wait_s=0, instances=2, inline_single=True, idle_poll_s=poll_s))
         b.start()
         assert await b.submit("a", "one", 1) == "done one"
         await asyncio.sleep(0.02)
         polling = not b._sleeping
-        assert await b.submit("a", "next", 1) == "done next"  # arrives during the poll: served
+        assert await b.submit("a", "next", 1) == "done next"  # arrives during the poll (if any): served
         await asyncio.sleep(poll_s + 0.3)
         asleep_after = b._sleeping
-        assert await b.submit("a", "again", 1) == "done again"
-        t0 = time.perf_counter()
-        await b.close()  # during the poll that request started
-        return polling, asleep_after, time.perf_counter() - t0
+        await b.close()
+        return polling, asleep_after
 
-    polling, asleep_after, closing = run(main())
-    assert polling is (poll_s > 0) and asleep_after and closing < poll_s + 0.25
+    polling, asleep_after = run(main())
+    assert polling is (poll_s > 0) and asleep_after
+    assert threads == [threading.main_thread().name] * 2  # both lone requests ran on the loop's thread
+
+
+def test_close_ends_a_poll_at_once():
+    async def main():
+        b = Batcher({"a": Engine()}, BatchPolicy(max_wait_s=0, instances=2, inline_single=True, idle_poll_s=30.0))
+        b.start()
+        assert await b.submit("a", "one", 1) == "done one"
+        await asyncio.sleep(0.02)
+        assert not b._sleeping  # polling, for 30 s
+        t0 = time.perf_counter()
+        await b.close()
+        return time.perf_counter() - t0
+
+    assert run(main()) < 5.0
 
 
 class Held:

@@ -50,14 +50,18 @@ from .options import (
         help="--serve: measured seconds per concurrency")
 @option("--serve-routes", default="v2,keys", show_default=True,
         help="--serve: v2 (KServe v2 infer, binary tensors) and/or keys (POST /v1/recommend)")
-@option("--rounds", type=POSITIVE, default=1, show_default=True,
-        help="--serve URL1,URL2,...: rounds over the servers, each round every step on each server in turn")
+@option("--rounds", type=POSITIVE, default=None,
+        help="--serve URL1,URL2,...: rounds over the servers, each round every step on each server in turn, the "
+             "first server rotating [default: the number of servers, so each goes first once]")
 @friendly_errors
 def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
          catalogue_batch, out_dir, name, serve_url, concurrency, seconds, serve_routes, rounds):
     """Latency percentiles and throughput per backend and batch size, against the roofline; or, with
-    --serve URL, requests/s and latency of a running cddrec-serve per concurrency."""
+    --serve URL, requests/s and latency of a running cddrec-serve per concurrency (several URLs: servers
+    compared in interleaved rounds)."""
     lock_outputs(out_dir, option="--output", make_folder=True)  # refused before any timing, not after
+    if rounds is not None and not serve_url:
+        raise click.UsageError("--rounds compares servers: give --serve URL1,URL2,...")
     if serve_url:
         from cddrec.benchmarks.serve_load import bench_serve
 

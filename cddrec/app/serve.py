@@ -29,8 +29,9 @@ from .options import CONTEXT, POSITIVE, Finite, echo_err, friendly_errors, optio
         help="once the engine is free, how long a batch may wait for more users (a request on an idle engine "
              "never waits)")
 @option("--idle-poll-ms", type=Finite(min=0), default=1.0, show_default=True,
-        help="after a lone request ran on an idle engine, how long the event loop keeps polling for the next "
-             "one instead of sleeping (lower latency for a lone client, up to this much CPU per request; 0: off)")
+        help="ort-cpu: after a lone request ran on an idle engine, how long the event loop keeps polling for the "
+             "next one instead of sleeping (lower latency for a lone client; costs up to this much CPU per "
+             "request, a whole core under a steady stream of lone requests; 0: off)")
 @option("--max-queue", type=POSITIVE, default=1024, show_default=True,
         help="most users waiting for the engine; beyond it: 503 with Retry-After")
 @option("--timeout-ms", type=Finite(min=0, min_open=True), default=10_000, show_default=True,

@@ -383,8 +383,10 @@ def model_config(name: str, contract: GraphContract, max_batch: int, platform: s
     """``GET /v2/models/{name}/config``, as Triton's JSON model configuration: ``max_batch_size`` and
     dims without the batch axis when every tensor is batched along its first axis (else 0 and full dims);
     ``instance_group`` the engine instances (``--instances``); the parameter ``threads_per_instance``
-    their CPU threads (0: the backend's default); with the batcher's ``policy``, ``dynamic_batching``
-    (``--max-wait-ms``, ``--max-queue``, ``--timeout-ms``) and the parameter ``idle_poll_ms``."""
+    their CPU threads (0: the backend's default); with the batcher's ``policy``, the parameter
+    ``idle_poll_ms`` and, for a batched graph, ``dynamic_batching`` from ``--max-wait-ms`` (here the wait
+    applies once a worker frees), ``--max-queue`` (users here, where Triton counts requests) and
+    ``--timeout-ms`` (from arrival to answer here, queueing only in Triton)."""
     batched = all(s.shape[0] == "batch" for s in contract.inputs + contract.outputs)
 
     def tensors(specs):
@@ -395,10 +397,11 @@ def model_config(name: str, contract: GraphContract, max_batch: int, platform: s
            "input": tensors(contract.inputs), "output": tensors(contract.outputs),
            "instance_group": [{"count": instances, "kind": "KIND_GPU" if device == "cuda" else "KIND_CPU"}],
            "parameters": {"threads_per_instance": {"string_value": str(threads)}}}
-    if policy is not None:
+    if policy is not None and batched:
         doc["dynamic_batching"] = {"max_queue_delay_microseconds": round(policy.max_wait_s * 1e6),
                                    "default_queue_policy": {"max_queue_size": policy.max_queue,
                                                             "default_timeout_microseconds":
                                                                 round(policy.timeout_s * 1e6)}}
+    if policy is not None:
         doc["parameters"]["idle_poll_ms"] = {"string_value": f"{policy.idle_poll_s * 1000:g}"}
     return doc
