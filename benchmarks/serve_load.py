@@ -26,6 +26,12 @@ moves with the host more than with the server.
 Histories are random: ids 1..num_items for ``v2`` (from the model metadata's parameters); for
 ``keys``, item keys of the graph's vocabulary with ``--model``, else keys gathered from the
 server's own answers (popular items, then their recommendations).
+
+Before any load, each URL is checked (http(s) only, each server once) and each server asked for its model
+(a one-line error naming the server when it cannot be reached or is not a cddrec-serve), and ``--model``
+checked to be the graph it serves; after every step the server is asked again, and a reload (another
+version) stops the run. SIGINT and SIGTERM stop the clients at once (the event loop's signal handlers),
+then reach the command as they would have (exit 130/143, nothing written).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
+import threading
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -67,30 +76,142 @@ class LoadResult:
     engine_near: dict | None = None  # ONNX Runtime alone right before and after this step (EngineAlone.around)
 
 
-# ------------------------------------------------------------------------------ request bodies
-def _get(url: str, method: str = "GET") -> dict | list:
+# ------------------------------------------------------------------------------ the servers
+META_TIMEOUT = 10.0  # seconds for a metadata, /metrics or key-gathering request
+
+
+def server_url(url: str) -> str:
+    """``url`` without its trailing slash, refused (``ValueError`` naming it) unless it is
+    http(s)://HOST[:PORT][/PREFIX]: a URL without scheme or of another scheme is no server to drive."""
+    text = url.strip()
+    u = text.rstrip("/")
+    try:
+        parts = urllib.parse.urlsplit(u)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+    except ValueError as e:
+        raise ValueError(f"{text or repr(text)}: not a server URL ({e}); give http://HOST:PORT where cddrec-serve "
+                         "listens") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{text or repr(text)}: not an http(s)://HOST:PORT URL; give the address cddrec-serve "
+                         "prints when ready, e.g. http://127.0.0.1:8000")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{text}: a server URL has no ?query or #fragment; give http://HOST:PORT")
+    return u
+
+
+def server_urls(urls: str | list[str]) -> list[str]:
+    """The servers of ``--serve`` (a list, or ``URL1,URL2,...``), each checked by ``server_url``; an empty
+    item and a server given twice (after the trailing slash, the scheme's default port, the host's
+    case) are refused: a server compared with itself is no comparison."""
+    items = urls.split(",") if isinstance(urls, str) else list(urls)
+    if not items or any(not u.strip() for u in items):
+        raise ValueError(f"{','.join(items)!r} has an empty item: give URL or URL1,URL2,... without empty "
+                         "entries")
+    out = [server_url(u) for u in items]
+    seen: dict[tuple, str] = {}
+    for u in out:
+        p = urllib.parse.urlsplit(u)
+        key = (p.scheme, p.hostname.lower(), p.port or (443 if p.scheme == "https" else 80), p.path)
+        if key in seen:
+            raise ValueError(f"one server given twice ({seen[key]} and {u}): give each server once")
+        seen[key] = u
+    return out
+
+
+def _fetch(url: str, path: str, method: str = "GET", data: bytes | None = None) -> bytes:
+    """The body of ``url + path``; a one-line ``ValueError`` naming the server when it cannot be reached
+    or does not answer as cddrec-serve does."""
+    import http.client
+    import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+    req = urllib.request.Request(url + path, method=method, data=b"" if method == "POST" and data is None else data)
+    hint = "is cddrec-serve running there?"
+    try:
+        with urllib.request.urlopen(req, timeout=META_TIMEOUT) as r:
+            return r.read()
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"{url}: not a cddrec-serve ({method} {path} answered {e.code})") from None
+    except urllib.error.URLError as e:
+        reason = e.reason
+        why = (reason.strerror or str(reason)) if isinstance(reason, OSError) else str(reason)
+        raise ValueError(f"{url}: cannot connect ({why}); {hint}") from None
+    except TimeoutError:
+        raise ValueError(f"{url}: no answer to {method} {path} within {META_TIMEOUT:g} s; {hint}") from None
+    except (OSError, http.client.HTTPException) as e:  # reset, or an answer that is not HTTP
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ValueError(f"{url}: not a cddrec-serve ({method} {path}: {why})") from None
+
+
+def _get(url: str, path: str, method: str = "GET") -> dict | list:
+    try:
+        return json.loads(_fetch(url, path, method))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{url}: not a cddrec-serve ({method} {path} did not answer JSON)") from None
 
 
 def server_model(url: str) -> dict:
-    """Name, contract parameters (K, L, num_items, ...) and engine instances of the model the server serves."""
-    index = _get(f"{url}/v2/repository/index", "POST")
-    name = next(m["name"] for m in index if m.get("state") == "READY")
-    meta = _get(f"{url}/v2/models/{name}")
-    config = _get(f"{url}/v2/models/{name}/config")
-    group = (config.get("instance_group") or [{}])[0]
-    params = config.get("parameters") or {}
-    threads = params.get("threads_per_instance", {}).get("string_value", "0")
-    batching = config.get("dynamic_batching") or {}
-    return {"name": name, "version": meta["versions"][-1], **meta.get("parameters", {}),
-            "instances": int(group.get("count", 1)), "instance_kind": group.get("kind", "KIND_CPU"),
-            "threads_per_instance": int(threads) if threads.isdigit() else 0,
-            "max_wait_ms": batching.get("max_queue_delay_microseconds", 0) / 1000 if batching else None,
-            "idle_poll_ms": float(params["idle_poll_ms"]["string_value"]) if "idle_poll_ms" in params else None}
+    """Name, version, contract parameters (K, L, num_items, ...) and engine instances of the model the
+    server serves; a one-line ``ValueError`` naming the server when it is not a cddrec-serve."""
+    index = _get(url, "/v2/repository/index", "POST")
+    try:
+        name = next((m["name"] for m in index if m.get("state") == "READY"), None)
+        if name is None:
+            raise ValueError(f"{url}: no model is READY there (POST /v2/repository/index: {json.dumps(index)[:200]})")
+        meta = _get(url, f"/v2/models/{name}")
+        config = _get(url, f"/v2/models/{name}/config")
+        params = meta.get("parameters") or {}
+        missing = [k for k in ("num_items", "K", "L") if k not in params]
+        if missing:
+            raise ValueError(f"{url}: not a cddrec-serve (the metadata of model {name} has no {', '.join(missing)} "
+                             "parameters)")
+        group = (config.get("instance_group") or [{}])[0]
+        cparams = config.get("parameters") or {}
+        threads = cparams.get("threads_per_instance", {}).get("string_value", "0")
+        batching = config.get("dynamic_batching") or {}
+        return {"name": name, "version": meta["versions"][-1], **params,
+                "instances": int(group.get("count", 1)), "instance_kind": group.get("kind", "KIND_CPU"),
+                "threads_per_instance": int(threads) if threads.isdigit() else 0,
+                "max_wait_ms": batching.get("max_queue_delay_microseconds", 0) / 1000 if batching else None,
+                "idle_poll_ms": (float(cparams["idle_poll_ms"]["string_value"]) if "idle_poll_ms" in cparams
+                                 else None)}
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ValueError(f"{url}: not a cddrec-serve (its model repository or metadata is not cddrec-serve's)") \
+            from None
+
+
+def describe_model(info: dict) -> str:
+    return (f"{info['name']} version {info['version']} (K={info.get('K')}, L={info.get('L')}, "
+            f"{info.get('num_items')} items)")
+
+
+def check_same_model(url: str, info: dict) -> None:
+    """After a step: the server still serves the model it served at the start (a reload, SIGHUP or
+    ``/load``, between steps would mix two models' figures in one report); a one-line error otherwise."""
+    now = server_model(url)
+    keys = ("name", "version", "num_items", "K", "L")
+    if any(now.get(k) != info.get(k) for k in keys):
+        raise ValueError(f"{url}: the server now serves {describe_model(now)}, not {describe_model(info)} as when "
+                         "the benchmark started (reloaded?); its figures would mix two models: run again")
+
+
+def graph_info(model: str, urls: list[str], infos: list[dict]):
+    """The serving info of ``--model``, checked against each server's model (items, K, L, T, d): the graph
+    must be the one the servers serve, else its keys would all be unknown there (the popularity fallback
+    measured) and ONNX Runtime alone would time another graph. A one-line ``ValueError`` otherwise."""
+    from cddrec.runtime.recommender import read_serving_info
+
+    serving = read_serving_info(model)
+    c = serving.contract
+    mine = {"num_items": c.num_items, "K": c.k, "L": c.max_len, "T": c.steps, "d": c.hidden}
+    for url, info in zip(urls, infos):
+        diff = [k for k, v in mine.items() if k in info and info[k] != v]
+        if diff:
+            raise ValueError(f"--model {model} is not the graph {url} serves: the graph has "
+                             + ", ".join(f"{k}={mine[k]}" for k in diff) + ", the server "
+                             + ", ".join(f"{k}={info[k]}" for k in diff)
+                             + "; give the servers' own graph (or leave --model out)")
+    return serving
 
 
 def server_settings(info: dict) -> str:
@@ -116,13 +237,12 @@ def v2_bodies(num_items: int, L: int, rng: np.random.Generator) -> list[tuple[by
 
 def gather_keys(url: str, k: int, want: int = 400, rounds: int = 60) -> list:
     """Item keys the server knows, from its own answers: the popular items, then their recommendations."""
-    import urllib.request
-
     def ask(history: list) -> list:
-        req = urllib.request.Request(f"{url}/v1/recommend", method="POST",
-                                     data=json.dumps({"history": history, "k": k}).encode())
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())["items"]
+        body = _fetch(url, "/v1/recommend", "POST", json.dumps({"history": history, "k": k}).encode())
+        try:
+            return json.loads(body)["items"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{url}: not a cddrec-serve (POST /v1/recommend did not answer its items)") from None
 
     keys = list(dict.fromkeys(ask([])))
     rng = np.random.default_rng(1)
@@ -155,10 +275,7 @@ def metric_value(text: str, selector: str) -> float:
 def batch_counters(url: str) -> dict[str, float]:
     """The server's batch histograms: users (``cddrec_batch_size``) and engine seconds
     (``cddrec_batch_duration_seconds``), their ``_sum`` and ``_count``."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as r:
-        text = r.read().decode()
+    text = _fetch(url, "/metrics").decode(errors="replace")
     return {name: metric_value(text, name)
             for name in ("cddrec_batch_size_sum", "cddrec_batch_size_count", "cddrec_batch_duration_seconds_sum")}
 
@@ -202,18 +319,55 @@ class _Connection(asyncio.Protocol):
 
 
 def raw_requests(url: str, path: str, bodies: list[tuple[bytes, dict]]) -> list[bytes]:
-    """The bytes of each POST, headers and body, built once."""
-    host = url.split("://", 1)[-1].split("/", 1)[0]
+    """The bytes of each POST, headers and body, built once (``path`` under the URL's own path, if any)."""
+    parts = urllib.parse.urlsplit(url)
     out = []
     for body, headers in bodies:
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        out.append(f"POST {path} HTTP/1.1\r\nHost: {host}\r\n{head}Content-Length: {len(body)}\r\n\r\n".encode()
-                   + body)
+        out.append(f"POST {parts.path}{path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{head}"
+                   f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     return out
 
 
+class _Signalled(Exception):
+    """SIGINT or SIGTERM arrived while the clients ran: they were stopped, the signal is delivered again
+    once the event loop is gone (``drive``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _catch_signals(loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]) -> dict:
+    """SIGINT and SIGTERM handled by the loop while the clients run (``on_signal(signum)``), not by a
+    Python handler: one raising KeyboardInterrupt or SystemExit inside a transport callback is caught
+    by the loop (a "fatal error on transport", one more client error) and the run goes on. Returns
+    the handlers to put back (``_restore_signals``); none outside the main thread, none for an ignored signal."""
+    previous: dict = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        prev = signal.getsignal(sig)
+        if prev is signal.SIG_IGN:
+            continue
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # a loop or platform without them
+            continue
+        previous[sig] = prev
+    return previous
+
+
+def _restore_signals(loop: asyncio.AbstractEventLoop, previous: dict) -> None:
+    for sig, prev in previous.items():
+        loop.remove_signal_handler(sig)  # leaves SIG_DFL (default_int_handler for SIGINT): put back the command's
+        signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+
+
 async def _drive(url: str, raws: list[bytes], concurrency: int, seconds: float, between=None) -> tuple[list, dict]:
-    host, _, port = url.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    tls = True if parts.scheme == "https" else None
     loop = asyncio.get_running_loop()
     lat: list[float] = []
     errors: dict[str, int] = {}
@@ -226,7 +380,7 @@ async def _drive(url: str, raws: list[bytes], concurrency: int, seconds: float, 
             t0 = time.perf_counter()
             try:
                 if not conn:
-                    conn.append((await loop.create_connection(_Connection, host.strip("[]"), int(port)))[1])
+                    conn.append((await loop.create_connection(_Connection, host, port, ssl=tls))[1])
                 status = await conn[0].request(raw)
             except (OSError, ConnectionError) as e:
                 status = type(e).__name__
@@ -239,20 +393,56 @@ async def _drive(url: str, raws: list[bytes], concurrency: int, seconds: float, 
                 errors[str(status)] = errors.get(str(status), 0) + 1
 
     conns: list[list] = [[] for _ in range(concurrency)]
-    end = time.perf_counter() + min(WARMUP_SECONDS, seconds)
-    await asyncio.gather(*(worker(w, end, False, conns[w]) for w in range(concurrency)))
-    if between is not None:
-        between()
-    end = time.perf_counter() + seconds
-    await asyncio.wait_for(asyncio.gather(*(worker(w, end, True, conns[w]) for w in range(concurrency))),
-                           seconds + 120)
-    for c in conns:
-        if c:
-            c[0].transport.close()
+    running: list[asyncio.Future] = []
+    signalled: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signalled.append(signum)
+        for g in running:
+            g.cancel()
+
+    async def phase(seconds: float, record: bool, limit: float | None = None) -> None:
+        if signalled:
+            return
+        end = time.perf_counter() + seconds
+        g = asyncio.gather(*(worker(w, end, record, conns[w]) for w in range(concurrency)))
+        running.append(g)
+        try:
+            await (asyncio.wait_for(g, limit) if limit else g)
+        finally:
+            running.remove(g)
+
+    previous = _catch_signals(loop, on_signal)
+    try:
+        await phase(min(WARMUP_SECONDS, seconds), False)
+        if between is not None and not signalled:
+            between()
+        await phase(seconds, True, seconds + 120)
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+    finally:
+        for c in conns:
+            if c:
+                c[0].transport.close()
+        _restore_signals(loop, previous)
+    if signalled:
+        raise _Signalled(signalled[0])
     return lat, errors
 
 
+def _deliver_again(signum: int) -> None:
+    """The command's own handler of ``signum`` (SIGINT: KeyboardInterrupt; cddrec's commands: temporary
+    files removed, exit 130/143), as if the signal had come now; the default's if it returns."""
+    signal.raise_signal(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
 def drive(url: str, path: str, route: str, bodies: list, concurrency: int, seconds: float) -> LoadResult:
+    """One load step: ``concurrency`` clients for ``seconds`` (after the warm-up) on ``path``. SIGINT and
+    SIGTERM stop it at once and are then raised as the command would (KeyboardInterrupt, SystemExit(143))."""
     try:
         import uvloop
 
@@ -260,8 +450,14 @@ def drive(url: str, path: str, route: str, bodies: list, concurrency: int, secon
     except ImportError:
         runner = asyncio.run
     before: dict = {}
-    lat, errors = runner(_drive(url, raw_requests(url, path, bodies), concurrency, seconds,
-                                between=lambda: before.update(batch_counters(url), t=time.perf_counter())))
+    coro = _drive(url, raw_requests(url, path, bodies), concurrency, seconds,
+                  between=lambda: before.update(batch_counters(url), t=time.perf_counter()))
+    try:
+        lat, errors = runner(coro)
+    except _Signalled as e:
+        _deliver_again(e.signum)
+    finally:
+        coro.close()  # a signal before the loop ran it: no "never awaited" warning
     after = batch_counters(url)
     wall = time.perf_counter() - before["t"]
     a = np.asarray(lat) * 1000 if lat else np.full(1, np.nan)
@@ -351,23 +547,25 @@ def ratios(results: list[LoadResult]) -> dict:
     return out
 
 
-def route_requests(url: str, info: dict, route: str, model: str | None, rng: np.random.Generator
+def route_requests(url: str, info: dict, route: str, keys: list | None, rng: np.random.Generator
                    ) -> tuple[list, str]:
-    """(request bodies, path) of one route: random histories of L items, as ``v2_bodies``/``key_bodies``."""
+    """(request bodies, path) of one route: random histories of L items, as ``v2_bodies``/``key_bodies``;
+    the key route's keys are ``keys`` (the graph's vocabulary), else gathered from the server's answers."""
     L, K = int(info.get("L", 20)), int(info.get("K", 10))
     if route == "v2":
         return v2_bodies(int(info["num_items"]), L, rng), f"/v2/models/{info['name']}/infer"
-    keys = _vocab_keys(model) if model else gather_keys(url, K)
-    return key_bodies(keys, L, K, rng), "/v1/recommend"
+    return key_bodies(keys if keys else gather_keys(url, K), L, K, rng), "/v1/recommend"
 
 
 def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: list[str], model: str | None = None,
                    threads: int = 0, echo: Callable[[str], None] = print) -> dict:
-    url = url.rstrip("/")
+    url = server_url(url)
     info = server_model(url)
+    keys = _vocab_keys(graph_info(model, [url], [info])) if model else None
     L = int(info.get("L", 20))
     rng = np.random.default_rng(0)
-    res: dict = {"url": url, "server_model": info, "seconds": seconds, "concurrency": concurrency, "routes": routes}
+    res: dict = {"url": url, "server_model": info, "settings": server_settings(info), "seconds": seconds,
+                 "concurrency": concurrency, "routes": routes}
     engine = None
     if model:
         echo(f"engine alone: ONNX Runtime on {model}, L={L}, timed before and after the steps it is compared with")
@@ -376,10 +574,12 @@ def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: lis
     results = []
     try:
         for route in routes:
-            bodies, path = route_requests(url, info, route, model, rng)
+            bodies, path = route_requests(url, info, route, keys, rng)
             for c in concurrency:
                 def step(c=c, bodies=bodies, path=path, route=route) -> LoadResult:
-                    return drive(url, path, route, bodies, c, seconds)
+                    r = drive(url, path, route, bodies, c, seconds)
+                    check_same_model(url, info)
+                    return r
 
                 batch = engine_batch(c) if engine else None
                 r = engine.around(batch, step) if batch else step()
@@ -401,11 +601,13 @@ def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: lis
     return res
 
 
-def _vocab_keys(model: str) -> list:
-    from cddrec.runtime.recommender import read_serving_info
-
-    vocab = read_serving_info(model).vocab
+def _vocab_keys(serving) -> list:
+    vocab = serving.vocab
     return [int(k) for k in vocab.keys] if vocab.key_type == "int" else list(vocab.keys)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 # --------------------------------------------------------------------- several servers, interleaved
@@ -416,17 +618,26 @@ def compare_servers(urls: list[str], concurrency: list[int], seconds: float, rou
     always goes first). On a shared host whose speed drifts within minutes, only such interleaved runs
     compare settings fairly; the summary is each server's median over the rounds and the median of its
     per-round ratio (throughput) and difference (p50, p99) against the first server's step next to it.
-    The servers must serve one model (name, items, K, L; versions may differ, each is listed); the keys of
-    the key route come from ``model``'s vocabulary or from the first server's answers."""
-    urls = [u.rstrip("/") for u in urls]
+    The servers must serve one model (name, items, K, L; versions may differ, each is listed), each the
+    same version from start to end (checked after every step); the keys of the key route come from
+    ``model``'s vocabulary (checked to be the servers' graph) or from the first server's answers. Rounds
+    and servers are numbered from 1 in the results, as in the table."""
+    urls = server_urls(urls)
+    if len(urls) < 2:
+        raise ValueError("a comparison needs several servers: give --serve URL1,URL2,...")
     infos = [server_model(u) for u in urls]
     same = {(i["name"], i.get("num_items"), i.get("K"), i.get("L")) for i in infos}
     if len(same) > 1:
         raise ValueError("the servers compared must serve the same model (name, items, K, L): got "
                          + "; ".join(f"{u}: {i['name']}, {i.get('num_items')} items, K={i.get('K')}, L={i.get('L')}"
                                      for u, i in zip(urls, infos)))
+    keys = _vocab_keys(graph_info(model, urls, infos)) if model else None
+    steps = rounds * len(routes) * len(concurrency) * len(urls)
+    echo(f"{steps} steps ({rounds} round(s) x {len(routes)} route(s) x {len(concurrency)} concurrency(ies) x "
+         f"{len(urls)} servers) of {seconds:g} s after a {min(WARMUP_SECONDS, seconds):g} s warm-up: about "
+         f"{duration(steps * (seconds + min(WARMUP_SECONDS, seconds)))}")
     rng = np.random.default_rng(0)
-    requests = {route: route_requests(urls[0], infos[0], route, model, rng) for route in routes}
+    requests = {route: route_requests(urls[0], infos[0], route, keys, rng) for route in routes}
     results: list[dict] = []
     for rnd in range(rounds):
         for route in routes:
@@ -435,7 +646,8 @@ def compare_servers(urls: list[str], concurrency: list[int], seconds: float, rou
                 for j in range(len(urls)):
                     s = (rnd + j) % len(urls)
                     r = drive(urls[s], path, route, bodies, c, seconds)
-                    results.append({"round": rnd, "server": s, **asdict(r)})
+                    check_same_model(urls[s], infos[s])
+                    results.append({"round": rnd + 1, "server": s + 1, **asdict(r)})
                     echo(f"  round {rnd + 1}/{rounds} {route} concurrency {c} server {s + 1}: "
                          f"{r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, "
                          f"errors {sum(r.errors.values())}")
@@ -446,15 +658,16 @@ def compare_servers(urls: list[str], concurrency: list[int], seconds: float, rou
 
 
 def compare_summary(results: list[dict], servers: int) -> list[dict]:
-    """Per route, concurrency and server: medians over the rounds, and against the first server per round."""
+    """Per route, concurrency and server (numbered from 1): medians over the rounds, and against server 1
+    per round."""
     out = []
     steps = sorted({(r["route"], r["concurrency"]) for r in results}, key=lambda k: (ROUTES.index(k[0]), k[1]))
     for route, c in steps:
         by = {(r["round"], r["server"]): r for r in results if r["route"] == route and r["concurrency"] == c}
         rounds = sorted({k[0] for k in by})
-        for s in range(servers):
+        for s in range(1, servers + 1):
             mine = [by[(n, s)] for n in rounds]
-            first = [by[(n, 0)] for n in rounds]
+            first = [by[(n, 1)] for n in rounds]
             ratio = [m["requests_per_s"] / f["requests_per_s"] for m, f in zip(mine, first) if f["requests_per_s"]]
             out.append({"route": route, "concurrency": c, "server": s,
                         "requests_per_s": [m["requests_per_s"] for m in mine],
@@ -475,15 +688,15 @@ def compare_table(res: dict) -> str:
              f"{res['rounds']} interleaved round(s) of {res['seconds']:g} s per step, one user per request:", ""]
     lines += [f"- server {i + 1}: {u} ({s})" for i, (u, s) in enumerate(zip(res["urls"], res["settings"]))]
     lines += ["", "| route | clients | server | requests/s per round | median requests/s | vs server 1 | "
-              "p50 ms per round | median p50 ms | p50 - server 1 ms | p99 - server 1 ms | errors |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "p50 ms per round | median p50 ms | p50 - server 1 ms | median p99 ms | p99 - server 1 ms | errors |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in res["summary"]:
-        first = d["server"] == 0
-        lines.append(f"| {d['route']} | {d['concurrency']} | {d['server'] + 1} | "
+        first = d["server"] == 1
+        lines.append(f"| {d['route']} | {d['concurrency']} | {d['server']} | "
                      f"{' / '.join(f'{x:,.0f}' for x in d['requests_per_s'])} | {d['median_requests_per_s']:,.0f} | "
                      f"{'-' if first else cell(d['throughput_vs_first'], '.2f')} | "
                      f"{' / '.join(cell(x, '.2f') for x in d['p50_ms'])} | {cell(d['median_p50_ms'], '.2f')} | "
-                     f"{'-' if first else cell(d['p50_minus_first_ms'], '+.2f')} | "
+                     f"{'-' if first else cell(d['p50_minus_first_ms'], '+.2f')} | {cell(d['median_p99_ms'], '.2f')} | "
                      f"{'-' if first else cell(d['p99_minus_first_ms'], '+.2f')} | {d['errors']} |")
     lines += ["", "vs server 1: the median over the rounds of each round's ratio (or difference) to server 1's "
               "step of the same round."]
@@ -495,6 +708,7 @@ def serve_table(res: dict) -> str:
     m = res["server_model"]
     lines = [f"Server {res['url']}, model {m['name']} version {m['version']} (K={m.get('K')}, L={m.get('L')}, "
              f"{m.get('num_items', 0):,} items); {res['seconds']:g} s per concurrency, one user per request.", "",
+             f"server settings: {res.get('settings') or server_settings(m)}", "",
              "| route | concurrency | requests/s | p50 ms | p90 ms | p99 ms | mean server batch | engine busy | "
              "engine ms/batch | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
@@ -577,17 +791,19 @@ def bench_serve(urls: str | list[str], concurrency: list[int], seconds: float, r
                 model: str | None, threads: int, out_dir: str | Path, name: str, echo: Callable[[str], None] = print,
                 rounds: int | None = None) -> tuple[str, list]:
     """Run, then record JSON + markdown (+ plot) under ``out_dir``; returns the table and the written paths.
-    One URL: the load steps (and ONNX Runtime alone with ``model``); several: ``compare_servers``, ``rounds``
-    of them (default: one per server), where ``model`` only gives the keys of the key route."""
+    One URL: the load steps (and ONNX Runtime alone with ``model``, checked to be the server's graph);
+    several (``URL1,URL2,...`` or a list; each once, none empty): ``compare_servers``, ``rounds`` of them
+    (default: one per server), JSON and markdown only, where ``model`` (the servers' graph, checked) only
+    gives the keys of the key route. Nothing is written when a run stops (an error, SIGINT, SIGTERM)."""
     import datetime
 
     from .record import command_line, git_commit, machine, record
 
-    urls = [urls] if isinstance(urls, str) else list(urls)
+    urls = server_urls(urls)
     bad = [r for r in routes if r not in ROUTES]
     if bad:
         raise ValueError(f"--serve-routes must be among {', '.join(ROUTES)}, got {bad}")
-    if rounds is not None and rounds > 1 and len(urls) < 2:
+    if rounds is not None and len(urls) < 2:
         raise ValueError("--rounds interleaves several servers: give --serve URL1,URL2,...")
     meta = {"command": command_line(), "commit": git_commit(), "machine": machine(),  # of the code that ran
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -362,3 +362,50 @@ def test_infer_instances_benchmark_runs_both_layouts(tmp_path, trained_tiny_onnx
     doc = json.loads((tmp_path / "ii.json").read_text())
     assert set(doc["layouts"]) == {"--instances 1 --threads 2", "--instances 2 --threads 1"}
     assert all(v["wall"][0] > 0 and v["served"][0] > 0 for v in doc["layouts"].values()) and doc["ratio_wall"] > 0
+
+
+def test_serve_load_refuses_what_is_no_server_url_and_a_server_given_twice():
+    """``cddrec-bench --serve``: http(s) URLs only (no scheme, another scheme, a bad port: refused at once, the URL
+    named), no empty item, no server twice (after the trailing slash, the default port and the host's case)."""
+    from cddrec.benchmarks.serve_load import server_url, server_urls
+
+    assert server_urls("http://a:1/,https://[::1]:8443") == ["http://a:1", "https://[::1]:8443"]
+    assert server_urls(["http://b:2/prefix/"]) == ["http://b:2/prefix"] and server_url(" http://c ") == "http://c"
+    for bad, words in (("localhost:8000", "localhost:8000: not an http(s)://HOST:PORT URL"),
+                       ("127.0.0.1:8000", "127.0.0.1:8000: not an http(s)://HOST:PORT URL"),
+                       ("ftp://a:21", "ftp://a:21: not an http(s)://HOST:PORT URL"),
+                       ("http://", "not an http(s)://HOST:PORT URL"),
+                       ("http://a:99999", "http://a:99999: not a server URL"),
+                       ("http://a:1/?x=1", "no ?query"),
+                       ("http://a:1,http://a:1/", "one server given twice (http://a:1 and http://a:1)"),
+                       ("http://A,http://a:80", "one server given twice"),
+                       ("https://a,https://a:443/", "one server given twice"),
+                       ("http://a:1,", "has an empty item"),
+                       (",http://a:1", "has an empty item"),
+                       ("", "has an empty item")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            server_urls(bad)
+    assert server_urls("http://a:1,http://a:2,http://b:1,http://a:1/p") == [
+        "http://a:1", "http://a:2", "http://b:1", "http://a:1/p"]  # other ports, hosts or paths: other servers
+
+
+def test_serve_load_tables_number_from_one_and_list_the_settings():
+    """The comparison numbers rounds and servers from 1 (JSON and markdown alike) and has a median p99 column;
+    the one-server table lists the server's engine layout and batching settings."""
+    from cddrec.benchmarks.serve_load import compare_summary, compare_table, serve_table, server_settings
+
+    info = {"name": "m", "version": "3", "K": 10, "L": 20, "num_items": 100, "instances": 2, "instance_kind": "KIND_CPU",
+            "threads_per_instance": 1, "max_wait_ms": 2.0, "idle_poll_ms": 1.0}
+    results = [{"round": n, "server": s, "route": "v2", "concurrency": 8, "requests_per_s": 100.0 * s + n,
+                "p50_ms": 1.0 * s, "p99_ms": 2.0 * s + n, "errors": {}} for n in (1, 2, 3) for s in (1, 2)]
+    summary = compare_summary(results, 2)
+    assert [d["server"] for d in summary] == [1, 2]
+    assert summary[1]["median_p99_ms"] == 6.0 and summary[1]["p99_minus_first_ms"] == 2.0
+    assert summary[1]["throughput_vs_first"] == pytest.approx(np.median([(200 + n) / (100 + n) for n in (1, 2, 3)]))
+    table = compare_table({"server_models": [info, info], "rounds": 3, "seconds": 1.0, "urls": ["http://a", "http://b"],
+                           "settings": [f"version 3, {server_settings(info)}"] * 2, "summary": summary})
+    assert "| median p99 ms | p99 - server 1 ms |" in table
+    assert "| v2 | 8 | 1 | 101 / 102 / 103 | 102 | - |" in table and "| 6.00 | +2.00 | 0 |" in table
+    assert "- server 2: http://b (version 3, 2 instance(s) x 1 thread(s), max-wait 2 ms, idle-poll 1 ms)" in table
+    one = serve_table({"url": "http://a", "server_model": info, "seconds": 1.0, "results": []})
+    assert "server settings: 2 instance(s) x 1 thread(s), max-wait 2 ms, idle-poll 1 ms" in one.splitlines()

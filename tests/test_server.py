@@ -275,30 +275,48 @@ def test_load_benchmark_reports_throughput_latency_batches_and_the_engine_alone(
     assert "| v2 | 8 |" in table and str(tmp_path / "load.md") in paths
 
 
+def two_names(server) -> list[str]:
+    """Two distinct URLs of the fixture's server (it listens on 127.0.0.1 only): localhost where it resolves to
+    127.0.0.1, else 127.1 (the same address in inet_aton's short form)."""
+    import socket
+
+    port = int(server.url.rsplit(":", 1)[1])
+    local = {a[4][0] for a in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)}
+    return [server.url, f"http://{'localhost' if '127.0.0.1' in local else '127.1'}:{port}"]
+
+
 def test_load_benchmark_compares_servers_in_interleaved_rounds(server, tmp_path, monkeypatch):
     """``--serve URL1,URL2 --rounds N``: every step on each server in turn, the first server rotating by
-    round; medians over the rounds and per-round ratios against server 1; servers of different models
-    are refused."""
+    round; medians over the rounds and per-round ratios against server 1, rounds and servers numbered from 1;
+    servers of different models are refused."""
     from cddrec.benchmarks import serve_load
     from cddrec.benchmarks.serve_load import bench_serve
 
     order = []
     real_drive = serve_load.drive
     monkeypatch.setattr(serve_load, "drive", lambda url, *a: order.append(url) or real_drive(url, *a))
-    urls = [server.url, server.url + "/"]  # the same server twice: two names for the comparison's bookkeeping
-    table, paths = bench_serve(urls, [1, 8], 0.3, ["v2"], None, 1, tmp_path, "cmp", echo=lambda m: None, rounds=2)
+    urls = two_names(server)  # the same server under two names: two entries for the comparison's bookkeeping
+    said = []
+    table, paths = bench_serve([urls[0], urls[1] + "/"], [1, 8], 0.3, ["v2"], None, 1, tmp_path, "cmp",
+                               echo=said.append, rounds=2)
     doc = json.loads((tmp_path / "cmp.json").read_text())
-    assert order == [server.url] * 8 and len(doc["results"]) == 8
-    assert [r["server"] for r in doc["results"]] == [0, 1, 0, 1, 1, 0, 1, 0]  # round 2 starts with server 2
+    assert doc["urls"] == urls and len(doc["results"]) == 8
+    assert order == [urls[i] for i in (0, 1, 0, 1, 1, 0, 1, 0)]
+    assert [r["server"] for r in doc["results"]] == [1, 2, 1, 2, 2, 1, 2, 1]  # round 2 starts with server 2
+    assert [r["round"] for r in doc["results"]] == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert said[0].startswith("8 steps (2 round(s) x 1 route(s) x 2 concurrency(ies) x 2 servers) of 0.3 s after "
+                              "a 0.3 s warm-up: about 5 s")
     assert all(r["requests"] > 0 and r["errors"] == {} for r in doc["results"])
     assert doc["settings"][0] == "version 1, 2 instance(s) x 1 thread(s), max-wait 2 ms, idle-poll 0.5 ms"
     rows = {(d["concurrency"], d["server"]): d for d in doc["summary"]}
-    assert set(rows) == {(c, s) for c in (1, 8) for s in (0, 1)}
+    assert set(rows) == {(c, s) for c in (1, 8) for s in (1, 2)}
     by = {(r["round"], r["concurrency"], r["server"]): r for r in doc["results"]}
-    want = np.median([by[(n, 8, 1)]["requests_per_s"] / by[(n, 8, 0)]["requests_per_s"] for n in (0, 1)])
-    assert rows[(8, 1)]["throughput_vs_first"] == pytest.approx(want)
-    assert "| v2 | 8 | 2 |" in table and f"- server 2: {server.url} (version 1, 2 instance(s)" in table
-    assert str(tmp_path / "cmp.md") in paths
+    want = np.median([by[(n, 8, 2)]["requests_per_s"] / by[(n, 8, 1)]["requests_per_s"] for n in (1, 2)])
+    assert rows[(8, 2)]["throughput_vs_first"] == pytest.approx(want)
+    assert rows[(8, 2)]["median_p99_ms"] == pytest.approx(np.median([by[(n, 8, 2)]["p99_ms"] for n in (1, 2)]))
+    assert "| v2 | 8 | 2 |" in table and f"- server 2: {urls[1]} (version 1, 2 instance(s)" in table
+    assert "| median p99 ms |" in table
+    assert str(tmp_path / "cmp.md") in paths and not list(tmp_path.glob("*.png"))  # no plot of a comparison
 
     real_model = serve_load.server_model
     other = {**real_model(server.url), "num_items": 7}
@@ -307,6 +325,133 @@ def test_load_benchmark_compares_servers_in_interleaved_rounds(server, tmp_path,
         bench_serve([server.url, "http://other:1"], [1], 0.3, ["v2"], None, 1, tmp_path, "cmp2", echo=lambda m: None)
     with pytest.raises(ValueError, match="several servers"):
         bench_serve(server.url, [1], 0.3, ["v2"], None, 1, tmp_path, "cmp3", echo=lambda m: None, rounds=2)
+    for twice in ([server.url, server.url], [server.url, server.url + "/"]):
+        with pytest.raises(ValueError, match="given twice"):
+            bench_serve(twice, [1], 0.3, ["v2"], None, 1, tmp_path, "cmp4", echo=lambda m: None)
+    assert not list(tmp_path.glob("cmp[234]*"))
+
+
+@pytest.mark.parametrize("sig,code,word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_load_benchmark_stops_at_once_on_a_signal(server, tmp_path, sig, code, word):
+    """SIGINT/SIGTERM during a load step: the clients stop at once (the event loop's signal handlers, not an
+    exception raised inside a transport callback, which the loop would swallow as one more client error),
+    one line, exit 130/143, no result written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    batches = server.metric("cddrec_batch_size_count")
+    proc = subprocess.Popen([sys.executable, "-m", "cddrec.app.bench", "--serve", server.url, "--concurrency", "8",
+                             "--seconds", "5", "-o", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        server.wait_for(lambda: server.metric("cddrec_batch_size_count") > batches + 50)  # the load is on
+        time.sleep(1.2)  # past the warm-up, into the measured window
+        t0 = time.perf_counter()
+        proc.send_signal(getattr(signal, sig))
+        out, _ = proc.communicate(timeout=30)
+        took = time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == code, out
+    assert out.strip().splitlines() == [word], out  # no traceback, no "never retrieved", no table
+    assert took < 3, took  # not the rest of the 5 s step, nor the key route after it
+    assert not list((tmp_path / "out").glob("*.json")) and not list((tmp_path / "out").glob("*.md"))
+
+
+def test_load_benchmark_errors_name_the_server(server, tmp_path, monkeypatch):
+    """An unreachable server, a URL that is no http(s) URL, a web server that is not cddrec-serve, one that
+    never answers, a server given twice, an empty item and --rounds with one server: each one line that names
+    the URL (usage errors exit 2, a server that cannot be benchmarked 1), before any load."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    from click.testing import CliRunner
+
+    from cddrec.app.bench import main
+    from cddrec.benchmarks import serve_load
+
+    monkeypatch.setattr(serve_load, "META_TIMEOUT", 0.5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once this socket is closed
+    web = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501 to everything
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections are taken by the kernel, never answered
+    port = server.url.rsplit(":", 1)[1]
+    web_url, silent_url = f"http://127.0.0.1:{web.server_address[1]}", f"http://127.0.0.1:{silent.getsockname()[1]}"
+    cases = [([closed], 1, f"{closed}: cannot connect (Connection refused); is cddrec-serve running there?"),
+             ([web_url + "/"], 1, f"{web_url}: not a cddrec-serve (POST /v2/repository/index answered 501)"),
+             ([silent_url], 1, f"{silent_url}: no answer to POST /v2/repository/index within 0.5 s"),
+             ([f"localhost:{port}"], 2, f"localhost:{port}: not an http(s)://HOST:PORT URL"),
+             ([f"ftp://127.0.0.1:{port}"], 2, f"ftp://127.0.0.1:{port}: not an http(s)://HOST:PORT URL"),
+             ([f"{server.url},{server.url}/"], 2, f"one server given twice ({server.url} and {server.url})"),
+             ([f"{server.url},"], 2, "has an empty item"),
+             ([server.url, "--rounds", "2"], 2, "one URL has no rounds"),
+             ([f"{server.url},{two_names(server)[1]}", "--rounds", "0"], 2, "--rounds"),
+             (["--rounds", "2"], 2, "--rounds compares servers")]
+    try:
+        for args, code, words in cases:
+            t0 = time.perf_counter()
+            r = CliRunner().invoke(main, ([] if args[0].startswith("--") else ["--serve"]) + args
+                                   + ["--seconds", "0.3", "--concurrency", "1", "-o", str(tmp_path / "o")])
+            errors = [x for x in r.output.splitlines() if x.startswith("Error:")]  # a usage error adds its usage
+            assert r.exit_code == code and len(errors) == 1 and words in errors[0], (args, r.output)
+            assert "Traceback" not in r.output and r.output.strip().splitlines()[-1] == errors[0], r.output
+            assert time.perf_counter() - t0 < 5, args
+    finally:
+        web.shutdown()
+        web.server_close()
+        silent.close()
+    assert not list((tmp_path / "o").glob("*.json"))
+
+
+def test_load_benchmark_refuses_another_graph_and_a_reloaded_server(server, trained_tiny, tmp_path, monkeypatch):
+    """--model must be the servers' graph (a key route with another graph's keys would time the popularity
+    fallback), in both modes; a server whose model version changes during the run (a reload) stops it: its
+    figures would mix two models."""
+    from cddrec.benchmarks import serve_load
+    from cddrec.benchmarks.serve_load import bench_serve
+    from cddrec.export.onnx_export import ExportOptions, export_model
+
+    other = tmp_path / "k5.onnx"  # the server's model, exported with another K: another graph
+    export_model(trained_tiny, other, ExportOptions(k=5))
+    order = []
+    real_drive = serve_load.drive
+    monkeypatch.setattr(serve_load, "drive", lambda url, *a: order.append(url) or real_drive(url, *a))
+    for urls in ([server.url], two_names(server)):
+        with pytest.raises(ValueError, match=rf"--model {other} is not the graph {server.url} serves: the graph has "
+                                             r"K=5, the server K=10"):
+            bench_serve(urls, [1], 0.3, ["keys"], str(other), 1, tmp_path, "g", echo=lambda m: None)
+    assert order == []  # refused before any load
+
+    real_model = serve_load.server_model
+    asked: dict[str, int] = {}
+
+    def reloaded(url: str) -> dict:  # the second server reloads (version 2, another K) during its first step
+        asked[url] = asked.get(url, 0) + 1
+        info = real_model(url)
+        return {**info, "version": "2", "K": 5} if url != server.url and asked[url] > 1 else info
+
+    monkeypatch.setattr(serve_load, "server_model", reloaded)
+    name = two_names(server)[1]
+    with pytest.raises(ValueError, match=rf"{name}: the server now serves cddrec version 2 \(K=5, L=8, \d+ items\), "
+                                         r"not cddrec version 1 \(K=10"):
+        bench_serve(two_names(server), [1, 8], 0.3, ["v2"], None, 1, tmp_path, "r", echo=lambda m: None)
+    assert order == [server.url, name]  # stopped after the step where it changed
+    asked.clear()
+    order.clear()
+    with pytest.raises(ValueError, match=rf"{name}: the server now serves cddrec version 2"):
+        bench_serve(name, [1, 8], 0.3, ["v2"], None, 1, tmp_path, "r", echo=lambda m: None)
+    assert order == [name]
+    assert not list(tmp_path.glob("[gr].*"))
 
 
 def test_command_errors_are_one_line(server, tmp_path):

@@ -63,14 +63,8 @@ def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue
     if rounds is not None and not serve_url:
         raise click.UsageError("--rounds compares servers: give --serve URL1,URL2,...")
     if serve_url:
-        from cddrec.benchmarks.serve_load import bench_serve
-
-        table, paths = bench_serve([u.strip() for u in serve_url.split(",") if u.strip()], int_list(concurrency),
-                                   seconds, [r.strip() for r in serve_routes.split(",") if r.strip()],
-                                   None if model == "random" else model, threads, out_dir, name, echo=echo_err,
-                                   rounds=rounds)
-        click.echo(table)
-        click.echo(f"\nwrote {', '.join(paths)}")
+        bench_servers(serve_url, concurrency, seconds, serve_routes, None if model == "random" else model, threads,
+                      out_dir, name, rounds)
         return
     from cddrec.benchmarks.latency import (
         GRAPH_VARIANTS,
@@ -106,6 +100,29 @@ def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue
     jpath, mpath = record(name, res, table, out, title="cddrec-bench")
     click.echo(table)
     click.echo(f"\nwrote {jpath}, {mpath}" + (f", {', '.join(res['plots'])}" if res["plots"] else ""))
+
+
+def bench_servers(serve_url, concurrency, seconds, serve_routes, model, threads, out_dir, name, rounds) -> None:
+    """``--serve``: the URLs checked first (a usage error, exit 2: an empty item, a server given twice, no
+    http(s) URL, --rounds with one server); SIGINT and SIGTERM stop the run at once, one line, exit 130/143."""
+    from cddrec.benchmarks.serve_load import bench_serve, server_urls
+
+    try:
+        urls = server_urls(serve_url)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--serve") from None
+    if rounds is not None and len(urls) < 2:
+        raise click.UsageError("--rounds compares servers: give --serve URL1,URL2,... (one URL has no rounds)")
+    try:
+        table, paths = bench_serve(urls, int_list(concurrency), seconds,
+                                   [r.strip() for r in serve_routes.split(",") if r.strip()], model, threads, out_dir,
+                                   name, echo=echo_err, rounds=rounds)
+    except SystemExit as e:
+        if e.code == 143:  # SIGTERM (cddrec.io's handler): said in one line, as an interrupt is
+            echo_err("terminated")
+        raise
+    click.echo(table)
+    click.echo(f"\nwrote {', '.join(paths)}")
 
 
 def catalogue_table(rows: list[dict]) -> str:
