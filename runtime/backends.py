@@ -74,10 +74,11 @@ class BackendBase:
     concurrent_runs: ClassVar[bool] = False  # one loaded backend may run batches from several threads at once
 
     @classmethod
-    def serving_instances(cls, threads: int, instances: int) -> tuple[int, int]:
+    def serving_instances(cls, threads: int, instances: int, cores: int | None = None) -> tuple[int, int]:
         """(engine instances, threads each) of a server asked for ``--threads`` and ``--instances``
-        (0: the backend's choice). Here one instance: its runs cannot overlap (a captured CUDA graph
-        replays into fixed buffers) or have not been measured side by side."""
+        (0: the backend's choice), on ``cores`` (default: the cores this process may use). Here one
+        instance: its runs cannot overlap (a captured CUDA graph replays into fixed buffers) or have
+        not been measured side by side."""
         if instances > 1 and not cls.concurrent_runs:
             raise ValueError(f"{cls.name} runs one batch at a time: use --instances 1, not {instances}")
         return 1, threads
@@ -376,13 +377,13 @@ class OrtCpu(OrtBackend):
     concurrent_runs = True  # InferenceSession.run is thread-safe (not so a bucketed one: see OrtBackend)
 
     @classmethod
-    def serving_instances(cls, threads: int, instances: int) -> tuple[int, int]:
+    def serving_instances(cls, threads: int, instances: int, cores: int | None = None) -> tuple[int, int]:
         """By default one single-thread instance per core: this graph's ~900 small ops gain little from
         intra-op threads, and on 2 cores two one-thread runs side by side on one session did 1.25-1.83x
         the users/s of one two-thread run (batch 16-256; 1.07-1.16x when the host ran fast;
         benchmarks/results/serve_instances_cpu.md), and cddrec-infer 1.2x end to end.
         Given one of the two, the other divides the cores."""
-        cores = available_cores()
+        cores = cores or available_cores()
         if instances == 0:
             instances = max(1, cores // threads) if threads else cores
         return instances, threads or max(1, cores // instances)

@@ -110,11 +110,14 @@ def _install(graph, folder, version: int, data: bytes | None = None) -> None:
     os.replace(tmp, d / "model.onnx")
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_reload_under_load_drops_nothing_and_a_broken_version_leaves_the_old_one(trained_tiny_onnx, keys,
-                                                                                  tmp_path):
+                                                                                  tmp_path, processes):
+    """With several worker processes, a load through one worker's route reaches the others (the
+    supervisor passes it on as SIGHUP), and SIGHUP to the supervisor reaches every worker."""
     folder = tmp_path / "recs"
     _install(trained_tiny_onnx, folder, 1)
-    server = ServerProcess(["--model", folder, "--threads", "1"])
+    server = ServerProcess(["--model", folder, "--threads", "1", "--workers", processes])
     stop = threading.Event()
     seen: list[tuple[int, str]] = []
 
@@ -159,8 +162,8 @@ def test_reload_under_load_drops_nothing_and_a_broken_version_leaves_the_old_one
     assert not bad, bad[:5]
     versions = [v for _, v in seen if v != "keys"]
     assert versions[0] == "1" and versions[-1] == "4" and "2" in versions and len(seen) > 50
-    assert server.metric('cddrec_model_reloads_total{result="ok"}') == 2
-    assert server.metric('cddrec_model_reloads_total{result="failed"}') == 1
+    assert server.metric('cddrec_model_reloads_total{result="ok"}') == 2 * processes  # each loaded 2 and 4
+    assert server.metric('cddrec_model_reloads_total{result="failed"}') == 1  # the worker asked for 3 only
     assert server.metric("cddrec_model_version") == 4
     assert server.stop() == 0
 

@@ -19,6 +19,9 @@ from .options import CONTEXT, POSITIVE, Finite, echo_err, friendly_errors, optio
 @option("--backend", type=click.Choice(sorted(available_backends())), default="ort-cpu", show_default=True,
         help="engine that runs the graph")
 @threads_option(help_="CPU threads of each engine instance (0: the cores divided among the instances)")
+@option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+        help="server processes sharing the port, each with its own model, batcher and engine instances on its "
+             "share of the cores (like uvicorn's workers); not with --ray (use --replicas)")
 @option("--instances", type=click.IntRange(0, 256), default=0,
         help="engine workers running batches side by side on one loaded model, like Triton's instance count "
              "[default: 0, the backend's choice: ort-cpu one single-thread instance per core (or the cores "
@@ -46,7 +49,7 @@ from .options import CONTEXT, POSITIVE, Finite, echo_err, friendly_errors, optio
         help="GPUs per Ray Serve replica [default: 1 for the CUDA backends, else 0]")
 @option("--verbose", is_flag=True, help="show Ray's own logging (with --ray)")
 @friendly_errors
-def main(model_path, model_name, host, port, backend, threads, instances, max_batch, max_wait_ms, idle_poll_ms,
+def main(model_path, model_name, host, port, backend, workers, threads, instances, max_batch, max_wait_ms, idle_poll_ms,
          max_queue, timeout_ms, max_body_bytes, access_log, tf32, ray_address, replicas, replica_gpus, verbose):
     """Serve an exported graph online: KServe v2 (what Triton speaks over HTTP), POST /v1/recommend, /metrics."""
     from cddrec.runtime.server.app import ServerConfig
@@ -56,11 +59,13 @@ def main(model_path, model_name, host, port, backend, threads, instances, max_ba
                                  "no '/')", param_hint="--model-name")
     if tf32 and tf32_problem(backend):
         raise click.BadParameter("--" + tf32_problem(backend), param_hint="--tf32")
+    if ray_address is not None and workers > 1:
+        raise click.UsageError("--workers is for one machine; on Ray Serve scale with --replicas")
     if ray_address is None and (replicas != 1 or replica_gpus is not None):
         raise click.UsageError("--replicas and --replica-gpus deploy on Ray Serve: add --ray local|auto|ADDRESS")
     config = ServerConfig(model_path, model_name, backend, threads, engine_options(backend, tf32), max_batch,
                           max_wait_ms, max_queue, timeout_ms, max_body_bytes, access_log, instances=instances,
-                          idle_poll_ms=idle_poll_ms)
+                          idle_poll_ms=idle_poll_ms, workers=workers)
     try:
         _ = config.layout  # a backend that cannot run side by side refuses --instances > 1 here
     except ValueError as e:

@@ -35,6 +35,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import orjson
 from starlette.applications import Starlette
@@ -44,7 +45,7 @@ from starlette.routing import Route
 
 from cddrec.errors import ModelFileError
 
-from ..backends import backend_class
+from ..backends import available_cores, backend_class
 from .batcher import Batcher, BatchPolicy
 from .http import Call, Endpoint, Reply, error_reply, json_reply
 from .keys import KeyRunner, parse_recommend
@@ -76,11 +77,14 @@ class ServerConfig:
     reload_on_sighup: bool = True
     instances: int = 0  # engine workers side by side on one model (0: the backend's choice)
     idle_poll_ms: float = 1.0  # after a lone request ran inline, the loop polls this long for the next
+    workers: int = 1  # server processes sharing the port (standalone.serve_workers), each with this config
 
     @property
     def layout(self) -> tuple[int, int]:
-        """(engine instances, threads each), from ``--instances`` and ``--threads`` by the backend's rule."""
-        return backend_class(self.backend).serving_instances(self.threads, self.instances)
+        """(engine instances, threads each) of one worker process, from ``--instances`` and ``--threads`` by
+        the backend's rule, on its share of the cores."""
+        return backend_class(self.backend).serving_instances(self.threads, self.instances,
+                                                             max(1, available_cores() // self.workers))
 
     def check_loaded(self, backend) -> None:
         """A loaded backend whose runs cannot overlap (e.g. ort-cpu opened with ``buckets=``: one bound
@@ -114,6 +118,7 @@ class Server:
         self.batcher: Batcher | None = None
         self.ready = False
         self._tasks: set[asyncio.Task] = set()
+        self.after_load: Callable[[], None] | None = None  # called after POST .../load succeeded
 
     # ----------------------------------------------------------------- lifecycle
     @contextlib.asynccontextmanager
@@ -131,10 +136,14 @@ class Server:
         self.metrics.instances.set(policy.instances)
         self._set_version(self.models.current)
         self._install_sighup()
+        refresher = (asyncio.get_running_loop().create_task(self._refresh_metrics())
+                     if self.metrics.multiprocess else None)  # several workers: gauges written for any scrape
         self.ready = True
         try:
             yield
         finally:
+            if refresher is not None:
+                refresher.cancel()
             self.ready = False
             await self.batcher.close()  # uvicorn has drained the connections: run what is queued, stop
             self.models.close()
@@ -152,6 +161,11 @@ class Server:
 
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
+
+    async def _refresh_metrics(self, period: float = 0.25) -> None:
+        while True:
+            self.metrics.refresh()
+            await asyncio.sleep(period)
 
     async def _reload_logged(self) -> None:
         """A SIGHUP reload: its outcome is logged (``reload`` logs a failed load), never raised into the loop."""
@@ -230,7 +244,8 @@ class Server:
     async def model_config(self, call: Call) -> Reply:
         m = self.model(call)
         return json_reply(model_config(m.name, m.contract, self.config.max_batch, self.models.platform,
-                                       self.batcher.policy.instances, m.rec.backend.device, self.config.layout[1],
+                                       self.batcher.policy.instances * self.config.workers, m.rec.backend.device,
+                                       self.config.layout[1],
                                        self.batcher.policy))
 
     async def repository_index(self, call: Call) -> Reply:
@@ -241,6 +256,8 @@ class Server:
     async def repository_load(self, call: Call) -> Reply:
         self.model(call)
         new = await self.reload()
+        if self.after_load is not None:  # a worker process: the supervisor has the others load it too
+            self.after_load()
         return json_reply({"name": new.name, "version": str(new.version)})
 
     async def repository_unload(self, call: Call) -> Reply:

@@ -119,7 +119,7 @@ class Batcher:
         self._sweeper: asyncio.Task | None = None
         self._engine = ThreadPoolExecutor(policy.instances, thread_name_prefix="engine")
         if metrics is not None:
-            metrics.queue.set_function(lambda: self.queued)  # read when /metrics is scraped
+            metrics.track(metrics.queue, lambda: self.queued)  # read when /metrics is scraped
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

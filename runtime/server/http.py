@@ -115,7 +115,7 @@ class Endpoint:
     def __init__(self, handler, route: str, methods: tuple[str, ...], metrics):
         self.handler, self.route, self.methods, self.metrics = handler, route, methods, metrics
         self.active = 0  # requests in flight: read when /metrics is scraped, not a gauge update per request
-        metrics.in_flight.labels(route).set_function(lambda: self.active)
+        metrics.track(metrics.in_flight.labels(route), lambda: self.active)
 
     async def __call__(self, scope, receive, send, path_params: dict | None = None) -> None:
         t0 = time.perf_counter()

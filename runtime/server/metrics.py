@@ -7,12 +7,23 @@
 - ``cddrec_requests_in_flight{route}``: requests accepted and not yet answered;
 - ``cddrec_queue_users``: users waiting for the engine; ``cddrec_rejected_total``: 503s of a full queue;
 - ``cddrec_model_version{model}``: the version served; ``cddrec_model_reloads_total{result}``.
+
+With several worker processes (``cddrec-serve --workers N``) every worker writes its metrics to
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode) and a scrape, whichever worker
+answers it, reads them all: counters and histograms summed; queue depth, requests in flight and
+engine instances summed over the live workers (each worker refreshes its own few times a second);
+the model version the lowest any live worker serves.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2,
                    0.5, 1.0, 2.0, 5.0, 10.0)
@@ -21,6 +32,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 class ServerMetrics:
     def __init__(self):
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
+        self._tracked: list[tuple[Callable[[float], None], Callable[[], float]]] = []
         disable_created_metrics()  # no *_created series: a scrape stays readable (process-wide setting)
         self.registry = r = CollectorRegistry()
         self.requests = Counter("cddrec_requests", "Answered requests by route and HTTP status", ["route", "status"],
@@ -31,13 +44,15 @@ class ServerMetrics:
         self.batch_seconds = Histogram("cddrec_batch_duration_seconds", "Engine time per batch",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.engine_failures = Counter("cddrec_engine_failures", "Batches the engine failed on", registry=r)
-        self.queue = Gauge("cddrec_queue_users", "Users waiting for the engine", registry=r)
-        self.in_flight = Gauge("cddrec_requests_in_flight", "Requests being answered", ["route"], registry=r)
+        self.queue = Gauge("cddrec_queue_users", "Users waiting for the engine", registry=r, multiprocess_mode="livesum")
+        self.in_flight = Gauge("cddrec_requests_in_flight", "Requests being answered", ["route"], registry=r,
+                               multiprocess_mode="livesum")
         self.rejected = Counter("cddrec_rejected", "Requests refused because the queue was full (503)", registry=r)
-        self.version = Gauge("cddrec_model_version", "Model version served", ["model"], registry=r)
+        self.version = Gauge("cddrec_model_version", "Model version served", ["model"], registry=r,
+                             multiprocess_mode="livemin")
         self.reloads = Counter("cddrec_model_reloads", "Model reloads by result", ["result"], registry=r)
         self.instances = Gauge("cddrec_engine_instances", "Engine workers that run batches side by side",
-                               registry=r)
+                               registry=r, multiprocess_mode="livesum")
         self._children: dict = {}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
@@ -54,5 +69,23 @@ class ServerMetrics:
         if failed:
             self.engine_failures.inc()
 
+    def track(self, gauge, fn: Callable[[], float]) -> None:
+        """``gauge`` (a labelled child or a plain gauge) shows ``fn()``: read at each scrape in one process;
+        with several workers, written by ``refresh`` (a scrape reads the files, not this process)."""
+        if self.multiprocess:
+            self._tracked.append((gauge.set, fn))
+        else:
+            gauge.set_function(fn)
+
+    def refresh(self) -> None:
+        for set_value, fn in self._tracked:
+            set_value(fn())
+
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self.multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,10 +1,21 @@
-"""One process: the app on uvicorn (uvloop, httptools), ready when it says so, drained on SIGTERM.
+"""The app on uvicorn (uvloop, httptools), ready when it says so, drained on SIGTERM; in one process or
+in several worker processes sharing the port.
 
 The port is bound first (a port in use is a one-line error), then the model is opened and warmed
 up, and only then are connections accepted (a load balancer never sees a server that cannot
 answer). SIGTERM or SIGINT stops accepting connections, lets the requests in flight finish
 (uvicorn's graceful shutdown, then the batcher runs what is queued) and returns normally, so the
 command exits 0. Responses leave in one system call each (``CoalescingTransport``).
+
+With ``workers`` > 1 (``serve_workers``) this process claims the port, then supervises that many
+worker processes, each with its own model, batcher and event loop and its own listening socket on
+the port (``SO_REUSEPORT``: the kernel spreads the connections evenly over the workers; on one
+shared socket, measured here, one worker took 62 of 64 keep-alive connections): the HTTP work and
+the engines no longer share one interpreter lock. It is ready when every worker is; it forwards
+SIGTERM/SIGINT (each worker drains) and SIGHUP (each worker loads the newest version); a load
+through one worker's ``POST /v2/repository/models/NAME/load`` is passed on to the others. Metrics
+are shared through prometheus_client's multiprocess files (``metrics.py``). A worker that dies
+stops the server (exit 1, the others drained).
 """
 
 from __future__ import annotations
@@ -12,9 +23,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from typing import Callable
 
@@ -91,14 +105,14 @@ def _uvicorn_server_class():
         re-raises the signal after its graceful shutdown, which would end the process with 143)."""
 
         on_ready: Callable[[str], None] | None = None
+        signals: tuple = (signal.SIGINT, signal.SIGTERM)  # a worker process leaves SIGINT to its supervisor
 
         @contextlib.contextmanager
         def capture_signals(self):
             if threading.current_thread() is not threading.main_thread():
                 yield
                 return
-            sigs = (signal.SIGINT, signal.SIGTERM)
-            original = {s: signal.signal(s, self.handle_exit) for s in sigs}
+            original = {s: signal.signal(s, self.handle_exit) for s in self.signals}
             try:
                 yield
             finally:
@@ -136,35 +150,53 @@ def _port_taken(host: str, port: int, e: OSError) -> ConfigError:
     return ConfigError(f"{host}:{port}: {e.strerror or e} (choose another --port)")
 
 
-def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          echo: Callable[[str], None] = print) -> None:
-    """Bind ``host:port`` (0: any free port), load the model, say where, serve until SIGTERM/SIGINT."""
+def _model_line(config: ServerConfig, m) -> str:
+    instances, threads = config.layout
+    workers = f"{config.workers} worker processes x " if config.workers > 1 else ""
+    return (f"cddrec-serve: {m.name} version {m.version} ({m.path}) on {config.backend}: K={m.contract.k}, "
+            f"L={m.contract.max_len}, {m.contract.num_items:,} items; {workers}{instances} engine instance(s) x "
+            f"{threads or 'default'} thread(s)")
+
+
+def _ready_line(config: ServerConfig, name: str, url: str) -> str:
+    return (f"cddrec-serve: ready at {url} (model {name!r}: POST {url}/v2/models/{name}/infer, "
+            f"POST {url}/v1/recommend, GET {url}/metrics; max-batch {config.max_batch}, "
+            f"max-wait {config.max_wait_ms:g} ms, max-queue {config.max_queue})")
+
+
+def _uvicorn_server(config: ServerConfig, app):
     import uvicorn
 
-    models = config.repository()  # a missing model or a bad layout fails first
-    sock = bind(host, port)  # then a port in use, before the model loads
-    configure_logging(config.access_log)
-    m = models.open()
-    config.check_loaded(m.rec.backend)
-    instances, threads = config.layout
-    echo(f"cddrec-serve: {m.name} version {m.version} ({m.path}) on {config.backend}: K={m.contract.k}, "
-         f"L={m.contract.max_len}, {m.contract.num_items:,} items; {instances} engine instance(s) x "
-         f"{threads or 'default'} thread(s)")
     try:
         import uvloop  # noqa: F401
 
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
-    uv = uvicorn.Config(create_app(config, models), host=host, port=port, loop=loop, http=_http_protocol_class(),
-                        lifespan="on", access_log=False, log_level="warning", backlog=2048, timeout_keep_alive=30)
-    server = _uvicorn_server_class()(uv)
-    server.on_ready = lambda url: echo(
-        f"cddrec-serve: ready at {url} (model {m.name!r}: POST {url}/v2/models/{m.name}/infer, "
-        f"POST {url}/v1/recommend, GET {url}/metrics; max-batch {config.max_batch}, "
-        f"max-wait {config.max_wait_ms:g} ms, max-queue {config.max_queue})")
+    uv = uvicorn.Config(app, loop=loop, http=_http_protocol_class(), lifespan="on", access_log=False,
+                        log_level="warning", backlog=BACKLOG, timeout_keep_alive=30)
+    return _uvicorn_server_class()(uv)
+
+
+BACKLOG = 2048
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
+          echo: Callable[[str], None] = print) -> None:
+    """Bind ``host:port`` (0: any free port), load the model, say where, serve until SIGTERM/SIGINT
+    (with ``config.workers`` > 1: ``serve_workers``)."""
+    if config.workers > 1:
+        return serve_workers(config, host, port, echo)
+    models = config.repository()  # a missing model or a bad layout fails first
+    sock = bind(host, port)  # then a port in use, before the model loads
+    configure_logging(config.access_log)
+    m = models.open()
+    config.check_loaded(m.rec.backend)
+    echo(_model_line(config, m))
+    server = _uvicorn_server(config, create_app(config, models))
+    server.on_ready = lambda url: echo(_ready_line(config, m.name, url))
     try:  # claim the port now: two servers may both bind it (SO_REUSEADDR) while neither listens
-        sock.listen(uv.backlog)
+        sock.listen(BACKLOG)
     except OSError as e:
         sock.close()
         models.close()
@@ -172,4 +204,148 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     gc.collect()
     gc.freeze()  # the model and the libraries stay out of every later collection
     server.run(sockets=[sock])
+    echo("cddrec-serve: stopped (requests in flight were answered)")
+
+
+def _worker(config: ServerConfig, sock: socket.socket, conn) -> None:
+    """One worker process of ``serve_workers``: its model, app and event loop on its socket (listening once
+    the model is loaded); tells the supervisor ("ready", model line, name, url), ("failed", why) or
+    ("load",) after a load through its route."""
+    from cddrec.errors import first_line
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the supervisor, which stops the workers
+    configure_logging(config.access_log)
+    models = config.repository()
+    try:
+        m = models.open()
+        config.check_loaded(m.rec.backend)
+    except Exception as e:  # noqa: BLE001 - reported by the supervisor as one line
+        conn.send(("failed", first_line(e)))
+        sys.exit(1)
+    app = create_app(config, models)
+    app.server.after_load = lambda: conn.send(("load",))
+    server = _uvicorn_server(config, app)
+    server.signals = (signal.SIGTERM,)
+    server.on_ready = lambda url: conn.send(("ready", _model_line(config, m), m.name, url))
+    sock.listen(BACKLOG)
+    gc.collect()
+    gc.freeze()
+    server.run(sockets=[sock])
+
+
+def _worker_sockets(host: str, port: int, n: int) -> list[socket.socket]:
+    """``n`` sockets bound to ``host:port`` with ``SO_REUSEPORT``, not listening yet (each worker listens once
+    its model is loaded). The port is claimed first by a plain bind and listen (a port in use, even by
+    another server's reuse-port group, is a one-line error), then released and rebound at once."""
+    claim = bind(host, port)
+    try:
+        claim.listen(1)
+    except OSError as e:
+        claim.close()
+        raise _port_taken(host, port, e) from None
+    family, address = claim.family, claim.getsockname()
+    claim.close()
+    if not hasattr(socket, "SO_REUSEPORT"):  # one shared socket, as uvicorn's workers use
+        return [bind(host, address[1])] * n
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(address)
+            s.set_inheritable(True)
+    except OSError as e:
+        for s in socks:
+            s.close()
+        raise _port_taken(host, port, e) from None
+    return socks
+
+
+def _ended(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def serve_workers(config: ServerConfig, host: str, port: int, echo: Callable[[str], None] = print) -> None:
+    """``config.workers`` worker processes on one listening socket, supervised here (see the module's doc)."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    from .metrics import MULTIPROCESS_ENV
+
+    config.repository()  # a missing model or a bad layout fails first
+    socks = _worker_sockets(host, port, config.workers)
+    configure_logging(config.access_log)
+    metrics_dir = tempfile.mkdtemp(prefix="cddrec-serve-metrics-")
+    saved_env = os.environ.get(MULTIPROCESS_ENV)
+    os.environ[MULTIPROCESS_ENV] = metrics_dir  # the workers are spawned with it
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: nothing loaded here is shared
+    conns, procs = [], []
+    events = {"stop": False, "hup": False}
+
+    def on_signal(signum, frame):
+        events["hup" if signum == getattr(signal, "SIGHUP", None) else "stop"] = True
+
+    sigs = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {s: signal.signal(s, on_signal) for s in sigs}
+    failed = None
+    try:
+        for _ in range(config.workers):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(config, socks[len(procs)], child), daemon=False)
+            p.start()
+            child.close()
+            conns.append(parent)
+            procs.append(p)
+        ready = 0
+        while not events["stop"] and failed is None:
+            for ready_obj in wait(conns + [p.sentinel for p in procs], timeout=0.5):
+                if ready_obj in conns:
+                    i = conns.index(ready_obj)
+                    try:
+                        msg = ready_obj.recv()
+                    except EOFError:
+                        continue  # its process ended: its sentinel says so
+                    if msg[0] == "ready":
+                        ready += 1
+                        if ready == len(procs):
+                            echo(msg[1])
+                            echo(_ready_line(config, msg[2], msg[3]))
+                    elif msg[0] == "failed":
+                        failed = f"worker {i + 1}: {msg[1]}"
+                    elif msg[0] == "load":  # one worker loaded a version through its route: the others too
+                        for j, q in enumerate(procs):
+                            if j != i and q.is_alive():
+                                os.kill(q.pid, signal.SIGHUP)
+                else:
+                    i = [p.sentinel for p in procs].index(ready_obj)
+                    procs[i].join(5)
+                    if failed is None and not events["stop"]:
+                        failed = f"worker {i + 1} (pid {procs[i].pid}) {_ended(procs[i].exitcode)}"
+            if events["hup"] and ready == len(procs):  # before that, a worker would die of it
+                events["hup"] = False
+                for q in procs:
+                    if q.is_alive():
+                        os.kill(q.pid, signal.SIGHUP)
+    finally:
+        for q in procs:
+            if q.is_alive():
+                os.kill(q.pid, signal.SIGTERM)  # each drains: stops accepting, answers what it has
+        for q in procs:
+            q.join()
+        for s in socks:
+            s.close()
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if saved_env is None:
+            os.environ.pop(MULTIPROCESS_ENV, None)
+        else:
+            os.environ[MULTIPROCESS_ENV] = saved_env
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    if failed is not None:
+        raise ConfigError(f"{failed}; the server stopped (see the messages above)")
     echo("cddrec-serve: stopped (requests in flight were answered)")

@@ -1,0 +1,83 @@
+"""cddrec-serve --workers N: several server processes on one port (real subprocesses, torch blocked in the
+supervisor and never loaded by a worker): answers equal the Recommender's, metrics add up over the workers,
+SIGTERM drains all and exits 0, a worker that dies stops the server with one line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from serve_helpers import ServerProcess
+
+from cddrec.runtime.recommender import Recommender
+
+aiohttp = pytest.importorskip("aiohttp")
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The worker processes of a supervisor (its spawned children, not multiprocessing's resource tracker)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
+
+
+def _burst(url: str, bodies: list) -> list[tuple[int, dict]]:
+    async def one(session, body):
+        async with session.post(url + "/v1/recommend", json=body) as r:
+            return r.status, await r.json()
+
+    async def main():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=len(bodies), force_close=True),
+                                         timeout=aiohttp.ClientTimeout(total=120)) as session:
+            return await asyncio.gather(*(one(session, b) for b in bodies))
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def rec(trained_tiny_onnx):
+    return Recommender.load(trained_tiny_onnx, threads=1)
+
+
+def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny_onnx, rec):
+    server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--threads", "1", "--idle-poll-ms", "0"])
+    try:
+        assert "2 worker processes x 1 engine instance(s) x 1 thread(s)" in server.output()
+        workers = _workers_of(server.proc.pid)
+        assert len(workers) == 2
+        for pid in workers:  # serving never loads torch, in a worker either
+            assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
+        keys = [int(k) for k in rec.info.vocab.keys]
+        bodies = [{"user": i, "history": keys[i % 30:i % 30 + 3 + i % 5]} for i in range(120)]
+        answers = _burst(server.url, bodies)  # a connection each: the kernel spreads them over the workers
+        want = rec.recommend([b["history"] for b in bodies])
+        for (status, got), w in zip(answers, want):
+            assert status == 200 and got["items"] == list(w.items), got
+        # every worker's counts, whichever worker answers the scrape
+        assert server.metric('cddrec_requests_total{route="/v1/recommend",status="200"}') == 120
+        assert server.metric("cddrec_engine_instances") == 2
+        assert server.metric("cddrec_batch_size_sum") == 120
+        status, config = server.json(f"/v2/models/{Path(trained_tiny_onnx).stem}/config")
+        assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    finally:
+        code = server.stop()
+    assert code == 0, server.output()
+    assert "cddrec-serve: stopped" in server.output() and "Traceback" not in server.output(), server.output()
+    assert not any(Path(f"/proc/{p}").exists() for p in workers)
+
+
+def test_a_worker_that_dies_stops_the_server_with_one_line(trained_tiny_onnx):
+    server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--threads", "1"])
+    victim = _workers_of(server.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    code = server.stop()
+    out = server.output()
+    assert code == 1 and f"(pid {victim}) was killed by SIGKILL; the server stopped" in out, out
+    assert "Traceback" not in out, out
