@@ -118,6 +118,8 @@ def test_reload_under_load_drops_nothing_and_a_broken_version_leaves_the_old_one
     folder = tmp_path / "recs"
     _install(trained_tiny_onnx, folder, 1)
     server = ServerProcess(["--model", folder, "--threads", "1", "--workers", processes])
+    reloads = 'cddrec_model_reloads_total{result="ok"}'
+
     stop = threading.Event()
     seen: list[tuple[int, str]] = []
 
@@ -143,6 +145,7 @@ def test_reload_under_load_drops_nothing_and_a_broken_version_leaves_the_old_one
         assert server.json("/v2/models/recs/versions/1/ready")[0] == 200
         status, body = server.json("/v2/repository/models/recs/load", {})
         assert (status, body) == (200, {"name": "recs", "version": "2"})
+        server.wait_for(lambda: server.metric(reloads) == processes)  # the other workers follow
         time.sleep(0.5)
         _install(trained_tiny_onnx, folder, 3, b"this is not a graph")
         status, body = server.json("/v2/repository/models/recs/load", {})
@@ -152,7 +155,7 @@ def test_reload_under_load_drops_nothing_and_a_broken_version_leaves_the_old_one
         shutil.rmtree(folder / "3")
         _install(trained_tiny_onnx, folder, 4)
         server.send(signal.SIGHUP)
-        server.wait_for(lambda: server.json("/v2/models/recs")[1]["versions"] == ["4"])
+        server.wait_for(lambda: server.metric(reloads) == 2 * processes and server.metric("cddrec_model_version") == 4)
         time.sleep(0.3)
     finally:
         stop.set()

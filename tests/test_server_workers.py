@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,12 +17,21 @@ from serve_helpers import ServerProcess
 from cddrec.runtime.recommender import Recommender
 
 aiohttp = pytest.importorskip("aiohttp")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 
 def _workers_of(pid: int) -> list[int]:
     """The worker processes of a supervisor (its spawned children, not multiprocessing's resource tracker)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
+            out.append(int(stat.parent.name))
+    return sorted(out)
 
 
 def _burst(url: str, bodies: list) -> list[tuple[int, dict]]:
@@ -44,7 +53,8 @@ def rec(trained_tiny_onnx):
 
 
 def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny_onnx, rec):
-    server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--threads", "1", "--idle-poll-ms", "0"])
+    server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--instances", "1", "--threads", "1",
+                            "--idle-poll-ms", "0"])
     try:
         assert "2 worker processes x 1 engine instance(s) x 1 thread(s)" in server.output()
         workers = _workers_of(server.proc.pid)
@@ -62,7 +72,8 @@ def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny
         assert server.metric("cddrec_engine_instances") == 2
         assert server.metric("cddrec_batch_size_sum") == 120
         status, config = server.json(f"/v2/models/{Path(trained_tiny_onnx).stem}/config")
-        assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+        assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]  # 1 per worker
+        assert config["parameters"]["workers"] == {"string_value": "2"}
     finally:
         code = server.stop()
     assert code == 0, server.output()
@@ -71,7 +82,7 @@ def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny
 
 
 def test_a_worker_that_dies_stops_the_server_with_one_line(trained_tiny_onnx):
-    server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--threads", "1"])
+    server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--instances", "1", "--threads", "1"])
     victim = _workers_of(server.proc.pid)[0]
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60

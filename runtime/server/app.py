@@ -245,8 +245,7 @@ class Server:
         m = self.model(call)
         return json_reply(model_config(m.name, m.contract, self.config.max_batch, self.models.platform,
                                        self.batcher.policy.instances * self.config.workers, m.rec.backend.device,
-                                       self.config.layout[1],
-                                       self.batcher.policy))
+                                       self.config.layout[1], self.batcher.policy, self.config.workers))
 
     async def repository_index(self, call: Call) -> Reply:
         m = self.model_any()

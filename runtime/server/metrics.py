@@ -23,7 +23,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's: its values live in files there
+WORKERS_ENV = "CDDREC_SERVE_WORKERS_METRICS"  # set by cddrec-serve --workers: this process is one worker
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2,
                    0.5, 1.0, 2.0, 5.0, 10.0)
@@ -32,7 +33,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 class ServerMetrics:
     def __init__(self):
-        self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
+        self.multiprocess = bool(os.environ.get(WORKERS_ENV))
         self._tracked: list[tuple[Callable[[float], None], Callable[[], float]]] = []
         disable_created_metrics()  # no *_created series: a scrape stays readable (process-wide setting)
         self.registry = r = CollectorRegistry()
@@ -86,6 +87,7 @@ class ServerMetrics:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         from prometheus_client import multiprocess
 
+        self.refresh()  # this worker's own gauges as of now; the others' as of their last refresh
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -210,10 +210,13 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
 def _worker(config: ServerConfig, sock: socket.socket, conn) -> None:
     """One worker process of ``serve_workers``: its model, app and event loop on its socket (listening once
     the model is loaded); tells the supervisor ("ready", model line, name, url), ("failed", why) or
-    ("load",) after a load through its route."""
+    ("load",) after a load through its route. It stops when the supervisor dies (Linux)."""
     from cddrec.errors import first_line
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the supervisor, which stops the workers
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the app takes it: a reload asked during the load
+    _stop_with_parent()
     configure_logging(config.access_log)
     models = config.repository()
     try:
@@ -231,12 +234,28 @@ def _worker(config: ServerConfig, sock: socket.socket, conn) -> None:
     gc.collect()
     gc.freeze()
     server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(3)  # the app's startup failed (uvicorn logged why)
+
+
+def _stop_with_parent() -> None:
+    """SIGTERM this process when its parent dies (Linux ``PR_SET_PDEATHSIG``): no orphaned worker keeps the port."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker_sockets(host: str, port: int, n: int) -> list[socket.socket]:
     """``n`` sockets bound to ``host:port`` with ``SO_REUSEPORT``, not listening yet (each worker listens once
     its model is loaded). The port is claimed first by a plain bind and listen (a port in use, even by
-    another server's reuse-port group, is a one-line error), then released and rebound at once."""
+    another server's reuse-port group, is a one-line error), then released and rebound at once. Where
+    the kernel does not spread connections over such sockets (not Linux), one shared socket."""
     claim = bind(host, port)
     try:
         claim.listen(1)
@@ -245,7 +264,7 @@ def _worker_sockets(host: str, port: int, n: int) -> list[socket.socket]:
         raise _port_taken(host, port, e) from None
     family, address = claim.family, claim.getsockname()
     claim.close()
-    if not hasattr(socket, "SO_REUSEPORT"):  # one shared socket, as uvicorn's workers use
+    if not (sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")):
         return [bind(host, address[1])] * n
     socks = []
     try:
@@ -259,7 +278,7 @@ def _worker_sockets(host: str, port: int, n: int) -> list[socket.socket]:
     except OSError as e:
         for s in socks:
             s.close()
-        raise _port_taken(host, port, e) from None
+        raise _port_taken(host, address[1], e) from None
     return socks
 
 
@@ -267,85 +286,129 @@ def _ended(code: int | None) -> str:
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
             return f"was killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"
+    return "failed to start" if code == 3 else f"exited with code {code}"
+
+
+class _Workers:
+    """The supervisor's view of its workers: processes, pipes, which are ready, which owe a reload."""
+
+    def __init__(self, ctx, config: ServerConfig, socks: list[socket.socket]):
+        self.procs, self.conns = [], []
+        self.ready: set[int] = set()
+        self.owed: set[int] = set()  # asked to reload while loading: told once ready
+        for i in range(config.workers):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(config, socks[i], child), daemon=False)
+            p.start()
+            child.close()
+            if len(set(map(id, socks))) > 1:
+                socks[i].close()  # the worker has its own: this copy would keep the port listening after it
+            self.procs.append(p)
+            self.conns.append(parent)
+
+    def reload(self, but: int | None = None) -> None:
+        """SIGHUP every live worker but ``but``: ready ones now, loading ones once ready."""
+        for i, p in enumerate(self.procs):
+            if i != but and p.is_alive():
+                if i in self.ready:
+                    os.kill(p.pid, signal.SIGHUP)
+                else:
+                    self.owed.add(i)
+
+    def became_ready(self, i: int) -> None:
+        self.ready.add(i)
+        if i in self.owed:
+            self.owed.discard(i)
+            os.kill(self.procs[i].pid, signal.SIGHUP)
+
+    def stop(self, events: dict, metrics_dir: str) -> None:
+        """SIGTERM all (each drains), wait; a second stop signal meanwhile kills them."""
+        from prometheus_client import multiprocess
+
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+        stops = events["stops"]
+        while any(p.is_alive() for p in self.procs):
+            for p in self.procs:
+                p.join(0.2)
+            if events["stops"] > stops:
+                for p in self.procs:
+                    if p.is_alive():
+                        p.kill()
+        for p in self.procs:
+            with contextlib.suppress(OSError):
+                multiprocess.mark_process_dead(p.pid, metrics_dir)
 
 
 def serve_workers(config: ServerConfig, host: str, port: int, echo: Callable[[str], None] = print) -> None:
-    """``config.workers`` worker processes on one listening socket, supervised here (see the module's doc)."""
+    """``config.workers`` worker processes on one port, supervised here (see the module's doc)."""
     import multiprocessing
     from multiprocessing.connection import wait
 
-    from .metrics import MULTIPROCESS_ENV
+    from .metrics import MULTIPROCESS_ENV, WORKERS_ENV
 
     config.repository()  # a missing model or a bad layout fails first
-    socks = _worker_sockets(host, port, config.workers)
-    configure_logging(config.access_log)
-    metrics_dir = tempfile.mkdtemp(prefix="cddrec-serve-metrics-")
-    saved_env = os.environ.get(MULTIPROCESS_ENV)
-    os.environ[MULTIPROCESS_ENV] = metrics_dir  # the workers are spawned with it
-    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: nothing loaded here is shared
-    conns, procs = [], []
-    events = {"stop": False, "hup": False}
+    events = {"stops": 0, "hup": False}
 
     def on_signal(signum, frame):
-        events["hup" if signum == getattr(signal, "SIGHUP", None) else "stop"] = True
+        if signum == getattr(signal, "SIGHUP", None):
+            events["hup"] = True
+        else:
+            events["stops"] += 1
 
     sigs = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     previous = {s: signal.signal(s, on_signal) for s in sigs}
-    failed = None
+    saved_env = {k: os.environ.get(k) for k in (MULTIPROCESS_ENV, WORKERS_ENV)}
+    metrics_dir = None
+    failed = workers = None
+    socks: list[socket.socket] = []
     try:
-        for _ in range(config.workers):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(config, socks[len(procs)], child), daemon=False)
-            p.start()
-            child.close()
-            conns.append(parent)
-            procs.append(p)
-        ready = 0
-        while not events["stop"] and failed is None:
-            for ready_obj in wait(conns + [p.sentinel for p in procs], timeout=0.5):
-                if ready_obj in conns:
-                    i = conns.index(ready_obj)
-                    try:
-                        msg = ready_obj.recv()
-                    except EOFError:
-                        continue  # its process ended: its sentinel says so
-                    if msg[0] == "ready":
-                        ready += 1
-                        if ready == len(procs):
-                            echo(msg[1])
-                            echo(_ready_line(config, msg[2], msg[3]))
-                    elif msg[0] == "failed":
-                        failed = f"worker {i + 1}: {msg[1]}"
-                    elif msg[0] == "load":  # one worker loaded a version through its route: the others too
-                        for j, q in enumerate(procs):
-                            if j != i and q.is_alive():
-                                os.kill(q.pid, signal.SIGHUP)
-                else:
-                    i = [p.sentinel for p in procs].index(ready_obj)
-                    procs[i].join(5)
-                    if failed is None and not events["stop"]:
-                        failed = f"worker {i + 1} (pid {procs[i].pid}) {_ended(procs[i].exitcode)}"
-            if events["hup"] and ready == len(procs):  # before that, a worker would die of it
+        socks = _worker_sockets(host, port, config.workers)
+        configure_logging(config.access_log)
+        metrics_dir = tempfile.mkdtemp(prefix="cddrec-serve-metrics-")
+        os.environ[MULTIPROCESS_ENV] = os.environ[WORKERS_ENV] = metrics_dir  # the workers are spawned with it
+        workers = _Workers(multiprocessing.get_context("spawn"), config, socks)  # fresh interpreters
+        sentinels = [p.sentinel for p in workers.procs]
+        while not events["stops"] and failed is None:
+            for obj in wait(workers.conns + sentinels, timeout=0.5):
+                if obj in sentinels:
+                    i = sentinels.index(obj)
+                    workers.procs[i].join(5)
+                    if not events["stops"]:
+                        failed = f"worker {i + 1} (pid {workers.procs[i].pid}) {_ended(workers.procs[i].exitcode)}"
+                    continue
+                i = workers.conns.index(obj)
+                try:
+                    msg = obj.recv()
+                except EOFError:
+                    continue  # its process ended: its sentinel says so
+                if msg[0] == "ready":
+                    workers.became_ready(i)
+                    if len(workers.ready) == len(workers.procs):
+                        echo(msg[1])
+                        echo(_ready_line(config, msg[2], msg[3]))
+                elif msg[0] == "failed":
+                    failed = f"worker {i + 1}: {msg[1]}"
+                elif msg[0] == "load":  # one worker loaded the newest version through its route: the others too
+                    workers.reload(but=i)
+            if events["hup"]:
                 events["hup"] = False
-                for q in procs:
-                    if q.is_alive():
-                        os.kill(q.pid, signal.SIGHUP)
+                workers.reload()
     finally:
-        for q in procs:
-            if q.is_alive():
-                os.kill(q.pid, signal.SIGTERM)  # each drains: stops accepting, answers what it has
-        for q in procs:
-            q.join()
-        for s in socks:
+        if workers is not None:
+            workers.stop(events, metrics_dir)
+        for s in set(socks):
             s.close()
         for s, h in previous.items():
             signal.signal(s, h)
-        if saved_env is None:
-            os.environ.pop(MULTIPROCESS_ENV, None)
-        else:
-            os.environ[MULTIPROCESS_ENV] = saved_env
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     if failed is not None:
         raise ConfigError(f"{failed}; the server stopped (see the messages above)")
     echo("cddrec-serve: stopped (requests in flight were answered)")
