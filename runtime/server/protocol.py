@@ -385,8 +385,9 @@ def model_config(name: str, contract: GraphContract, max_batch: int, platform: s
     ``instance_group`` the engine instances (of every worker process); the parameters ``workers``
     (``--workers``) and ``threads_per_instance`` (0: the backend's default); with the batcher's
     ``policy``, the parameter ``idle_poll_ms`` and, for a batched graph, ``dynamic_batching`` from
-    ``--max-wait-ms`` (here the wait applies once an engine instance frees), ``--max-queue`` (users here, where Triton counts requests) and
-    ``--timeout-ms`` (from arrival to answer here, queueing only in Triton)."""
+    ``--max-wait-ms`` (here the wait applies once an engine instance frees), ``--max-queue`` (users here,
+    where Triton counts requests) and ``--timeout-ms`` (from arrival to answer here, queueing only in
+    Triton)."""
     batched = all(s.shape[0] == "batch" for s in contract.inputs + contract.outputs)
 
     def tensors(specs):
