@@ -466,7 +466,11 @@ def test_command_errors_are_one_line(server, tmp_path):
                         (["--model", str(tmp_path / "m.onnx"), "--port", port], "Address already in use"),
                         (["--model", str(tmp_path), "--replicas", "2"], "add --ray"),
                         (["--model", str(tmp_path), "--max-wait-ms", "nan"], "not a finite number"),
-                        (["--model", str(tmp_path), "--timeout-ms", "inf"], "not a finite number"),
+                        (["--model", str(tmp_path), "--timeout-ms", "inf"], "inf is not in the range"),
+                        (["--model", str(tmp_path), "--timeout-ms", "1e300"], "0<x<=86400000"),  # /config in us
+                        (["--model", str(tmp_path), "--idle-poll-ms", "1e9"], "0<=x<=1000"),
+                        (["--model", str(tmp_path), "--backend", "torch", "--idle-poll-ms", "5"], "ort-cpu only"),
+                        (["--model", str(tmp_path), "--workers", "2", "--ray", "local"], "--replicas"),
                         (["--model", str(tmp_path), "--model-name", "a/b"], "one path segment"),
                         (["--model", str(tmp_path), "--model-name", ""], "one path segment")):
         r = CliRunner().invoke(main, args)

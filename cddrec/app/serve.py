@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cddrec.runtime.backends import available_backends, engine_options, tf32_backends, tf32_problem
+from cddrec.runtime.backends import available_backends, backend_class, engine_options, tf32_backends, tf32_problem
 
 from .options import CONTEXT, POSITIVE, Finite, echo_err, friendly_errors, option, threads_option
 
@@ -28,16 +28,16 @@ from .options import CONTEXT, POSITIVE, Finite, echo_err, friendly_errors, optio
              "divided by --threads); the other backends run one batch at a time and refuse more than 1]")
 @option("--max-batch", type=POSITIVE, default=256, show_default=True,
         help="most users per engine batch (and per request)")
-@option("--max-wait-ms", type=Finite(min=0), default=2.0, show_default=True,
+@option("--max-wait-ms", type=Finite(min=0, max=60_000), default=2.0, show_default=True,
         help="once the engine is free, how long a batch may wait for more users (a request on an idle engine "
              "never waits)")
-@option("--idle-poll-ms", type=Finite(min=0), default=1.0, show_default=True,
+@option("--idle-poll-ms", type=Finite(min=0, max=1000), default=1.0, show_default=True,
         help="ort-cpu: after a lone request ran on an idle engine, how long the event loop keeps polling for the "
              "next one instead of sleeping (lower latency for a lone client; costs up to this much CPU per "
              "request, a whole core under a steady stream of lone requests; 0: off)")
 @option("--max-queue", type=POSITIVE, default=1024, show_default=True,
         help="most users waiting for the engine; beyond it: 503 with Retry-After")
-@option("--timeout-ms", type=Finite(min=0, min_open=True), default=10_000, show_default=True,
+@option("--timeout-ms", type=Finite(min=0, min_open=True, max=86_400_000), default=10_000, show_default=True,
         help="per-request timeout (504)")
 @option("--max-body-bytes", type=POSITIVE, default=4 << 20, show_default=True, help="largest request body (413)")
 @option("--access-log", is_flag=True, help="one JSON line per request on stderr")
@@ -59,6 +59,10 @@ def main(model_path, model_name, host, port, backend, workers, threads, instance
                                  "no '/')", param_hint="--model-name")
     if tf32 and tf32_problem(backend):
         raise click.BadParameter("--" + tf32_problem(backend), param_hint="--tf32")
+    if (click.get_current_context().get_parameter_source("idle_poll_ms") is click.core.ParameterSource.COMMANDLINE
+            and not backend_class(backend).concurrent_runs):
+        raise click.BadParameter(f"the {backend} backend runs every batch on its engine thread, so there is no idle "
+                                 "poll to set (ort-cpu only)", param_hint="--idle-poll-ms")
     if ray_address is not None and workers > 1:
         raise click.UsageError("--workers is for one machine; on Ray Serve scale with --replicas")
     if ray_address is None and (replicas != 1 or replica_gpus is not None):
