@@ -54,7 +54,7 @@ def rec(trained_tiny_onnx):
 
 def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny_onnx, rec):
     server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--instances", "1", "--threads", "1",
-                            "--idle-poll-ms", "0"])
+                            "--idle-poll-ms", "0", "--access-log"])
     try:
         assert "2 worker processes x 1 engine instance(s) x 1 thread(s)" in server.output()
         workers = _workers_of(server.proc.pid)
@@ -78,6 +78,7 @@ def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny
         code = server.stop()
     assert code == 0, server.output()
     assert "cddrec-serve: stopped" in server.output() and "Traceback" not in server.output(), server.output()
+    assert server.output().count('"path":"/v1/recommend"') == 120  # --access-log: a JSON line per request
     assert not any(Path(f"/proc/{p}").exists() for p in workers)
 
 
@@ -92,3 +93,18 @@ def test_a_worker_that_dies_stops_the_server_with_one_line(trained_tiny_onnx):
     out = server.output()
     assert code == 1 and f"(pid {victim}) was killed by SIGKILL; the server stopped" in out, out
     assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("sig, code, words", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, -15, "")])
+def test_a_signal_before_the_workers_are_ready_stops_as_one_process_would(trained_tiny_onnx, sig, code, words):
+    import subprocess
+
+    from serve_helpers import BLOCK_TORCH
+
+    proc = subprocess.Popen([sys.executable, "-c", BLOCK_TORCH + "from cddrec.app.serve import main\nmain()\n",
+                             "--model", str(trained_tiny_onnx), "--workers", "2", "--instances", "1", "--threads", "1",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.8)  # the workers are importing or loading
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == code and words in out and "Traceback" not in out and "ready at" not in out, out

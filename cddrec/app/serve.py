@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import click
 
-from cddrec.runtime.backends import available_backends, backend_class, engine_options, tf32_backends, tf32_problem
+from cddrec.runtime.backends import (
+    available_backends,
+    available_cores,
+    backend_class,
+    engine_options,
+    tf32_backends,
+    tf32_problem,
+)
 
-from .options import CONTEXT, POSITIVE, Finite, echo_err, friendly_errors, option, threads_option
+from .options import (
+    CONTEXT,
+    MAX_THREADS_PER_CORE,
+    POSITIVE,
+    Finite,
+    echo_err,
+    friendly_errors,
+    option,
+    threads_option,
+)
 
 
 @click.command(context_settings=CONTEXT)
@@ -63,6 +79,10 @@ def main(model_path, model_name, host, port, backend, workers, threads, instance
             and not backend_class(backend).concurrent_runs):
         raise click.BadParameter(f"the {backend} backend runs every batch on its engine thread, so there is no idle "
                                  "poll to set (ort-cpu only)", param_hint="--idle-poll-ms")
+    cores = available_cores()
+    if workers * max(1, threads) > MAX_THREADS_PER_CORE * cores:
+        raise click.BadParameter(f"{workers} worker(s) x {max(1, threads)} thread(s) is over {MAX_THREADS_PER_CORE} "
+                                 f"x the {cores} cores this process may use", param_hint="--workers")
     if ray_address is not None and workers > 1:
         raise click.UsageError("--workers is for one machine; on Ray Serve scale with --replicas")
     if ray_address is None and (replicas != 1 or replica_gpus is not None):

@@ -346,6 +346,7 @@ class AccessLog:
     def __init__(self, app):
         self.app = app
         self.state = getattr(app, "state", None)
+        self.server = getattr(app, "server", None)  # the app's Server, as on the app itself
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

@@ -223,7 +223,7 @@ def _worker(config: ServerConfig, sock: socket.socket, conn) -> None:
         m = models.open()
         config.check_loaded(m.rec.backend)
     except Exception as e:  # noqa: BLE001 - reported by the supervisor as one line
-        conn.send(("failed", first_line(e)))
+        conn.send(("failed", first_line(e, 2000)))
         sys.exit(1)
     app = create_app(config, models)
     app.server.after_load = lambda: conn.send(("load",))
@@ -321,24 +321,26 @@ class _Workers:
             self.owed.discard(i)
             os.kill(self.procs[i].pid, signal.SIGHUP)
 
-    def stop(self, events: dict, metrics_dir: str) -> None:
-        """SIGTERM all (each drains), wait; a second stop signal meanwhile kills them."""
+    def stop(self, events: dict, metrics_dir: str) -> bool:
+        """SIGTERM all (each drains), wait; a second stop signal (since the first) kills them: True then."""
         from prometheus_client import multiprocess
 
         for p in self.procs:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)
-        stops = events["stops"]
+        killed = False
         while any(p.is_alive() for p in self.procs):
             for p in self.procs:
                 p.join(0.2)
-            if events["stops"] > stops:
+            if events["stops"] > 1 and not killed:
+                killed = any(p.is_alive() for p in self.procs)
                 for p in self.procs:
                     if p.is_alive():
                         p.kill()
         for p in self.procs:
             with contextlib.suppress(OSError):
                 multiprocess.mark_process_dead(p.pid, metrics_dir)
+        return killed
 
 
 def serve_workers(config: ServerConfig, host: str, port: int, echo: Callable[[str], None] = print) -> None:
@@ -349,26 +351,32 @@ def serve_workers(config: ServerConfig, host: str, port: int, echo: Callable[[st
     from .metrics import MULTIPROCESS_ENV, WORKERS_ENV
 
     config.repository()  # a missing model or a bad layout fails first
-    events = {"stops": 0, "hup": False}
+    events = {"stops": 0, "hup": False, "first": None}
 
     def on_signal(signum, frame):
         if signum == getattr(signal, "SIGHUP", None):
             events["hup"] = True
         else:
             events["stops"] += 1
+            events["first"] = events["first"] or signum
 
     sigs = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     previous = {s: signal.signal(s, on_signal) for s in sigs}
     saved_env = {k: os.environ.get(k) for k in (MULTIPROCESS_ENV, WORKERS_ENV)}
     metrics_dir = None
     failed = workers = None
+    killed = ready = False
     socks: list[socket.socket] = []
     try:
         socks = _worker_sockets(host, port, config.workers)
         configure_logging(config.access_log)
         metrics_dir = tempfile.mkdtemp(prefix="cddrec-serve-metrics-")
         os.environ[MULTIPROCESS_ENV] = os.environ[WORKERS_ENV] = metrics_dir  # the workers are spawned with it
-        workers = _Workers(multiprocessing.get_context("spawn"), config, socks)  # fresh interpreters
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec: a Ctrl-C during a worker's imports
+        try:  # reaches the supervisor only, which stops them
+            workers = _Workers(multiprocessing.get_context("spawn"), config, socks)  # fresh interpreters
+        finally:
+            signal.signal(signal.SIGINT, on_signal)
         sentinels = [p.sentinel for p in workers.procs]
         while not events["stops"] and failed is None:
             for obj in wait(workers.conns + sentinels, timeout=0.5):
@@ -386,6 +394,7 @@ def serve_workers(config: ServerConfig, host: str, port: int, echo: Callable[[st
                 if msg[0] == "ready":
                     workers.became_ready(i)
                     if len(workers.ready) == len(workers.procs):
+                        ready = True
                         echo(msg[1])
                         echo(_ready_line(config, msg[2], msg[3]))
                 elif msg[0] == "failed":
@@ -397,7 +406,7 @@ def serve_workers(config: ServerConfig, host: str, port: int, echo: Callable[[st
                 workers.reload()
     finally:
         if workers is not None:
-            workers.stop(events, metrics_dir)
+            killed = workers.stop(events, metrics_dir)
         for s in set(socks):
             s.close()
         for s, h in previous.items():
@@ -410,5 +419,12 @@ def serve_workers(config: ServerConfig, host: str, port: int, echo: Callable[[st
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     if failed is not None:
-        raise ConfigError(f"{failed}; the server stopped (see the messages above)")
+        raise ConfigError(f"{failed}; the server stopped")
+    if not ready:  # stopped before it served: as one process, SIGINT is "interrupted" (130), SIGTERM 143
+        if events["first"] == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    if killed:
+        raise ConfigError("stopped at once by a second signal: the requests still in flight were dropped")
     echo("cddrec-serve: stopped (requests in flight were answered)")
