@@ -215,5 +215,9 @@ def launch(device: str = "auto", timeout_minutes: float = 30.0) -> Iterator[Dist
             raise
         raise RankError(f"{where}: {describe_error(e)}") from e
     else:  # only on success: after an error the command exits at once, and tearing down a group whose
-        # peers are gone or stuck in a collective can block (NCCL); the process exit releases it
+        # peers are gone or stuck in a collective can block (NCCL); the process exit releases it.
+        # Every rank first waits for the others (rank 0 writes the model meanwhile): a rank that tore down
+        # while its peer was still using the gloo connection aborted it ("terminate called without an
+        # active exception", seen once in CI)
+        tdist.barrier()
         tdist.destroy_process_group()
