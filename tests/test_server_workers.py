@@ -104,7 +104,9 @@ def test_a_signal_before_the_workers_are_ready_stops_as_one_process_would(traine
     proc = subprocess.Popen([sys.executable, "-c", BLOCK_TORCH + "from cddrec.app.serve import main\nmain()\n",
                              "--model", str(trained_tiny_onnx), "--workers", "2", "--instances", "1", "--threads", "1",
                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(0.8)  # the workers are importing or loading
+    deadline = time.monotonic() + 30
+    while not _workers_of(proc.pid) and time.monotonic() < deadline:  # spawned: their imports take far longer
+        time.sleep(0.005)  # than this loop's step, so the signal comes before they are ready
     proc.send_signal(sig)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == code and words in out and "Traceback" not in out and "ready at" not in out, out
