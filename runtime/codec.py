@@ -8,6 +8,9 @@ The one implementation of the serving-side encoding, used by ``Recommender`` (an
 - ``encode_flat`` / ``encode_histories``: histories (flat keys + offsets) -> the known ids per
   user, unknown items counted, optionally only the most recent ``max_history``;
 - ``left_pad``: flat ids -> the graph's (B, S) input, right-aligned after 0 padding;
+- ``encode_flat``, ``left_pad`` and ``decode_rows`` take a shorter path for one user (a server's lone
+  request: a few list operations instead of a dozen numpy calls, which at one user cost more than the
+  work), tested against the batch path (tests/test_pipeline.py);
 - ``TopK`` and ``fill_popular``: the engine's (n, K) outputs with the cold-start fallback;
 - ``request_problem`` / ``history_problem``: the one request rule (cddrec-infer's lines, the
   server's bodies, ``Recommender.recommend``'s histories);
@@ -121,8 +124,7 @@ class KeyMapper:
             return np.zeros(0, dtype=np.int64)
         if isinstance(values, list):  # a few: straight to the dict, no Arrow round trip
             if len(values) <= self.SMALL:
-                get = self.index.get
-                return np.fromiter((get(k if type(k) is str else str(k), 0) for k in values), np.int64, len(values))
+                return np.fromiter(self.id_list(values), np.int64, len(values))
             values = pa.array([k if type(k) is str else str(k) for k in values], pa.string())
         if self.is_int and pa.types.is_integer(values.type):
             v = values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
@@ -139,6 +141,11 @@ class KeyMapper:
             return np.fromiter((get(k, 0) for k in values.cast(pa.string()).to_pylist()), np.int64, len(values))
         idx = pc.index_in(values.cast(pa.string()), value_set=self.keys_str)
         return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+
+    def id_list(self, values: list) -> list[int]:
+        """The ids of a few checked keys (ints and strings) as a Python list, 0 where unknown."""
+        get = self.index.get
+        return [get(k if type(k) is str else str(k), 0) for k in values]
 
     def keys(self, ids: np.ndarray) -> pa.Array:
         return self.out_keys.take(pa.array(np.asarray(ids, dtype=np.int64) - 1))
@@ -164,7 +171,7 @@ class Encoded:
 
     @property
     def counts(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        return self.offsets[1:] - self.offsets[:-1]
 
     def __len__(self) -> int:
         return len(self.unknown)
@@ -176,6 +183,8 @@ def encode_flat(values: pa.Array | list, offsets: np.ndarray, mapper: KeyMapper,
     ``Encoded``."""
     offs = np.asarray(offsets, dtype=np.int64)
     lo, hi = int(offs[0]), int(offs[-1])
+    if len(offs) == 2 and isinstance(values, list) and hi - lo <= mapper.SMALL:
+        return _encode_one(values[lo:hi], mapper, max_history)
     ids = mapper.ids(values[lo:hi] if isinstance(values, list) else values.slice(lo, hi - lo))  # (total,)
     offs = offs - offs[0]
     n, lens = len(offs) - 1, np.diff(offs)
@@ -197,6 +206,16 @@ def encode_flat(values: pa.Array | list, offsets: np.ndarray, mapper: KeyMapper,
     return Encoded(ids[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), unknown.astype(np.int64))
 
 
+def _encode_one(values: list, mapper: KeyMapper, max_history: int | None) -> Encoded:
+    """``encode_flat`` of one user's keys in plain Python (a server's lone request: the array path's
+    dozen numpy calls cost more than its one dict lookup per key)."""
+    ids = mapper.id_list(values)
+    known = [i for i in ids if i]
+    kept = known[-max_history:] if max_history else known
+    return Encoded(np.array(kept, dtype=np.int64), np.array([0, len(kept)], dtype=np.int64),
+                   np.array([len(ids) - len(known)], dtype=np.int64))
+
+
 def encode_histories(histories: Sequence[Sequence], mapper: KeyMapper, max_history: int | None = None) -> Encoded:
     """Python histories (item keys, oldest first; ints and strings alike) -> ``Encoded``; a history that
     is not a list of keys is a ValueError (``history_problem``, the rule of the request files' lines)."""
@@ -213,6 +232,9 @@ def left_pad(ids: np.ndarray, counts: np.ndarray, width: int) -> np.ndarray:
     """(B, width) int64, each row's ids right-aligned after 0 padding (ids flat, row after row)."""
     B = len(counts)
     out = np.zeros((B, width), dtype=np.int64)
+    if B == 1:  # one user: one slice
+        out[0, width - len(ids):] = ids
+        return out
     row = np.repeat(np.arange(B), counts)  # (N,)
     start = np.repeat(np.cumsum(counts) - counts, counts)
     col = width - counts[row] + (np.arange(len(ids)) - start)
@@ -258,6 +280,9 @@ def fill_popular(top: TopK, rows: np.ndarray, popular: tuple[np.ndarray, np.ndar
 
 def decode_rows(top: TopK, mapper: KeyMapper) -> tuple[list[list], list[list[float]]]:
     """Per user: the item keys and scores of the valid entries (Python lists)."""
+    if len(top.valid) == 1:  # one user: no offsets
+        valid = top.valid[0]
+        return [mapper.key_list(top.items[0][valid])], [top.scores[0][valid].astype(np.float64).tolist()]
     counts = top.valid.sum(axis=1)
     keys = mapper.key_list(top.items[top.valid])
     scores = top.scores[top.valid].astype(np.float64).tolist()

@@ -115,23 +115,21 @@ class Recommender:
         c = self.info.contract
         counts = enc.counts
         top = TopK.empty(len(enc), k)
-        model_rows = np.flatnonzero(counts > 0)
-        mcounts = counts[model_rows]
-        moffs = np.concatenate([[0], np.cumsum(mcounts)])
-
-        def feeds() -> Iterator[tuple[tuple[int, int], dict]]:
-            for a, b in engine_batches(mcounts, batch_size, c.max_len):
-                n = mcounts[a:b]
-                feed = {"item_ids": left_pad(enc.ids[moffs[a]:moffs[b]], n, max(c.max_len, int(n.max())))}  # (B, S)
-                if c.stochastic:  # drawn on this thread, in batch order
-                    feed["noise"] = self.rng.standard_normal((c.steps, b - a, c.hidden), dtype=np.float32)
-                yield (a, b), feed
-
-        for (a, b), res in self._run_all(feeds()):
+        if len(enc) == 1:  # a lone request (a server's): its one batch without the batching bookkeeping
+            model_rows = np.zeros(int(counts[0] > 0), dtype=np.int64)
+            runs = iter([((0, 1), self.backend.infer(self._feed(enc.ids, counts)))] if len(model_rows) else [])
+        else:
+            model_rows = np.flatnonzero(counts > 0)
+            mcounts = counts[model_rows]
+            moffs = np.concatenate([[0], np.cumsum(mcounts)])
+            runs = self._run_all(((a, b), self._feed(enc.ids[moffs[a]:moffs[b]], mcounts[a:b]))
+                                 for a, b in engine_batches(mcounts, batch_size, c.max_len))
+        every = len(model_rows) == len(enc)  # every user has a known item: model rows a..b are users a..b
+        for (a, b), res in runs:
             if res["top_items"].shape[1] != c.k:
                 raise ModelFileError(f"the graph returns {res['top_items'].shape[1]} items per user but its metadata "
                                      f"says K={c.k}: the metadata does not belong to this graph; re-export it")
-            rows = model_rows[a:b]
+            rows = slice(a, b) if every else model_rows[a:b]
             top.items[rows] = res["top_items"][:, :k]  # (B, k)
             top.scores[rows] = res["top_scores"][:, :k]
             top.valid[rows] = res["top_scores"][:, :k] > MASK_SCORE / 2  # fewer than k rankable items left
@@ -139,6 +137,14 @@ class Recommender:
         if unknown.any():  # mapping the popularity keys costs more than a batch of one's other work
             fill_popular(top, unknown, popular_ids(self.info.popular, self.mapper, k))
         return top
+
+    def _feed(self, ids: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's inputs for one engine batch: ``ids`` (N,) flat, ``counts`` (B,) per row."""
+        c = self.info.contract
+        feed = {"item_ids": left_pad(ids, counts, max(c.max_len, int(counts.max())))}  # (B, S)
+        if c.stochastic:  # drawn on this thread, in batch order
+            feed["noise"] = self.rng.standard_normal((c.steps, len(counts), c.hidden), dtype=np.float32)
+        return feed
 
     def _run_all(self, feeds: Iterator[tuple[tuple[int, int], dict]]) -> Iterator[tuple[tuple[int, int], dict]]:
         """(span, outputs) of every feed, in order; with ``instances`` > 1, up to that many engine runs at

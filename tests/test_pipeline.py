@@ -121,6 +121,34 @@ def test_seen_users_matches_a_set():
     assert sum(len(r[0]) for r in seen.runs) == len(ref) and len(seen.runs) <= 8
 
 
+@pytest.mark.parametrize("max_history", [None, 3])
+@pytest.mark.parametrize("seed", [11, 12])
+def test_one_user_alone_equals_its_row_in_a_batch(rec, monkeypatch, max_history, seed):
+    """The one-user paths (a server's lone request: ``encode_flat`` in plain Python, ``left_pad``'s
+    single row, ``infer_encoded`` without the batching, ``decode_rows``' single row) against the batch
+    paths on random requests (int and string keys, unknown items, empty and all-unknown histories)."""
+    monkeypatch.setattr(rec, "max_history", max_history)
+    keys = rec.info.vocab.keys
+    hists = [r["history"] for r in random_requests(keys, 80, seed)] + [list(keys[3:])]  # 3 items left to rank
+    offsets = np.concatenate([[0], np.cumsum([len(h) for h in hists])])
+    batch = encode_flat([k for h in hists for k in h], offsets, rec.mapper, max_history)
+    width = int(batch.counts.max()) + 2
+    feed = left_pad(batch.ids, batch.counts, width)  # (n, width)
+    together = rec.recommend(hists, k=7)
+    assert {x.source for x in together} == {"model", "popularity"}
+    assert len(together[-1].items) == (3 if max_history is None else 7)
+    for i, h in enumerate(hists):
+        one = encode_flat(list(h), np.array([0, len(h)]), rec.mapper, max_history)
+        assert one.ids.tolist() == batch.ids[batch.offsets[i]:batch.offsets[i + 1]].tolist()
+        assert one.offsets.tolist() == [0, batch.counts[i]] and one.unknown.tolist() == [batch.unknown[i]]
+        assert one.ids.dtype == one.offsets.dtype == one.unknown.dtype == np.int64
+        assert left_pad(one.ids, one.counts, width).tolist() == feed[i:i + 1].tolist()
+        alone = rec.recommend([h], k=7)[0]
+        want = together[i]
+        assert (alone.items, alone.source, alone.unknown) == (want.items, want.source, want.unknown)
+        assert np.allclose(alone.scores, want.scores, rtol=rec.contract.rtol, atol=rec.contract.atol)
+
+
 def test_left_pad():
     out = left_pad(np.array([1, 2, 3, 4, 5, 6]), np.array([2, 0, 3, 1]), 4)
     assert out.tolist() == [[0, 0, 1, 2], [0, 0, 0, 0], [0, 3, 4, 5], [0, 0, 0, 6]]

@@ -17,6 +17,7 @@ writes them (``codec.round_scores``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 import orjson
@@ -95,12 +96,13 @@ class KeyRunner:
         hists = [h for p in payloads for h in p.histories]
         rec = m.for_batch(len(hists))
         K = rec.contract.k
-        lens = np.fromiter((len(h) for h in hists), np.int64, len(hists))
+        offsets = np.array(list(accumulate(map(len, hists), initial=0)), dtype=np.int64)  # (n + 1,)
         flat = [k for h in hists for k in h]  # checked keys
-        enc = encode_flat(flat, np.concatenate([[0], np.cumsum(lens)]), rec.mapper, rec.max_history)
+        enc = encode_flat(flat, offsets, rec.mapper, rec.max_history)
         top = rec.infer_encoded(enc, K, self.batch_size)  # (n, K), popularity where nothing is known
-        ks = np.fromiter((K if k is None else min(k, K) for p in payloads for k in p.ks), np.int64, len(hists))
-        top.valid &= np.arange(K)[None, :] < ks[:, None]  # each request's own k
+        ks = [K if k is None else min(k, K) for p in payloads for k in p.ks]
+        if min(ks) < K:
+            top.valid &= np.arange(K)[None, :] < np.array(ks)[:, None]  # each request's own k
         top.scores = round_scores(top.scores)
         keys, scores = decode_rows(top, rec.mapper)
         fallback = top.fallback.tolist()
