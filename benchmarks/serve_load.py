@@ -175,7 +175,8 @@ def server_model(url: str) -> dict:
                 "max_wait_ms": batching.get("max_queue_delay_microseconds", 0) / 1000 if batching else None,
                 "idle_poll_ms": (float(cparams["idle_poll_ms"]["string_value"]) if "idle_poll_ms" in cparams
                                  else None),
-                "workers": int(cparams.get("workers", {}).get("string_value", "1"))}
+                "workers": int(cparams.get("workers", {}).get("string_value", "1")),
+                "pinned": cparams.get("pinned", {}).get("string_value") == "true"}
     except (KeyError, IndexError, TypeError, AttributeError):
         raise ValueError(f"{url}: not a cddrec-serve (its model repository or metadata is not cddrec-serve's)") \
             from None
@@ -219,7 +220,7 @@ def server_settings(info: dict) -> str:
     """The engine layout and batching settings of a server, from ``server_model``, in words."""
     out = f"{info['instances']} instance(s) x {info['threads_per_instance'] or 'default'} thread(s)"
     if info.get("workers", 1) > 1:
-        out = f"{info['workers']} worker processes, {out} in all"
+        out = f"{info['workers']} worker processes{' (pinned)' if info.get('pinned') else ''}, {out} in all"
     if info.get("max_wait_ms") is not None:
         out += f", max-wait {info['max_wait_ms']:g} ms"
     if info.get("idle_poll_ms") is not None:

@@ -67,7 +67,8 @@ def test_health_and_metadata_from_the_contract(server, rec):
     config = c.get_model_config("cddrec")
     assert config["max_batch_size"] == 64 and config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
     assert config["parameters"] == {"threads_per_instance": {"string_value": "1"},  # the fixture's --threads 1
-                                    "idle_poll_ms": {"string_value": "0.5"}, "workers": {"string_value": "1"}}
+                                    "idle_poll_ms": {"string_value": "0.5"}, "workers": {"string_value": "1"},
+                                    "pinned": {"string_value": "false"}}
     assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 2000, "default_queue_policy": {
         "max_queue_size": 1024, "default_timeout_microseconds": 10_000_000}}  # the defaults
     assert c.get_model_repository_index() == [{"name": "cddrec", "version": "1", "state": "READY"}]

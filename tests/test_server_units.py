@@ -531,3 +531,16 @@ def test_a_k_beyond_the_graph_says_what_would_help():
     with pytest.raises(ValueError, match="k=1000000000: .*; the catalogue has 20 items"):  # no re-export can give that
         CONTRACT.check_k(1_000_000_000)
     assert CONTRACT.check_k(None) == 3 and CONTRACT.check_k(2) == 2
+
+
+def test_worker_core_shares_are_consecutive_runs_as_even_as_they_can_be():
+    from cddrec.runtime.server.app import ServerConfig
+    from cddrec.runtime.server.standalone import core_shares
+
+    assert core_shares([0, 1], 2) == [(0,), (1,)]
+    assert core_shares(list(range(8)), 3) == [(0, 1, 2), (3, 4, 5), (6, 7)]
+    assert core_shares([2, 5, 6, 9], 1) == [(2, 5, 6, 9)]
+    assert core_shares([0, 1], 3) is None  # more workers than cores: not bound
+    # a bound worker's engine layout comes from its own cores, not from every core divided again
+    assert ServerConfig("m.onnx", workers=3, cpus=(0, 1, 2)).layout == (3, 1)
+    assert ServerConfig("m.onnx", workers=3, cpus=(6, 7), threads=2).layout == (1, 2)

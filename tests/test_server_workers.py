@@ -34,6 +34,13 @@ def _workers_of(pid: int) -> list[int]:
     return sorted(out)
 
 
+def _affinity_of_every_thread(pid: int) -> set[int]:
+    """The cores a process's threads may run on (the engine's and the event loop's alike): one set for all."""
+    sets = {frozenset(os.sched_getaffinity(int(t.name))) for t in Path(f"/proc/{pid}/task").iterdir()}
+    assert len(sets) == 1, sets
+    return set(next(iter(sets)))
+
+
 def _burst(url: str, bodies: list) -> list[tuple[int, dict]]:
     async def one(session, body):
         async with session.post(url + "/v1/recommend", json=body) as r:
@@ -55,10 +62,20 @@ def rec(trained_tiny_onnx):
 def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny_onnx, rec):
     server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--instances", "1", "--threads", "1",
                             "--idle-poll-ms", "0", "--access-log"])
+    cores = os.sched_getaffinity(0)
+    pinned = len(cores) >= 2  # each worker bound to its share of the cores (the default, --pin)
     try:
-        assert "2 worker processes x 1 engine instance(s) x 1 thread(s)" in server.output()
+        assert ("2 worker processes (each bound to its share of the cores) x" if pinned else "2 worker processes x")\
+            + " 1 engine instance(s) x 1 thread(s)" in server.output()
         workers = _workers_of(server.proc.pid)
         assert len(workers) == 2
+        shares = [_affinity_of_every_thread(pid) for pid in workers]
+        if pinned:  # disjoint, as even as can be, every core used
+            assert not shares[0] & shares[1] and shares[0] | shares[1] == cores, (shares, cores)
+            assert abs(len(shares[0]) - len(shares[1])) <= 1
+        else:
+            assert shares == [cores, cores]
+        assert _affinity_of_every_thread(server.proc.pid) == cores  # the supervisor bound none of its own
         for pid in workers:  # serving never loads torch, in a worker either
             assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
         keys = [int(k) for k in rec.info.vocab.keys]
@@ -74,6 +91,7 @@ def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny
         status, config = server.json(f"/v2/models/{Path(trained_tiny_onnx).stem}/config")
         assert config["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]  # 1 per worker
         assert config["parameters"]["workers"] == {"string_value": "2"}
+        assert config["parameters"]["pinned"] == {"string_value": str(pinned).lower()}
     finally:
         code = server.stop()
     assert code == 0, server.output()
@@ -83,8 +101,11 @@ def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny
 
 
 def test_a_worker_that_dies_stops_the_server_with_one_line(trained_tiny_onnx):
-    server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--instances", "1", "--threads", "1"])
-    victim = _workers_of(server.proc.pid)[0]
+    server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--instances", "1", "--threads", "1",
+                            "--no-pin"])
+    workers = _workers_of(server.proc.pid)
+    assert [_affinity_of_every_thread(p) for p in workers] == [os.sched_getaffinity(0)] * 2  # --no-pin: every core
+    victim = workers[0]
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while server.proc.poll() is None and time.monotonic() < deadline:
@@ -105,8 +126,9 @@ def test_a_signal_before_the_workers_are_ready_stops_as_one_process_would(traine
                              "--model", str(trained_tiny_onnx), "--workers", "2", "--instances", "1", "--threads", "1",
                              "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
-    while not _workers_of(proc.pid) and time.monotonic() < deadline:  # spawned: their imports take far longer
-        time.sleep(0.005)  # than this loop's step, so the signal comes before they are ready
+    while len(_workers_of(proc.pid)) < 2 and time.monotonic() < deadline:  # both spawned (while they are, for a
+        time.sleep(0.005)  # few milliseconds, SIGINT is ignored) ...
+    time.sleep(0.05)  # ... and started; their imports take far longer, so the signal comes before they are ready
     proc.send_signal(sig)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == code and words in out and "Traceback" not in out and "ready at" not in out, out

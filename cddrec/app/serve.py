@@ -38,6 +38,9 @@ from .options import (
 @option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
         help="server processes sharing the port, each with its own model, batcher and engine instances on its "
              "share of the cores (like uvicorn's workers); not with --ray (use --replicas)")
+@option("--pin/--no-pin", default=True, show_default=True,
+        help="with --workers: bind each worker process to its own share of the cores (Linux, at most one worker "
+             "per core)")
 @option("--instances", type=click.IntRange(0, 256), default=0,
         help="engine workers running batches side by side on one loaded model, like Triton's instance count "
              "[default: 0, the backend's choice: ort-cpu one single-thread instance per core (or the cores "
@@ -65,7 +68,7 @@ from .options import (
         help="GPUs per Ray Serve replica [default: 1 for the CUDA backends, else 0]")
 @option("--verbose", is_flag=True, help="show Ray's own logging (with --ray)")
 @friendly_errors
-def main(model_path, model_name, host, port, backend, workers, threads, instances, max_batch, max_wait_ms, idle_poll_ms,
+def main(model_path, model_name, host, port, backend, workers, pin, threads, instances, max_batch, max_wait_ms, idle_poll_ms,
          max_queue, timeout_ms, max_body_bytes, access_log, tf32, ray_address, replicas, replica_gpus, verbose):
     """Serve an exported graph online: KServe v2 (what Triton speaks over HTTP), POST /v1/recommend, /metrics."""
     from cddrec.runtime.server.app import ServerConfig
@@ -89,7 +92,7 @@ def main(model_path, model_name, host, port, backend, workers, threads, instance
         raise click.UsageError("--replicas and --replica-gpus deploy on Ray Serve: add --ray local|auto|ADDRESS")
     config = ServerConfig(model_path, model_name, backend, threads, engine_options(backend, tf32), max_batch,
                           max_wait_ms, max_queue, timeout_ms, max_body_bytes, access_log, instances=instances,
-                          idle_poll_ms=idle_poll_ms, workers=workers)
+                          idle_poll_ms=idle_poll_ms, workers=workers, pin=pin)
     try:
         _ = config.layout  # a backend that cannot run side by side refuses --instances > 1 here
     except ValueError as e:

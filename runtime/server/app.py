@@ -78,13 +78,15 @@ class ServerConfig:
     instances: int = 0  # engine workers side by side on one model (0: the backend's choice)
     idle_poll_ms: float = 1.0  # after a lone request ran inline, the loop polls this long for the next
     workers: int = 1  # server processes sharing the port (standalone.serve_workers), each with this config
+    pin: bool = True  # several workers: each bound to its own share of the cores (standalone.core_shares)
+    cpus: tuple[int, ...] = ()  # in a pinned worker: the cores it is bound to
 
     @property
     def layout(self) -> tuple[int, int]:
         """(engine instances, threads each) of one worker process, from ``--instances`` and ``--threads`` by
         the backend's rule, on its share of the cores."""
-        return backend_class(self.backend).serving_instances(self.threads, self.instances,
-                                                             max(1, available_cores() // self.workers))
+        cores = len(self.cpus) or max(1, available_cores() // self.workers)
+        return backend_class(self.backend).serving_instances(self.threads, self.instances, cores)
 
     def check_loaded(self, backend) -> None:
         """A loaded backend whose runs cannot overlap (e.g. ort-cpu opened with ``buckets=``: one bound
@@ -245,7 +247,8 @@ class Server:
         m = self.model(call)
         return json_reply(model_config(m.name, m.contract, self.config.max_batch, self.models.platform,
                                        self.batcher.policy.instances * self.config.workers, m.rec.backend.device,
-                                       self.config.layout[1], self.batcher.policy, self.config.workers))
+                                       self.config.layout[1], self.batcher.policy, self.config.workers,
+                                       bool(self.config.cpus)))
 
     async def repository_index(self, call: Call) -> Reply:
         m = self.model_any()

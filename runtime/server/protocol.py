@@ -379,11 +379,12 @@ def model_metadata(name: str, versions: list[str], contract: GraphContract, plat
 
 
 def model_config(name: str, contract: GraphContract, max_batch: int, platform: str, instances: int = 1,
-                 device: str = "cpu", threads: int = 0, policy=None, workers: int = 1) -> dict:
+                 device: str = "cpu", threads: int = 0, policy=None, workers: int = 1, pinned: bool = False) -> dict:
     """``GET /v2/models/{name}/config``, as Triton's JSON model configuration: ``max_batch_size`` and
     dims without the batch axis when every tensor is batched along its first axis (else 0 and full dims);
     ``instance_group`` the engine instances (of every worker process); the parameters ``workers``
-    (``--workers``) and ``threads_per_instance`` (0: the backend's default); with the batcher's
+    (``--workers``), ``pinned`` (each worker bound to its share of the cores) and ``threads_per_instance``
+    (0: the backend's default); with the batcher's
     ``policy``, the parameter ``idle_poll_ms`` and, for a batched graph, ``dynamic_batching`` from
     ``--max-wait-ms`` (here the wait applies once an engine instance frees), ``--max-queue`` (users here,
     where Triton counts requests) and ``--timeout-ms`` (from arrival to answer here, queueing only in
@@ -398,7 +399,8 @@ def model_config(name: str, contract: GraphContract, max_batch: int, platform: s
            "input": tensors(contract.inputs), "output": tensors(contract.outputs),
            "instance_group": [{"count": instances, "kind": "KIND_GPU" if device == "cuda" else "KIND_CPU"}],
            "parameters": {"threads_per_instance": {"string_value": str(threads)},
-                          "workers": {"string_value": str(workers)}}}
+                          "workers": {"string_value": str(workers)},
+                          "pinned": {"string_value": str(pinned).lower()}}}
     if policy is not None and batched:
         doc["dynamic_batching"] = {"max_queue_delay_microseconds": round(policy.max_wait_s * 1e6),
                                    "default_queue_policy": {"max_queue_size": policy.max_queue,

@@ -11,7 +11,9 @@ With ``workers`` > 1 (``serve_workers``) this process claims the port, then supe
 worker processes, each with its own model, batcher and event loop and its own listening socket on
 the port (``SO_REUSEPORT``: the kernel spreads the connections evenly over the workers; on one
 shared socket, measured here, one worker took 62 of 64 keep-alive connections): the HTTP work and
-the engines no longer share one interpreter lock. It is ready when every worker is; it forwards
+the engines no longer share one interpreter lock. On Linux each worker is bound to its own share of
+the cores (``core_shares``; ``pin``, cddrec-serve's ``--pin/--no-pin``), so its event loop and engine
+threads stay on the cores whose caches hold its work. It is ready when every worker is; it forwards
 SIGTERM/SIGINT (each worker drains) and SIGHUP (each worker loads the newest version); a load
 through one worker's ``POST /v2/repository/models/NAME/load`` is passed on to the others. Metrics
 are shared through prometheus_client's multiprocess files (``metrics.py``). A worker that dies
@@ -21,6 +23,7 @@ stops the server (exit 1, the others drained).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -30,7 +33,7 @@ import socket
 import sys
 import tempfile
 import threading
-from typing import Callable
+from typing import Callable, Sequence
 
 from cddrec.errors import ConfigError
 
@@ -152,7 +155,8 @@ def _port_taken(host: str, port: int, e: OSError) -> ConfigError:
 
 def _model_line(config: ServerConfig, m) -> str:
     instances, threads = config.layout
-    workers = f"{config.workers} worker processes x " if config.workers > 1 else ""
+    workers = (f"{config.workers} worker processes{' (each bound to its share of the cores)' if config.cpus else ''}"
+               " x " if config.workers > 1 else "")
     return (f"cddrec-serve: {m.name} version {m.version} ({m.path}) on {config.backend}: K={m.contract.k}, "
             f"L={m.contract.max_len}, {m.contract.num_items:,} items; {workers}{instances} engine instance(s) x "
             f"{threads or 'default'} thread(s)")
@@ -207,10 +211,23 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     echo("cddrec-serve: stopped (requests in flight were answered)")
 
 
+def core_shares(cores: Sequence[int], n: int) -> list[tuple[int, ...]] | None:
+    """``n`` workers' shares of ``cores``: consecutive runs, as even as they can be (the first ones one
+    core more); None where there are fewer cores than workers."""
+    if n > len(cores):
+        return None
+    per, extra = divmod(len(cores), n)
+    bounds = [0]
+    for i in range(n):
+        bounds.append(bounds[-1] + per + (i < extra))
+    return [tuple(cores[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
 def _worker(config: ServerConfig, sock: socket.socket, conn) -> None:
-    """One worker process of ``serve_workers``: its model, app and event loop on its socket (listening once
-    the model is loaded); tells the supervisor ("ready", model line, name, url), ("failed", why) or
-    ("load",) after a load through its route. It stops when the supervisor dies (Linux)."""
+    """One worker process of ``serve_workers`` (bound to ``config.cpus`` from its start, where pinned): its
+    model, app and event loop on its socket (listening once the model is loaded); tells the supervisor
+    ("ready", model line, name, url), ("failed", why) or ("load",) after a load through its route. It
+    stops when the supervisor dies (Linux)."""
     from cddrec.errors import first_line
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the supervisor, which stops the workers
@@ -282,6 +299,27 @@ def _worker_sockets(host: str, port: int, n: int) -> list[socket.socket]:
     return socks
 
 
+@contextlib.contextmanager
+def _bound(cpus: tuple[int, ...]):
+    """This thread bound to ``cpus`` inside the block (what a process started there inherits), then unbound."""
+    if not cpus:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def pinnable(config: ServerConfig) -> bool:
+    """Whether ``config``'s workers are bound to shares of the cores: asked (``pin``), several workers,
+    at most one per core, on a platform that binds (Linux)."""
+    return (config.pin and config.workers > 1 and hasattr(os, "sched_setaffinity")
+            and config.workers <= len(os.sched_getaffinity(0)))
+
+
 def _ended(code: int | None) -> str:
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
@@ -296,10 +334,13 @@ class _Workers:
         self.procs, self.conns = [], []
         self.ready: set[int] = set()
         self.owed: set[int] = set()  # asked to reload while loading: told once ready
+        shares = core_shares(sorted(os.sched_getaffinity(0)), config.workers) if pinnable(config) else None
         for i in range(config.workers):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(config, socks[i], child), daemon=False)
-            p.start()
+            own = dataclasses.replace(config, cpus=shares[i]) if shares else config
+            p = ctx.Process(target=_worker, args=(own, socks[i], child), daemon=False)
+            with _bound(own.cpus):  # from its first instruction: every thread it starts (its libraries' at
+                p.start()  # import too) inherits the binding
             child.close()
             if len(set(map(id, socks))) > 1:
                 socks[i].close()  # the worker has its own: this copy would keep the port listening after it
@@ -372,8 +413,10 @@ def serve_workers(config: ServerConfig, host: str, port: int, echo: Callable[[st
         configure_logging(config.access_log)
         metrics_dir = tempfile.mkdtemp(prefix="cddrec-serve-metrics-")
         os.environ[MULTIPROCESS_ENV] = os.environ[WORKERS_ENV] = metrics_dir  # the workers are spawned with it
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through exec: a Ctrl-C during a worker's imports
-        try:  # reaches the supervisor only, which stops them
+        # ignored while the workers are started, which they inherit through exec: a Ctrl-C during their
+        # imports reaches the supervisor only, which stops them (one given in these few milliseconds is lost)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
             workers = _Workers(multiprocessing.get_context("spawn"), config, socks)  # fresh interpreters
         finally:
             signal.signal(signal.SIGINT, on_signal)
