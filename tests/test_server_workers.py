@@ -61,9 +61,9 @@ def rec(trained_tiny_onnx):
 
 def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny_onnx, rec):
     server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--instances", "1", "--threads", "1",
-                            "--idle-poll-ms", "0", "--access-log"])
+                            "--idle-poll-ms", "0", "--access-log", "--pin"])
     cores = os.sched_getaffinity(0)
-    pinned = len(cores) >= 2  # each worker bound to its share of the cores (the default, --pin)
+    pinned = len(cores) >= 2  # --pin: each worker bound to its share of the cores (not with more workers than cores)
     try:
         assert ("2 worker processes (each bound to its share of the cores) x" if pinned else "2 worker processes x")\
             + " 1 engine instance(s) x 1 thread(s)" in server.output()
@@ -101,10 +101,9 @@ def test_workers_answer_as_the_recommender_and_their_metrics_add_up(trained_tiny
 
 
 def test_a_worker_that_dies_stops_the_server_with_one_line(trained_tiny_onnx):
-    server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--instances", "1", "--threads", "1",
-                            "--no-pin"])
+    server = ServerProcess(["--model", trained_tiny_onnx, "--workers", "2", "--instances", "1", "--threads", "1"])
     workers = _workers_of(server.proc.pid)
-    assert [_affinity_of_every_thread(p) for p in workers] == [os.sched_getaffinity(0)] * 2  # --no-pin: every core
+    assert [_affinity_of_every_thread(p) for p in workers] == [os.sched_getaffinity(0)] * 2  # not bound by default
     victim = workers[0]
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 60

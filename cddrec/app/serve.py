@@ -38,7 +38,7 @@ from .options import (
 @option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
         help="server processes sharing the port, each with its own model, batcher and engine instances on its "
              "share of the cores (like uvicorn's workers); not with --ray (use --replicas)")
-@option("--pin/--no-pin", default=True, show_default=True,
+@option("--pin", is_flag=True,
         help="with --workers: bind each worker process to its own share of the cores (Linux, at most one worker "
              "per core)")
 @option("--instances", type=click.IntRange(0, 256), default=0,

@@ -78,7 +78,7 @@ class ServerConfig:
     instances: int = 0  # engine workers side by side on one model (0: the backend's choice)
     idle_poll_ms: float = 1.0  # after a lone request ran inline, the loop polls this long for the next
     workers: int = 1  # server processes sharing the port (standalone.serve_workers), each with this config
-    pin: bool = True  # several workers: each bound to its own share of the cores (standalone.core_shares)
+    pin: bool = False  # several workers: each bound to its own share of the cores (standalone.core_shares)
     cpus: tuple[int, ...] = ()  # in a pinned worker: the cores it is bound to
 
     @property

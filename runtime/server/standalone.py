@@ -11,9 +11,8 @@ With ``workers`` > 1 (``serve_workers``) this process claims the port, then supe
 worker processes, each with its own model, batcher and event loop and its own listening socket on
 the port (``SO_REUSEPORT``: the kernel spreads the connections evenly over the workers; on one
 shared socket, measured here, one worker took 62 of 64 keep-alive connections): the HTTP work and
-the engines no longer share one interpreter lock. On Linux each worker is bound to its own share of
-the cores (``core_shares``; ``pin``, cddrec-serve's ``--pin/--no-pin``), so its event loop and engine
-threads stay on the cores whose caches hold its work. It is ready when every worker is; it forwards
+the engines no longer share one interpreter lock. With ``pin`` (cddrec-serve ``--pin``, Linux) each
+worker is bound to its own share of the cores (``core_shares``). It is ready when every worker is; it forwards
 SIGTERM/SIGINT (each worker drains) and SIGHUP (each worker loads the newest version); a load
 through one worker's ``POST /v2/repository/models/NAME/load`` is passed on to the others. Metrics
 are shared through prometheus_client's multiprocess files (``metrics.py``). A worker that dies
