@@ -8,9 +8,8 @@ The one implementation of the serving-side encoding, used by ``Recommender`` (an
 - ``encode_flat`` / ``encode_histories``: histories (flat keys + offsets) -> the known ids per
   user, unknown items counted, optionally only the most recent ``max_history``;
 - ``left_pad``: flat ids -> the graph's (B, S) input, right-aligned after 0 padding;
-- ``encode_flat``, ``left_pad`` and ``decode_rows`` take a shorter path for one user (a server's lone
-  request: a few list operations instead of a dozen numpy calls, which at one user cost more than the
-  work), tested against the batch path (tests/test_pipeline.py);
+- ``encode_one``: the same for one user in plain Python (``Recommender.recommend_one``, a server's
+  lone request, tested against the batch path in tests/test_pipeline.py);
 - ``TopK`` and ``fill_popular``: the engine's (n, K) outputs with the cold-start fallback;
 - ``request_problem`` / ``history_problem``: the one request rule (cddrec-infer's lines, the
   server's bodies, ``Recommender.recommend``'s histories);
@@ -183,8 +182,6 @@ def encode_flat(values: pa.Array | list, offsets: np.ndarray, mapper: KeyMapper,
     ``Encoded``."""
     offs = np.asarray(offsets, dtype=np.int64)
     lo, hi = int(offs[0]), int(offs[-1])
-    if len(offs) == 2 and isinstance(values, list) and hi - lo <= mapper.SMALL:
-        return _encode_one(values[lo:hi], mapper, max_history)
     ids = mapper.ids(values[lo:hi] if isinstance(values, list) else values.slice(lo, hi - lo))  # (total,)
     offs = offs - offs[0]
     n, lens = len(offs) - 1, np.diff(offs)
@@ -206,14 +203,13 @@ def encode_flat(values: pa.Array | list, offsets: np.ndarray, mapper: KeyMapper,
     return Encoded(ids[keep], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), unknown.astype(np.int64))
 
 
-def _encode_one(values: list, mapper: KeyMapper, max_history: int | None) -> Encoded:
-    """``encode_flat`` of one user's keys in plain Python (a server's lone request: the array path's
-    dozen numpy calls cost more than its one dict lookup per key)."""
-    ids = mapper.id_list(values)
+def encode_one(history: list, mapper: KeyMapper, max_history: int | None = None) -> tuple[list[int], int]:
+    """One user's checked keys -> (the known ids kept, as ``encode_flat`` keeps them; how many were
+    unknown), in plain Python: for a lone request the array path's dozen numpy calls cost more than
+    its one dict lookup per key."""
+    ids = mapper.id_list(history)
     known = [i for i in ids if i]
-    kept = known[-max_history:] if max_history else known
-    return Encoded(np.array(kept, dtype=np.int64), np.array([0, len(kept)], dtype=np.int64),
-                   np.array([len(ids) - len(known)], dtype=np.int64))
+    return (known[-max_history:] if max_history else known), len(ids) - len(known)
 
 
 def encode_histories(histories: Sequence[Sequence], mapper: KeyMapper, max_history: int | None = None) -> Encoded:
@@ -280,9 +276,6 @@ def fill_popular(top: TopK, rows: np.ndarray, popular: tuple[np.ndarray, np.ndar
 
 def decode_rows(top: TopK, mapper: KeyMapper) -> tuple[list[list], list[list[float]]]:
     """Per user: the item keys and scores of the valid entries (Python lists)."""
-    if len(top.valid) == 1:  # one user: no offsets
-        valid = top.valid[0]
-        return [mapper.key_list(top.items[0][valid])], [top.scores[0][valid].astype(np.float64).tolist()]
     counts = top.valid.sum(axis=1)
     keys = mapper.key_list(top.items[top.valid])
     scores = top.scores[top.valid].astype(np.float64).tolist()

@@ -26,7 +26,19 @@ from cddrec.contract import MASK_SCORE, ServingInfo, serving_info
 from cddrec.errors import ModelFileError
 
 from .backends import BackendBase, OrtBackend, load_backend
-from .codec import Encoded, KeyMapper, TopK, decode_rows, encode_histories, fill_popular, left_pad, popular_ids, source_of
+from .codec import (
+    Encoded,
+    KeyMapper,
+    TopK,
+    decode_rows,
+    encode_histories,
+    encode_one,
+    fill_popular,
+    history_problem,
+    left_pad,
+    popular_ids,
+    source_of,
+)
 
 MAX_CELLS = 1 << 22  # padded ids per engine batch (32 MB of int64)
 
@@ -115,28 +127,27 @@ class Recommender:
         c = self.info.contract
         counts = enc.counts
         top = TopK.empty(len(enc), k)
-        if len(enc) == 1:  # a lone request (a server's): its one batch without the batching bookkeeping
-            model_rows = np.zeros(int(counts[0] > 0), dtype=np.int64)
-            runs = iter([((0, 1), self.backend.infer(self._feed(enc.ids, counts)))] if len(model_rows) else [])
-        else:
-            model_rows = np.flatnonzero(counts > 0)
-            mcounts = counts[model_rows]
-            moffs = np.concatenate([[0], np.cumsum(mcounts)])
-            runs = self._run_all(((a, b), self._feed(enc.ids[moffs[a]:moffs[b]], mcounts[a:b]))
-                                 for a, b in engine_batches(mcounts, batch_size, c.max_len))
+        model_rows = np.flatnonzero(counts > 0)
+        mcounts = counts[model_rows]
+        moffs = np.concatenate([[0], np.cumsum(mcounts)])
         every = len(model_rows) == len(enc)  # every user has a known item: model rows a..b are users a..b
-        for (a, b), res in runs:
-            if res["top_items"].shape[1] != c.k:
-                raise ModelFileError(f"the graph returns {res['top_items'].shape[1]} items per user but its metadata "
-                                     f"says K={c.k}: the metadata does not belong to this graph; re-export it")
+        for (a, b), res in self._run_all(((a, b), self._feed(enc.ids[moffs[a]:moffs[b]], mcounts[a:b]))
+                                         for a, b in engine_batches(mcounts, batch_size, c.max_len)):
+            self._check_outputs(res)
             rows = slice(a, b) if every else model_rows[a:b]
             top.items[rows] = res["top_items"][:, :k]  # (B, k)
             top.scores[rows] = res["top_scores"][:, :k]
-            top.valid[rows] = res["top_scores"][:, :k] > MASK_SCORE / 2  # fewer than k rankable items left
+            top.valid[rows] = rankable(res["top_scores"][:, :k])
         unknown = counts == 0
         if unknown.any():  # mapping the popularity keys costs more than a batch of one's other work
             fill_popular(top, unknown, popular_ids(self.info.popular, self.mapper, k))
         return top
+
+    def _check_outputs(self, res: dict[str, np.ndarray]) -> None:
+        K = self.info.contract.k
+        if res["top_items"].shape[1] != K:
+            raise ModelFileError(f"the graph returns {res['top_items'].shape[1]} items per user but its metadata "
+                                 f"says K={K}: the metadata does not belong to this graph; re-export it")
 
     def _feed(self, ids: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
         """The graph's inputs for one engine batch: ``ids`` (N,) flat, ``counts`` (B,) per row."""
@@ -167,14 +178,43 @@ class Recommender:
 
     def recommend(self, histories: Sequence[Sequence], k: int | None = None) -> list[Recommendation]:
         """Top-k item keys and scores for each history (item keys, oldest first)."""
+        if len(histories) == 1:
+            problem = history_problem(histories[0])
+            if problem:
+                raise ValueError(f"history 0 {problem}")
+            return [self.recommend_one(histories[0], k)]
         enc = encode_histories(histories, self.mapper, self.max_history)
         top = self.infer_encoded(enc, k)
         keys, scores = decode_rows(top, self.mapper)
         return [Recommendation(ks, ss, source_of(fb), int(u))
                 for ks, ss, fb, u in zip(keys, scores, top.fallback, enc.unknown)]
 
+    def recommend_one(self, history: list, k: int | None = None) -> Recommendation:
+        """``recommend([history], k)[0]`` for one history of checked keys (``codec.history_problem``) with a
+        dozen fewer numpy calls: a server's lone request, where they cost more than the work around the
+        engine run (tests/test_pipeline.py checks it against the batch path)."""
+        k = self.check_k(k)
+        ids, unknown = encode_one(history, self.mapper, self.max_history)
+        if not ids:  # nothing known: the popularity fallback, as the batch path builds it
+            top = TopK.empty(1, k)
+            fill_popular(top, np.ones(1, dtype=bool), popular_ids(self.info.popular, self.mapper, k))
+            keys, scores = decode_rows(top, self.mapper)
+            return Recommendation(keys[0], scores[0], source_of(True), unknown)
+        res = self.backend.infer(self._feed(np.array(ids, dtype=np.int64), np.array([len(ids)])))
+        self._check_outputs(res)
+        scores = res["top_scores"][0, :k]  # (k,)
+        valid = rankable(scores)
+        return Recommendation(self.mapper.key_list(res["top_items"][0, :k][valid]),
+                              scores[valid].astype(np.float64).tolist(), source_of(False), unknown)
+
     def check_k(self, k: int | None) -> int:
         return self.info.contract.check_k(k)
+
+
+def rankable(scores: np.ndarray) -> np.ndarray:
+    """Which top-k entries are items (bool, as ``scores``): a user with fewer than k rankable items left
+    after masking gets masked entries at the end."""
+    return scores > MASK_SCORE / 2
 
 
 def engine_batches(counts: np.ndarray, batch_size: int, L: int) -> Iterator[tuple[int, int]]:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from cddrec.app.infer import main as infer_main
 from cddrec.io import output_lock
-from cddrec.runtime.codec import KeyMapper, encode_flat, left_pad
+from cddrec.runtime.codec import KeyMapper, encode_flat, encode_one, left_pad
 from cddrec.runtime.pipeline import SeenUsers, run_batch
 from cddrec.runtime.recommender import Recommender
 from cddrec.vocab import Vocab
@@ -124,9 +124,9 @@ def test_seen_users_matches_a_set():
 @pytest.mark.parametrize("max_history", [None, 3])
 @pytest.mark.parametrize("seed", [11, 12])
 def test_one_user_alone_equals_its_row_in_a_batch(rec, monkeypatch, max_history, seed):
-    """The one-user paths (a server's lone request: ``encode_flat`` in plain Python, ``left_pad``'s
-    single row, ``infer_encoded`` without the batching, ``decode_rows``' single row) against the batch
-    paths on random requests (int and string keys, unknown items, empty and all-unknown histories)."""
+    """The one-user path (a server's lone request: ``encode_one``, ``left_pad``'s single row,
+    ``Recommender.recommend_one``) against the batch path on random requests: int and string keys,
+    unknown items, empty and all-unknown histories, a history leaving fewer than k items to rank."""
     monkeypatch.setattr(rec, "max_history", max_history)
     keys = rec.info.vocab.keys
     hists = [r["history"] for r in random_requests(keys, 80, seed)] + [list(keys[3:])]  # 3 items left to rank
@@ -138,15 +138,14 @@ def test_one_user_alone_equals_its_row_in_a_batch(rec, monkeypatch, max_history,
     assert {x.source for x in together} == {"model", "popularity"}
     assert len(together[-1].items) == (3 if max_history is None else 7)
     for i, h in enumerate(hists):
-        one = encode_flat(list(h), np.array([0, len(h)]), rec.mapper, max_history)
-        assert one.ids.tolist() == batch.ids[batch.offsets[i]:batch.offsets[i + 1]].tolist()
-        assert one.offsets.tolist() == [0, batch.counts[i]] and one.unknown.tolist() == [batch.unknown[i]]
-        assert one.ids.dtype == one.offsets.dtype == one.unknown.dtype == np.int64
-        assert left_pad(one.ids, one.counts, width).tolist() == feed[i:i + 1].tolist()
-        alone = rec.recommend([h], k=7)[0]
-        want = together[i]
-        assert (alone.items, alone.source, alone.unknown) == (want.items, want.source, want.unknown)
-        assert np.allclose(alone.scores, want.scores, rtol=rec.contract.rtol, atol=rec.contract.atol)
+        ids, unknown = encode_one(list(h), rec.mapper, max_history)
+        assert ids == batch.ids[batch.offsets[i]:batch.offsets[i + 1]].tolist() and unknown == batch.unknown[i]
+        assert left_pad(np.array(ids, dtype=np.int64), np.array([len(ids)]), width).tolist() == feed[i:i + 1].tolist()
+        for alone in (rec.recommend_one(list(h), 7), rec.recommend([h], k=7)[0]):
+            want = together[i]
+            assert (alone.items, alone.source, alone.unknown) == (want.items, want.source, want.unknown)
+            assert np.allclose(alone.scores, want.scores, rtol=rec.contract.rtol, atol=rec.contract.atol)
+            assert all(type(x) is float for x in alone.scores)
 
 
 def test_left_pad():

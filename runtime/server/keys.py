@@ -9,7 +9,8 @@ counts) stands in.
 Checks happen here, on the event loop, so that a bad request gets its 400 and never reaches a
 batch (the one request rule, ``codec.request_problem``); encoding, inference and decoding happen per
 batch on an engine worker (``KeyRunner``), with the one serving codec (``cddrec.runtime.codec``:
-``encode_flat``, ``decode_rows``) and ``Recommender.infer_encoded``: the keys,
+``encode_flat``, ``decode_rows``) and ``Recommender.infer_encoded`` (a lone request of one user:
+``Recommender.recommend_one``, tested against it): the keys,
 masking and fallback are exactly cddrec-infer's. Scores are rounded as cddrec-infer
 writes them (``codec.round_scores``).
 """
@@ -93,6 +94,10 @@ class KeyRunner:
 
     def __call__(self, payloads: list[KeyRequest]) -> list[bytes]:
         m = self.models.current
+        if len(payloads) == 1 and payloads[0].size == 1:  # a lone request of one user: the short path
+            p = payloads[0]
+            r = m.for_batch(1).recommend_one(p.histories[0], p.ks[0])
+            return [_dump(p, [p.users[0]], [r.items], [round_scores(r.scores).tolist()], [r.source])]
         hists = [h for p in payloads for h in p.histories]
         rec = m.for_batch(len(hists))
         K = rec.contract.k
@@ -105,11 +110,15 @@ class KeyRunner:
             top.valid &= np.arange(K)[None, :] < np.array(ks)[:, None]  # each request's own k
         top.scores = round_scores(top.scores)
         keys, scores = decode_rows(top, rec.mapper)
-        fallback = top.fallback.tolist()
+        sources = [source_of(f) for f in top.fallback.tolist()]
         out, i = [], 0
         for p in payloads:
-            recs = [{"user": u, "items": keys[j], "scores": scores[j], "source": source_of(fallback[j])}
-                    for j, u in zip(range(i, i + p.size), p.users)]
+            out.append(_dump(p, p.users, keys[i:i + p.size], scores[i:i + p.size], sources[i:i + p.size]))
             i += p.size
-            out.append(orjson.dumps(recs[0] if p.single else recs))
         return out
+
+
+def _dump(p: KeyRequest, users: list, items: list, scores: list, sources: list) -> bytes:
+    """The answer to one body: an object per request (one object for a single request)."""
+    recs = [{"user": u, "items": it, "scores": sc, "source": so} for u, it, sc, so in zip(users, items, scores, sources)]
+    return orjson.dumps(recs[0] if p.single else recs)
