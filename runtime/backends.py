@@ -28,7 +28,6 @@ third-party package would register its own; this package never names them.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -39,7 +38,7 @@ from cddrec.contract import GraphContract
 from cddrec.errors import BackendUnavailable, ModelFileError, first_line
 
 from .buckets import DEFAULT_BUCKETS, check_buckets, run_bucketed
-from .session import cuda_provider_available, import_ort, ort_session, session_io
+from .session import available_cores, cuda_provider_available, import_ort, ort_session, session_io
 
 ENTRY_POINT_GROUP = "cddrec.backends"
 WARMUP_BATCHES = (1, 64)  # shapes a dynamic-shape backend runs once at load
@@ -206,14 +205,6 @@ def tf32_problem(backend: str) -> str | None:
     return f"tf32 applies to {' and '.join(tf32_backends())}, not {backend}"
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the platform tells it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def load_backend(path: str | Path, backend: str = "ort-cpu", *, k: int | None = None, threads: int = 0,
                  warmup: bool = False, **options) -> BackendBase:
     """Open ``path`` with the backend called ``backend``; ``k`` is used by backends that build their
@@ -372,7 +363,7 @@ class OrtCpu(OrtBackend):
         """A one-thread session for batches of few users when the main one has several threads: a
         multi-threaded session that does not spin wakes its pool for each of the graph's ops, which
         costs more than the work of a batch of one."""
-        return 1 if (threads or os.cpu_count() or 1) > 1 else None
+        return 1 if (threads or available_cores()) > 1 else None
 
     concurrent_runs = True  # InferenceSession.run is thread-safe (not so a bucketed one: see OrtBackend)
 

@@ -65,6 +65,9 @@ class Recommendation:
 class Recommender:
     def __init__(self, backend: BackendBase, info: ServingInfo, max_history: int | None = None, seed: int = 0,
                  instances: int = 1):
+        if max_history is not None and (isinstance(max_history, bool) or not isinstance(max_history, int)
+                                        or max_history < 1):
+            raise ValueError(f"max_history must be a positive integer or None, got {max_history!r}")
         self.backend, self.info, self.max_history = backend, info, max_history
         self.mapper = KeyMapper(info.vocab)
         self.rng = np.random.default_rng(seed)  # the noise of a stochastic graph (sampled reverse chain)

@@ -13,6 +13,16 @@ from pathlib import Path
 
 from cddrec.errors import BackendUnavailable
 
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform tells it: a container's or
+    a pinned server worker's share, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 LEVELS = ("disable", "basic", "extended", "all")
 
 
@@ -43,7 +53,7 @@ def session_options(threads: int = 0, level: str = "all", optimized_path: str | 
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[level]
-    so.intra_op_num_threads = threads if threads > 0 else (os.cpu_count() or 1)
+    so.intra_op_num_threads = threads if threads > 0 else available_cores()
     so.inter_op_num_threads = 1
     if allow_spinning is not None:  # intra-op threads busy-wait between ops (ONNX Runtime's default: on)
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")

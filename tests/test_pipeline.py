@@ -148,6 +148,12 @@ def test_one_user_alone_equals_its_row_in_a_batch(rec, monkeypatch, max_history,
             assert all(type(x) is float for x in alone.scores)
 
 
+@pytest.mark.parametrize("max_history", [0, -1, 2.5, True])
+def test_max_history_is_a_positive_integer(rec, max_history):
+    with pytest.raises(ValueError, match="max_history must be a positive integer"):
+        Recommender(rec.backend, rec.info, max_history)
+
+
 def test_left_pad():
     out = left_pad(np.array([1, 2, 3, 4, 5, 6]), np.array([2, 0, 3, 1]), 4)
     assert out.tolist() == [[0, 0, 1, 2], [0, 0, 0, 0], [0, 3, 4, 5], [0, 0, 0, 6]]

@@ -533,14 +533,28 @@ def test_a_k_beyond_the_graph_says_what_would_help():
     assert CONTRACT.check_k(None) == 3 and CONTRACT.check_k(2) == 2
 
 
-def test_worker_core_shares_are_consecutive_runs_as_even_as_they_can_be():
+def test_worker_core_shares_are_equal_and_keep_a_cores_hyperthreads_together(monkeypatch):
+    from cddrec.runtime.server import standalone
     from cddrec.runtime.server.app import ServerConfig
-    from cddrec.runtime.server.standalone import core_shares
+    from cddrec.runtime.server.standalone import core_shares, pin_problem
 
+    monkeypatch.setattr(standalone, "_topology_key", lambda cpu: (0, cpu, cpu))  # one package, no hyperthreads
     assert core_shares([0, 1], 2) == [(0,), (1,)]
-    assert core_shares(list(range(8)), 3) == [(0, 1, 2), (3, 4, 5), (6, 7)]
     assert core_shares([2, 5, 6, 9], 1) == [(2, 5, 6, 9)]
-    assert core_shares([0, 1], 3) is None  # more workers than cores: not bound
+    assert core_shares(list(range(8)), 4) == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    # two packages of two cores with two hyperthreads each, numbered as Linux often does (siblings n, n+4)
+    topo = {c: (c % 4 // 2, c % 2, c) for c in range(8)}
+    monkeypatch.setattr(standalone, "_topology_key", topo.__getitem__)
+    assert core_shares(list(range(8)), 2) == [(0, 1, 4, 5), (2, 3, 6, 7)]  # a package each
+    assert core_shares(list(range(8)), 4) == [(0, 4), (1, 5), (2, 6), (3, 7)]  # a core (both threads) each
+    # what --pin refuses, in one line each
+    if hasattr(standalone.os, "sched_setaffinity"):
+        assert pin_problem(2, [0, 1]) is None
+        assert "--workers N" in pin_problem(1, [0, 1])
+        assert "cannot share the 8 CPUs" in pin_problem(3, list(range(8)))
+        assert "cannot share the 1 CPUs" in pin_problem(2, [0])
+    monkeypatch.delattr(standalone.os, "sched_setaffinity", raising=False)
+    assert "does not bind" in pin_problem(2, [0, 1])
     # a bound worker's engine layout comes from its own cores, not from every core divided again
     assert ServerConfig("m.onnx", workers=3, cpus=(0, 1, 2)).layout == (3, 1)
     assert ServerConfig("m.onnx", workers=3, cpus=(6, 7), threads=2).layout == (1, 2)

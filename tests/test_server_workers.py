@@ -131,3 +131,16 @@ def test_a_signal_before_the_workers_are_ready_stops_as_one_process_would(traine
     proc.send_signal(sig)
     out = proc.communicate(timeout=60)[0]
     assert proc.returncode == code and words in out and "Traceback" not in out and "ready at" not in out, out
+
+
+@pytest.mark.parametrize("args, words", [(["--pin"], "use it with --workers N"),
+                                         (["--workers", str(next(w for w in range(2, 65)
+                                                                 if len(os.sched_getaffinity(0)) % w)), "--pin"],
+                                          "cannot share the")])
+def test_pin_that_cannot_bind_equal_shares_is_refused_in_one_line(trained_tiny_onnx, args, words):
+    from click.testing import CliRunner
+
+    from cddrec.app.serve import main
+
+    r = CliRunner().invoke(main, ["--model", str(trained_tiny_onnx), "--port", "0", *args])
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output

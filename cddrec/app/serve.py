@@ -39,8 +39,8 @@ from .options import (
         help="server processes sharing the port, each with its own model, batcher and engine instances on its "
              "share of the cores (like uvicorn's workers); not with --ray (use --replicas)")
 @option("--pin", is_flag=True,
-        help="with --workers: bind each worker process to its own share of the cores (Linux, at most one worker "
-             "per core)")
+        help="with --workers N: bind each worker process to its own equal share of the cores (Linux; N must "
+             "divide the CPUs this process may use)")
 @option("--instances", type=click.IntRange(0, 256), default=0,
         help="engine workers running batches side by side on one loaded model, like Triton's instance count "
              "[default: 0, the backend's choice: ort-cpu one single-thread instance per core (or the cores "
@@ -88,6 +88,12 @@ def main(model_path, model_name, host, port, backend, workers, pin, threads, ins
                                  f"x the {cores} cores this process may use", param_hint="--workers")
     if ray_address is not None and workers > 1:
         raise click.UsageError("--workers is for one machine; on Ray Serve scale with --replicas")
+    if pin:
+        from cddrec.runtime.server.standalone import pin_problem, usable_cpus
+
+        problem = "not with --ray" if ray_address is not None else pin_problem(workers, usable_cpus())
+        if problem:
+            raise click.BadParameter(problem, param_hint="--pin")
     if ray_address is None and (replicas != 1 or replica_gpus is not None):
         raise click.UsageError("--replicas and --replica-gpus deploy on Ray Serve: add --ray local|auto|ADDRESS")
     config = ServerConfig(model_path, model_name, backend, threads, engine_options(backend, tf32), max_batch,

@@ -12,7 +12,7 @@ worker processes, each with its own model, batcher and event loop and its own li
 the port (``SO_REUSEPORT``: the kernel spreads the connections evenly over the workers; on one
 shared socket, measured here, one worker took 62 of 64 keep-alive connections): the HTTP work and
 the engines no longer share one interpreter lock. With ``pin`` (cddrec-serve ``--pin``, Linux) each
-worker is bound to its own share of the cores (``core_shares``). It is ready when every worker is; it forwards
+worker is bound to its own equal share of the cores (``core_shares``). It is ready when every worker is; it forwards
 SIGTERM/SIGINT (each worker drains) and SIGHUP (each worker loads the newest version); a load
 through one worker's ``POST /v2/repository/models/NAME/load`` is passed on to the others. Metrics
 are shared through prometheus_client's multiprocess files (``metrics.py``). A worker that dies
@@ -210,16 +210,42 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
     echo("cddrec-serve: stopped (requests in flight were answered)")
 
 
-def core_shares(cores: Sequence[int], n: int) -> list[tuple[int, ...]] | None:
-    """``n`` workers' shares of ``cores``: consecutive runs, as even as they can be (the first ones one
-    core more); None where there are fewer cores than workers."""
-    if n > len(cores):
-        return None
-    per, extra = divmod(len(cores), n)
-    bounds = [0]
-    for i in range(n):
-        bounds.append(bounds[-1] + per + (i < extra))
-    return [tuple(cores[a:b]) for a, b in zip(bounds, bounds[1:])]
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity where the platform tells it)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return list(range(os.cpu_count() or 1))
+
+
+def pin_problem(workers: int, cores: Sequence[int]) -> str | None:
+    """Why ``workers`` worker processes cannot each be bound to an equal share of ``cores`` (the CPUs
+    this process may use), None when they can."""
+    if not hasattr(os, "sched_setaffinity"):
+        return "this platform does not bind processes to cores (Linux does)"
+    if workers < 2:
+        return "it binds worker processes to shares of the cores: use it with --workers N (N >= 2)"
+    if len(cores) % workers:
+        return f"{workers} workers cannot share the {len(cores)} CPUs this process may use equally"
+    return None
+
+
+def core_shares(cores: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    """``n`` equal shares of ``cores`` (``pin_problem`` None): consecutive runs in the machine's topology
+    order (package, core, CPU), so that a core's hyperthreads and a package's cores stay together."""
+    order = sorted(cores, key=_topology_key)
+    per = len(order) // n
+    return [tuple(sorted(order[i * per:(i + 1) * per])) for i in range(n)]
+
+
+def _topology_key(cpu: int) -> tuple[int, int, int]:
+    """(package, core, cpu) from Linux's sysfs; (0, cpu, cpu) where it does not say."""
+    base = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+    try:
+        with open(base + "physical_package_id") as pkg, open(base + "core_id") as core:
+            return int(pkg.read()), int(core.read()), cpu
+    except (OSError, ValueError):
+        return 0, cpu, cpu
 
 
 def _worker(config: ServerConfig, sock: socket.socket, conn) -> None:
@@ -312,13 +338,6 @@ def _bound(cpus: tuple[int, ...]):
         os.sched_setaffinity(0, before)
 
 
-def pinnable(config: ServerConfig) -> bool:
-    """Whether ``config``'s workers are bound to shares of the cores: asked (``pin``), several workers,
-    at most one per core, on a platform that binds (Linux)."""
-    return (config.pin and config.workers > 1 and hasattr(os, "sched_setaffinity")
-            and config.workers <= len(os.sched_getaffinity(0)))
-
-
 def _ended(code: int | None) -> str:
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
@@ -333,7 +352,16 @@ class _Workers:
         self.procs, self.conns = [], []
         self.ready: set[int] = set()
         self.owed: set[int] = set()  # asked to reload while loading: told once ready
-        shares = core_shares(sorted(os.sched_getaffinity(0)), config.workers) if pinnable(config) else None
+        shares = None
+        if config.pin:
+            cores = usable_cpus()
+            problem = pin_problem(config.workers, cores)
+            if problem:
+                raise ConfigError(f"--pin: {problem}")
+            shares = core_shares(cores, config.workers)
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()  # started now, unbound, rather than by the first worker's start
         for i in range(config.workers):
             parent, child = ctx.Pipe()
             own = dataclasses.replace(config, cpus=shares[i]) if shares else config
