@@ -113,8 +113,9 @@ class KeyRunner:
         sources = [source_of(f) for f in top.fallback.tolist()]
         out, i = [], 0
         for p in payloads:
-            out.append(_dump(p, p.users, keys[i:i + p.size], scores[i:i + p.size], sources[i:i + p.size]))
-            i += p.size
+            j = i + len(p.users)
+            out.append(_dump(p, p.users, keys[i:j], scores[i:j], sources[i:j]))
+            i = j
         return out
 
 
