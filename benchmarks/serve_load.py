@@ -74,6 +74,7 @@ class LoadResult:
     engine_ms_per_batch: float | None
     errors: dict = field(default_factory=dict)  # status (or exception name) -> count
     engine_near: dict | None = None  # ONNX Runtime alone right before and after this step (EngineAlone.around)
+    round: int = 1  # of run_serve_load's rounds
 
 
 # ------------------------------------------------------------------------------ the servers
@@ -561,15 +562,31 @@ def route_requests(url: str, info: dict, route: str, keys: list | None, rng: np.
     return key_bodies(keys if keys else gather_keys(url, K), L, K, rng), "/v1/recommend"
 
 
+def median_ratios(by_round: list[dict]) -> dict:
+    """Per route, each ratio's median over the rounds (``ratios`` of each), and the targets judged on them."""
+    out = {}
+    for route in by_round[0]:
+        rows = [r[route] for r in by_round if route in r]
+        d = {k: float(np.median([r[k] for r in rows if k in r])) for k in rows[0] if not k.endswith("_met")}
+        if "c64_throughput_vs_ort_b256" in d:
+            d["c64_target_met"] = d["c64_throughput_vs_ort_b256"] >= 0.6 and d["c64_p99_ms"] <= 50
+        if "c1_p50_minus_ort_b1_p50_ms" in d:
+            d["c1_target_met"] = d["c1_p50_minus_ort_b1_p50_ms"] <= 0.5
+        out[route] = d
+    return out
+
+
 def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: list[str], model: str | None = None,
-                   threads: int = 0, echo: Callable[[str], None] = print) -> dict:
+                   threads: int = 0, echo: Callable[[str], None] = print, rounds: int = 1) -> dict:
+    """Every route at every concurrency, ``rounds`` times over; with ``model``, each step between two
+    timings of ONNX Runtime alone, the issue's ratios per round (``ratios_by_round``) and their medians."""
     url = server_url(url)
     info = server_model(url)
     keys = _vocab_keys(graph_info(model, [url], [info])) if model else None
     L = int(info.get("L", 20))
     rng = np.random.default_rng(0)
     res: dict = {"url": url, "server_model": info, "settings": server_settings(info), "seconds": seconds,
-                 "concurrency": concurrency, "routes": routes}
+                 "concurrency": concurrency, "routes": routes, "rounds": rounds}
     engine = None
     if model:
         echo(f"engine alone: ONNX Runtime on {model}, L={L}, timed before and after the steps it is compared with")
@@ -577,31 +594,34 @@ def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: lis
         engine = EngineAlone(model, L, threads, seconds=min(3.0, seconds), layout=layout)
     results = []
     try:
-        for route in routes:
-            bodies, path = route_requests(url, info, route, keys, rng)
-            for c in concurrency:
-                def step(c=c, bodies=bodies, path=path, route=route) -> LoadResult:
-                    r = drive(url, path, route, bodies, c, seconds)
-                    check_same_model(url, info)
-                    return r
+        requests = {route: route_requests(url, info, route, keys, rng) for route in routes}
+        for rnd, route, c in ((n, r, c) for n in range(1, rounds + 1) for r in routes for c in concurrency):
+            bodies, path = requests[route]
+            def step(c=c, bodies=bodies, path=path, route=route) -> LoadResult:
+                r = drive(url, path, route, bodies, c, seconds)
+                check_same_model(url, info)
+                return r
 
-                batch = engine_batch(c) if engine else None
-                r = engine.around(batch, step) if batch else step()
-                results.append(r)
-                near = (f"; ORT alone batch {batch}: {r.engine_near['users_per_s']:,.0f} users/s, p50 "
-                        f"{r.engine_near['p50_ms']:.3f} ms" if r.engine_near else "")
-                if r.engine_near and "layout" in r.engine_near:
-                    lay = r.engine_near["layout"]
-                    near += (f"; in the server's layout ({lay['callers']} x {lay['threads']} thread(s)): "
-                             f"{lay['users_per_s']:,.0f} users/s")
-                echo(f"  {route} concurrency {c}: {r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 "
-                     f"{r.p99_ms:.2f} ms, mean batch {r.mean_batch or 0:.1f}, errors {sum(r.errors.values())}{near}")
+            batch = engine_batch(c) if engine else None
+            r = engine.around(batch, step) if batch else step()
+            r.round = rnd
+            results.append(r)
+            near = (f"; ORT alone batch {batch}: {r.engine_near['users_per_s']:,.0f} users/s, p50 "
+                    f"{r.engine_near['p50_ms']:.3f} ms" if r.engine_near else "")
+            if r.engine_near and "layout" in r.engine_near:
+                lay = r.engine_near["layout"]
+                near += (f"; in the server's layout ({lay['callers']} x {lay['threads']} thread(s)): "
+                         f"{lay['users_per_s']:,.0f} users/s")
+            echo(f"  {f'round {rnd}/{rounds} ' if rounds > 1 else ''}{route} concurrency {c}: "
+                 f"{r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 "
+                 f"{r.p99_ms:.2f} ms, mean batch {r.mean_batch or 0:.1f}, errors {sum(r.errors.values())}{near}")
     finally:
         if engine:
             engine.close()
     res["results"] = [asdict(r) for r in results]
     if model:
-        res["ratios"] = ratios(results)
+        res["ratios_by_round"] = [ratios([r for r in results if r.round == n]) for n in range(1, rounds + 1)]
+        res["ratios"] = median_ratios(res["ratios_by_round"])
     return res
 
 
@@ -651,7 +671,8 @@ def compare_servers(urls: list[str], concurrency: list[int], seconds: float, rou
                     s = (rnd + j) % len(urls)
                     r = drive(urls[s], path, route, bodies, c, seconds)
                     check_same_model(urls[s], infos[s])
-                    results.append({"round": rnd + 1, "server": s + 1, **asdict(r)})
+                    r.round = rnd + 1
+                    results.append({"server": s + 1, **asdict(r)})
                     echo(f"  round {rnd + 1}/{rounds} {route} concurrency {c} server {s + 1}: "
                          f"{r.requests_per_s:,.0f} req/s, p50 {r.p50_ms:.2f} ms, p99 {r.p99_ms:.2f} ms, "
                          f"errors {sum(r.errors.values())}")
@@ -710,25 +731,30 @@ def compare_table(res: dict) -> str:
 # ------------------------------------------------------------------------------------ report
 def serve_table(res: dict) -> str:
     m = res["server_model"]
+    rounds = res.get("rounds", 1)
+    rnd = (lambda r: f"| {r['round']} ") if rounds > 1 else (lambda r: "")  # a first column with several rounds
+    rh, rs = ("| round ", "|---") if rounds > 1 else ("", "")
     lines = [f"Server {res['url']}, model {m['name']} version {m['version']} (K={m.get('K')}, L={m.get('L')}, "
-             f"{m.get('num_items', 0):,} items); {res['seconds']:g} s per concurrency, one user per request.", "",
+             f"{m.get('num_items', 0):,} items); {res['seconds']:g} s per concurrency, one user per request"
+             + (f"; {rounds} rounds, each every step in turn." if rounds > 1 else "."), "",
              f"server settings: {res.get('settings') or server_settings(m)}", "",
-             "| route | concurrency | requests/s | p50 ms | p90 ms | p99 ms | mean server batch | engine busy | "
-             "engine ms/batch | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+             rh + "| route | concurrency | requests/s | p50 ms | p90 ms | p99 ms | mean server batch | engine busy | "
+             "engine ms/batch | errors |", rs + "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
-        lines.append(f"| {r['route']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {cell(r['p50_ms'], '.2f')} | "
-                     f"{cell(r['p90_ms'], '.2f')} | {cell(r['p99_ms'], '.2f')} | {cell(r['mean_batch'], '.1f')} | "
+        lines.append(f"{rnd(r)}| {r['route']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | "
+                     f"{cell(r['p50_ms'], '.2f')} | {cell(r['p90_ms'], '.2f')} | {cell(r['p99_ms'], '.2f')} | "
+                     f"{cell(r['mean_batch'], '.1f')} | "
                      f"{cell(r.get('engine_busy'), '.0%')} | {cell(r.get('engine_ms_per_batch'), '.2f')} | {errs} |")
     near = [r for r in res["results"] if r.get("engine_near")]
     if near:
         lines += ["", "ONNX Runtime alone on the same graph (session defaults, histories of L items), timed right "
                   "before and right after the load step it is compared with:", "",
-                  "| route | concurrency | ORT batch | users/s before | users/s after | p50 ms before | p50 ms after |",
-                  "|---|---|---|---|---|---|---|"]
+                  rh + "| route | concurrency | ORT batch | users/s before | users/s after | p50 ms before | p50 ms after |",
+                  rs + "|---|---|---|---|---|---|---|"]
         for r in near:
             e = r["engine_near"]
-            lines.append(f"| {r['route']} | {r['concurrency']} | {e['batch']} | {e['before']['users_per_s']:,.0f} | "
+            lines.append(f"{rnd(r)}| {r['route']} | {r['concurrency']} | {e['batch']} | {e['before']['users_per_s']:,.0f} | "
                          f"{e['after']['users_per_s']:,.0f} | {e['before']['p50_ms']:.3f} | "
                          f"{e['after']['p50_ms']:.3f} |")
         layouts = [r for r in near if "layout" in r["engine_near"]]
@@ -736,17 +762,24 @@ def serve_table(res: dict) -> str:
             lay = layouts[0]["engine_near"]["layout"]
             lines += ["", f"The same in the server's engine layout ({lay['callers']} runs of {lay['threads']} "
                       "thread(s) side by side):", "",
-                      "| route | concurrency | ORT batch | users/s before | users/s after |", "|---|---|---|---|---|"]
+                      rh + "| route | concurrency | ORT batch | users/s before | users/s after |",
+                      rs + "|---|---|---|---|---|"]
             for r in layouts:
                 e = r["engine_near"]["layout"]
-                lines.append(f"| {r['route']} | {r['concurrency']} | 256 | {e['before']:,.0f} | {e['after']:,.0f} |")
-        lines += ["", "Against the mean of the two timings around each step:", "",
-                  "| route | c64 req/s / ORT b256 users/s (target >= 0.60) | c64 req/s / ORT b256 in the server's "
-                  "layout | c64 p99 ms (<= 50) | c1 p50 - ORT b1 p50 ms (<= 0.5) |", "|---|---|---|---|---|"]
-        for route, d in res.get("ratios", {}).items():
-            lines.append(f"| {route} | {cell(d.get('c64_throughput_vs_ort_b256'), '.2f')} | "
-                         f"{cell(d.get('c64_throughput_vs_ort_layout_b256'), '.2f')} | "
-                         f"{cell(d.get('c64_p99_ms'), '.1f')} | {cell(d.get('c1_p50_minus_ort_b1_p50_ms'), '+.2f')} |")
+                lines.append(f"{rnd(r)}| {r['route']} | {r['concurrency']} | 256 | {e['before']:,.0f} | "
+                             f"{e['after']:,.0f} |")
+        lines += ["", "Against the mean of the two timings around each step"
+                  + (" (each round, then the median over the rounds):" if rounds > 1 else ":"), "",
+                  rh + "| route | c64 req/s / ORT b256 users/s (target >= 0.60) | c64 req/s / ORT b256 in the server's "
+                  "layout | c64 p99 ms (<= 50) | c1 p50 - ORT b1 p50 ms (<= 0.5) |", rs + "|---|---|---|---|---|"]
+        by_round = res.get("ratios_by_round", []) if rounds > 1 else []
+        rows = [(f"| {n} ", r) for n, r in enumerate(by_round, 1)] + [("| median " if rounds > 1 else "",
+                                                                       res.get("ratios", {}))]
+        for first, table in rows:
+            for route, d in table.items():
+                lines.append(f"{first}| {route} | {cell(d.get('c64_throughput_vs_ort_b256'), '.2f')} | "
+                             f"{cell(d.get('c64_throughput_vs_ort_layout_b256'), '.2f')} | "
+                             f"{cell(d.get('c64_p99_ms'), '.1f')} | {cell(d.get('c1_p50_minus_ort_b1_p50_ms'), '+.2f')} |")
     return "\n".join(lines)
 
 
@@ -763,7 +796,10 @@ def plot_serve(res: dict, out_dir: Path, name: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for route in res["routes"]:
-        rows = [r for r in res["results"] if r["route"] == route]
+        rows = [{"concurrency": c, **{k: float(np.median([r[k] for r in res["results"]
+                                                          if r["route"] == route and r["concurrency"] == c]))
+                                      for k in ("requests_per_s", "p50_ms", "p99_ms")}}
+                for c in res["concurrency"]]  # the median over the rounds
         xs = [r["requests_per_s"] for r in rows]
         for key, style in (("p50_ms", "-o"), ("p99_ms", "--s")):
             ax.plot(xs, [r[key] for r in rows], style, label=f"{route} {key[:3]}")
@@ -796,7 +832,8 @@ def bench_serve(urls: str | list[str], concurrency: list[int], seconds: float, r
                 rounds: int | None = None) -> tuple[str, list]:
     """Run, then record JSON + markdown (+ plot) under ``out_dir``; returns the table and the written paths.
     One URL: the load steps (and ONNX Runtime alone with ``model``, checked to be the server's graph);
-    several (``URL1,URL2,...`` or a list; each once, none empty): ``compare_servers``, ``rounds`` of them
+    ``rounds`` times over (the ratios per round and their medians); several (``URL1,URL2,...`` or a list;
+    each once, none empty): ``compare_servers``, ``rounds`` of them
     (default: one per server), JSON and markdown only, where ``model`` (the servers' graph, checked) only
     gives the keys of the key route. Nothing is written when a run stops (an error, SIGINT, SIGTERM)."""
     import datetime
@@ -807,8 +844,6 @@ def bench_serve(urls: str | list[str], concurrency: list[int], seconds: float, r
     bad = [r for r in routes if r not in ROUTES]
     if bad:
         raise ValueError(f"--serve-routes must be among {', '.join(ROUTES)}, got {bad}")
-    if rounds is not None and len(urls) < 2:
-        raise ValueError("--rounds interleaves several servers: give --serve URL1,URL2,...")
     meta = {"command": command_line(), "commit": git_commit(), "machine": machine(),  # of the code that ran
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(out_dir)
@@ -818,7 +853,7 @@ def bench_serve(urls: str | list[str], concurrency: list[int], seconds: float, r
         table = compare_table(res)
         paths = record(name, res, table, out, title="cddrec-serve settings compared under load", meta=meta)
         return table, [str(p) for p in paths]
-    res = run_serve_load(urls[0], concurrency, seconds, routes, model, threads, echo)
+    res = run_serve_load(urls[0], concurrency, seconds, routes, model, threads, echo, rounds or 1)
     out.mkdir(parents=True, exist_ok=True)
     res["plots"] = plot_serve(res, out, name)
     table = serve_table(res)

@@ -276,6 +276,29 @@ def test_load_benchmark_reports_throughput_latency_batches_and_the_engine_alone(
     assert "| v2 | 8 |" in table and str(tmp_path / "load.md") in paths
 
 
+def test_load_benchmark_of_one_server_in_rounds_gives_each_rounds_ratios_and_their_medians(server, trained_tiny_onnx,
+                                                                                            tmp_path):
+    from cddrec.benchmarks.serve_load import bench_serve
+
+    said = []
+    table, paths = bench_serve(server.url, [1, 64], 0.3, ["v2"], str(trained_tiny_onnx), 1, tmp_path, "r",
+                               echo=said.append, rounds=3)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["rounds"] == 3 and [(r["round"], r["concurrency"]) for r in doc["results"]] \
+        == [(n, c) for n in (1, 2, 3) for c in (1, 64)]  # every step once per round, in turn
+    by_round = doc["ratios_by_round"]
+    assert len(by_round) == 3
+    for n, d in enumerate(by_round, 1):  # each round's ratio from that round's own step and ORT timings
+        step = next(r for r in doc["results"] if r["round"] == n and r["concurrency"] == 64)
+        assert d["v2"]["c64_throughput_vs_ort_b256"] == pytest.approx(
+            step["requests_per_s"] / step["engine_near"]["users_per_s"])
+    median = doc["ratios"]["v2"]
+    for key in ("c64_throughput_vs_ort_b256", "c64_p99_ms", "c1_p50_minus_ort_b1_p50_ms"):
+        assert median[key] == pytest.approx(float(np.median([d["v2"][key] for d in by_round])))
+    assert median["c1_target_met"] == (median["c1_p50_minus_ort_b1_p50_ms"] <= 0.5)
+    assert "| median | v2 |" in table and "| 3 | v2 | 64 |" in table and any("round 3/3 v2" in m for m in said)
+
+
 def two_names(server) -> list[str]:
     """Two distinct URLs of the fixture's server (it listens on 127.0.0.1 only): localhost where it resolves to
     127.0.0.1, else 127.1 (the same address in inet_aton's short form)."""
@@ -324,8 +347,6 @@ def test_load_benchmark_compares_servers_in_interleaved_rounds(server, tmp_path,
     monkeypatch.setattr(serve_load, "server_model", lambda url: other if "other" in url else real_model(url))
     with pytest.raises(ValueError, match="same model"):
         bench_serve([server.url, "http://other:1"], [1], 0.3, ["v2"], None, 1, tmp_path, "cmp2", echo=lambda m: None)
-    with pytest.raises(ValueError, match="several servers"):
-        bench_serve(server.url, [1], 0.3, ["v2"], None, 1, tmp_path, "cmp3", echo=lambda m: None, rounds=2)
     for twice in ([server.url, server.url], [server.url, server.url + "/"]):
         with pytest.raises(ValueError, match="given twice"):
             bench_serve(twice, [1], 0.3, ["v2"], None, 1, tmp_path, "cmp4", echo=lambda m: None)
@@ -395,9 +416,8 @@ def test_load_benchmark_errors_name_the_server(server, tmp_path, monkeypatch):
              ([f"ftp://127.0.0.1:{port}"], 2, f"ftp://127.0.0.1:{port}: not an http(s)://HOST:PORT URL"),
              ([f"{server.url},{server.url}/"], 2, f"one server given twice ({server.url} and {server.url})"),
              ([f"{server.url},"], 2, "has an empty item"),
-             ([server.url, "--rounds", "2"], 2, "one URL has no rounds"),
              ([f"{server.url},{two_names(server)[1]}", "--rounds", "0"], 2, "--rounds"),
-             (["--rounds", "2"], 2, "--rounds compares servers")]
+             (["--rounds", "2"], 2, "--rounds repeats the load steps: give --serve URL")]
     try:
         for args, code, words in cases:
             t0 = time.perf_counter()

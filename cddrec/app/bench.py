@@ -51,7 +51,8 @@ from .options import (
 @option("--serve-routes", default="v2,keys", show_default=True,
         help="--serve: v2 (KServe v2 infer, binary tensors) and/or keys (POST /v1/recommend)")
 @option("--rounds", type=POSITIVE, default=None,
-        help="--serve URL1,URL2,...: rounds over the servers, each round every step on each server in turn, the "
+        help="--serve URL: every step this many times over, ratios per round and their medians [default: 1]; "
+             "URL1,URL2,...: rounds over the servers, each round every step on each server in turn, the "
              "first server rotating [default: the number of servers, so each goes first once]")
 @friendly_errors
 def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue_sizes, catalogue_backends,
@@ -61,7 +62,7 @@ def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue
     compared in interleaved rounds)."""
     lock_outputs(out_dir, option="--output", make_folder=True)  # refused before any timing, not after
     if rounds is not None and not serve_url:
-        raise click.UsageError("--rounds compares servers: give --serve URL1,URL2,...")
+        raise click.UsageError("--rounds repeats the load steps: give --serve URL (or URL1,URL2,...)")
     if serve_url:
         bench_servers(serve_url, concurrency, seconds, serve_routes, None if model == "random" else model, threads,
                       out_dir, name, rounds)
@@ -104,15 +105,13 @@ def main(model, backends, batch_sizes, items, k, threads, min_seconds, catalogue
 
 def bench_servers(serve_url, concurrency, seconds, serve_routes, model, threads, out_dir, name, rounds) -> None:
     """``--serve``: the URLs checked first (a usage error, exit 2: an empty item, a server given twice, no
-    http(s) URL, --rounds with one server); SIGINT and SIGTERM stop the run at once, one line, exit 130/143."""
+    http(s) URL); SIGINT and SIGTERM stop the run at once, one line, exit 130/143."""
     from cddrec.benchmarks.serve_load import bench_serve, server_urls
 
     try:
         urls = server_urls(serve_url)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--serve") from None
-    if rounds is not None and len(urls) < 2:
-        raise click.UsageError("--rounds compares servers: give --serve URL1,URL2,... (one URL has no rounds)")
     try:
         table, paths = bench_serve(urls, int_list(concurrency), seconds,
                                    [r.strip() for r in serve_routes.split(",") if r.strip()], model, threads, out_dir,
