@@ -535,7 +535,7 @@ def ratios(results: list[LoadResult]) -> dict:
     """The issue's targets, each against ONNX Runtime alone timed around that step: rps at concurrency 64 /
     ORT users/s at batch 256 (>= 0.6, with p99 <= 50 ms); p50 at concurrency 1 - ORT batch-1 p50 (<= 0.5 ms)."""
     out = {}
-    for route in sorted({r.route for r in results}):
+    for route in dict.fromkeys(r.route for r in results):  # in the order they ran
         by_c = {r.concurrency: r for r in results if r.route == route and r.engine_near}
         d = {}
         if 64 in by_c:
@@ -619,6 +619,8 @@ def run_serve_load(url: str, concurrency: list[int], seconds: float, routes: lis
         if engine:
             engine.close()
     res["results"] = [asdict(r) for r in results]
+    if rounds > 1:
+        res["medians"] = step_medians(res)
     if model:
         res["ratios_by_round"] = [ratios([r for r in results if r.round == n]) for n in range(1, rounds + 1)]
         res["ratios"] = median_ratios(res["ratios_by_round"])
@@ -729,6 +731,23 @@ def compare_table(res: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------ report
+STEP_FIGURES = ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "mean_batch", "engine_busy", "engine_ms_per_batch")
+
+
+def step_medians(res: dict) -> list[dict]:
+    """Per route and concurrency, each figure's median over the rounds (errors: the sum)."""
+    out = []
+    for route in res["routes"]:
+        for c in res["concurrency"]:
+            rows = [r for r in res["results"] if r["route"] == route and r["concurrency"] == c]
+            if rows:
+                med = {k: [r[k] for r in rows if r.get(k) is not None] for k in STEP_FIGURES}
+                out.append({"route": route, "concurrency": c, **{k: float(np.median(v)) if v else None
+                                                                  for k, v in med.items()},
+                            "errors": sum(sum(r["errors"].values()) for r in rows)})
+    return out
+
+
 def serve_table(res: dict) -> str:
     m = res["server_model"]
     rounds = res.get("rounds", 1)
@@ -746,6 +765,14 @@ def serve_table(res: dict) -> str:
                      f"{cell(r['p50_ms'], '.2f')} | {cell(r['p90_ms'], '.2f')} | {cell(r['p99_ms'], '.2f')} | "
                      f"{cell(r['mean_batch'], '.1f')} | "
                      f"{cell(r.get('engine_busy'), '.0%')} | {cell(r.get('engine_ms_per_batch'), '.2f')} | {errs} |")
+    if rounds > 1:
+        lines += ["", "Medians over the rounds (errors: all rounds'):", "",
+                  "| route | concurrency | requests/s | p50 ms | p90 ms | p99 ms | mean server batch | engine busy | "
+                  "engine ms/batch | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for d in step_medians(res):
+            lines.append(f"| {d['route']} | {d['concurrency']} | {d['requests_per_s']:,.0f} | {cell(d['p50_ms'], '.2f')} | "
+                         f"{cell(d['p90_ms'], '.2f')} | {cell(d['p99_ms'], '.2f')} | {cell(d['mean_batch'], '.1f')} | "
+                         f"{cell(d['engine_busy'], '.0%')} | {cell(d['engine_ms_per_batch'], '.2f')} | {d['errors']} |")
     near = [r for r in res["results"] if r.get("engine_near")]
     if near:
         lines += ["", "ONNX Runtime alone on the same graph (session defaults, histories of L items), timed right "
@@ -796,10 +823,7 @@ def plot_serve(res: dict, out_dir: Path, name: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for route in res["routes"]:
-        rows = [{"concurrency": c, **{k: float(np.median([r[k] for r in res["results"]
-                                                          if r["route"] == route and r["concurrency"] == c]))
-                                      for k in ("requests_per_s", "p50_ms", "p99_ms")}}
-                for c in res["concurrency"]]  # the median over the rounds
+        rows = [d for d in step_medians(res) if d["route"] == route]  # the median over the rounds
         xs = [r["requests_per_s"] for r in rows]
         for key, style in (("p50_ms", "-o"), ("p99_ms", "--s")):
             ax.plot(xs, [r[key] for r in rows], style, label=f"{route} {key[:3]}")

@@ -297,6 +297,12 @@ def test_load_benchmark_of_one_server_in_rounds_gives_each_rounds_ratios_and_the
         assert median[key] == pytest.approx(float(np.median([d["v2"][key] for d in by_round])))
     assert median["c1_target_met"] == (median["c1_p50_minus_ort_b1_p50_ms"] <= 0.5)
     assert "| median | v2 |" in table and "| 3 | v2 | 64 |" in table and any("round 3/3 v2" in m for m in said)
+    # each step's figures: their median over the rounds
+    for d in doc["medians"]:
+        steps = [r for r in doc["results"] if r["concurrency"] == d["concurrency"]]
+        for key in ("requests_per_s", "p50_ms", "p99_ms", "mean_batch"):
+            assert d[key] == pytest.approx(float(np.median([r[key] for r in steps])))
+    assert [d["concurrency"] for d in doc["medians"]] == [1, 64] and "Medians over the rounds" in table
 
 
 def two_names(server) -> list[str]:

@@ -551,8 +551,8 @@ def test_worker_core_shares_are_equal_and_keep_a_cores_hyperthreads_together(mon
     if hasattr(standalone.os, "sched_setaffinity"):
         assert pin_problem(2, [0, 1]) is None
         assert "--workers N" in pin_problem(1, [0, 1])
-        assert "cannot share the 8 CPUs" in pin_problem(3, list(range(8)))
-        assert "cannot share the 1 CPUs" in pin_problem(2, [0])
+        assert "cannot share the 8 CPU(s)" in pin_problem(3, list(range(8)))
+        assert "cannot share the 1 CPU(s)" in pin_problem(2, [0])
     monkeypatch.delattr(standalone.os, "sched_setaffinity", raising=False)
     assert "does not bind" in pin_problem(2, [0, 1])
     # a bound worker's engine layout comes from its own cores, not from every core divided again

@@ -226,7 +226,7 @@ def pin_problem(workers: int, cores: Sequence[int]) -> str | None:
     if workers < 2:
         return "it binds worker processes to shares of the cores: use it with --workers N (N >= 2)"
     if len(cores) % workers:
-        return f"{workers} workers cannot share the {len(cores)} CPUs this process may use equally"
+        return f"{workers} workers cannot share the {len(cores)} CPU(s) this process may use equally"
     return None
 
 
@@ -450,6 +450,8 @@ def serve_workers(config: ServerConfig, host: str, port: int, echo: Callable[[st
         sentinels = [p.sentinel for p in workers.procs]
         while not events["stops"] and failed is None:
             for obj in wait(workers.conns + sentinels, timeout=0.5):
+                if events["stops"]:  # a signal during the wait: acted on before any message (a ready line)
+                    break
                 if obj in sentinels:
                     i = sentinels.index(obj)
                     workers.procs[i].join(5)
