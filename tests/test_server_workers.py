@@ -129,7 +129,12 @@ def test_a_signal_before_the_workers_are_ready_stops_as_one_process_would(traine
         time.sleep(0.005)  # few milliseconds, SIGINT is ignored) ...
     time.sleep(0.05)  # ... and started; their imports take far longer, so the signal comes before they are ready
     proc.send_signal(sig)
-    out = proc.communicate(timeout=60)[0]
+    try:
+        out = proc.communicate(timeout=60)[0]
+    finally:  # a supervisor that ignored the signal must not outlive the test, nor its workers
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate(timeout=30)
     assert proc.returncode == code and words in out and "Traceback" not in out and "ready at" not in out, out
 
 
